@@ -1,0 +1,331 @@
+//! Reader for GGUF model files: metadata, the tensor table, and the tensor bytes
+//! (memory-mapped, never copied until a tensor is dequantized).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+use crate::quant::GgmlType;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// One metadata value. Arrays keep their element values; the tokenizer arrays of a
+/// 150K-token vocabulary are the biggest thing held here.
+#[derive(Debug, Clone)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) if v >= 0 => Some(v as u64),
+            Value::I16(v) if v >= 0 => Some(v as u64),
+            Value::I32(v) if v >= 0 => Some(v as u64),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            Value::I8(v) => Some(v as i64),
+            Value::I16(v) => Some(v as i64),
+            Value::I32(v) => Some(v as i64),
+            Value::I64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as i64),
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v as f64),
+            Value::F64(v) => Some(v),
+            _ => self.as_i64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Where one tensor lives in the file and what it holds.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// Dimensions in GGUF order: `dims[0]` is the innermost (contiguous) one, so a
+    /// weight matrix of `rows x cols` is stored as `[cols, rows]`.
+    pub dims: Vec<usize>,
+    pub ggml_type: GgmlType,
+    /// Offset from the start of the tensor data section.
+    pub offset: usize,
+}
+
+impl TensorInfo {
+    pub fn element_count(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    pub fn byte_len(&self) -> usize {
+        self.ggml_type.row_bytes(self.element_count())
+    }
+}
+
+/// An open GGUF file.
+pub struct Gguf {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: HashMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+    data_start: usize,
+    mmap: Mmap,
+}
+
+impl Gguf {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|source| Error::Open {
+            path: path.clone(),
+            source,
+        })?;
+        // Safety: the file is opened read-only; ape never writes model files, and a
+        // model file changing under a running process is outside what we can guard.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let bad = |reason: String| Error::BadGguf {
+            path: path.clone(),
+            reason,
+        };
+        let mut cursor = Cursor {
+            bytes: &mmap,
+            pos: 0,
+        };
+        let magic = cursor.take(4).map_err(&bad)?;
+        if magic != MAGIC {
+            return Err(bad(format!(
+                "it starts with {magic:02x?}, not the GGUF magic"
+            )));
+        }
+        let version = cursor.u32().map_err(&bad)?;
+        if !(2..=3).contains(&version) {
+            return Err(bad(format!(
+                "GGUF version {version} is not supported (2 and 3 are)"
+            )));
+        }
+        let tensor_count = cursor.u64().map_err(&bad)? as usize;
+        let kv_count = cursor.u64().map_err(&bad)? as usize;
+
+        let mut metadata = HashMap::with_capacity(kv_count);
+        for _ in 0..kv_count {
+            let key = cursor.string().map_err(&bad)?;
+            let value_type = cursor.u32().map_err(&bad)?;
+            let value = cursor.value(value_type).map_err(&bad)?;
+            metadata.insert(key, value);
+        }
+
+        let mut tensors = Vec::with_capacity(tensor_count.min(1 << 16));
+        for _ in 0..tensor_count {
+            let name = cursor.string().map_err(&bad)?;
+            let n_dims = cursor.u32().map_err(&bad)? as usize;
+            if n_dims > 4 {
+                return Err(bad(format!("tensor `{name}` has {n_dims} dimensions")));
+            }
+            let dims = (0..n_dims)
+                .map(|_| cursor.u64().map(|d| d as usize))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(&bad)?;
+            let type_id = cursor.u32().map_err(&bad)?;
+            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
+                Error::UnsupportedTensorType {
+                    tensor: name.clone(),
+                    type_name: GgmlType::name_of_id(type_id).to_string(),
+                    id: type_id,
+                }
+            })?;
+            let offset = cursor.u64().map_err(&bad)? as usize;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
+        }
+
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_ALIGNMENT)
+            .max(1) as usize;
+        let data_start = cursor.pos.div_ceil(alignment) * alignment;
+        for t in &tensors {
+            if t.element_count() % t.ggml_type.block_len() != 0 {
+                return Err(bad(format!(
+                    "tensor `{}` has {} elements, not a multiple of its {:?} block",
+                    t.name,
+                    t.element_count(),
+                    t.ggml_type
+                )));
+            }
+            let end = data_start + t.offset + t.byte_len();
+            if end > mmap.len() {
+                return Err(bad(format!(
+                    "tensor `{}` ends at byte {end} but the file has {} bytes (truncated download?)",
+                    t.name,
+                    mmap.len()
+                )));
+            }
+        }
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Gguf {
+            path,
+            version,
+            metadata,
+            tensors,
+            by_name,
+            data_start,
+            mmap,
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The raw (possibly quantized) bytes of a tensor.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
+        let start = self.data_start + info.offset;
+        &self.mmap[start..start + info.byte_len()]
+    }
+
+    /// Fetch a required metadata value with a typed accessor, or explain what is missing.
+    pub fn require<'a, T>(
+        &'a self,
+        key: &str,
+        expected: &'static str,
+        get: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> Result<T> {
+        self.get(key).and_then(get).ok_or_else(|| Error::Metadata {
+            key: key.to_string(),
+            expected,
+        })
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+type ParseResult<T> = std::result::Result<T, String>;
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> ParseResult<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| format!("header ends early at byte {} (truncated file?)", self.pos))?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> ParseResult<[u8; N]> {
+        Ok(self.take(N)?.try_into().expect("take returns N bytes"))
+    }
+
+    fn u32(&mut self) -> ParseResult<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> ParseResult<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn string(&mut self) -> ParseResult<String> {
+        let len = self.u64()? as usize;
+        let bytes = self.take(len)?;
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    }
+
+    fn value(&mut self, value_type: u32) -> ParseResult<Value> {
+        Ok(match value_type {
+            0 => Value::U8(self.array::<1>()?[0]),
+            1 => Value::I8(self.array::<1>()?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array()?)),
+            3 => Value::I16(i16::from_le_bytes(self.array()?)),
+            4 => Value::U32(self.u32()?),
+            5 => Value::I32(i32::from_le_bytes(self.array()?)),
+            6 => Value::F32(f32::from_le_bytes(self.array()?)),
+            7 => Value::Bool(self.array::<1>()?[0] != 0),
+            8 => Value::String(self.string()?),
+            9 => {
+                let item_type = self.u32()?;
+                let count = self.u64()? as usize;
+                // Every element takes at least one byte, so a count beyond the remaining
+                // bytes is corruption, not a reason to allocate.
+                if count > self.bytes.len() - self.pos {
+                    return Err(format!("array of {count} elements overruns the file"));
+                }
+                let mut items = Vec::with_capacity(count);
+                for _ in 0..count {
+                    items.push(self.value(item_type)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(i64::from_le_bytes(self.array()?)),
+            12 => Value::F64(f64::from_le_bytes(self.array()?)),
+            other => return Err(format!("unknown metadata value type {other}")),
+        })
+    }
+}
