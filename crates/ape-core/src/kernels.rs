@@ -1,0 +1,545 @@
+//! The numeric kernels of the forward pass: matrix products over f16 weights, RMS norm,
+//! rotary embeddings and activations. Everything accumulates in f32.
+//!
+//! Weights are kept as f16 (half the bytes of f32, which is what decoding is bound by) and
+//! converted to f32 just before use: a whole matrix at a time for prefill, where one fast
+//! f32 GEMM then serves every token of the batch, and lane by lane in registers for decoding,
+//! where each weight is read once per token.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// A dense weight matrix of `rows x cols`, row-major, one row per output feature.
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f16>,
+}
+
+impl Matrix {
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
+        assert_eq!(values.len(), rows * cols);
+        let mut data = vec![f16::ZERO; values.len()];
+        data.convert_from_f32_slice(values);
+        Matrix { rows, cols, data }
+    }
+
+    pub fn row(&self, r: usize) -> &[f16] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+}
+
+/// Batches at most this large go through per-token dot products instead of a GEMM: the
+/// matrix conversion a GEMM needs costs more than it saves for so few tokens.
+const GEMM_MIN_TOKENS: usize = 8;
+
+/// Rows handed to one thread in a matrix-vector product.
+const MATVEC_ROWS_PER_TASK: usize = 32;
+
+thread_local! {
+    static WEIGHT_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out[n][r] = sum_k x[n][k] * w[r][k]` for `n` tokens: `x` is `n x w.cols`, `out` is
+/// `n x w.rows`, both row-major.
+pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
+    let n = x.len() / w.cols;
+    assert_eq!(x.len(), n * w.cols);
+    assert_eq!(out.len(), n * w.rows);
+    if n < GEMM_MIN_TOKENS {
+        for (xi, oi) in x.chunks_exact(w.cols).zip(out.chunks_exact_mut(w.rows)) {
+            matvec(xi, w, oi);
+        }
+        return;
+    }
+    WEIGHT_F32.with(|buf| {
+        let mut wf = buf.borrow_mut();
+        wf.resize(w.data.len(), 0.0);
+        wf.par_chunks_mut(w.cols * 64)
+            .zip(w.data.par_chunks(w.cols * 64))
+            .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+        gemm_nt(
+            n, w.rows, w.cols, x, w.cols, &wf, w.cols, out, w.rows, false,
+        );
+    });
+}
+
+/// `c[i][j] (+)= sum_k a[i][k] * b[j][k]`, the product of `a` (m x k) with the transpose of
+/// `b` (n x k), all f32 with the given row strides; threads split it when it is big.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_stride: usize,
+    b: &[f32],
+    b_stride: usize,
+    c: &mut [f32],
+    c_stride: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * a_stride + k);
+    assert!(b.len() >= (n - 1) * b_stride + k);
+    assert!(c.len() >= (m - 1) * c_stride + n);
+    let parallelism = if m * n * k >= 1 << 20 && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // Safety: the asserts above keep every index the strides describe inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_stride as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            a_stride as isize,
+            b.as_ptr(),
+            b_stride as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `c[i][j] (+)= sum_k a[i][k] * b[k][j]`: `a` is m x k, `b` is k x n, row-major with strides.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_stride: usize,
+    b: &[f32],
+    b_stride: usize,
+    c: &mut [f32],
+    c_stride: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * a_stride + k);
+    assert!(k == 0 || b.len() >= (k - 1) * b_stride + n);
+    assert!(c.len() >= (m - 1) * c_stride + n);
+    // Safety: as in `gemm_nt`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_stride as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            a_stride as isize,
+            b.as_ptr(),
+            1,
+            b_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `out[r] = w[r] . x` for every row, threads splitting the rows.
+pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
+    assert_eq!(x.len(), w.cols);
+    assert_eq!(out.len(), w.rows);
+    out.par_chunks_mut(MATVEC_ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            let first = chunk * MATVEC_ROWS_PER_TASK;
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = dot_f16(w.row(first + i), x);
+            }
+        });
+}
+
+/// Dot product of f16 values with f32 values, accumulated in f32.
+pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // Safety: `available` checked the CPU features the function is compiled for.
+        return unsafe { simd::dot_f16(a, b) };
+    }
+    a.iter().zip(b).map(|(a, b)| a.to_f32() * b).sum()
+}
+
+/// `y += alpha * v` for f16 `v`.
+pub fn axpy_f16(y: &mut [f32], alpha: f32, v: &[f16]) {
+    assert_eq!(y.len(), v.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // Safety: as in `dot_f16`.
+        return unsafe { simd::axpy_f16(y, alpha, v) };
+    }
+    for (y, v) in y.iter_mut().zip(v) {
+        *y += alpha * v.to_f32();
+    }
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // Safety: as in `dot_f16`.
+        return unsafe { simd::dot_f32(a, b) };
+    }
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
+/// Replace each `x` by `exp(x - max)` and return their sum: the inner step of every softmax.
+pub fn exp_shifted_sum(xs: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // Safety: as in `dot_f16`.
+        return unsafe { simd::exp_shifted_sum(xs, max) };
+    }
+    let mut sum = 0.0;
+    for x in xs.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let off = i + 8 * j;
+                *acc = _mm256_fmadd_ps(load_f16(pa.add(off)), _mm256_loadu_ps(pb.add(off)), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(load_f16(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            i += 8;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut total = hsum(sum);
+        for j in i..n {
+            total += a[j].to_f32() * b[j];
+        }
+        total
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let off = i + 8 * j;
+                *acc = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(off)),
+                    _mm256_loadu_ps(pb.add(off)),
+                    *acc,
+                );
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
+            i += 8;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut total = hsum(sum);
+        for j in i..n {
+            total += a[j] * b[j];
+        }
+        total
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_f16(y: &mut [f32], alpha: f32, v: &[f16]) {
+        let n = y.len();
+        let (py, pv) = (y.as_mut_ptr(), v.as_ptr());
+        let a = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            let acc = _mm256_fmadd_ps(a, load_f16(pv.add(i)), _mm256_loadu_ps(py.add(i)));
+            _mm256_storeu_ps(py.add(i), acc);
+            i += 8;
+        }
+        for j in i..n {
+            y[j] += alpha * v[j].to_f32();
+        }
+    }
+    /// exp(x) for x <= 0 by range reduction to r in [-ln2/2, ln2/2] and a degree-6
+    /// polynomial (relative error about 2e-7); inputs below -87 give 0.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn exp_nonpositive(x: __m256) -> __m256 {
+        let underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_LT_OQ);
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5.000_000_1e-1,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let r2 = _mm256_mul_ps(r, r);
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        let scale = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        let y = _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+        _mm256_andnot_ps(underflow, y)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn exp_shifted_sum(xs: &mut [f32], max: f32) -> f32 {
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let m = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
+            _mm256_storeu_ps(p.add(i), e);
+            acc = _mm256_add_ps(acc, e);
+            i += 8;
+        }
+        let mut sum = hsum(acc);
+        for x in &mut xs[i..] {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        sum
+    }
+}
+
+/// RMS normalisation of each `weight.len()`-wide row of `x`, in place.
+pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(weight.len()) {
+        let mean_square = dot(row, row) / row.len() as f32;
+        let scale = 1.0 / (mean_square + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v *= scale * w;
+        }
+    }
+}
+
+/// How a model pairs the dimensions it rotates: GGUF `llama` files rotate adjacent pairs
+/// (their converter permuted Q and K to make it so), `qwen2` rotates dimension `i` with
+/// `i + d/2` (the "NeoX" layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    Adjacent,
+    Halves,
+}
+
+/// Rotary position embeddings with the model's base frequency.
+pub struct Rope {
+    pub style: RopeStyle,
+    head_dim: usize,
+    inv_freq: Vec<f32>,
+}
+
+/// cos and sin of `position * theta_i` for a run of positions, computed once per forward
+/// call and shared by every layer and head.
+pub struct RopeAngles {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(style: RopeStyle, head_dim: usize, base: f32) -> Self {
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| 1.0 / base.powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
+        Rope {
+            style,
+            head_dim,
+            inv_freq,
+        }
+    }
+
+    pub fn angles(&self, positions: impl Iterator<Item = usize>) -> RopeAngles {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in positions {
+            for &freq in &self.inv_freq {
+                let (s, c) = (p as f32 * freq).sin_cos();
+                cos.push(c);
+                sin.push(s);
+            }
+        }
+        RopeAngles { cos, sin }
+    }
+
+    /// Rotate every head in `x` (a row of `heads * head_dim` values) by the angles of the
+    /// `t`-th position in `angles`.
+    pub fn apply(&self, x: &mut [f32], angles: &RopeAngles, t: usize) {
+        let half = self.head_dim / 2;
+        let cos = &angles.cos[t * half..(t + 1) * half];
+        let sin = &angles.sin[t * half..(t + 1) * half];
+        for head in x.chunks_exact_mut(self.head_dim) {
+            for i in 0..half {
+                let (a, b) = match self.style {
+                    RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                    RopeStyle::Halves => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+/// `gate = silu(gate) * up`, elementwise.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gemm_path_matches_matvec_path() {
+        let (rows, cols, n) = (70, 96, 19);
+        let w = Matrix::from_f32(rows, cols, &pseudo_random(rows * cols, 1));
+        let x = pseudo_random(n * cols, 2);
+        let mut batched = vec![0.0; n * rows];
+        matmul(&x, &w, &mut batched);
+        for t in 0..n {
+            let mut single = vec![0.0; rows];
+            matvec(&x[t * cols..(t + 1) * cols], &w, &mut single);
+            for r in 0..rows {
+                assert!((single[r] - batched[t * rows + r]).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn simd_dot_matches_scalar_on_odd_lengths() {
+        for len in [0, 1, 7, 8, 31, 33, 100] {
+            let a = pseudo_random(len, 3);
+            let b = pseudo_random(len, 4);
+            let a16: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
+            let scalar: f32 = a16.iter().zip(&b).map(|(a, b)| a.to_f32() * b).sum();
+            assert!((dot_f16(&a16, &b) - scalar).abs() < 1e-5, "len {len}");
+            let mut y = b.clone();
+            axpy_f16(&mut y, 0.5, &a16);
+            for i in 0..len {
+                assert!((y[i] - (b[i] + 0.5 * a16[i].to_f32())).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn vector_exp_matches_libm() {
+        let mut xs: Vec<f32> = (0..1000).map(|i| -(i as f32) * 0.1 + 3.0).collect();
+        let expected: Vec<f32> = xs.iter().map(|x| (x - 3.0).exp()).collect();
+        let sum = exp_shifted_sum(&mut xs, 3.0);
+        for (got, want) in xs.iter().zip(&expected) {
+            assert!(
+                (got - want).abs() <= 1e-6 * want.max(1e-30),
+                "{got} vs {want}"
+            );
+        }
+        assert!((sum - expected.iter().sum::<f32>()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn rope_styles_rotate_different_pairs() {
+        let rope = Rope::new(RopeStyle::Adjacent, 4, 10000.0);
+        let mut adjacent = vec![1.0, 0.0, 0.0, 0.0];
+        rope.apply(&mut adjacent, &rope.angles(1..2), 0);
+        assert!((adjacent[1] - 1f32.sin()).abs() < 1e-6 && adjacent[2] == 0.0);
+        let rope = Rope::new(RopeStyle::Halves, 4, 10000.0);
+        let mut halves = vec![1.0, 0.0, 0.0, 0.0];
+        rope.apply(&mut halves, &rope.angles(1..2), 0);
+        assert!((halves[2] - 1f32.sin()).abs() < 1e-6 && halves[1] == 0.0);
+    }
+}

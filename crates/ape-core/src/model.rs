@@ -1,0 +1,336 @@
+//! The decoder-only transformer of the `llama` and `qwen2` GGUF architectures.
+//!
+//! Both are the same network: RMS norm, grouped-query attention with RoPE, a SwiGLU MLP.
+//! `qwen2` adds biases to the Q, K and V projections and rotates the halves of each head
+//! instead of adjacent pairs. Everything else is read from the file's metadata.
+
+use rayon::prelude::*;
+
+use crate::attention::{causal_attention, KvCache};
+use crate::error::{Error, Result};
+use crate::gguf::{Gguf, TensorInfo, Value};
+use crate::kernels::{matmul, matvec, rms_norm, silu_mul, Matrix, Rope, RopeStyle};
+use crate::quant::dequantize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+}
+
+impl Architecture {
+    fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "llama" => Ok(Architecture::Llama),
+            "qwen2" => Ok(Architecture::Qwen2),
+            other => Err(Error::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// Hyper-parameters, read once from the GGUF metadata.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden: usize,
+    pub ffn_hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+    /// The window the model was trained for (`<arch>.context_length`).
+    pub context_length: usize,
+}
+
+impl Config {
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
+        let arch_name = gguf.require("general.architecture", "string", Value::as_str)?;
+        let architecture = Architecture::from_name(arch_name)?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let count = |k: &str| -> Result<usize> {
+            gguf.require(&key(k), "integer", Value::as_u64)
+                .map(|v| v as usize)
+        };
+        let hidden = count("embedding_length")?;
+        let heads = count("attention.head_count")?;
+        let kv_heads = gguf
+            .get(&key("attention.head_count_kv"))
+            .and_then(Value::as_u64)
+            .map_or(heads, |v| v as usize);
+        let head_dim = gguf
+            .get(&key("rope.dimension_count"))
+            .and_then(Value::as_u64)
+            .map_or(hidden / heads, |v| v as usize);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim * heads != hidden {
+            return Err(Error::BadGguf {
+                path: gguf.path.clone(),
+                reason: format!(
+                    "inconsistent attention shape: {heads} heads, {kv_heads} KV heads, \
+                     head size {head_dim}, hidden size {hidden}"
+                ),
+            });
+        }
+        let vocab_size = match gguf.get(&key("vocab_size")).and_then(Value::as_u64) {
+            Some(v) => v as usize,
+            None => gguf
+                .require("tokenizer.ggml.tokens", "string array", Value::as_array)?
+                .len(),
+        };
+        Ok(Config {
+            architecture,
+            vocab_size,
+            hidden,
+            ffn_hidden: count("feed_forward_length")?,
+            layers: count("block_count")?,
+            heads,
+            kv_heads,
+            head_dim,
+            rope_base: gguf
+                .get(&key("rope.freq_base"))
+                .and_then(Value::as_f64)
+                .unwrap_or(10_000.0) as f32,
+            rms_eps: gguf.require(
+                &key("attention.layer_norm_rms_epsilon"),
+                "float",
+                Value::as_f64,
+            )? as f32,
+            context_length: count("context_length")?,
+        })
+    }
+
+    fn rope_style(&self) -> RopeStyle {
+        match self.architecture {
+            Architecture::Llama => RopeStyle::Adjacent,
+            Architecture::Qwen2 => RopeStyle::Halves,
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    /// Q, K, V biases (`qwen2` only).
+    qkv_bias: Option<[Vec<f32>; 3]>,
+    wo: Matrix,
+    ffn_norm: Vec<f32>,
+    w_gate: Matrix,
+    w_up: Matrix,
+    w_down: Matrix,
+}
+
+pub struct Model {
+    pub config: Config,
+    embedding: Matrix,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    /// The output projection; `None` when it is tied to the embedding.
+    output: Option<Matrix>,
+    rope: Rope,
+}
+
+/// Reads tensors out of a GGUF file, checking names and shapes.
+struct Loader<'a> {
+    gguf: &'a Gguf,
+    arch: &'static str,
+}
+
+impl Loader<'_> {
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.gguf.tensor(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            arch: self.arch.to_string(),
+        })
+    }
+
+    fn values(&self, info: &TensorInfo, expected: &[usize]) -> Result<Vec<f32>> {
+        if info.dims != expected {
+            return Err(Error::TensorShape {
+                name: info.name.clone(),
+                got: info.dims.clone(),
+                expected: expected.to_vec(),
+            });
+        }
+        let mut out = vec![0f32; info.element_count()];
+        dequantize(info.ggml_type, self.gguf.tensor_bytes(info), &mut out);
+        Ok(out)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.values(self.info(name)?, &[len])
+    }
+
+    /// A `rows x cols` matrix, stored by GGUF as dims `[cols, rows]`.
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let values = self.values(self.info(name)?, &[cols, rows])?;
+        Ok(Matrix::from_f32(rows, cols, &values))
+    }
+}
+
+impl Model {
+    pub fn load(gguf: &Gguf) -> Result<Self> {
+        let config = Config::from_gguf(gguf)?;
+        let c = &config;
+        let loader = Loader {
+            gguf,
+            arch: c.architecture.name(),
+        };
+        let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let layers = (0..c.layers)
+            .into_par_iter()
+            .map(|i| {
+                let name = |t: &str| format!("blk.{i}.{t}");
+                let qkv_bias = match c.architecture {
+                    Architecture::Llama => None,
+                    Architecture::Qwen2 => Some([
+                        loader.vector(&name("attn_q.bias"), q_dim)?,
+                        loader.vector(&name("attn_k.bias"), kv_dim)?,
+                        loader.vector(&name("attn_v.bias"), kv_dim)?,
+                    ]),
+                };
+                Ok(Layer {
+                    attn_norm: loader.vector(&name("attn_norm.weight"), c.hidden)?,
+                    wq: loader.matrix(&name("attn_q.weight"), q_dim, c.hidden)?,
+                    wk: loader.matrix(&name("attn_k.weight"), kv_dim, c.hidden)?,
+                    wv: loader.matrix(&name("attn_v.weight"), kv_dim, c.hidden)?,
+                    qkv_bias,
+                    wo: loader.matrix(&name("attn_output.weight"), c.hidden, q_dim)?,
+                    ffn_norm: loader.vector(&name("ffn_norm.weight"), c.hidden)?,
+                    w_gate: loader.matrix(&name("ffn_gate.weight"), c.ffn_hidden, c.hidden)?,
+                    w_up: loader.matrix(&name("ffn_up.weight"), c.ffn_hidden, c.hidden)?,
+                    w_down: loader.matrix(&name("ffn_down.weight"), c.hidden, c.ffn_hidden)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let output = match gguf.tensor("output.weight") {
+            Some(_) => Some(loader.matrix("output.weight", c.vocab_size, c.hidden)?),
+            None => None,
+        };
+        Ok(Model {
+            embedding: loader.matrix("token_embd.weight", c.vocab_size, c.hidden)?,
+            output_norm: loader.vector("output_norm.weight", c.hidden)?,
+            output,
+            layers,
+            rope: Rope::new(c.rope_style(), c.head_dim, c.rope_base),
+            config,
+        })
+    }
+
+    /// A cache able to hold `capacity` positions (at most the model's window).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        let c = &self.config;
+        KvCache::new(
+            c.layers,
+            c.kv_heads,
+            c.head_dim,
+            capacity.min(c.context_length),
+        )
+    }
+
+    /// Bytes held by the weights.
+    pub fn weight_bytes(&self) -> usize {
+        let layer_bytes: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|m| m.bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        layer_bytes + self.embedding.bytes() + self.output.as_ref().map_or(0, Matrix::bytes)
+    }
+
+    /// Run `tokens` through the model at the positions after what `cache` holds, append
+    /// their keys and values to it, and return the logits of the last token.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        let c = &self.config;
+        let n = tokens.len();
+        assert!(n > 0, "forward needs at least one token");
+        assert!(cache.len() + n <= cache.capacity(), "KV cache overflow");
+        let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+
+        let mut x = vec![0f32; n * c.hidden];
+        for (row, &t) in x.chunks_exact_mut(c.hidden).zip(tokens) {
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                self.embedding.row(t as usize),
+                row,
+            );
+        }
+        let angles = self.rope.angles(cache.len()..cache.len() + n);
+
+        let mut h = vec![0f32; n * c.hidden];
+        let mut q = vec![0f32; n * q_dim];
+        let mut k = vec![0f32; n * kv_dim];
+        let mut v = vec![0f32; n * kv_dim];
+        let mut attn = vec![0f32; n * q_dim];
+        let mut gate = vec![0f32; n * c.ffn_hidden];
+        let mut up = vec![0f32; n * c.ffn_hidden];
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            h.copy_from_slice(&x);
+            rms_norm(&mut h, &layer.attn_norm, c.rms_eps);
+            matmul(&h, &layer.wq, &mut q);
+            matmul(&h, &layer.wk, &mut k);
+            matmul(&h, &layer.wv, &mut v);
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                add_bias(&mut q, bq);
+                add_bias(&mut k, bk);
+                add_bias(&mut v, bv);
+            }
+            for t in 0..n {
+                self.rope
+                    .apply(&mut q[t * q_dim..(t + 1) * q_dim], &angles, t);
+                self.rope
+                    .apply(&mut k[t * kv_dim..(t + 1) * kv_dim], &angles, t);
+            }
+            cache.write(li, &k, &v);
+            causal_attention(&q, c.heads, cache, li, &mut attn);
+            matmul(&attn, &layer.wo, &mut h);
+            add_in_place(&mut x, &h);
+
+            h.copy_from_slice(&x);
+            rms_norm(&mut h, &layer.ffn_norm, c.rms_eps);
+            matmul(&h, &layer.w_gate, &mut gate);
+            matmul(&h, &layer.w_up, &mut up);
+            silu_mul(&mut gate, &up);
+            matmul(&gate, &layer.w_down, &mut h);
+            add_in_place(&mut x, &h);
+        }
+        cache.advance(n);
+
+        let last = &mut x[(n - 1) * c.hidden..];
+        rms_norm(last, &self.output_norm, c.rms_eps);
+        let mut logits = vec![0f32; c.vocab_size];
+        matvec(
+            last,
+            self.output.as_ref().unwrap_or(&self.embedding),
+            &mut logits,
+        );
+        logits
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        add_in_place(row, bias);
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
