@@ -1,0 +1,525 @@
+//! The model's own tokenizer, rebuilt from the vocabulary stored in its GGUF file.
+//!
+//! Only GPT-2 style byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`) are
+//! supported: that covers the Llama 3, Qwen 2 and SmolLM families. Encoding is done by
+//! the Hugging Face `tokenizers` crate, set up to split text the way llama.cpp does for
+//! the pre-tokenizer named in `tokenizer.ggml.pre`, so that prompts get exactly the ids
+//! the model was converted with. Decoding is done here, from a per-token byte table,
+//! because streamed generation needs the raw bytes of every token.
+
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{Error, Result};
+use crate::gguf::{Gguf, Value};
+
+/// The GPT-2 pre-tokenizer regex, as llama.cpp writes it. The usual trailing `|\s+` is
+/// left out because a whitespace run it would match ends up as its own piece anyway:
+/// the splits keep unmatched text as separate pieces.
+const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+
+/// Llama 3's pattern with the case-insensitive contractions spelled out, as llama.cpp
+/// does, so that only ASCII letters case-fold.
+const LLAMA3_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen 2: the Llama 3 pattern, but every digit is a piece of its own.
+const QWEN2_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Token texts that end generation. llama.cpp finds these by name too, because GGUF
+/// files only record one EOS id while chat models stop on several tokens. The FIM pad,
+/// repository and file-separator tokens are included because a code model that emits
+/// them has finished the file it was asked for.
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<EOT>",
+    "<|fim_pad|>",
+    "<fim-pad>",
+    "<fim_pad>",
+    "<|repo_name|>",
+    "<|fim_repo|>",
+    "<fim-repo>",
+    "<reponame>",
+    "<|file_sep|>",
+];
+
+/// How a GGUF file classifies a token (`tokenizer.ggml.token_type`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TokenKind {
+    Normal,
+    /// Control and unknown tokens: chat markers and the like. Their text only becomes
+    /// the token when special tokens are parsed.
+    Control,
+    /// Added vocabulary that is always matched as a unit, even in plain text.
+    UserDefined,
+    /// Placeholders with no text (e.g. Qwen's `[PAD151665]`).
+    Unused,
+    /// `<0xNN>` byte tokens.
+    Byte,
+}
+
+impl TokenKind {
+    fn from_gguf(code: i64) -> Self {
+        match code {
+            2 | 3 => TokenKind::Control,
+            4 => TokenKind::UserDefined,
+            5 => TokenKind::Unused,
+            6 => TokenKind::Byte,
+            _ => TokenKind::Normal,
+        }
+    }
+}
+
+/// How llama.cpp pre-tokenizes for one `tokenizer.ggml.pre` value.
+struct PreTokenizer {
+    /// Applied one after the other, each splitting the pieces left by the previous one.
+    patterns: &'static [&'static str],
+    /// Whole pieces that are in the vocabulary skip the merges (Llama 3 does this).
+    ignore_merges: bool,
+    /// Whether a BOS token is prepended when the file does not say.
+    add_bos: bool,
+}
+
+impl PreTokenizer {
+    const DEFAULT: PreTokenizer = PreTokenizer {
+        patterns: &[
+            r"[\p{P}\$\+<=>\^~\|]+",
+            GPT2_PATTERN,
+            r"\p{N}+",
+            "[0-9][0-9][0-9]",
+        ],
+        ignore_merges: false,
+        add_bos: false,
+    };
+
+    fn named(name: &str) -> Result<Self> {
+        let (patterns, ignore_merges, add_bos): (&'static [&'static str], _, _) = match name {
+            "default" => return Ok(Self::DEFAULT),
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => (&[LLAMA3_PATTERN], true, true),
+            "dbrx" | "smaug-bpe" => (&[LLAMA3_PATTERN], false, false),
+            "qwen2" | "stablelm2" | "deepseek-r1-qwen" | "megrez" => {
+                (&[QWEN2_PATTERN], false, false)
+            }
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
+            | "minerva-7b" => (&[r"\p{N}", GPT2_PATTERN], false, false),
+            "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "roberta-bpe" => {
+                (&[GPT2_PATTERN], false, false)
+            }
+            other => {
+                return Err(Error::Tokenizer(format!(
+                    "unknown pre-tokenizer `{other}` in tokenizer.ggml.pre; ape knows llama3/llama-bpe, qwen2, smollm, gpt2 and their aliases"
+                )))
+            }
+        };
+        Ok(PreTokenizer {
+            patterns,
+            ignore_merges,
+            add_bos,
+        })
+    }
+
+    fn build(&self) -> Result<Sequence> {
+        let mut steps = self
+            .patterns
+            .iter()
+            .map(|&pattern| {
+                Split::new(
+                    SplitPattern::Regex(pattern.to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map(PreTokenizerWrapper::from)
+                .map_err(|e| {
+                    Error::Tokenizer(format!("pre-tokenizer regex `{pattern}` is invalid: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // The regexes already split the text; this step only maps bytes to the
+        // printable alphabet the vocabulary is written in.
+        steps.push(ByteLevel::new(false, false, false).into());
+        Ok(Sequence::new(steps))
+    }
+}
+
+/// A model's tokenizer: text to token ids and back.
+pub struct Tokenizer {
+    /// Encodes with control-token text (`<|im_start|>`) becoming the control token.
+    parsing_special: tokenizers::Tokenizer,
+    /// The same vocabulary, but control-token text is tokenized like any other text, so
+    /// user input cannot forge chat markers.
+    plain: tokenizers::Tokenizer,
+    tokens: Vec<String>,
+    pieces: Pieces,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    add_bos: bool,
+    /// Sorted, without duplicates.
+    eog: Vec<u32>,
+}
+
+impl Tokenizer {
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
+        let model = gguf.require("tokenizer.ggml.model", "string", Value::as_str)?;
+        if model != "gpt2" {
+            return Err(Error::Tokenizer(format!(
+                "tokenizer model `{model}` is not supported; ape reads GPT-2 style byte-level BPE vocabularies (`gpt2`)"
+            )));
+        }
+        let pre = match gguf.get("tokenizer.ggml.pre") {
+            None => PreTokenizer::DEFAULT,
+            Some(value) => PreTokenizer::named(value.as_str().ok_or_else(|| Error::Metadata {
+                key: "tokenizer.ggml.pre".into(),
+                expected: "string",
+            })?)?,
+        };
+
+        let tokens = string_array(gguf, "tokenizer.ggml.tokens")?;
+        let kinds = token_kinds(gguf, &tokens)?;
+        let merges = string_array(gguf, "tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|merge| match merge.split_once(' ') {
+                Some((left, right)) => Ok((left.to_string(), right.to_string())),
+                None => Err(Error::Tokenizer(format!(
+                    "BPE merge `{merge}` is not two tokens separated by a space"
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        let mut vocab = Vocab::with_capacity(tokens.len());
+        for (id, text) in tokens.iter().enumerate() {
+            if let Some(first) = vocab.insert(text.clone(), id as u32) {
+                return Err(Error::Tokenizer(format!(
+                    "the vocabulary lists `{text}` twice (ids {first} and {id})"
+                )));
+            }
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(pre.ignore_merges)
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("cannot build the BPE model: {e}")))?;
+
+        let mut parsing_special = tokenizers::Tokenizer::new(bpe);
+        parsing_special.with_pre_tokenizer(Some(pre.build()?));
+        let added = |wanted: TokenKind, special: bool| {
+            tokens
+                .iter()
+                .zip(&kinds)
+                .filter(|&(_, &kind)| kind == wanted)
+                .map(|(text, _)| AddedToken::from(text.as_str(), special).normalized(false))
+                .collect::<Vec<_>>()
+        };
+        parsing_special.add_special_tokens(&added(TokenKind::Control, true));
+        parsing_special.add_tokens(&added(TokenKind::UserDefined, false));
+        let mut plain = parsing_special.clone();
+        plain.set_encode_special_tokens(true);
+
+        let n_vocab = tokens.len();
+        let special_id = |key: &str| -> Result<Option<u32>> {
+            let Some(value) = gguf.get(key) else {
+                return Ok(None);
+            };
+            match value.as_u64() {
+                Some(id) if (id as usize) < n_vocab => Ok(Some(id as u32)),
+                Some(id) => Err(Error::Tokenizer(format!(
+                    "{key} = {id} is outside the vocabulary of {n_vocab} tokens"
+                ))),
+                None => Err(Error::Metadata {
+                    key: key.to_string(),
+                    expected: "token id",
+                }),
+            }
+        };
+        let bos = special_id("tokenizer.ggml.bos_token_id")?;
+        let eos = special_id("tokenizer.ggml.eos_token_id")?;
+        let add_bos = match gguf.get("tokenizer.ggml.add_bos_token") {
+            None => pre.add_bos,
+            Some(value) => value.as_bool().ok_or_else(|| Error::Metadata {
+                key: "tokenizer.ggml.add_bos_token".into(),
+                expected: "bool",
+            })?,
+        };
+        if add_bos && bos.is_none() {
+            return Err(Error::Tokenizer(
+                "tokenizer.ggml.add_bos_token is true but the file names no BOS token".into(),
+            ));
+        }
+
+        let mut eog: Vec<u32> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(_, text)| EOG_TEXTS.contains(&text.as_str()))
+            .map(|(id, _)| id as u32)
+            .collect();
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
+            eog.extend(special_id(key)?);
+        }
+        eog.sort_unstable();
+        eog.dedup();
+
+        let pieces = Pieces::new(&tokens, &kinds);
+        Ok(Tokenizer {
+            parsing_special,
+            plain,
+            tokens,
+            pieces,
+            bos,
+            eos,
+            add_bos,
+            eog,
+        })
+    }
+
+    /// Token ids for `text`, without BOS. With `parse_special`, the text of control
+    /// tokens (`<|im_start|>`) becomes those tokens; use it for rendered chat templates,
+    /// never for raw user input.
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let tokenizer = if parse_special {
+            &self.parsing_special
+        } else {
+            &self.plain
+        };
+        let encoding = tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The text of `ids`, control tokens included. Bytes that do not form valid UTF-8
+    /// (a character cut off by the end of `ids`) become U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            bytes.extend_from_slice(self.piece(id)?);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// A decoder for generated tokens, which arrive one at a time.
+    pub fn stream_decoder(&self) -> StreamDecoder<'_> {
+        StreamDecoder {
+            tokenizer: self,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// Whether prompts should start with the BOS token.
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The token as the vocabulary spells it (byte-level BPE writes a leading space
+    /// as `Ġ`), or `None` for an id outside the vocabulary.
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// Every token that ends generation: EOS and the end-of-turn tokens of chat models.
+    pub fn eog_ids(&self) -> &[u32] {
+        &self.eog
+    }
+
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.binary_search(&id).is_ok()
+    }
+
+    fn piece(&self, id: u32) -> Result<&[u8]> {
+        self.pieces.get(id).ok_or_else(|| {
+            Error::Tokenizer(format!(
+                "token id {id} is outside the vocabulary of {} tokens",
+                self.tokens.len()
+            ))
+        })
+    }
+}
+
+/// Turns generated tokens into text as they arrive. A token can end in the middle of a
+/// multi-byte character, so bytes are held back until the character is complete.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder<'_> {
+    /// Adds one token and returns the text that became complete with it, which may be
+    /// empty. Bytes that can never be valid UTF-8 come out as U+FFFD.
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.pending.extend_from_slice(self.tokenizer.piece(id)?);
+        let mut text = String::new();
+        let mut done = 0;
+        loop {
+            match std::str::from_utf8(&self.pending[done..]) {
+                Ok(valid) => {
+                    text.push_str(valid);
+                    done = self.pending.len();
+                    break;
+                }
+                Err(e) => {
+                    let valid_end = done + e.valid_up_to();
+                    text.push_str(&String::from_utf8_lossy(&self.pending[done..valid_end]));
+                    match e.error_len() {
+                        Some(invalid) => {
+                            text.push(char::REPLACEMENT_CHARACTER);
+                            done = valid_end + invalid;
+                        }
+                        // An unfinished character at the end: wait for the next token.
+                        None => {
+                            done = valid_end;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.pending.drain(..done);
+        Ok(text)
+    }
+
+    /// Ends the stream, returning what is still held back (an unfinished character
+    /// comes out as U+FFFD).
+    pub fn finish(self) -> String {
+        String::from_utf8_lossy(&self.pending).into_owned()
+    }
+}
+
+/// The bytes every token stands for, laid end to end.
+struct Pieces {
+    bytes: Vec<u8>,
+    /// `starts[id]..starts[id + 1]` is token `id`; one entry more than there are tokens.
+    starts: Vec<usize>,
+}
+
+impl Pieces {
+    fn new(tokens: &[String], kinds: &[TokenKind]) -> Self {
+        let mut bytes = Vec::new();
+        let mut starts = Vec::with_capacity(tokens.len() + 1);
+        starts.push(0);
+        for (text, &kind) in tokens.iter().zip(kinds) {
+            match kind {
+                TokenKind::Normal => {
+                    for c in text.chars() {
+                        match byte_of_char(c) {
+                            Some(b) => bytes.push(b),
+                            // Not in the byte alphabet, so the vocabulary means the
+                            // character itself.
+                            None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                        }
+                    }
+                }
+                TokenKind::Control | TokenKind::UserDefined => {
+                    bytes.extend_from_slice(text.as_bytes())
+                }
+                TokenKind::Byte => bytes.extend(parse_byte_token(text)),
+                TokenKind::Unused => {}
+            }
+            starts.push(bytes.len());
+        }
+        Pieces { bytes, starts }
+    }
+
+    fn get(&self, id: u32) -> Option<&[u8]> {
+        let id = id as usize;
+        let end = *self.starts.get(id + 1)?;
+        Some(&self.bytes[self.starts[id]..end])
+    }
+}
+
+/// The byte a character of GPT-2's byte-level alphabet stands for. Printable bytes
+/// stand for themselves; the other 68 (controls, space, DEL, 0x80..=0xA0 and the soft
+/// hyphen 0xAD) were moved, in byte order, to U+0100..=U+0143 so that every token is
+/// visible text.
+fn byte_of_char(c: char) -> Option<u8> {
+    let code = u32::from(c);
+    let byte = match code {
+        0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF => code,
+        0x100..=0x120 => code - 0x100,
+        0x121..=0x142 => code - 0x121 + 0x7F,
+        0x143 => 0xAD,
+        _ => return None,
+    };
+    Some(byte as u8)
+}
+
+/// The byte of a `<0xNN>` token.
+fn parse_byte_token(text: &str) -> Option<u8> {
+    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
+    u8::from_str_radix(hex, 16).ok()
+}
+
+fn string_array(gguf: &Gguf, key: &str) -> Result<Vec<String>> {
+    let wrong_type = || Error::Metadata {
+        key: key.to_string(),
+        expected: "array of strings",
+    };
+    gguf.get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(wrong_type)?
+        .iter()
+        .map(|item| item.as_str().map(str::to_string).ok_or_else(wrong_type))
+        .collect()
+}
+
+fn token_kinds(gguf: &Gguf, tokens: &[String]) -> Result<Vec<TokenKind>> {
+    const KEY: &str = "tokenizer.ggml.token_type";
+    let mut kinds = match gguf.get(KEY) {
+        None => vec![TokenKind::Normal; tokens.len()],
+        Some(value) => {
+            let codes = value.as_array().ok_or_else(|| Error::Metadata {
+                key: KEY.into(),
+                expected: "array of integers",
+            })?;
+            if codes.len() != tokens.len() {
+                return Err(Error::Tokenizer(format!(
+                    "{KEY} has {} entries for {} tokens",
+                    codes.len(),
+                    tokens.len()
+                )));
+            }
+            codes
+                .iter()
+                .map(|code| {
+                    code.as_i64()
+                        .map(TokenKind::from_gguf)
+                        .ok_or_else(|| Error::Metadata {
+                            key: KEY.into(),
+                            expected: "array of integers",
+                        })
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    // An end-of-generation token typed as plain text would let user input end the
+    // turn; llama.cpp makes such tokens control tokens as well.
+    for (kind, text) in kinds.iter_mut().zip(tokens) {
+        if EOG_TEXTS.contains(&text.as_str()) {
+            *kind = TokenKind::Control;
+        }
+    }
+    Ok(kinds)
+}
