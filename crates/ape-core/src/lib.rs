@@ -6,6 +6,7 @@
 //! template (`chat`); tokens come out through the sampler (`sampler`) and the generation
 //! loop (`generate`). Nothing here is asynchronous or knows about HTTP.
 
+pub mod chat;
 pub mod error;
 pub mod gguf;
 pub mod quant;
