@@ -523,3 +523,75 @@ fn token_kinds(gguf: &Gguf, tokens: &[String]) -> Result<Vec<TokenKind>> {
     }
     Ok(kinds)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _};
+
+    /// The pieces `pre` cuts `text` into, in the byte-level alphabet (`Ġ` is a space).
+    fn split(pre: &PreTokenizer, text: &str) -> Vec<String> {
+        let mut pieces = PreTokenizedString::from(text);
+        pre.build().unwrap().pre_tokenize(&mut pieces).unwrap();
+        pieces
+            .get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(piece, _, _)| piece.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_named_pre_tokenizer_compiles() {
+        for name in [
+            "default",
+            "llama3",
+            "llama-bpe",
+            "dbrx",
+            "qwen2",
+            "stablelm2",
+            "smollm",
+            "starcoder",
+            "gpt2",
+            "gpt-2",
+        ] {
+            PreTokenizer::named(name).unwrap().build().unwrap();
+        }
+        let err = PreTokenizer::named("nonesuch").err().unwrap().to_string();
+        assert!(err.contains("unknown pre-tokenizer `nonesuch`"), "{err}");
+    }
+
+    #[test]
+    fn digits_are_grouped_as_llama_cpp_groups_them() {
+        let named = |name| PreTokenizer::named(name).unwrap();
+        assert_eq!(
+            split(&named("llama3"), "Hello 12345 world's"),
+            ["Hello", "Ġ", "123", "45", "Ġworld", "'s"]
+        );
+        assert_eq!(split(&named("qwen2"), "x 42"), ["x", "Ġ", "4", "2"]);
+        assert_eq!(split(&named("smollm"), "x 42"), ["x", "Ġ", "4", "2"]);
+        assert_eq!(split(&named("gpt2"), "x 42"), ["x", "Ġ42"]);
+        assert_eq!(split(&PreTokenizer::DEFAULT, "1234"), ["123", "4"]);
+    }
+
+    #[test]
+    fn byte_alphabet_covers_every_byte_once() {
+        let mut seen = [false; 256];
+        for c in (0..0x200).filter_map(char::from_u32) {
+            if let Some(b) = byte_of_char(c) {
+                assert!(!seen[b as usize], "byte {b:#04x} has two characters");
+                seen[b as usize] = true;
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "some bytes have no character");
+        assert_eq!(byte_of_char('Ġ'), Some(b' '));
+        assert_eq!(byte_of_char('Ċ'), Some(b'\n'));
+        assert_eq!(byte_of_char('a'), Some(b'a'));
+    }
+
+    #[test]
+    fn byte_tokens() {
+        assert_eq!(parse_byte_token("<0x0A>"), Some(b'\n'));
+        assert_eq!(parse_byte_token("<0xff>"), Some(0xFF));
+        assert_eq!(parse_byte_token("0x0A"), None);
+    }
+}
