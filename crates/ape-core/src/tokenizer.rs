@@ -175,41 +175,14 @@ impl Tokenizer {
                 "tokenizer model `{model}` is not supported; ape reads GPT-2 style byte-level BPE vocabularies (`gpt2`)"
             )));
         }
-        let pre = match gguf.get("tokenizer.ggml.pre") {
+        let pre = match optional(gguf, "tokenizer.ggml.pre", "string", Value::as_str)? {
             None => PreTokenizer::DEFAULT,
-            Some(value) => PreTokenizer::named(value.as_str().ok_or_else(|| Error::Metadata {
-                key: "tokenizer.ggml.pre".into(),
-                expected: "string",
-            })?)?,
+            Some(name) => PreTokenizer::named(name)?,
         };
-
         let tokens = string_array(gguf, "tokenizer.ggml.tokens")?;
         let kinds = token_kinds(gguf, &tokens)?;
-        let merges = string_array(gguf, "tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|merge| match merge.split_once(' ') {
-                Some((left, right)) => Ok((left.to_string(), right.to_string())),
-                None => Err(Error::Tokenizer(format!(
-                    "BPE merge `{merge}` is not two tokens separated by a space"
-                ))),
-            })
-            .collect::<Result<Vec<_>>>()?;
 
-        let mut vocab = Vocab::with_capacity(tokens.len());
-        for (id, text) in tokens.iter().enumerate() {
-            if let Some(first) = vocab.insert(text.clone(), id as u32) {
-                return Err(Error::Tokenizer(format!(
-                    "the vocabulary lists `{text}` twice (ids {first} and {id})"
-                )));
-            }
-        }
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(pre.ignore_merges)
-            .build()
-            .map_err(|e| Error::Tokenizer(format!("cannot build the BPE model: {e}")))?;
-
-        let mut parsing_special = tokenizers::Tokenizer::new(bpe);
+        let mut parsing_special = tokenizers::Tokenizer::new(bpe_model(gguf, &tokens, &pre)?);
         parsing_special.with_pre_tokenizer(Some(pre.build()?));
         let added = |wanted: TokenKind, special: bool| {
             tokens
@@ -224,63 +197,24 @@ impl Tokenizer {
         let mut plain = parsing_special.clone();
         plain.set_encode_special_tokens(true);
 
-        let n_vocab = tokens.len();
-        let special_id = |key: &str| -> Result<Option<u32>> {
-            let Some(value) = gguf.get(key) else {
-                return Ok(None);
-            };
-            match value.as_u64() {
-                Some(id) if (id as usize) < n_vocab => Ok(Some(id as u32)),
-                Some(id) => Err(Error::Tokenizer(format!(
-                    "{key} = {id} is outside the vocabulary of {n_vocab} tokens"
-                ))),
-                None => Err(Error::Metadata {
-                    key: key.to_string(),
-                    expected: "token id",
-                }),
-            }
-        };
-        let bos = special_id("tokenizer.ggml.bos_token_id")?;
-        let eos = special_id("tokenizer.ggml.eos_token_id")?;
-        let add_bos = match gguf.get("tokenizer.ggml.add_bos_token") {
-            None => pre.add_bos,
-            Some(value) => value.as_bool().ok_or_else(|| Error::Metadata {
-                key: "tokenizer.ggml.add_bos_token".into(),
-                expected: "bool",
-            })?,
-        };
+        let bos = special_id(gguf, "tokenizer.ggml.bos_token_id", tokens.len())?;
+        let add_bos = optional(gguf, "tokenizer.ggml.add_bos_token", "bool", Value::as_bool)?
+            .unwrap_or(pre.add_bos);
         if add_bos && bos.is_none() {
             return Err(Error::Tokenizer(
-                "tokenizer.ggml.add_bos_token is true but the file names no BOS token".into(),
+                "tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is missing"
+                    .into(),
             ));
         }
-
-        let mut eog: Vec<u32> = tokens
-            .iter()
-            .enumerate()
-            .filter(|(_, text)| EOG_TEXTS.contains(&text.as_str()))
-            .map(|(id, _)| id as u32)
-            .collect();
-        for key in [
-            "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.eot_token_id",
-            "tokenizer.ggml.eom_token_id",
-        ] {
-            eog.extend(special_id(key)?);
-        }
-        eog.sort_unstable();
-        eog.dedup();
-
-        let pieces = Pieces::new(&tokens, &kinds);
         Ok(Tokenizer {
             parsing_special,
             plain,
-            tokens,
-            pieces,
+            pieces: Pieces::new(&tokens, &kinds),
             bos,
-            eos,
+            eos: special_id(gguf, "tokenizer.ggml.eos_token_id", tokens.len())?,
             add_bos,
-            eog,
+            eog: end_of_generation_ids(gguf, &tokens)?,
+            tokens,
         })
     }
 
@@ -472,6 +406,78 @@ fn parse_byte_token(text: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
+/// A metadata value that may be absent, but must have the right type if present.
+fn optional<'a, T>(
+    gguf: &'a Gguf,
+    key: &str,
+    expected: &'static str,
+    get: impl FnOnce(&'a Value) -> Option<T>,
+) -> Result<Option<T>> {
+    gguf.get(key)
+        .map(|value| {
+            get(value).ok_or_else(|| Error::Metadata {
+                key: key.to_string(),
+                expected,
+            })
+        })
+        .transpose()
+}
+
+fn special_id(gguf: &Gguf, key: &str, n_vocab: usize) -> Result<Option<u32>> {
+    match optional(gguf, key, "token id", Value::as_u64)? {
+        Some(id) if id >= n_vocab as u64 => Err(Error::Tokenizer(format!(
+            "{key} = {id} is outside the vocabulary of {n_vocab} tokens"
+        ))),
+        id => Ok(id.map(|id| id as u32)),
+    }
+}
+
+fn bpe_model(gguf: &Gguf, tokens: &[String], pre: &PreTokenizer) -> Result<BPE> {
+    let mut vocab = Vocab::with_capacity(tokens.len());
+    for (id, text) in tokens.iter().enumerate() {
+        if let Some(first) = vocab.insert(text.clone(), id as u32) {
+            return Err(Error::Tokenizer(format!(
+                "the vocabulary lists `{text}` twice (ids {first} and {id})"
+            )));
+        }
+    }
+    let merges = string_array(gguf, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|merge| match merge.split_once(' ') {
+            Some((left, right)) => Ok((left.to_string(), right.to_string())),
+            None => Err(Error::Tokenizer(format!(
+                "BPE merge `{merge}` is not two tokens separated by a space"
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(pre.ignore_merges)
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("cannot build the BPE model: {e}")))
+}
+
+/// Sorted and without duplicates: the tokens named like end-of-turn markers plus the
+/// EOS, EOT and EOM ids the file records.
+fn end_of_generation_ids(gguf: &Gguf, tokens: &[String]) -> Result<Vec<u32>> {
+    let mut eog: Vec<u32> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(_, text)| EOG_TEXTS.contains(&text.as_str()))
+        .map(|(id, _)| id as u32)
+        .collect();
+    for key in [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ] {
+        eog.extend(special_id(gguf, key, tokens.len())?);
+    }
+    eog.sort_unstable();
+    eog.dedup();
+    Ok(eog)
+}
+
 fn string_array(gguf: &Gguf, key: &str) -> Result<Vec<String>> {
     let wrong_type = || Error::Metadata {
         key: key.to_string(),
@@ -487,32 +493,27 @@ fn string_array(gguf: &Gguf, key: &str) -> Result<Vec<String>> {
 
 fn token_kinds(gguf: &Gguf, tokens: &[String]) -> Result<Vec<TokenKind>> {
     const KEY: &str = "tokenizer.ggml.token_type";
-    let mut kinds = match gguf.get(KEY) {
+    const EXPECTED: &str = "array of integers";
+    let mut kinds = match optional(gguf, KEY, EXPECTED, Value::as_array)? {
         None => vec![TokenKind::Normal; tokens.len()],
-        Some(value) => {
-            let codes = value.as_array().ok_or_else(|| Error::Metadata {
-                key: KEY.into(),
-                expected: "array of integers",
-            })?;
-            if codes.len() != tokens.len() {
-                return Err(Error::Tokenizer(format!(
-                    "{KEY} has {} entries for {} tokens",
-                    codes.len(),
-                    tokens.len()
-                )));
-            }
-            codes
-                .iter()
-                .map(|code| {
-                    code.as_i64()
-                        .map(TokenKind::from_gguf)
-                        .ok_or_else(|| Error::Metadata {
-                            key: KEY.into(),
-                            expected: "array of integers",
-                        })
-                })
-                .collect::<Result<_>>()?
+        Some(codes) if codes.len() != tokens.len() => {
+            return Err(Error::Tokenizer(format!(
+                "{KEY} has {} entries for {} tokens",
+                codes.len(),
+                tokens.len()
+            )))
         }
+        Some(codes) => codes
+            .iter()
+            .map(|code| {
+                code.as_i64()
+                    .map(TokenKind::from_gguf)
+                    .ok_or_else(|| Error::Metadata {
+                        key: KEY.into(),
+                        expected: EXPECTED,
+                    })
+            })
+            .collect::<Result<_>>()?,
     };
     // An end-of-generation token typed as plain text would let user input end the
     // turn; llama.cpp makes such tokens control tokens as well.
