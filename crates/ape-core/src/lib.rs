@@ -6,10 +6,16 @@
 //! template (`chat`); tokens come out through the sampler (`sampler`) and the generation
 //! loop (`generate`). Nothing here is asynchronous or knows about HTTP.
 
+pub mod attention;
 pub mod chat;
+pub mod engine;
 pub mod error;
+pub mod generate;
 pub mod gguf;
+pub mod kernels;
+pub mod model;
 pub mod quant;
+pub mod sampler;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
