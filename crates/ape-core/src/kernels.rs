@@ -8,30 +8,73 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+
+use crate::qdot::{block_sums, dot_row};
+use crate::quant::{dequantize, GgmlType};
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
-/// A dense weight matrix of `rows x cols`, row-major, one row per output feature.
+/// A weight matrix of `rows x cols`, one row per output feature, held exactly as the GGUF
+/// file stores it (quantized), which matrix-vector products read directly, and, once a
+/// batched product needs it, also as f16, which the GEMM widens to f32. Decoding is bound by
+/// the bytes it reads, prefill by arithmetic, and each copy serves the one it suits; the
+/// embedding and output matrices, only ever used a row or a vector at a time, never get
+/// the second copy.
 pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
-    pub data: Vec<f16>,
+    ty: GgmlType,
+    quantized: Vec<u8>,
+    wide: OnceLock<Vec<f16>>,
 }
 
 impl Matrix {
-    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
-        assert_eq!(values.len(), rows * cols);
-        let mut data = vec![f16::ZERO; values.len()];
-        data.convert_from_f32_slice(values);
-        Matrix { rows, cols, data }
+    /// A matrix from its GGUF bytes (`rows` rows of `cols` elements of type `ty`).
+    pub fn new(rows: usize, cols: usize, ty: GgmlType, bytes: &[u8]) -> Self {
+        assert_eq!(bytes.len(), rows * ty.row_bytes(cols));
+        Matrix {
+            rows,
+            cols,
+            ty,
+            quantized: bytes.to_vec(),
+            wide: OnceLock::new(),
+        }
     }
 
-    pub fn row(&self, r: usize) -> &[f16] {
-        &self.data[r * self.cols..(r + 1) * self.cols]
+    /// The f16 copy for batched products, made on first use.
+    pub fn wide(&self) -> &[f16] {
+        self.wide.get_or_init(|| {
+            let mut wide = vec![f16::ZERO; self.rows * self.cols];
+            wide.par_chunks_mut(self.cols).enumerate().for_each_init(
+                || vec![0f32; self.cols],
+                |row, (r, dst)| {
+                    self.dequantize_row(r, row);
+                    dst.convert_from_f32_slice(row);
+                },
+            );
+            wide
+        })
+    }
+
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
+        assert_eq!(values.len(), rows * cols);
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Matrix::new(rows, cols, GgmlType::F32, &bytes)
+    }
+
+    fn quantized_row(&self, r: usize) -> &[u8] {
+        let len = self.ty.row_bytes(self.cols);
+        &self.quantized[r * len..(r + 1) * len]
+    }
+
+    /// Row `r` exactly as stored, widened to f32 (an embedding lookup).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        dequantize(self.ty, self.quantized_row(r), out);
     }
 
     pub fn bytes(&self) -> usize {
-        self.data.len() * 2
+        self.quantized.len() + self.wide.get().map_or(0, |w| w.len() * 2)
     }
 }
 
@@ -60,9 +103,10 @@ pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
     }
     WEIGHT_F32.with(|buf| {
         let mut wf = buf.borrow_mut();
-        wf.resize(w.data.len(), 0.0);
+        let wide = w.wide();
+        wf.resize(wide.len(), 0.0);
         wf.par_chunks_mut(w.cols * 64)
-            .zip(w.data.par_chunks(w.cols * 64))
+            .zip(wide.par_chunks(w.cols * 64))
             .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
         gemm_nt(
             n, w.rows, w.cols, x, w.cols, &wf, w.cols, out, w.rows, false,
@@ -168,16 +212,21 @@ pub fn gemm_nn(
     }
 }
 
-/// `out[r] = w[r] . x` for every row, threads splitting the rows.
+/// `out[r] = w[r] . x` for every row, read from the quantized rows, threads splitting them.
 pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
     assert_eq!(x.len(), w.cols);
     assert_eq!(out.len(), w.rows);
+    let sums = if x.len() % 32 == 0 {
+        block_sums(x)
+    } else {
+        Vec::new()
+    };
     out.par_chunks_mut(MATVEC_ROWS_PER_TASK)
         .enumerate()
         .for_each(|(chunk, out)| {
             let first = chunk * MATVEC_ROWS_PER_TASK;
             for (i, o) in out.iter_mut().enumerate() {
-                *o = dot_f16(w.row(first + i), x);
+                *o = dot_row(w.ty, w.quantized_row(first + i), x, &sums);
             }
         });
 }
@@ -488,7 +537,12 @@ mod tests {
     #[test]
     fn gemm_path_matches_matvec_path() {
         let (rows, cols, n) = (70, 96, 19);
-        let w = Matrix::from_f32(rows, cols, &pseudo_random(rows * cols, 1));
+        // Values an f16 holds exactly, so that the f16 copy the GEMM reads equals the rows.
+        let values: Vec<f32> = pseudo_random(rows * cols, 1)
+            .iter()
+            .map(|&v| f16::from_f32(v).to_f32())
+            .collect();
+        let w = Matrix::from_f32(rows, cols, &values);
         let x = pseudo_random(n * cols, 2);
         let mut batched = vec![0.0; n * rows];
         matmul(&x, &w, &mut batched);

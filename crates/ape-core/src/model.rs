@@ -155,13 +155,7 @@ impl Loader<'_> {
     }
 
     fn values(&self, info: &TensorInfo, expected: &[usize]) -> Result<Vec<f32>> {
-        if info.dims != expected {
-            return Err(Error::TensorShape {
-                name: info.name.clone(),
-                got: info.dims.clone(),
-                expected: expected.to_vec(),
-            });
-        }
+        check_shape(info, expected)?;
         let mut out = vec![0f32; info.element_count()];
         dequantize(info.ggml_type, self.gguf.tensor_bytes(info), &mut out);
         Ok(out)
@@ -173,8 +167,14 @@ impl Loader<'_> {
 
     /// A `rows x cols` matrix, stored by GGUF as dims `[cols, rows]`.
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let values = self.values(self.info(name)?, &[cols, rows])?;
-        Ok(Matrix::from_f32(rows, cols, &values))
+        let info = self.info(name)?;
+        check_shape(info, &[cols, rows])?;
+        Ok(Matrix::new(
+            rows,
+            cols,
+            info.ggml_type,
+            self.gguf.tensor_bytes(info),
+        ))
     }
 }
 
@@ -212,7 +212,13 @@ impl Model {
                     w_down: loader.matrix(&name("ffn_down.weight"), c.hidden, c.ffn_hidden)?,
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<Layer>>>()?;
+        // Make the batched-product copies now, so the first prompt does not pay for them.
+        layers.par_iter().for_each(|l| {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                m.wide();
+            }
+        });
         let output = match gguf.tensor("output.weight") {
             Some(_) => Some(loader.matrix("output.weight", c.vocab_size, c.hidden)?),
             None => None,
@@ -264,10 +270,7 @@ impl Model {
 
         let mut x = vec![0f32; n * c.hidden];
         for (row, &t) in x.chunks_exact_mut(c.hidden).zip(tokens) {
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                self.embedding.row(t as usize),
-                row,
-            );
+            self.embedding.dequantize_row(t as usize, row);
         }
         let angles = self.rope.angles(cache.len()..cache.len() + n);
 
@@ -321,6 +324,17 @@ impl Model {
         );
         logits
     }
+}
+
+fn check_shape(info: &TensorInfo, expected: &[usize]) -> Result<()> {
+    if info.dims != expected {
+        return Err(Error::TensorShape {
+            name: info.name.clone(),
+            got: info.dims.clone(),
+            expected: expected.to_vec(),
+        });
+    }
+    Ok(())
 }
 
 fn add_bias(x: &mut [f32], bias: &[f32]) {
