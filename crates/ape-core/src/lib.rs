@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
+pub mod qdot;
 pub mod quant;
 pub mod sampler;
 pub mod tokenizer;
