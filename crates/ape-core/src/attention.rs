@@ -157,25 +157,14 @@ pub fn causal_attention(q: &[f32], heads: usize, cache: &KvCache, layer: usize, 
                         let keys = start + first + rows;
                         let mut scores = vec![0f32; rows * keys];
                         let q_b = &q[first * heads * d + h * d..];
-                        gemm_nt(
-                            rows,
-                            keys,
-                            d,
-                            q_b,
-                            heads * d,
-                            kf,
-                            d,
-                            &mut scores,
-                            keys,
-                            false,
-                        );
+                        gemm_nt(rows, keys, d, q_b, heads * d, kf, d, &mut scores, keys);
                         for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
                             let visible = start + first + r + 1;
                             row[..visible].iter_mut().for_each(|s| *s *= scale);
                             softmax_in_place(&mut row[..visible]);
                             row[visible..].fill(0.0);
                         }
-                        gemm_nn(rows, d, keys, &scores, keys, vf, d, out_b, d, false);
+                        gemm_nn(rows, d, keys, &scores, keys, vf, d, out_b, d);
                     });
             });
     }

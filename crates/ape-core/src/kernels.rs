@@ -108,14 +108,13 @@ pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
         wf.par_chunks_mut(w.cols * 64)
             .zip(wide.par_chunks(w.cols * 64))
             .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
-        gemm_nt(
-            n, w.rows, w.cols, x, w.cols, &wf, w.cols, out, w.rows, false,
-        );
+        gemm_nt(n, w.rows, w.cols, x, w.cols, &wf, w.cols, out, w.rows);
     });
 }
 
-/// `c[i][j] (+)= sum_k a[i][k] * b[j][k]`, the product of `a` (m x k) with the transpose of
-/// `b` (n x k), all f32 with the given row strides; threads split it when it is big.
+/// `c[i][j] = sum_k a[i][k] * b[j][k]`, the product of `a` (m x k) with the transpose of
+/// `b` (n x k), all f32 and row-major with the given row strides; threads split it when it
+/// is big.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_nt(
     m: usize,
@@ -127,46 +126,29 @@ pub fn gemm_nt(
     b_stride: usize,
     c: &mut [f32],
     c_stride: usize,
-    accumulate: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(a.len() >= (m - 1) * a_stride + k);
-    assert!(b.len() >= (n - 1) * b_stride + k);
-    assert!(c.len() >= (m - 1) * c_stride + n);
+    assert!(n == 0 || k == 0 || b.len() >= (n - 1) * b_stride + k);
     let parallelism = if m * n * k >= 1 << 20 && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
-    // Safety: the asserts above keep every index the strides describe inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            c_stride as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            a_stride as isize,
-            b.as_ptr(),
-            b_stride as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    gemm_strided(
+        m,
+        n,
+        k,
+        a,
+        a_stride,
+        b,
+        (b_stride, 1),
+        c,
+        c_stride,
+        parallelism,
+    );
 }
 
-/// `c[i][j] (+)= sum_k a[i][k] * b[k][j]`: `a` is m x k, `b` is k x n, row-major with strides.
+/// `c[i][j] = sum_k a[i][k] * b[k][j]`: `a` is m x k, `b` is k x n, row-major with strides;
+/// single-threaded (its callers already run one per thread).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_nn(
     m: usize,
@@ -178,15 +160,45 @@ pub fn gemm_nn(
     b_stride: usize,
     c: &mut [f32],
     c_stride: usize,
-    accumulate: bool,
+) {
+    assert!(n == 0 || k == 0 || b.len() >= (k - 1) * b_stride + n);
+    gemm_strided(
+        m,
+        n,
+        k,
+        a,
+        a_stride,
+        b,
+        (1, b_stride),
+        c,
+        c_stride,
+        gemm::Parallelism::None,
+    );
+}
+
+/// The one call into `gemm`: `b_strides` is (step between its columns, step between its
+/// rows) of the k x n right-hand side, so a transposed operand is just other strides. The
+/// callers check that `b` holds every element those strides reach.
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_stride: usize,
+    b: &[f32],
+    (b_col_step, b_row_step): (usize, usize),
+    c: &mut [f32],
+    c_stride: usize,
+    parallelism: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
     }
     assert!(a.len() >= (m - 1) * a_stride + k);
-    assert!(k == 0 || b.len() >= (k - 1) * b_stride + n);
     assert!(c.len() >= (m - 1) * c_stride + n);
-    // Safety: as in `gemm_nt`.
+    // Safety: the asserts here and in the callers keep every index the strides describe
+    // inside the slices.
     unsafe {
         gemm::gemm(
             m,
@@ -195,19 +207,19 @@ pub fn gemm_nn(
             c.as_mut_ptr(),
             1,
             c_stride as isize,
-            accumulate,
+            false,
             a.as_ptr(),
             1,
             a_stride as isize,
             b.as_ptr(),
-            1,
-            b_stride as isize,
+            b_col_step as isize,
+            b_row_step as isize,
             1.0,
             1.0,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }
@@ -281,10 +293,11 @@ pub fn exp_shifted_sum(xs: &mut [f32], max: f32) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd {
+pub(crate) mod simd {
     use half::f16;
     use std::arch::x86_64::*;
 
+    /// Whether this CPU runs the AVX2 kernels here and in `qdot`.
     pub fn available() -> bool {
         is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
@@ -292,7 +305,7 @@ mod simd {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
         let s = _mm_add_ps(lo, hi);

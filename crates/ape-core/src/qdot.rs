@@ -97,11 +97,8 @@ mod simd {
     use super::GgmlType;
     use std::arch::x86_64::*;
 
-    pub fn available() -> bool {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
+    pub use crate::kernels::simd::available;
+    use crate::kernels::simd::hsum;
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_row(ty: GgmlType, row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
@@ -118,15 +115,6 @@ mod simd {
             GgmlType::Q5K => dot_q5_k(row, x, sums),
             GgmlType::Q6K => dot_q6_k(row, x),
         }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
 
     /// The f16 at `p` (any alignment) in all eight lanes.

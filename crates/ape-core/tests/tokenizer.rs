@@ -1,7 +1,8 @@
 //! Tokenizers and chat templates of the real model files. Token ids are checked against
 //! fixtures produced by llama.cpp (scripts/reference/make_token_fixtures.py).
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::OnceLock;
 
 use ape_core::chat::{ChatTemplate, Message};
@@ -9,8 +10,7 @@ use ape_core::gguf::Gguf;
 use ape_core::tokenizer::Tokenizer;
 use serde::Deserialize;
 
-const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
-const QWEN2: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+use common::{QWEN2, SMOLLM2};
 
 struct Model {
     tokenizer: Tokenizer,
@@ -18,16 +18,7 @@ struct Model {
 }
 
 fn load(file: &str) -> Model {
-    let dir = std::env::var_os("APE_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join(file);
-    assert!(
-        path.is_file(),
-        "model file {} is missing: run `ape model pull` to download the test models (or point APE_MODELS_DIR at them)",
-        path.display()
-    );
-    let gguf = Gguf::open(&path).unwrap();
+    let gguf = Gguf::open(common::model_path(file)).unwrap();
     Model {
         tokenizer: Tokenizer::from_gguf(&gguf).unwrap(),
         template: ChatTemplate::from_gguf(&gguf).unwrap(),
@@ -62,7 +53,7 @@ struct Case {
 /// Every fixture case must give llama.cpp's ids and decode back to its text. All
 /// failures are listed at once, since one pre-tokenizer slip usually breaks several.
 fn check_against_llama_cpp(model: &Model, model_file: &str, fixture_file: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(fixture_file);
     let json = std::fs::read_to_string(&path).unwrap_or_else(|e| {

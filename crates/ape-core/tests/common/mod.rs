@@ -1,4 +1,6 @@
 //! What the integration tests share: where the test models are.
+// Each test binary compiles this module and uses only part of it.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 
