@@ -1,19 +1,136 @@
 //! The engine: one loaded model with its tokenizer and chat template, the single entry
-//! point that the CLI (and later the server and the eval harness) drive.
+//! point that the CLI, the server and the eval harness drive.
+//!
+//! A request is a [`Prompt`] (shared prefix, contexts, query) and a [`Mode`]:
+//! - `sequential` reads prefix, contexts and query as one causal sequence (the accuracy
+//!   reference);
+//! - `parallel` and `ape` encode each context on its own after the shared prefix, all at
+//!   the same positions, and let the query attend to all of them with APE's temperature
+//!   and scale (both 1 for `parallel`).
+//!
+//! The prefix's keys and values are computed once per distinct prefix and kept for the
+//! life of the engine (the few most recent ones).
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use crate::attention::{ApeFactors, KvCache};
 use crate::chat::{ChatTemplate, Message};
-use crate::error::Result;
-use crate::generate::{generate, GenerateOptions, Generation};
+use crate::error::{Error, Result};
+use crate::generate::{generate, prefill, Decoding, GenerateOptions, Generation};
 use crate::gguf::Gguf;
 use crate::model::Model;
+use crate::sampler::Sampler;
 use crate::tokenizer::Tokenizer;
+
+/// APE's temperature when none is given (the paper's default).
+pub const DEFAULT_APE_TEMPERATURE: f32 = 0.9;
+/// APE's scaling factor when none is given (the paper's default).
+pub const DEFAULT_APE_SCALE: f32 = 0.9;
+
+/// Distinct prefixes whose keys and values are kept.
+const KEPT_PREFIXES: usize = 8;
+
+/// Context tokens encoded in one batch: enough rows for an efficient GEMM, few enough to
+/// bound the activations held at once. A longer context is encoded alone.
+const CONTEXT_BATCH_TOKENS: usize = 512;
+
+/// Separates a document from what follows it in the user's turn.
+const DOCUMENT_SEPARATOR: &str = "\n\n";
+
+/// How the contexts of a request are read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// One causal pass over prefix, contexts and query.
+    Sequential,
+    /// Contexts encoded independently, plain attention over them (T = S = 1).
+    Parallel,
+    /// Contexts encoded independently, APE attention with the given factors.
+    Ape(ApeFactors),
+}
+
+impl Mode {
+    /// APE with temperature `temperature` and scale `scale`, both finite and positive.
+    pub fn ape(temperature: f32, scale: f32) -> Result<Mode> {
+        for (name, value) in [("temperature", temperature), ("scale", scale)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(Error::ApeSetting(format!(
+                    "the APE {name} must be a finite number above 0, got {value}"
+                )));
+            }
+        }
+        Ok(Mode::Ape(ApeFactors { temperature, scale }))
+    }
+
+    /// The mode called `name` (`sequential`, `parallel` or `ape`); the factors are used
+    /// by `ape` only.
+    pub fn from_name(name: &str, temperature: f32, scale: f32) -> Result<Mode> {
+        match name {
+            "sequential" => Ok(Mode::Sequential),
+            "parallel" => Ok(Mode::Parallel),
+            "ape" => Mode::ape(temperature, scale),
+            other => Err(Error::UnknownMode(other.to_string())),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Sequential => "sequential",
+            Mode::Parallel => "parallel",
+            Mode::Ape(_) => "ape",
+        }
+    }
+
+    /// The factors of the parallel modes; `None` for sequential.
+    pub fn factors(&self) -> Option<ApeFactors> {
+        match *self {
+            Mode::Sequential => None,
+            Mode::Parallel => Some(ApeFactors {
+                temperature: 1.0,
+                scale: 1.0,
+            }),
+            Mode::Ape(factors) => Some(factors),
+        }
+    }
+}
+
+/// A request's tokens, split the way APE reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    /// Shared by every context: BOS, the chat template's head, the system text.
+    pub prefix: Vec<u32>,
+    /// The documents or demonstrations, each encoded on its own.
+    pub contexts: Vec<Vec<u32>>,
+    /// The question and whatever the template puts before the answer.
+    pub query: Vec<u32>,
+}
+
+impl Prompt {
+    /// The tokens sequential encoding reads: prefix, contexts in order, query.
+    pub fn sequential_tokens(&self) -> Vec<u32> {
+        let mut tokens = self.prefix.clone();
+        self.contexts.iter().for_each(|c| tokens.extend(c));
+        tokens.extend(&self.query);
+        tokens
+    }
+
+    /// Every token of the request, counted once.
+    pub fn total_tokens(&self) -> usize {
+        self.prefix.len() + self.contexts.iter().map(Vec::len).sum::<usize>() + self.query.len()
+    }
+
+    fn longest_context(&self) -> usize {
+        self.contexts.iter().map(Vec::len).max().unwrap_or(0)
+    }
+}
 
 pub struct Engine {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
+    /// Keys and values of recently used prefixes, most recent last.
+    prefixes: Mutex<Vec<(Vec<u32>, Arc<KvCache>)>>,
 }
 
 impl Engine {
@@ -23,18 +140,14 @@ impl Engine {
             model: Model::load(&gguf)?,
             tokenizer: Tokenizer::from_gguf(&gguf)?,
             template: ChatTemplate::from_gguf(&gguf)?,
+            prefixes: Mutex::new(Vec::new()),
         })
     }
 
     /// Token ids of a chat with an optional system message and one user turn, ending with
     /// the assistant header so that the model's answer comes next.
     pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
-        let mut messages = Vec::new();
-        if let Some(system) = system {
-            messages.push(Message::new("system", system));
-        }
-        messages.push(Message::new("user", user));
-        let text = self.template.render(&messages, true)?;
+        let text = self.template.render(&chat(system, user), true)?;
         self.encode_prompt(&text)
     }
 
@@ -48,6 +161,7 @@ impl Engine {
         Ok(ids)
     }
 
+    /// Plain generation from prompt tokens, with no contexts.
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -56,4 +170,273 @@ impl Engine {
     ) -> Result<Generation> {
         generate(&self.model, &self.tokenizer, prompt, options, on_text)
     }
+
+    /// Split one chat turn (optional system text, documents, question) the way the chat
+    /// template lays it out: the prefix is everything the template puts before the user's
+    /// words; each document, followed by a blank line, is a context; the query is the
+    /// question and everything the template puts after the user's words (the end of the
+    /// turn and the assistant header). Read sequentially, the three give the same text as
+    /// the template applied to a user turn of the documents followed by the question.
+    pub fn split_chat(
+        &self,
+        system: Option<&str>,
+        documents: &[impl AsRef<str>],
+        question: &str,
+    ) -> Result<Prompt> {
+        const MARK: &str = "APEUSERTURNMARK";
+        let text = self.template.render(&chat(system, MARK), true)?;
+        let at = text.find(MARK).ok_or_else(|| {
+            Error::Template(
+                "the chat template does not copy the user's message into the prompt verbatim, \
+                 so it cannot be split into prefix, contexts and query"
+                    .to_string(),
+            )
+        })?;
+        let (head, tail) = (&text[..at], &text[at + MARK.len()..]);
+        let contexts = documents
+            .iter()
+            .map(|d| {
+                self.tokenizer
+                    .encode(&format!("{}{DOCUMENT_SEPARATOR}", d.as_ref()), true)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Prompt {
+            prefix: self.encode_prompt(head)?,
+            contexts,
+            query: self.tokenizer.encode(&format!("{question}{tail}"), true)?,
+        })
+    }
+
+    /// Keys and values of `prefix`, computed on first use and kept.
+    pub fn prefix_kv(&self, prefix: &[u32]) -> Result<Arc<KvCache>> {
+        let window = self.model.config.context_length;
+        if prefix.len() >= window {
+            return Err(Error::ContextOverflow {
+                tokens: prefix.len(),
+                max_new: 0,
+                window,
+            });
+        }
+        {
+            let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = kept.iter().position(|(tokens, _)| tokens == prefix) {
+                let entry = kept.remove(i);
+                let kv = entry.1.clone();
+                kept.push(entry);
+                return Ok(kv);
+            }
+        }
+        let mut cache = self.model.new_cache(prefix.len());
+        if !prefix.is_empty() {
+            prefill(&self.model, prefix, &mut cache)?;
+        }
+        let kv = Arc::new(cache);
+        let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        kept.push((prefix.to_vec(), kv.clone()));
+        if kept.len() > KEPT_PREFIXES {
+            kept.remove(0);
+        }
+        Ok(kv)
+    }
+
+    /// Encode each context independently after `prefix` (its keys and values, from
+    /// [`Engine::prefix_kv`]), short ones batched together.
+    pub fn encode_contexts(&self, prefix: &KvCache, contexts: &[&[u32]]) -> Result<Vec<KvCache>> {
+        let window = self.model.config.context_length;
+        if let Some(longest) = contexts.iter().map(|c| c.len()).max() {
+            if prefix.len() + longest > window {
+                return Err(Error::ApeWindowOverflow {
+                    prefix: prefix.len(),
+                    longest,
+                    query: 0,
+                    max_new: 0,
+                    window,
+                });
+            }
+        }
+        let mut encoded = Vec::with_capacity(contexts.len());
+        let mut batch: Vec<&[u32]> = Vec::new();
+        let mut batch_tokens = 0;
+        for &context in contexts {
+            if !batch.is_empty() && batch_tokens + context.len() > CONTEXT_BATCH_TOKENS {
+                encoded.extend(self.model.encode_contexts(prefix, &batch));
+                batch.clear();
+                batch_tokens = 0;
+            }
+            batch.push(context);
+            batch_tokens += context.len();
+        }
+        if !batch.is_empty() {
+            encoded.extend(self.model.encode_contexts(prefix, &batch));
+        }
+        Ok(encoded)
+    }
+
+    /// Answer `prompt` in `mode`, streaming text to `on_text`. The time to first token
+    /// counts everything from this call on: the prefix (unless kept from an earlier
+    /// request) and the contexts are encoded here.
+    pub fn answer(
+        &self,
+        prompt: &Prompt,
+        mode: Mode,
+        options: &GenerateOptions,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let start = Instant::now();
+        if prompt.query.is_empty() {
+            return Err(Error::EmptyQuery);
+        }
+        let Some(factors) = mode.factors() else {
+            return self.answer_sequentially(prompt, options, start, on_text);
+        };
+        let max_tokens = self.ape_window_check(
+            prompt.prefix.len(),
+            prompt.longest_context(),
+            prompt.query.len(),
+            options.max_tokens,
+        )?;
+        let sampler = Sampler::new(options.sampling.clone())?;
+        let prefix = self.prefix_kv(&prompt.prefix)?;
+        let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
+        let encoded = self.encode_contexts(&prefix, &contexts)?;
+        let encoded: Vec<&KvCache> = encoded.iter().collect();
+        let decoding = Decoding {
+            tokenizer: &self.tokenizer,
+            options,
+            sampler,
+            max_tokens,
+            history: prompt.sequential_tokens(),
+            start,
+        };
+        self.answer_over(&prefix, &encoded, &prompt.query, factors, decoding, on_text)
+    }
+
+    /// Answer `query` over contexts already encoded after `prefix` (as by
+    /// [`Engine::encode_contexts`]) with APE attention: no context is read again.
+    pub fn answer_encoded(
+        &self,
+        prefix: &KvCache,
+        contexts: &[&KvCache],
+        query: &[u32],
+        factors: ApeFactors,
+        options: &GenerateOptions,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let start = Instant::now();
+        if query.is_empty() {
+            return Err(Error::EmptyQuery);
+        }
+        Mode::ape(factors.temperature, factors.scale)?;
+        let lengths = contexts.iter().map(|c| c.len());
+        let max_tokens = self.ape_window_check(
+            prefix.len(),
+            lengths.clone().max().unwrap_or(0),
+            query.len(),
+            options.max_tokens,
+        )?;
+        let decoding = Decoding {
+            tokenizer: &self.tokenizer,
+            options,
+            sampler: Sampler::new(options.sampling.clone())?,
+            max_tokens,
+            history: query.to_vec(),
+            start,
+        };
+        let mut generation =
+            self.answer_over(prefix, contexts, query, factors, decoding, on_text)?;
+        generation.prompt_tokens = prefix.len() + lengths.sum::<usize>() + query.len();
+        Ok(generation)
+    }
+
+    fn answer_over(
+        &self,
+        prefix: &KvCache,
+        contexts: &[&KvCache],
+        query: &[u32],
+        factors: ApeFactors,
+        decoding: Decoding<'_>,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let model = &self.model;
+        let mut cache = prefix.copy_with_capacity(prefix.len() + query.len() + decoding.max_tokens);
+        let mut logits = Vec::new();
+        for chunk in query.chunks(crate::generate::PREFILL_CHUNK) {
+            logits = model.forward_ape(chunk, &mut cache, contexts, factors);
+        }
+        decoding.run(
+            logits,
+            |token| model.forward_ape(&[token], &mut cache, contexts, factors),
+            on_text,
+        )
+    }
+
+    fn answer_sequentially(
+        &self,
+        prompt: &Prompt,
+        options: &GenerateOptions,
+        start: Instant,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let window = self.model.config.context_length;
+        let total = prompt.total_tokens();
+        let max_tokens = options.max_tokens.unwrap_or(window.saturating_sub(total));
+        if total + max_tokens > window {
+            return Err(Error::ContextOverflow {
+                tokens: total,
+                max_new: max_tokens,
+                window,
+            });
+        }
+        let sampler = Sampler::new(options.sampling.clone())?;
+        let prefix = self.prefix_kv(&prompt.prefix)?;
+        let mut cache = prefix.copy_with_capacity(total + max_tokens);
+        let rest = &prompt.sequential_tokens()[prompt.prefix.len()..];
+        let logits = prefill(&self.model, rest, &mut cache)?;
+        let decoding = Decoding {
+            tokenizer: &self.tokenizer,
+            options,
+            sampler,
+            max_tokens,
+            history: prompt.sequential_tokens(),
+            start,
+        };
+        decoding.run(
+            logits,
+            |token| self.model.forward(&[token], &mut cache),
+            on_text,
+        )
+    }
+
+    /// The token limit of an APE request, checked against the window: the query side
+    /// starts after the prefix and the longest context, and must end inside the window.
+    fn ape_window_check(
+        &self,
+        prefix: usize,
+        longest: usize,
+        query: usize,
+        max_tokens: Option<usize>,
+    ) -> Result<usize> {
+        let window = self.model.config.context_length;
+        let used = prefix + longest + query;
+        let max_new = max_tokens.unwrap_or(window.saturating_sub(used));
+        if used + max_new > window {
+            return Err(Error::ApeWindowOverflow {
+                prefix,
+                longest,
+                query,
+                max_new,
+                window,
+            });
+        }
+        Ok(max_new)
+    }
+}
+
+fn chat(system: Option<&str>, user: &str) -> Vec<Message> {
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(Message::system(system));
+    }
+    messages.push(Message::user(user));
+    messages
 }

@@ -39,6 +39,20 @@ pub enum Error {
         max_new: usize,
         window: usize,
     },
+    #[error("APE needs {prefix} prefix + {longest} (longest context) + {query} query positions and {max_new} new tokens, but the model's window is {window} positions; split the longest context, shorten the query or lower the token limit")]
+    ApeWindowOverflow {
+        prefix: usize,
+        longest: usize,
+        query: usize,
+        max_new: usize,
+        window: usize,
+    },
+    #[error("invalid APE setting: {0}")]
+    ApeSetting(String),
+    #[error("unknown mode `{0}`; choose one of sequential, parallel, ape")]
+    UnknownMode(String),
+    #[error("empty query: APE needs at least one query token after the contexts")]
+    EmptyQuery,
     #[error("invalid sampling setting: {0}")]
     Sampling(String),
     #[error("empty prompt: there is nothing to generate from")]

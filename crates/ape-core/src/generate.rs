@@ -63,13 +63,13 @@ pub fn generate(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     options: &GenerateOptions,
-    mut on_text: impl FnMut(&str),
+    on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     let start = Instant::now();
-    let window = model.config.context_length;
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
+    let window = model.config.context_length;
     let max_tokens = options
         .max_tokens
         .unwrap_or(window.saturating_sub(prompt.len()));
@@ -80,52 +80,84 @@ pub fn generate(
             window,
         });
     }
-    let mut sampler = Sampler::new(options.sampling.clone())?;
+    let sampler = Sampler::new(options.sampling.clone())?;
     let mut cache = model.new_cache(prompt.len() + max_tokens);
-    let mut logits = prefill(model, prompt, &mut cache)?;
+    let logits = prefill(model, prompt, &mut cache)?;
+    let decoding = Decoding {
+        tokenizer,
+        options,
+        sampler,
+        max_tokens,
+        history: prompt.to_vec(),
+        start,
+    };
+    decoding.run(logits, |token| model.forward(&[token], &mut cache), on_text)
+}
 
-    let mut history = prompt.to_vec();
-    let mut decoder = tokenizer.stream_decoder();
-    let mut stops = StopMatcher::new(&options.stop);
-    let mut text = String::new();
-    let mut tokens = Vec::new();
-    let mut first_token_at = None;
-    let mut finish_reason = FinishReason::Length;
-    while tokens.len() < max_tokens {
-        let token = sampler.sample(&mut logits, &history);
-        first_token_at.get_or_insert_with(|| start.elapsed());
-        if tokenizer.is_eog(token) {
-            finish_reason = FinishReason::EndOfText;
-            break;
+/// Everything the token-by-token loop needs once the prompt has been read.
+pub(crate) struct Decoding<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub options: &'a GenerateOptions,
+    pub sampler: Sampler,
+    pub max_tokens: usize,
+    /// The prompt's tokens, for the repetition penalty; its length is reported as usage.
+    pub history: Vec<u32>,
+    /// When the request began, for the time to first token.
+    pub start: Instant,
+}
+
+impl Decoding<'_> {
+    /// Sample from `logits`, feed the token to `step` for the next logits, and so on until
+    /// an end-of-generation token, a stop string or the token limit.
+    pub fn run(
+        mut self,
+        mut logits: Vec<f32>,
+        mut step: impl FnMut(u32) -> Vec<f32>,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let prompt_tokens = self.history.len();
+        let mut decoder = self.tokenizer.stream_decoder();
+        let mut stops = StopMatcher::new(&self.options.stop);
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let mut first_token_at = None;
+        let mut finish_reason = FinishReason::Length;
+        while tokens.len() < self.max_tokens {
+            let token = self.sampler.sample(&mut logits, &self.history);
+            first_token_at.get_or_insert_with(|| self.start.elapsed());
+            if self.tokenizer.is_eog(token) {
+                finish_reason = FinishReason::EndOfText;
+                break;
+            }
+            tokens.push(token);
+            self.history.push(token);
+            let (ready, stopped) = stops.push(&decoder.push(token)?);
+            text.push_str(&ready);
+            on_text(&ready);
+            if stopped {
+                finish_reason = FinishReason::Stop;
+                break;
+            }
+            if tokens.len() < self.max_tokens {
+                logits = step(token);
+            }
         }
-        tokens.push(token);
-        history.push(token);
-        let (ready, stopped) = stops.push(&decoder.push(token)?);
-        text.push_str(&ready);
-        on_text(&ready);
-        if stopped {
-            finish_reason = FinishReason::Stop;
-            break;
+        if finish_reason != FinishReason::Stop {
+            let (ready, _) = stops.push(&decoder.finish());
+            let rest = ready + &stops.flush();
+            text.push_str(&rest);
+            on_text(&rest);
         }
-        if tokens.len() < max_tokens {
-            logits = model.forward(&[token], &mut cache);
-        }
+        let time_to_first_token = first_token_at.unwrap_or_else(|| self.start.elapsed());
+        Ok(Generation {
+            text,
+            tokens,
+            finish_reason,
+            prompt_tokens,
+            time_to_first_token,
+            decode_time: self.start.elapsed() - time_to_first_token,
+        })
     }
-    if finish_reason != FinishReason::Stop {
-        let (ready, _) = stops.push(&decoder.finish());
-        let rest = ready + &stops.flush();
-        text.push_str(&rest);
-        on_text(&rest);
-    }
-    let time_to_first_token = first_token_at.unwrap_or_else(|| start.elapsed());
-    Ok(Generation {
-        text,
-        tokens,
-        finish_reason,
-        prompt_tokens: prompt.len(),
-        time_to_first_token,
-        decode_time: start.elapsed() - time_to_first_token,
-    })
 }
 
 /// Watches streamed text for stop strings, holding back any tail that could still grow

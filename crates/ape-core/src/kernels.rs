@@ -90,7 +90,8 @@ thread_local! {
 }
 
 /// `out[n][r] = sum_k x[n][k] * w[r][k]` for `n` tokens: `x` is `n x w.cols`, `out` is
-/// `n x w.rows`, both row-major.
+/// `n x w.rows`, both row-major. A few tokens take per-token dot products on the quantized
+/// rows, more take [`matmul_gemm`].
 pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
     let n = x.len() / w.cols;
     assert_eq!(x.len(), n * w.cols);
@@ -101,6 +102,15 @@ pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
         }
         return;
     }
+    matmul_gemm(x, w, out);
+}
+
+/// The same product as [`matmul`], always as an f32 GEMM on the matrix's f16 copy, for
+/// any number of tokens: each output row then depends on its input row alone.
+pub fn matmul_gemm(x: &[f32], w: &Matrix, out: &mut [f32]) {
+    let n = x.len() / w.cols;
+    assert_eq!(x.len(), n * w.cols);
+    assert_eq!(out.len(), n * w.rows);
     WEIGHT_F32.with(|buf| {
         let mut wf = buf.borrow_mut();
         let wide = w.wide();
@@ -143,11 +153,12 @@ pub fn gemm_nt(
         (b_stride, 1),
         c,
         c_stride,
+        false,
         parallelism,
     );
 }
 
-/// `c[i][j] = sum_k a[i][k] * b[k][j]`: `a` is m x k, `b` is k x n, row-major with strides;
+/// `c[i][j] += sum_k a[i][k] * b[k][j]`: `a` is m x k, `b` is k x n, row-major with strides;
 /// single-threaded (its callers already run one per thread).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_nn(
@@ -172,13 +183,15 @@ pub fn gemm_nn(
         (1, b_stride),
         c,
         c_stride,
+        true,
         gemm::Parallelism::None,
     );
 }
 
 /// The one call into `gemm`: `b_strides` is (step between its columns, step between its
-/// rows) of the k x n right-hand side, so a transposed operand is just other strides. The
-/// callers check that `b` holds every element those strides reach.
+/// rows) of the k x n right-hand side, so a transposed operand is just other strides;
+/// `accumulate` adds the product to `c` instead of overwriting it. The callers check that
+/// `b` holds every element those strides reach.
 #[allow(clippy::too_many_arguments)]
 fn gemm_strided(
     m: usize,
@@ -190,6 +203,7 @@ fn gemm_strided(
     (b_col_step, b_row_step): (usize, usize),
     c: &mut [f32],
     c_stride: usize,
+    accumulate: bool,
     parallelism: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
@@ -207,7 +221,7 @@ fn gemm_strided(
             c.as_mut_ptr(),
             1,
             c_stride as isize,
-            false,
+            accumulate,
             a.as_ptr(),
             1,
             a_stride as isize,

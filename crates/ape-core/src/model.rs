@@ -6,10 +6,10 @@
 
 use rayon::prelude::*;
 
-use crate::attention::{causal_attention, KvCache};
+use crate::attention::{ape_attention, causal_attention, context_attention, ApeFactors, KvCache};
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, TensorInfo, Value};
-use crate::kernels::{matmul, matvec, rms_norm, silu_mul, Matrix, Rope, RopeStyle};
+use crate::kernels::{matmul, matmul_gemm, matvec, rms_norm, silu_mul, Matrix, Rope, RopeStyle};
 use crate::quant::dequantize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,17 +262,110 @@ impl Model {
     /// Run `tokens` through the model at the positions after what `cache` holds, append
     /// their keys and values to it, and return the logits of the last token.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        let n = tokens.len();
+        assert!(cache.len() + n <= cache.capacity(), "KV cache overflow");
+        let heads = self.config.heads;
+        let x = self.run_layers(tokens, cache.len().., matmul, |layer, q, k, v, out| {
+            cache.write(layer, k, v);
+            causal_attention(q, heads, cache, layer, out);
+        });
+        cache.advance(n);
+        self.logits(&x)
+    }
+
+    /// Encode contexts independently after a shared prefix, several in one batch: every
+    /// context takes positions `prefix.len()..` and attends to the prefix and to itself,
+    /// never to another context. Returns each context's keys and values.
+    ///
+    /// A context's result does not depend on the batch it is in: every product goes
+    /// through the same GEMM whatever the number of tokens, and attention splits work per
+    /// context.
+    pub fn encode_contexts(&self, prefix: &KvCache, contexts: &[&[u32]]) -> Vec<KvCache> {
+        let c = &self.config;
+        let mut encoded: Vec<KvCache> = contexts
+            .iter()
+            .map(|t| KvCache::new(c.layers, c.kv_heads, c.head_dim, t.len()))
+            .collect();
+        let tokens: Vec<u32> = contexts.concat();
+        if tokens.is_empty() {
+            return encoded;
+        }
+        let mut rows = Vec::with_capacity(contexts.len());
+        let mut at = 0;
+        for t in contexts {
+            rows.push(at..at + t.len());
+            at += t.len();
+        }
+        let positions = contexts
+            .iter()
+            .flat_map(|t| prefix.len()..prefix.len() + t.len());
+        let row = c.kv_heads * c.head_dim;
+        self.run_layers(&tokens, positions, matmul_gemm, |layer, q, k, v, out| {
+            for (own, r) in encoded.iter_mut().zip(&rows) {
+                own.write(
+                    layer,
+                    &k[r.start * row..r.end * row],
+                    &v[r.start * row..r.end * row],
+                );
+            }
+            let batch: Vec<_> = rows.iter().cloned().zip(encoded.iter()).collect();
+            context_attention(q, c.heads, prefix, &batch, layer, out);
+        });
+        for (own, t) in encoded.iter_mut().zip(contexts) {
+            own.advance(t.len());
+        }
+        encoded
+    }
+
+    /// Run query-side tokens with APE attention: they attend causally to `cache` (the
+    /// shared prefix and the query side so far), and to all of `contexts` (each encoded
+    /// after that same prefix) with APE's temperature and scale. Their positions follow the
+    /// longest context. Appends their keys and values to `cache` and returns the logits of
+    /// the last token.
+    pub fn forward_ape(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        contexts: &[&KvCache],
+        factors: ApeFactors,
+    ) -> Vec<f32> {
+        let n = tokens.len();
+        assert!(cache.len() + n <= cache.capacity(), "KV cache overflow");
+        let longest = contexts.iter().map(|c| c.len()).max().unwrap_or(0);
+        let heads = self.config.heads;
+        let x = self.run_layers(
+            tokens,
+            cache.len() + longest..,
+            matmul,
+            |layer, q, k, v, out| {
+                cache.write(layer, k, v);
+                ape_attention(q, heads, cache, contexts, factors, layer, out);
+            },
+        );
+        cache.advance(n);
+        self.logits(&x)
+    }
+
+    /// The transformer layers over `tokens` at `positions`, with `attend(layer, q, k, v,
+    /// out)` supplying attention (it must also keep `k` and `v` wherever it reads keys
+    /// from). Returns the hidden states of every token after the last layer.
+    pub fn run_layers(
+        &self,
+        tokens: &[u32],
+        positions: impl IntoIterator<Item = usize>,
+        product: fn(&[f32], &Matrix, &mut [f32]),
+        mut attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]),
+    ) -> Vec<f32> {
         let c = &self.config;
         let n = tokens.len();
         assert!(n > 0, "forward needs at least one token");
-        assert!(cache.len() + n <= cache.capacity(), "KV cache overflow");
         let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
 
         let mut x = vec![0f32; n * c.hidden];
         for (row, &t) in x.chunks_exact_mut(c.hidden).zip(tokens) {
             self.embedding.dequantize_row(t as usize, row);
         }
-        let angles = self.rope.angles(cache.len()..cache.len() + n);
+        let angles = self.rope.angles(positions.into_iter().take(n));
 
         let mut h = vec![0f32; n * c.hidden];
         let mut q = vec![0f32; n * q_dim];
@@ -285,9 +378,9 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.attn_norm, c.rms_eps);
-            matmul(&h, &layer.wq, &mut q);
-            matmul(&h, &layer.wk, &mut k);
-            matmul(&h, &layer.wv, &mut v);
+            product(&h, &layer.wq, &mut q);
+            product(&h, &layer.wk, &mut k);
+            product(&h, &layer.wv, &mut v);
             if let Some([bq, bk, bv]) = &layer.qkv_bias {
                 add_bias(&mut q, bq);
                 add_bias(&mut k, bk);
@@ -299,26 +392,29 @@ impl Model {
                 self.rope
                     .apply(&mut k[t * kv_dim..(t + 1) * kv_dim], &angles, t);
             }
-            cache.write(li, &k, &v);
-            causal_attention(&q, c.heads, cache, li, &mut attn);
-            matmul(&attn, &layer.wo, &mut h);
+            attend(li, &q, &k, &v, &mut attn);
+            product(&attn, &layer.wo, &mut h);
             add_in_place(&mut x, &h);
 
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.ffn_norm, c.rms_eps);
-            matmul(&h, &layer.w_gate, &mut gate);
-            matmul(&h, &layer.w_up, &mut up);
+            product(&h, &layer.w_gate, &mut gate);
+            product(&h, &layer.w_up, &mut up);
             silu_mul(&mut gate, &up);
-            matmul(&gate, &layer.w_down, &mut h);
+            product(&gate, &layer.w_down, &mut h);
             add_in_place(&mut x, &h);
         }
-        cache.advance(n);
+        x
+    }
 
-        let last = &mut x[(n - 1) * c.hidden..];
-        rms_norm(last, &self.output_norm, c.rms_eps);
+    /// Logits of the last token of hidden states `x`.
+    pub fn logits(&self, x: &[f32]) -> Vec<f32> {
+        let c = &self.config;
+        let mut last = x[x.len() - c.hidden..].to_vec();
+        rms_norm(&mut last, &self.output_norm, c.rms_eps);
         let mut logits = vec![0f32; c.vocab_size];
         matvec(
-            last,
+            &last,
             self.output.as_ref().unwrap_or(&self.embedding),
             &mut logits,
         );

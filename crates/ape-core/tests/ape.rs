@@ -1,0 +1,355 @@
+//! APE's invariants on the real default model: with T = S = 1 it is exactly sequential
+//! encoding (one context) or one dense attention with reused positions (several); the order
+//! of contexts does not matter; a context encodes the same alone or in a batch; and a
+//! request may hold far more context tokens than the model's window.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use ape_core::attention::{ApeFactors, KvCache};
+use ape_core::engine::{Engine, Mode, Prompt};
+use ape_core::generate::GenerateOptions;
+use ape_core::kernels::matmul;
+use ape_core::sampler::argmax;
+use ape_core::Error;
+
+const UNIT: ApeFactors = ApeFactors {
+    temperature: 1.0,
+    scale: 1.0,
+};
+
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| Engine::load(common::model_path(common::SMOLLM2)).expect("model loads"))
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn range(xs: &[f32]) -> f32 {
+    let (lo, hi) = xs
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
+    hi - lo
+}
+
+/// The logits after the query of `prompt`, read the APE way with `factors`.
+fn ape_logits(e: &Engine, prompt: &Prompt, factors: ApeFactors) -> Vec<f32> {
+    let prefix = e.prefix_kv(&prompt.prefix).unwrap();
+    let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
+    let encoded = e.encode_contexts(&prefix, &contexts).unwrap();
+    for (kv, tokens) in encoded.iter().zip(&contexts) {
+        assert_eq!(kv.len(), tokens.len(), "every context token is kept");
+    }
+    let refs: Vec<&KvCache> = encoded.iter().collect();
+    let mut cache = prefix.copy_with_capacity(prefix.len() + prompt.query.len());
+    e.model
+        .forward_ape(&prompt.query, &mut cache, &refs, factors)
+}
+
+fn documents() -> Vec<String> {
+    [
+        "The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889 for the World's Fair.",
+        "Mount Kilimanjaro, in Tanzania, is the highest mountain in Africa at 5,895 metres.",
+        "The Great Barrier Reef lies off the coast of Queensland, Australia, and is visible from space.",
+        "Honey never spoils: archaeologists have found edible honey in Egyptian tombs.",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn one_context_with_unit_factors_equals_sequential_encoding() {
+    let e = engine();
+    let eos = e
+        .tokenizer
+        .eos_id()
+        .expect("the model has an end-of-sequence token");
+    let eos_text = e.tokenizer.token_text(eos).unwrap().to_string();
+    let document = format!("Paris is the capital of France.{eos_text} The Seine flows through it.");
+    let prompt = e
+        .split_chat(
+            None,
+            &[document],
+            "Which river flows through the capital of France?",
+        )
+        .unwrap();
+    assert!(
+        prompt.contexts[0].contains(&eos),
+        "the end-of-sequence token inside the document is part of the context"
+    );
+
+    let sequential = prompt.sequential_tokens();
+    let mut cache = e.model.new_cache(sequential.len());
+    let want = e.model.forward(&sequential, &mut cache);
+    let got = ape_logits(e, &prompt, UNIT);
+    let diff = max_abs_diff(&got, &want);
+    assert_eq!(argmax(&got), argmax(&want));
+    assert!(
+        diff < 1e-3 * range(&want),
+        "max |diff| {diff} against a logit range of {}",
+        range(&want)
+    );
+}
+
+/// Attention over every token of one batch, in f64 from f32 keys and values, with token
+/// `i` seeing token `j` exactly when `sees(i, j)`.
+fn dense_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (heads, kv_heads, d): (usize, usize, usize),
+    sees: &dyn Fn(usize, usize) -> bool,
+    out: &mut [f32],
+) {
+    let n = q.len() / (heads * d);
+    let group = heads / kv_heads;
+    for i in 0..n {
+        for h in 0..heads {
+            let g = h / group;
+            let q_i = &q[(i * heads + h) * d..][..d];
+            let visible: Vec<usize> = (0..n).filter(|&j| sees(i, j)).collect();
+            let scores: Vec<f64> = visible
+                .iter()
+                .map(|&j| {
+                    let k_j = &k[(j * kv_heads + g) * d..][..d];
+                    q_i.iter()
+                        .zip(k_j)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for x in 0..d {
+                let value: f64 = visible
+                    .iter()
+                    .zip(&weights)
+                    .map(|(&j, w)| w * v[(j * kv_heads + g) * d + x] as f64)
+                    .sum();
+                out[(i * heads + h) * d + x] = (value / total) as f32;
+            }
+        }
+    }
+}
+
+#[test]
+fn several_contexts_with_unit_factors_equal_dense_attention_with_reused_positions() {
+    let e = engine();
+    let prompt = e
+        .split_chat(
+            Some("Answer from the documents."),
+            &documents()[..3],
+            "Where is the highest mountain in Africa?",
+        )
+        .unwrap();
+
+    // Lay the whole request out as one batch: prefix, each context, query; every context
+    // at positions P.., the query after the longest, and the mask APE implies.
+    const PREFIX: usize = usize::MAX;
+    const QUERY: usize = usize::MAX - 1;
+    let mut tokens = prompt.prefix.clone();
+    let mut segment = vec![PREFIX; prompt.prefix.len()];
+    let p = prompt.prefix.len();
+    let mut positions: Vec<usize> = (0..p).collect();
+    for (i, c) in prompt.contexts.iter().enumerate() {
+        tokens.extend(c);
+        segment.extend(std::iter::repeat_n(i, c.len()));
+        positions.extend(p..p + c.len());
+    }
+    let longest = prompt.contexts.iter().map(Vec::len).max().unwrap();
+    tokens.extend(&prompt.query);
+    segment.extend(std::iter::repeat_n(QUERY, prompt.query.len()));
+    positions.extend(p + longest..p + longest + prompt.query.len());
+    let sees = |i: usize, j: usize| {
+        if segment[i] == segment[j] {
+            j <= i
+        } else {
+            segment[j] == PREFIX || segment[i] == QUERY
+        }
+    };
+    let c = &e.model.config;
+    let shape = (c.heads, c.kv_heads, c.head_dim);
+    let hidden = e
+        .model
+        .run_layers(&tokens, positions, matmul, |_, q, k, v, out| {
+            dense_attention(q, k, v, shape, &sees, out)
+        });
+    let want = e.model.logits(&hidden);
+
+    let got = ape_logits(e, &prompt, UNIT);
+    let diff = max_abs_diff(&got, &want);
+    assert_eq!(argmax(&got), argmax(&want));
+    assert!(
+        diff < 2e-3 * range(&want),
+        "max |diff| {diff} against a logit range of {}",
+        range(&want)
+    );
+}
+
+#[test]
+fn the_order_of_contexts_does_not_matter() {
+    let e = engine();
+    let docs = documents();
+    let question = "What did archaeologists find in Egyptian tombs?";
+    let forward = e.split_chat(None, &docs, question).unwrap();
+    let mut reversed = forward.clone();
+    reversed.contexts.reverse();
+    reversed.contexts.swap(0, 1);
+    let factors = ApeFactors {
+        temperature: 0.8,
+        scale: 0.9,
+    };
+    let a = ape_logits(e, &forward, factors);
+    let b = ape_logits(e, &reversed, factors);
+    // Only the order of floating-point sums changes.
+    assert_eq!(argmax(&a), argmax(&b));
+    let diff = max_abs_diff(&a, &b);
+    assert!(
+        diff < 3e-4 * range(&a),
+        "max |diff| {diff} against a logit range of {}",
+        range(&a)
+    );
+}
+
+#[test]
+fn a_context_encodes_identically_alone_and_in_a_batch() {
+    let e = engine();
+    let prompt = e.split_chat(None, &documents(), "?").unwrap();
+    let prefix = e.prefix_kv(&prompt.prefix).unwrap();
+    let short = &prompt.contexts[3][..5];
+    let alone = e.model.encode_contexts(&prefix, &[short]);
+    let batch = e
+        .model
+        .encode_contexts(&prefix, &[&prompt.contexts[0], short, &prompt.contexts[2]]);
+    let (a, b) = (&alone[0], &batch[1]);
+    assert_eq!(a.len(), short.len());
+    assert_eq!(b.len(), short.len());
+    for layer in 0..a.layer_count() {
+        for g in 0..a.kv_heads {
+            assert!(
+                a.head(layer, g) == b.head(layer, g),
+                "layer {layer} head {g}"
+            );
+        }
+    }
+}
+
+#[test]
+fn modes_answer_and_parallel_with_one_context_answers_like_sequential() {
+    let e = engine();
+    let prompt = e
+        .split_chat(
+            None,
+            &["Alice keeps her bicycle in the green shed behind the school."],
+            "Where does Alice keep her bicycle?",
+        )
+        .unwrap();
+    let options = GenerateOptions {
+        max_tokens: Some(12),
+        ..GenerateOptions::default()
+    };
+    let sequential = e
+        .answer(&prompt, Mode::Sequential, &options, |_| {})
+        .unwrap();
+    let parallel = e.answer(&prompt, Mode::Parallel, &options, |_| {}).unwrap();
+    let ape = e
+        .answer(&prompt, Mode::ape(0.9, 0.9).unwrap(), &options, |_| {})
+        .unwrap();
+    assert!(
+        sequential.text.contains("green shed"),
+        "{}",
+        sequential.text
+    );
+    assert_eq!(parallel.tokens, sequential.tokens);
+    assert!(!ape.tokens.is_empty());
+    assert_eq!(sequential.prompt_tokens, prompt.total_tokens());
+    assert_eq!(ape.prompt_tokens, prompt.total_tokens());
+}
+
+#[test]
+fn bad_factors_and_modes_are_clear_errors() {
+    for (t, s) in [
+        (0.0, 0.9),
+        (0.9, -1.0),
+        (f32::NAN, 0.9),
+        (0.9, f32::INFINITY),
+    ] {
+        let err = Mode::ape(t, s).unwrap_err();
+        assert!(matches!(err, Error::ApeSetting(_)), "{err}");
+        assert!(err.to_string().contains("above 0"), "{err}");
+    }
+    assert!(matches!(
+        Mode::from_name("fast", 0.9, 0.9),
+        Err(Error::UnknownMode(_))
+    ));
+    assert_eq!(
+        Mode::from_name("parallel", 0.0, 0.0).unwrap(),
+        Mode::Parallel
+    );
+}
+
+#[test]
+fn a_context_longer_than_the_window_is_a_clear_error() {
+    let e = engine();
+    let window = e.model.config.context_length;
+    let prompt = Prompt {
+        prefix: e.encode_prompt("<|im_start|>user\n").unwrap(),
+        contexts: vec![vec![1000; 200], vec![1001; window]],
+        query: e.encode_prompt("Why?<|im_end|>\n").unwrap(),
+    };
+    let options = GenerateOptions {
+        max_tokens: Some(4),
+        ..GenerateOptions::default()
+    };
+    let err = e
+        .answer(&prompt, Mode::Parallel, &options, |_| {})
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::ApeWindowOverflow { longest, .. } if longest == window),
+        "{err}"
+    );
+    let err = e
+        .answer(&prompt, Mode::Sequential, &options, |_| {})
+        .unwrap_err();
+    assert!(matches!(err, Error::ContextOverflow { .. }), "{err}");
+}
+
+/// 64 contexts of 512 tokens, about four times the model's window, answered in one
+/// request with every position inside the window.
+#[test]
+fn many_contexts_beyond_the_window_answer() {
+    let e = engine();
+    let window = e.model.config.context_length;
+    let filler = "The committee met again on Tuesday to review the quarterly figures, which \
+                  showed steady growth in every region except the north. ";
+    let documents: Vec<String> = (0..64)
+        .map(|i| format!("Report {i}. {}", filler.repeat(40)))
+        .collect();
+    let mut prompt = e
+        .split_chat(None, &documents, "Which region did not grow?")
+        .unwrap();
+    for context in &mut prompt.contexts {
+        assert!(context.len() >= 512, "a report is {} tokens", context.len());
+        context.truncate(512);
+    }
+    assert!(prompt.total_tokens() > 4 * window);
+    let options = GenerateOptions {
+        max_tokens: Some(8),
+        ..GenerateOptions::default()
+    };
+    let answer = e
+        .answer(&prompt, Mode::ape(0.9, 0.9).unwrap(), &options, |_| {})
+        .unwrap();
+    assert_eq!(answer.prompt_tokens, prompt.total_tokens());
+    assert!(!answer.text.trim().is_empty(), "no answer");
+}
