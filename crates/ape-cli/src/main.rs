@@ -4,12 +4,12 @@ mod bench;
 mod pull;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use ape_core::engine::Engine;
+use ape_core::engine::{Engine, Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
 use ape_core::generate::GenerateOptions;
 use ape_core::sampler::SamplingParams;
 
@@ -56,17 +56,37 @@ struct ModelArg {
 }
 
 #[derive(Args)]
+#[command(group = ArgGroup::new("documents").args(["context", "contexts_dir"]).multiple(true))]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// The user's message.
-    #[arg(long, short)]
-    prompt: String,
+    /// The user's message, for a chat without documents.
+    #[arg(long, short, conflicts_with_all = ["query", "documents"])]
+    prompt: Option<String>,
+    /// A document to answer from, a text file (repeatable): each is one context.
+    #[arg(long, value_name = "FILE", requires = "query")]
+    context: Vec<PathBuf>,
+    /// A folder of documents: every file in it, in name order, is one context.
+    #[arg(long, value_name = "DIR", requires = "query")]
+    contexts_dir: Option<PathBuf>,
+    /// The question asked over the documents.
+    #[arg(long, requires = "documents")]
+    query: Option<String>,
+    /// How the documents are read: `ape`, `parallel` (APE with T = S = 1) or `sequential`
+    /// (all of them in one prompt, the accuracy reference).
+    #[arg(long, default_value = "ape", value_parser = ["ape", "parallel", "sequential"])]
+    mode: String,
+    /// APE's attention temperature on the documents (below 1 sharpens).
+    #[arg(long, default_value_t = DEFAULT_APE_TEMPERATURE)]
+    ape_temperature: f32,
+    /// APE's scaling factor on the attention given to the documents.
+    #[arg(long, default_value_t = DEFAULT_APE_SCALE)]
+    ape_scale: f32,
     /// A system message placed before it.
     #[arg(long)]
     system: Option<String>,
     /// Feed the prompt to the model as it is, without the chat template.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "documents")]
     raw: bool,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
@@ -153,24 +173,38 @@ fn load_engine(model: &ModelArg) -> Result<Engine> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
+    let documents = read_documents(&args.context, args.contexts_dir.as_deref())?;
+    let mode = Mode::from_name(&args.mode, args.ape_temperature, args.ape_scale)?;
+    anyhow::ensure!(
+        args.prompt.is_some() || args.query.is_some(),
+        "nothing to answer: give --prompt TEXT for a chat, or --query TEXT with --context FILE \
+         or --contexts-dir DIR to ask over documents"
+    );
     let engine = load_engine(&args.model)?;
-    let prompt = if args.raw {
-        engine.encode_prompt(&args.prompt)?
-    } else {
-        engine.chat_prompt(args.system.as_deref(), &args.prompt)?
-    };
     let options = GenerateOptions {
         max_tokens: Some(args.max_tokens),
         stop: args.stop,
         sampling: args.sampling.params(),
     };
     let mut stdout = std::io::stdout().lock();
-    let generation = engine.generate(&prompt, &options, |text| {
+    let print = |text: &str| {
         // A closed pipe (e.g. `| head`) is not worth failing the generation over.
         let _ = stdout
             .write_all(text.as_bytes())
             .and_then(|_| stdout.flush());
-    })?;
+    };
+    let generation = if let Some(user) = &args.prompt {
+        let prompt = if args.raw {
+            engine.encode_prompt(user)?
+        } else {
+            engine.chat_prompt(args.system.as_deref(), user)?
+        };
+        engine.generate(&prompt, &options, print)?
+    } else {
+        let question = args.query.as_deref().unwrap_or_default();
+        let prompt = engine.split_chat(args.system.as_deref(), &documents, question)?;
+        engine.answer(&prompt, mode, &options, print)?
+    };
     let _ = writeln!(stdout).and_then(|_| stdout.flush());
     if args.stats {
         let decoded = generation.tokens.len().saturating_sub(1);
@@ -184,4 +218,38 @@ fn generate(args: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The text of every `--context` file and of every file in `--contexts-dir` (name order).
+fn read_documents(files: &[PathBuf], dir: Option<&Path>) -> Result<Vec<String>> {
+    let mut paths = files.to_vec();
+    if let Some(dir) = dir {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir)
+            .with_context(|| format!("cannot list the contexts folder {}", dir.display()))?
+        {
+            let path = entry?.path();
+            if path.is_file() {
+                found.push(path);
+            }
+        }
+        anyhow::ensure!(
+            !found.is_empty(),
+            "the contexts folder {} has no files; put one document per file in it",
+            dir.display()
+        );
+        found.sort();
+        paths.extend(found);
+    }
+    paths
+        .iter()
+        .map(|path| {
+            std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "cannot read context {} (documents must be UTF-8 text files)",
+                    path.display()
+                )
+            })
+        })
+        .collect()
 }

@@ -196,8 +196,10 @@ impl Engine {
         let contexts = documents
             .iter()
             .map(|d| {
-                self.tokenizer
-                    .encode(&format!("{}{DOCUMENT_SEPARATOR}", d.as_ref()), true)
+                self.tokenizer.encode(
+                    &format!("{}{DOCUMENT_SEPARATOR}", d.as_ref().trim_end()),
+                    true,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Prompt {
