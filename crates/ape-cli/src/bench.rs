@@ -6,15 +6,40 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng};
 
-use ape_core::generate::prefill;
+use ape_core::attention::KvCache;
+use ape_core::engine::{Engine, Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
+use ape_core::generate::{prefill, GenerateOptions};
 use ape_core::gguf::Gguf;
 use ape_core::model::Model;
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    ttft: Option<TtftCommand>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(Subcommand)]
+enum TtftCommand {
+    /// Time to first token over many contexts: sequential vs APE encoding them in the
+    /// request vs APE with them already encoded.
+    Ttft(TtftArgs),
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.ttft {
+        Some(TtftCommand::Ttft(ttft)) => run_ttft(ttft),
+        None => run_runtime(args.runtime),
+    }
+}
+
+#[derive(Args)]
+struct RuntimeArgs {
     /// GGUF model file.
     #[arg(long, short, default_value_os_t = crate::pull::default_model_path())]
     model: PathBuf,
@@ -32,7 +57,7 @@ pub struct BenchArgs {
     repeats: usize,
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+fn run_runtime(args: RuntimeArgs) -> Result<()> {
     let gguf = Gguf::open(&args.model)?;
     let model = Model::load(&gguf).with_context(|| format!("loading {}", args.model.display()))?;
     let vocab = model.config.vocab_size as u32;
@@ -83,6 +108,115 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[derive(Args)]
+struct TtftArgs {
+    /// GGUF model file.
+    #[arg(long, short, default_value_os_t = crate::pull::default_model_path())]
+    model: PathBuf,
+    /// Total context tokens to time. A size that fits the window is trimmed, if need be,
+    /// so that sequential encoding fits too; a larger one is timed with APE only.
+    #[arg(long, value_delimiter = ',', default_values_t = [2048, 4096, 8192])]
+    total: Vec<usize>,
+    /// Tokens per context.
+    #[arg(long, default_value_t = 512)]
+    context_len: usize,
+    /// Runs per measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+/// The question every TTFT request asks.
+const QUESTION: &str = "Which of the reports above mentions the largest number?";
+
+fn run_ttft(args: TtftArgs) -> Result<()> {
+    anyhow::ensure!(args.context_len > 0, "--context-len must be at least 1");
+    let engine =
+        Engine::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let window = engine.model.config.context_length;
+    let vocab = engine.model.config.vocab_size as u32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let no_documents: [&str; 0] = [];
+    let base = engine.split_chat(None, &no_documents, QUESTION)?;
+    let prefix = engine.prefix_kv(&base.prefix)?;
+    let options = GenerateOptions {
+        max_tokens: Some(1),
+        ..GenerateOptions::default()
+    };
+    let ape = Mode::ape(DEFAULT_APE_TEMPERATURE, DEFAULT_APE_SCALE)?;
+    let factors = ape.factors().expect("APE has factors");
+    let sequential_room = window - base.prefix.len() - base.query.len() - 1;
+
+    println!(
+        "| context tokens | contexts | sequential TTFT (s) | APE, contexts encoded in the request (s) | APE, contexts in memory (s) | speedup in memory | speedup encoding | context KV (MiB) | peak RSS (MiB) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &asked in &args.total {
+        let total = if asked <= window {
+            asked.min(sequential_room)
+        } else {
+            asked
+        };
+        let mut prompt = base.clone();
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(args.context_len);
+            prompt
+                .contexts
+                .push((0..n).map(|_| rng.gen_range(0..vocab)).collect());
+            left -= n;
+        }
+        let ttft = |mode: Mode| -> Result<f64> {
+            let runs = repeat(args.repeats, || {
+                let generation = engine.answer(&prompt, mode, &options, |_| {})?;
+                Ok(generation.time_to_first_token.as_secs_f64())
+            })?;
+            Ok(median(runs))
+        };
+        let sequential = if total <= sequential_room {
+            Some(ttft(Mode::Sequential)?)
+        } else {
+            None
+        };
+        let encoding = ttft(ape)?;
+        let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
+        let encoded = engine.encode_contexts(&prefix, &contexts)?;
+        let refs: Vec<&KvCache> = encoded.iter().collect();
+        let in_memory = median(repeat(args.repeats, || {
+            let generation =
+                engine.answer_encoded(&prefix, &refs, &base.query, factors, &options, |_| {})?;
+            Ok(generation.time_to_first_token.as_secs_f64())
+        })?);
+        let kv_bytes: usize = encoded.iter().map(KvCache::bytes).sum();
+        let (sequential_text, in_memory_speedup, encoding_speedup) = match sequential {
+            Some(s) => (
+                format!("{s:.3}"),
+                format!("{:.1}x", s / in_memory),
+                format!("{:.1}x", s / encoding),
+            ),
+            None => ("beyond the window".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "| {total} | {} | {sequential_text} | {encoding:.3} | {in_memory:.3} | {in_memory_speedup} | {encoding_speedup} | {:.0} | {:.0} |",
+            contexts.len(),
+            kv_bytes as f64 / (1 << 20) as f64,
+            peak_resident_bytes() as f64 / (1 << 20) as f64,
+        );
+    }
+    Ok(())
+}
+
+/// The most memory this process has had resident (Linux's VmHWM); 0 where unknown.
+fn peak_resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
 }
 
 fn repeat(times: usize, mut run: impl FnMut() -> Result<f64>) -> Result<Vec<f64>> {
