@@ -72,6 +72,33 @@ impl KvCache {
         }
     }
 
+    /// A cache of exactly `len` filled positions whose keys and values `fill(layer, g, k,
+    /// v)` writes, head by head (`len * head_dim` values each), as [`KvCache::head`] returns
+    /// them; the first error `fill` returns is returned.
+    pub fn from_fn<E>(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        len: usize,
+        mut fill: impl FnMut(usize, usize, &mut [f16], &mut [f16]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<KvCache, E> {
+        let mut cache = KvCache::new(layers, kv_heads, head_dim, len);
+        // An empty cache has no heads to fill (and `chunks_exact_mut` needs a non-zero size).
+        let per_head = (len * head_dim).max(1);
+        for (l, layer) in cache.layers.iter_mut().enumerate() {
+            for (g, (k, v)) in layer
+                .k
+                .chunks_exact_mut(per_head)
+                .zip(layer.v.chunks_exact_mut(per_head))
+                .enumerate()
+            {
+                fill(l, g, k, v)?;
+            }
+        }
+        cache.len = len;
+        Ok(cache)
+    }
+
     /// A copy of this cache's filled positions with room for `capacity` in all.
     pub fn copy_with_capacity(&self, capacity: usize) -> KvCache {
         assert!(capacity >= self.len);

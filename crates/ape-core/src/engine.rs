@@ -125,12 +125,24 @@ impl Prompt {
     }
 }
 
+/// Keeps encoded contexts between requests, and between processes if it wants: the
+/// engine asks it before encoding a context and hands it every context it encodes. A store
+/// that fails (a corrupt entry, an unreachable server) reports it itself and answers as
+/// if it had nothing; the engine then encodes the context again.
+pub trait ContextStore: Send + Sync {
+    /// The keys and values of `context` encoded after `prefix` by this engine's model.
+    fn get(&self, prefix: &[u32], context: &[u32]) -> Option<Arc<KvCache>>;
+    /// Keep a context just encoded after `prefix`.
+    fn put(&self, prefix: &[u32], context: &[u32], kv: Arc<KvCache>);
+}
+
 pub struct Engine {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     /// Keys and values of recently used prefixes, most recent last.
     prefixes: Mutex<Vec<(Vec<u32>, Arc<KvCache>)>>,
+    store: Option<Arc<dyn ContextStore>>,
 }
 
 impl Engine {
@@ -141,7 +153,14 @@ impl Engine {
             tokenizer: Tokenizer::from_gguf(&gguf)?,
             template: ChatTemplate::from_gguf(&gguf)?,
             prefixes: Mutex::new(Vec::new()),
+            store: None,
         })
+    }
+
+    /// Look contexts up in `store` before encoding them, and keep what is encoded there.
+    pub fn with_store(mut self, store: Arc<dyn ContextStore>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Token ids of a chat with an optional system message and one user turn, ending with
@@ -274,9 +293,39 @@ impl Engine {
         Ok(encoded)
     }
 
+    /// The keys and values of each context after `prefix` (whose own keys and values are
+    /// `prefix_kv`): from the store where it has them, the others encoded (in batches) and
+    /// handed to the store.
+    pub fn contexts_kv(
+        &self,
+        prefix: &[u32],
+        prefix_kv: &KvCache,
+        contexts: &[&[u32]],
+    ) -> Result<Vec<Arc<KvCache>>> {
+        let mut found: Vec<Option<Arc<KvCache>>> = match &self.store {
+            Some(store) => contexts.iter().map(|c| store.get(prefix, c)).collect(),
+            None => vec![None; contexts.len()],
+        };
+        let missing: Vec<usize> = (0..contexts.len())
+            .filter(|&i| found[i].is_none())
+            .collect();
+        let to_encode: Vec<&[u32]> = missing.iter().map(|&i| contexts[i]).collect();
+        for (i, kv) in missing
+            .into_iter()
+            .zip(self.encode_contexts(prefix_kv, &to_encode)?)
+        {
+            let kv = Arc::new(kv);
+            if let Some(store) = &self.store {
+                store.put(prefix, contexts[i], kv.clone());
+            }
+            found[i] = Some(kv);
+        }
+        Ok(found.into_iter().flatten().collect())
+    }
+
     /// Answer `prompt` in `mode`, streaming text to `on_text`. The time to first token
     /// counts everything from this call on: the prefix (unless kept from an earlier
-    /// request) and the contexts are encoded here.
+    /// request) and the contexts the store does not have are encoded here.
     pub fn answer(
         &self,
         prompt: &Prompt,
@@ -300,8 +349,8 @@ impl Engine {
         let sampler = Sampler::new(options.sampling.clone())?;
         let prefix = self.prefix_kv(&prompt.prefix)?;
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
-        let encoded = self.encode_contexts(&prefix, &contexts)?;
-        let encoded: Vec<&KvCache> = encoded.iter().collect();
+        let encoded = self.contexts_kv(&prompt.prefix, &prefix, &contexts)?;
+        let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
             options,

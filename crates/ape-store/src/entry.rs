@@ -1,0 +1,269 @@
+//! Keys and the byte format of one stored context.
+//!
+//! A key is a BLAKE3 digest of everything the keys and values depend on: the model file,
+//! the prefix tokens, the context tokens, the KV data type and this format's version. The
+//! same inputs give the same key in every process; any change gives another.
+//!
+//! An entry is, in little-endian order:
+//!
+//! ```text
+//! magic "APE-KV\r\n" | format version u32 | dtype u8 | 3 zero bytes
+//! key [32] | model fingerprint [32]
+//! layers u32 | kv heads u32 | head dim u32 | prefix length u32 | context length u32
+//! context tokens (u32 each)
+//! for each layer, for each KV head: keys then values (context length x head dim, f16)
+//! BLAKE3 of everything above [32]
+//! ```
+//!
+//! Decoding checks every field against what the reader expects (its key, its model, its
+//! shape) and the checksum over the whole entry, so a torn, truncated, foreign or
+//! bit-flipped entry is an error, never a wrong cache.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use ape_core::attention::KvCache;
+use half::f16;
+
+use crate::error::{Corrupt, Result, StoreError};
+
+const MAGIC: &[u8; 8] = b"APE-KV\r\n";
+
+/// Bumped whenever the entry layout or the meaning of a key changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+const HEADER_BYTES: usize = 8 + 4 + 4 + 32 + 32 + 5 * 4;
+const CHECKSUM_BYTES: usize = 32;
+
+/// How keys and values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    F16,
+}
+
+impl KvDtype {
+    fn code(self) -> u8 {
+        match self {
+            KvDtype::F16 => 0,
+        }
+    }
+}
+
+/// A digest of a model file: two files share it only if their bytes are the same.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// BLAKE3 of the whole file, read through a memory map by all threads.
+    pub fn of_file(path: &Path) -> Result<Fingerprint> {
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_mmap_rayon(path)
+            .map_err(|source| StoreError::io(path, source))?;
+        Ok(Fingerprint(*hasher.finalize().as_bytes()))
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", hex(&self.0[..8]))
+    }
+}
+
+/// The address of one stored context.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(pub [u8; 32]);
+
+impl Key {
+    pub fn new(model: &Fingerprint, prefix: &[u32], context: &[u32], dtype: KvDtype) -> Key {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"ape context kv");
+        hasher.update(&FORMAT_VERSION.to_le_bytes());
+        hasher.update(&model.0);
+        hasher.update(&[dtype.code()]);
+        for tokens in [prefix, context] {
+            hasher.update(&(tokens.len() as u64).to_le_bytes());
+            for t in tokens {
+                hasher.update(&t.to_le_bytes());
+            }
+        }
+        Key(*hasher.finalize().as_bytes())
+    }
+
+    /// The key as 64 lowercase hex digits: its name in files, Redis and the API.
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    pub fn from_hex(text: &str) -> Option<Key> {
+        if text.len() != 64 || !text.is_ascii() {
+            return None;
+        }
+        let mut key = [0u8; 32];
+        for (byte, pair) in key.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+            *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        Some(Key(key))
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One stored context: its tokens, the length of the prefix it was encoded after, and its
+/// keys and values.
+#[derive(Clone)]
+pub struct Entry {
+    pub prefix_len: usize,
+    pub tokens: Vec<u32>,
+    pub kv: Arc<KvCache>,
+}
+
+impl Entry {
+    /// Bytes the entry takes encoded (and, near enough, in memory).
+    pub fn encoded_len(&self) -> usize {
+        let kv = &self.kv;
+        HEADER_BYTES
+            + 4 * self.tokens.len()
+            + kv.layer_count() * kv.kv_heads * 2 * kv.len() * kv.head_dim * 2
+            + CHECKSUM_BYTES
+    }
+}
+
+/// What a reader expects of every entry it decodes: written for this model, in this
+/// shape and dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Codec {
+    pub model: Fingerprint,
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: KvDtype,
+}
+
+impl Codec {
+    pub fn key(&self, prefix: &[u32], context: &[u32]) -> Key {
+        Key::new(&self.model, prefix, context, self.dtype)
+    }
+
+    pub fn encode(&self, key: &Key, entry: &Entry) -> Vec<u8> {
+        let kv = &entry.kv;
+        let mut out = Vec::with_capacity(entry.encoded_len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&[self.dtype.code(), 0, 0, 0]);
+        out.extend_from_slice(&key.0);
+        out.extend_from_slice(&self.model.0);
+        for n in [
+            kv.layer_count(),
+            kv.kv_heads,
+            kv.head_dim,
+            entry.prefix_len,
+            kv.len(),
+        ] {
+            out.extend_from_slice(&(n as u32).to_le_bytes());
+        }
+        for t in &entry.tokens {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        for layer in 0..kv.layer_count() {
+            for g in 0..kv.kv_heads {
+                let (k, v) = kv.head(layer, g);
+                for x in k.iter().chain(v) {
+                    out.extend_from_slice(&x.to_bits().to_le_bytes());
+                }
+            }
+        }
+        let checksum = blake3::hash(&out);
+        out.extend_from_slice(checksum.as_bytes());
+        out
+    }
+
+    /// Decode an entry read for `key`, checking everything it claims.
+    pub fn decode(&self, key: &Key, bytes: &[u8]) -> std::result::Result<Entry, Corrupt> {
+        if bytes.len() < HEADER_BYTES + CHECKSUM_BYTES {
+            return Err(Corrupt::Truncated);
+        }
+        if &bytes[..8] != MAGIC {
+            return Err(Corrupt::NotAnEntry);
+        }
+        let mut reader = Reader { bytes, at: 8 };
+        let version = reader.u32();
+        if version != FORMAT_VERSION {
+            return Err(Corrupt::Version(version));
+        }
+        if reader.take(4)[0] != self.dtype.code() {
+            return Err(Corrupt::Dtype);
+        }
+        if reader.take(32) != key.0 {
+            return Err(Corrupt::Key);
+        }
+        if reader.take(32) != self.model.0 {
+            return Err(Corrupt::Model);
+        }
+        let [layers, kv_heads, head_dim, prefix_len, len] = [(); 5].map(|_| reader.u32() as usize);
+        if (layers, kv_heads, head_dim) != (self.layers, self.kv_heads, self.head_dim) {
+            return Err(Corrupt::Shape);
+        }
+        let values = layers * kv_heads * 2 * len * head_dim;
+        let expected = HEADER_BYTES + 4 * len + 2 * values + CHECKSUM_BYTES;
+        if bytes.len() != expected {
+            return Err(Corrupt::Length {
+                expected,
+                found: bytes.len(),
+            });
+        }
+        let body = &bytes[..expected - CHECKSUM_BYTES];
+        if blake3::hash(body).as_bytes() != &bytes[expected - CHECKSUM_BYTES..] {
+            return Err(Corrupt::Checksum);
+        }
+        let tokens: Vec<u32> = (0..len).map(|_| reader.u32()).collect();
+        let kv = KvCache::from_fn(layers, kv_heads, head_dim, len, |_, _, k, v| {
+            for x in k.iter_mut().chain(v.iter_mut()) {
+                *x = f16::from_bits(reader.u16());
+            }
+            Ok::<(), Corrupt>(())
+        })?;
+        Ok(Entry {
+            prefix_len,
+            tokens,
+            kv: Arc::new(kv),
+        })
+    }
+}
+
+/// Reads little-endian numbers from bytes whose length was checked beforehand.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> &[u8] {
+        let out = &self.bytes[self.at..self.at + n];
+        self.at += n;
+        out
+    }
+
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take(4).try_into().unwrap())
+    }
+
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take(2).try_into().unwrap())
+    }
+}

@@ -1,0 +1,54 @@
+//! ape-store: where encoded contexts live between requests and between processes.
+//!
+//! A stored context is addressed by a [`Key`], a digest of the model file, the prefix it
+//! was encoded after, its tokens, the KV data type and the format version. Entries live in
+//! tiers behind one trait, [`Tier`]: [`MemoryTier`] (an LRU bounded by bytes),
+//! [`DiskTier`] (the embedded default, a cache folder) and [`RedisTier`] (shared by
+//! several servers). A [`Store`] reads through its tiers in order, promotes what it finds
+//! to the tiers before, and writes new entries to all of them. It is the engine's
+//! [`ape_core::engine::ContextStore`].
+//!
+//! A damaged entry (truncated, bit-flipped, another format version, another model) is
+//! never used: it is reported in a log line, deleted, and the engine encodes the context
+//! again.
+
+mod disk;
+mod entry;
+mod error;
+mod memory;
+mod redis_tier;
+mod store;
+
+pub use disk::DiskTier;
+pub use entry::{Codec, Entry, Fingerprint, Key, KvDtype, FORMAT_VERSION};
+pub use error::{Corrupt, Result, StoreError};
+pub use memory::MemoryTier;
+pub use redis_tier::RedisTier;
+pub use store::{Store, TierStats};
+
+/// One place entries can be kept.
+pub trait Tier: Send + Sync {
+    /// `memory`, `disk` or `redis`: for logs and statistics.
+    fn name(&self) -> &'static str;
+    /// The entry under `key`, if this tier has it. A damaged entry is
+    /// `Err(StoreError::Corrupt)`.
+    fn get(&self, key: &Key) -> Result<Option<Entry>>;
+    /// Keep `entry` under `key`; storing a key that is already there changes nothing.
+    fn put(&self, key: &Key, entry: &Entry) -> Result<()>;
+    /// Delete the entry under `key`; whether there was one.
+    fn remove(&self, key: &Key) -> Result<bool>;
+    /// Every entry's key and size.
+    fn list(&self) -> Result<Vec<Listed>>;
+    /// Delete least recently used entries until at most `max_bytes` remain (0 clears the
+    /// tier); returns how many were deleted.
+    fn prune(&self, max_bytes: u64) -> Result<usize>;
+}
+
+/// An entry as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: Key,
+    pub bytes: u64,
+    /// The context's length, where the tier knows it without reading the entry.
+    pub tokens: Option<usize>,
+}

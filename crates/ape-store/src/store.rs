@@ -1,0 +1,109 @@
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ape_core::attention::KvCache;
+use ape_core::engine::ContextStore;
+
+use crate::entry::{Codec, Entry, Key};
+use crate::error::StoreError;
+use crate::Tier;
+
+/// Tiers read in order (memory, then disk, then Redis, as given) and written together.
+pub struct Store {
+    pub codec: Codec,
+    tiers: Vec<Box<dyn Tier>>,
+    stats: Vec<TierStats>,
+}
+
+/// Lookups answered and not answered by one tier since the store was opened.
+#[derive(Debug, Default)]
+pub struct TierStats {
+    pub name: &'static str,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    /// Entries found damaged and deleted.
+    pub corrupt: AtomicU64,
+}
+
+impl Store {
+    pub fn new(codec: Codec, tiers: Vec<Box<dyn Tier>>) -> Self {
+        let stats = tiers
+            .iter()
+            .map(|t| TierStats {
+                name: t.name(),
+                ..TierStats::default()
+            })
+            .collect();
+        Store {
+            codec,
+            tiers,
+            stats,
+        }
+    }
+
+    pub fn tiers(&self) -> &[Box<dyn Tier>] {
+        &self.tiers
+    }
+
+    pub fn stats(&self) -> &[TierStats] {
+        &self.stats
+    }
+
+    /// The entry under `key` from the first tier that has a sound one; it is then copied
+    /// into the tiers before that one. Damaged entries found on the way are deleted.
+    pub fn lookup(&self, key: &Key) -> Option<Entry> {
+        for (i, tier) in self.tiers.iter().enumerate() {
+            match tier.get(key) {
+                Ok(Some(entry)) => {
+                    self.stats[i].hits.fetch_add(1, Ordering::Relaxed);
+                    for earlier in &self.tiers[..i] {
+                        self.report(earlier.put(key, &entry), earlier.as_ref(), key);
+                    }
+                    return Some(entry);
+                }
+                Ok(None) => {}
+                Err(StoreError::Corrupt(reason)) => {
+                    self.stats[i].corrupt.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "{} tier: entry {key} is damaged ({reason}); deleting it, the context will be encoded again",
+                        tier.name()
+                    );
+                    self.report(tier.remove(key).map(|_| ()), tier.as_ref(), key);
+                }
+                Err(e) => tracing::warn!("{} tier: cannot read entry {key}: {e}", tier.name()),
+            }
+            self.stats[i].misses.fetch_add(1, Ordering::Relaxed);
+        }
+        None
+    }
+
+    /// Write `entry` to every tier.
+    pub fn save(&self, key: &Key, entry: &Entry) {
+        for tier in &self.tiers {
+            self.report(tier.put(key, entry), tier.as_ref(), key);
+        }
+    }
+
+    fn report(&self, result: crate::Result<()>, tier: &dyn Tier, key: &Key) {
+        if let Err(e) = result {
+            tracing::warn!("{} tier: cannot update entry {key}: {e}", tier.name());
+        }
+    }
+}
+
+impl ContextStore for Store {
+    fn get(&self, prefix: &[u32], context: &[u32]) -> Option<Arc<KvCache>> {
+        let entry = self.lookup(&self.codec.key(prefix, context))?;
+        // The key already commits to these; a mismatch would mean a digest collision.
+        (entry.prefix_len == prefix.len() && entry.tokens == context).then_some(entry.kv)
+    }
+
+    fn put(&self, prefix: &[u32], context: &[u32], kv: Arc<KvCache>) {
+        let entry = Entry {
+            prefix_len: prefix.len(),
+            tokens: context.to_vec(),
+            kv,
+        };
+        self.save(&self.codec.key(prefix, context), &entry);
+    }
+}

@@ -1,0 +1,346 @@
+//! Every tier round-trips entries bit for bit, and damaged entries are caught, deleted
+//! and reported as misses. The Redis tests run against a real `redis-server`.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ape_core::attention::KvCache;
+use ape_core::engine::ContextStore;
+use ape_store::{
+    Codec, Corrupt, DiskTier, Entry, Fingerprint, Key, KvDtype, MemoryTier, RedisTier, Store,
+    StoreError, Tier,
+};
+use half::f16;
+
+fn codec(model: u8) -> Codec {
+    Codec {
+        model: Fingerprint([model; 32]),
+        layers: 3,
+        kv_heads: 2,
+        head_dim: 8,
+        dtype: KvDtype::F16,
+    }
+}
+
+/// An entry of `len` tokens with keys and values that differ everywhere.
+fn entry(codec: &Codec, len: usize, seed: u32) -> Entry {
+    let mut n = seed;
+    let kv = KvCache::from_fn(
+        codec.layers,
+        codec.kv_heads,
+        codec.head_dim,
+        len,
+        |_, _, k, v| {
+            for x in k.iter_mut().chain(v.iter_mut()) {
+                n = n.wrapping_mul(1664525).wrapping_add(1013904223);
+                *x = f16::from_f32((n >> 8) as f32 / (1u32 << 24) as f32 - 0.5);
+            }
+            Ok::<(), ()>(())
+        },
+    )
+    .unwrap();
+    Entry {
+        prefix_len: 7,
+        tokens: (0..len as u32).map(|t| t * 31 + seed).collect(),
+        kv: Arc::new(kv),
+    }
+}
+
+fn assert_same(a: &Entry, b: &Entry) {
+    assert_eq!(a.prefix_len, b.prefix_len);
+    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(a.kv.len(), b.kv.len());
+    for layer in 0..a.kv.layer_count() {
+        for g in 0..a.kv.kv_heads {
+            let (ak, av) = a.kv.head(layer, g);
+            let (bk, bv) = b.kv.head(layer, g);
+            let bits = |x: &[f16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(ak), bits(bk), "keys of layer {layer} head {g}");
+            assert_eq!(bits(av), bits(bv), "values of layer {layer} head {g}");
+        }
+    }
+}
+
+fn key(codec: &Codec, entry: &Entry) -> Key {
+    codec.key(&[1, 2, 3, 4, 5, 6, 7], &entry.tokens)
+}
+
+fn round_trip(tier: &dyn Tier, codec: &Codec) {
+    for (len, seed) in [(0, 1), (1, 2), (37, 3)] {
+        let e = entry(codec, len, seed);
+        let k = key(codec, &e);
+        assert!(tier.get(&k).unwrap().is_none());
+        tier.put(&k, &e).unwrap();
+        tier.put(&k, &e).unwrap();
+        assert_same(&tier.get(&k).unwrap().expect("stored"), &e);
+    }
+    assert_eq!(tier.list().unwrap().len(), 3);
+    assert_eq!(tier.prune(0).unwrap(), 3);
+    assert!(tier.list().unwrap().is_empty());
+}
+
+#[test]
+fn keys_are_stable_and_change_with_every_input() {
+    let c = codec(1);
+    let base = Key::new(&c.model, &[1, 2], &[3, 4], KvDtype::F16);
+    assert_eq!(base, Key::new(&c.model, &[1, 2], &[3, 4], KvDtype::F16));
+    assert_eq!(Key::from_hex(&base.to_hex()), Some(base));
+    for other in [
+        Key::new(&Fingerprint([2; 32]), &[1, 2], &[3, 4], KvDtype::F16),
+        Key::new(&c.model, &[1], &[2, 3, 4], KvDtype::F16),
+        Key::new(&c.model, &[1, 2], &[3, 5], KvDtype::F16),
+        Key::new(&c.model, &[1, 2], &[3, 4, 0], KvDtype::F16),
+    ] {
+        assert_ne!(base, other);
+    }
+    assert_eq!(Key::from_hex("xyz"), None);
+}
+
+#[test]
+fn memory_tier_round_trips_and_evicts_least_recently_used() {
+    let c = codec(1);
+    round_trip(&MemoryTier::new(1 << 30), &c);
+
+    let (a, b, d) = (entry(&c, 20, 1), entry(&c, 20, 2), entry(&c, 20, 3));
+    let tier = MemoryTier::new(2 * a.encoded_len());
+    tier.put(&key(&c, &a), &a).unwrap();
+    tier.put(&key(&c, &b), &b).unwrap();
+    tier.get(&key(&c, &a)).unwrap();
+    tier.put(&key(&c, &d), &d).unwrap();
+    assert!(
+        tier.get(&key(&c, &a)).unwrap().is_some(),
+        "recently used stays"
+    );
+    assert!(
+        tier.get(&key(&c, &b)).unwrap().is_none(),
+        "least recently used goes"
+    );
+    assert!(tier.get(&key(&c, &d)).unwrap().is_some());
+}
+
+#[test]
+fn disk_tier_round_trips_across_instances_and_keeps_under_its_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = codec(1);
+    round_trip(&DiskTier::open(dir.path(), c, None).unwrap(), &c);
+
+    let e = entry(&c, 50, 9);
+    DiskTier::open(dir.path(), c, None)
+        .unwrap()
+        .put(&key(&c, &e), &e)
+        .unwrap();
+    let reopened = DiskTier::open(dir.path(), c, None).unwrap();
+    assert_same(&reopened.get(&key(&c, &e)).unwrap().unwrap(), &e);
+
+    let capped = DiskTier::open(dir.path(), c, Some(3 * e.encoded_len() as u64)).unwrap();
+    for seed in 10..15 {
+        let e = entry(&c, 50, seed);
+        capped.put(&key(&c, &e), &e).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = capped.list().unwrap();
+    assert_eq!(left.len(), 3);
+    let newest = entry(&c, 50, 14);
+    assert!(left.iter().any(|l| l.key == key(&c, &newest)));
+}
+
+fn entry_file(dir: &Path, key: &Key) -> std::path::PathBuf {
+    dir.join("entries").join(format!("{}.kv", key.to_hex()))
+}
+
+#[test]
+fn damaged_entries_are_detected_deleted_and_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = codec(1);
+    let e = entry(&c, 40, 5);
+    let k = key(&c, &e);
+    let good = c.encode(&k, &e);
+    let damage: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, Corrupt)> = vec![
+        (
+            "flipped byte",
+            Box::new(|b: &mut Vec<u8>| b[500] ^= 0x10),
+            Corrupt::Checksum,
+        ),
+        (
+            "truncated",
+            Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 9)),
+            Corrupt::Length {
+                expected: good.len(),
+                found: good.len() - 9,
+            },
+        ),
+        (
+            "cut to a stub",
+            Box::new(|b: &mut Vec<u8>| b.truncate(20)),
+            Corrupt::Truncated,
+        ),
+        (
+            "other version",
+            Box::new(|b: &mut Vec<u8>| b[8] = 99),
+            Corrupt::Version(99),
+        ),
+        (
+            "not an entry",
+            Box::new(|b: &mut Vec<u8>| b[0] = b'X'),
+            Corrupt::NotAnEntry,
+        ),
+    ];
+    for (what, spoil, reason) in damage {
+        let mut bytes = good.clone();
+        spoil(&mut bytes);
+        std::fs::create_dir_all(dir.path().join("entries")).unwrap();
+        std::fs::write(entry_file(dir.path(), &k), &bytes).unwrap();
+        let tier = DiskTier::open(dir.path(), c, None).unwrap();
+        match tier.get(&k) {
+            Err(StoreError::Corrupt(found)) => assert_eq!(found, reason, "{what}"),
+            Err(other) => panic!("{what}: {other}"),
+            Ok(_) => panic!("{what}: a damaged entry was accepted"),
+        }
+        let store = Store::new(c, vec![Box::new(tier)]);
+        assert!(store.lookup(&k).is_none(), "{what}");
+        assert_eq!(store.stats()[0].corrupt.load(Ordering::Relaxed), 1);
+        assert!(!entry_file(dir.path(), &k).exists(), "{what}: not deleted");
+    }
+
+    // An entry written for another model, or filed under another key, is refused too.
+    let other_model = codec(2);
+    std::fs::write(entry_file(dir.path(), &k), other_model.encode(&k, &e)).unwrap();
+    let tier = DiskTier::open(dir.path(), c, None).unwrap();
+    assert!(matches!(
+        tier.get(&k),
+        Err(StoreError::Corrupt(Corrupt::Model))
+    ));
+    let elsewhere = c.key(&[9], &e.tokens);
+    std::fs::write(entry_file(dir.path(), &k), c.encode(&elsewhere, &e)).unwrap();
+    assert!(matches!(
+        tier.get(&k),
+        Err(StoreError::Corrupt(Corrupt::Key))
+    ));
+}
+
+#[test]
+fn the_store_reads_through_its_tiers_and_promotes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = codec(1);
+    let prefix = [1, 2, 3, 4, 5, 6, 7];
+    let e = entry(&c, 30, 4);
+    let writer = Store::new(
+        c,
+        vec![Box::new(DiskTier::open(dir.path(), c, None).unwrap())],
+    );
+    writer.put(&prefix, &e.tokens, e.kv.clone());
+
+    let reader = Store::new(
+        c,
+        vec![
+            Box::new(MemoryTier::new(1 << 30)),
+            Box::new(DiskTier::open(dir.path(), c, None).unwrap()),
+        ],
+    );
+    assert!(reader.get(&prefix, &e.tokens).is_some());
+    assert!(reader.get(&prefix, &e.tokens).is_some());
+    assert!(reader.get(&prefix, &[42]).is_none());
+    let count = |tier: usize| {
+        let s = &reader.stats()[tier];
+        (
+            s.hits.load(Ordering::Relaxed),
+            s.misses.load(Ordering::Relaxed),
+        )
+    };
+    assert_eq!(count(0), (1, 2), "memory: hit after promotion, two misses");
+    assert_eq!(
+        count(1),
+        (1, 1),
+        "disk: the first read, and the unknown context"
+    );
+}
+
+/// A `redis-server` on a free loopback port for the length of a test.
+struct RedisServer {
+    child: Child,
+    url: String,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: run `bash scripts/test.sh`, which installs it with apt-get");
+        let url = format!("redis://127.0.0.1:{port}/");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer { child, url }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn redis_tier_round_trips_and_is_shared() {
+    let server = RedisServer::start();
+    let c = codec(1);
+    round_trip(&RedisTier::connect(&server.url, c).unwrap(), &c);
+
+    let e = entry(&c, 25, 8);
+    let k = key(&c, &e);
+    RedisTier::connect(&server.url, c)
+        .unwrap()
+        .put(&k, &e)
+        .unwrap();
+    let other_client = RedisTier::connect(&server.url, c).unwrap();
+    assert_same(&other_client.get(&k).unwrap().unwrap(), &e);
+
+    let mut conn = redis::Client::open(server.url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut bytes = c.encode(&k, &e);
+    bytes[300] ^= 1;
+    redis::cmd("SET")
+        .arg(format!("ape:kv:{}", k.to_hex()))
+        .arg(bytes)
+        .exec(&mut conn)
+        .unwrap();
+    let store = Store::new(c, vec![Box::new(other_client)]);
+    assert!(store.lookup(&k).is_none());
+    assert_eq!(
+        store.tiers()[0].list().unwrap().len(),
+        0,
+        "damaged entry deleted"
+    );
+}
+
+#[test]
+fn an_unreachable_redis_is_a_clear_error() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = RedisTier::connect(&format!("redis://127.0.0.1:{port}/"), codec(1))
+        .err()
+        .expect("nothing listens there");
+    assert!(
+        err.to_string().contains("Check that the server is running"),
+        "{err}"
+    );
+}
