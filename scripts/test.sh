@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine and runs the whole test suite: builds ape, installs the two test
+# Sets up a fresh machine and runs the whole test suite: installs redis-server (the Redis
+# tier's tests start their own on a free loopback port), builds ape, installs the two test
 # models from their Python packages, then runs every test in release mode (the tests run
 # the real models, which would be far too slow unoptimised).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null; then
+    sudo_if_needed=""
+    [ "$(id -u)" -ne 0 ] && sudo_if_needed="sudo"
+    $sudo_if_needed apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -qq redis-server >/dev/null
+fi
 
 cargo build --release --workspace --locked
 ./target/release/ape model pull smollm2-135m

@@ -2,9 +2,11 @@
 
 mod bench;
 mod pull;
+mod store;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args, Parser, Subcommand};
@@ -31,7 +33,11 @@ struct Cli {
 enum Command {
     /// Answer a prompt, printing the answer as it is generated.
     Generate(GenerateArgs),
-    /// Measure prefill and decode speed.
+    /// Encode documents once and keep them in the context store.
+    Encode(store::EncodeArgs),
+    /// Inspect and trim the context store.
+    Cache(store::CacheArgs),
+    /// Measure prefill and decode speed, or time to first token over many contexts.
     Bench(bench::BenchArgs),
     /// Manage model files.
     Model {
@@ -99,6 +105,8 @@ struct GenerateArgs {
     /// Print token counts and speed to stderr when done.
     #[arg(long)]
     stats: bool,
+    #[command(flatten)]
+    store: store::StoreArgs,
 }
 
 #[derive(Args)]
@@ -148,6 +156,13 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("APE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     if let Some(threads) = cli.threads {
         anyhow::ensure!(threads > 0, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new()
@@ -157,6 +172,8 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Encode(args) => store::encode(args),
+        Command::Cache(args) => store::cache(args),
         Command::Bench(args) => bench::run(args),
         Command::Model { command } => match command {
             ModelCommand::Pull(args) => pull::run(args),
@@ -168,8 +185,8 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn load_engine(model: &ModelArg) -> Result<Engine> {
-    Engine::load(&model.model).with_context(|| format!("loading {}", model.model.display()))
+fn load_engine(model: &Path) -> Result<Engine> {
+    Engine::load(model).with_context(|| format!("loading {}", model.display()))
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
@@ -180,7 +197,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
         "nothing to answer: give --prompt TEXT for a chat, or --query TEXT with --context FILE \
          or --contexts-dir DIR to ask over documents"
     );
-    let engine = load_engine(&args.model)?;
+    let engine = load_engine(&args.model.model)?;
+    let store = args.store.open(&engine, &args.model.model)?;
+    let engine = match &store {
+        Some(store) => engine.with_store(store.clone()),
+        None => engine,
+    };
     let options = GenerateOptions {
         max_tokens: Some(args.max_tokens),
         stop: args.stop,
@@ -216,6 +238,21 @@ fn generate(args: GenerateArgs) -> Result<()> {
             generation.time_to_first_token.as_secs_f64() * 1e3,
             decoded as f64 / generation.decode_time.as_secs_f64().max(1e-9),
         );
+        if let Some(store) = &store {
+            let tiers: Vec<String> = store
+                .stats()
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{} {} hits, {} misses",
+                        t.name,
+                        t.hits.load(Ordering::Relaxed),
+                        t.misses.load(Ordering::Relaxed)
+                    )
+                })
+                .collect();
+            eprintln!("context store: {}", tiers.join("; "));
+        }
     }
     Ok(())
 }
@@ -224,29 +261,38 @@ fn generate(args: GenerateArgs) -> Result<()> {
 fn read_documents(files: &[PathBuf], dir: Option<&Path>) -> Result<Vec<String>> {
     let mut paths = files.to_vec();
     if let Some(dir) = dir {
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir(dir)
-            .with_context(|| format!("cannot list the contexts folder {}", dir.display()))?
-        {
-            let path = entry?.path();
-            if path.is_file() {
-                found.push(path);
-            }
-        }
-        anyhow::ensure!(
-            !found.is_empty(),
-            "the contexts folder {} has no files; put one document per file in it",
-            dir.display()
-        );
-        found.sort();
-        paths.extend(found);
+        paths.extend(read_folder(dir)?);
     }
+    read_files(&paths)
+}
+
+/// The files in `dir`, in name order; an empty folder is an error.
+fn read_folder(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list the documents folder {}", dir.display()))?
+    {
+        let path = entry?.path();
+        if path.is_file() {
+            found.push(path);
+        }
+    }
+    anyhow::ensure!(
+        !found.is_empty(),
+        "the documents folder {} has no files; put one document per file in it",
+        dir.display()
+    );
+    found.sort();
+    Ok(found)
+}
+
+fn read_files(paths: &[PathBuf]) -> Result<Vec<String>> {
     paths
         .iter()
         .map(|path| {
             std::fs::read_to_string(path).with_context(|| {
                 format!(
-                    "cannot read context {} (documents must be UTF-8 text files)",
+                    "cannot read document {} (documents must be UTF-8 text files)",
                     path.display()
                 )
             })

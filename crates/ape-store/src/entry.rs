@@ -156,6 +156,21 @@ pub struct Codec {
 }
 
 impl Codec {
+    /// The codec of entries made by `model` (its file at `path`), stored as `dtype`.
+    pub fn for_model(
+        path: &Path,
+        model: &ape_core::model::Config,
+        dtype: KvDtype,
+    ) -> Result<Codec> {
+        Ok(Codec {
+            model: Fingerprint::of_file(path)?,
+            layers: model.layers,
+            kv_heads: model.kv_heads,
+            head_dim: model.head_dim,
+            dtype,
+        })
+    }
+
     pub fn key(&self, prefix: &[u32], context: &[u32]) -> Key {
         Key::new(&self.model, prefix, context, self.dtype)
     }

@@ -159,15 +159,15 @@ fn damaged_entries_are_detected_deleted_and_missed() {
     let e = entry(&c, 40, 5);
     let k = key(&c, &e);
     let good = c.encode(&k, &e);
-    let damage: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, Corrupt)> = vec![
+    let damage: Vec<(&str, fn(&mut Vec<u8>), Corrupt)> = vec![
         (
             "flipped byte",
-            Box::new(|b: &mut Vec<u8>| b[500] ^= 0x10),
+            |b: &mut Vec<u8>| b[500] ^= 0x10,
             Corrupt::Checksum,
         ),
         (
             "truncated",
-            Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 9)),
+            |b: &mut Vec<u8>| b.truncate(b.len() - 9),
             Corrupt::Length {
                 expected: good.len(),
                 found: good.len() - 9,
@@ -175,17 +175,17 @@ fn damaged_entries_are_detected_deleted_and_missed() {
         ),
         (
             "cut to a stub",
-            Box::new(|b: &mut Vec<u8>| b.truncate(20)),
+            |b: &mut Vec<u8>| b.truncate(20),
             Corrupt::Truncated,
         ),
         (
             "other version",
-            Box::new(|b: &mut Vec<u8>| b[8] = 99),
+            |b: &mut Vec<u8>| b[8] = 99,
             Corrupt::Version(99),
         ),
         (
             "not an entry",
-            Box::new(|b: &mut Vec<u8>| b[0] = b'X'),
+            |b: &mut Vec<u8>| b[0] = b'X',
             Corrupt::NotAnEntry,
         ),
     ];

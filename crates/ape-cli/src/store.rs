@@ -1,0 +1,229 @@
+//! Where `ape` keeps encoded contexts: the options every command shares, and `ape encode`
+//! and `ape cache`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use ape_core::engine::{ContextStore, Engine};
+use ape_store::{Codec, DiskTier, Fingerprint, Key, KvDtype, MemoryTier, RedisTier, Store, Tier};
+
+/// Bytes of decoded contexts a process keeps in memory.
+const MEMORY_TIER_BYTES: usize = 2 << 30;
+
+#[derive(Args, Clone)]
+pub struct StoreArgs {
+    /// Folder of the on-disk context store [default: $APE_CACHE_DIR, else ~/.cache/ape].
+    #[arg(long, value_name = "DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+    /// Keep the disk store under this size, least recently used entries going first
+    /// (e.g. 500M, 20G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, global = true)]
+    cache_max_bytes: Option<u64>,
+    /// Also share contexts through this Redis (redis://host:port/db).
+    #[arg(long, value_name = "URL", global = true)]
+    redis: Option<String>,
+    /// Use no store: encode every context every time.
+    #[arg(long, conflicts_with_all = ["cache_dir", "redis"], global = true)]
+    no_cache: bool,
+}
+
+impl StoreArgs {
+    fn dir(&self) -> Result<PathBuf> {
+        if let Some(dir) = &self.cache_dir {
+            return Ok(dir.clone());
+        }
+        if let Some(dir) = std::env::var_os("APE_CACHE_DIR") {
+            return Ok(dir.into());
+        }
+        let home = std::env::var_os("HOME")
+            .context("no store folder: pass --cache-dir DIR or set APE_CACHE_DIR")?;
+        Ok(Path::new(&home).join(".cache").join("ape"))
+    }
+
+    /// The persistent tiers, disk then Redis, as the options ask.
+    fn tiers(&self, codec: Codec) -> Result<Vec<Box<dyn Tier>>> {
+        let dir = self.dir()?;
+        let mut tiers: Vec<Box<dyn Tier>> = vec![Box::new(
+            DiskTier::open(&dir, codec, self.cache_max_bytes)
+                .with_context(|| format!("opening the context store in {}", dir.display()))?,
+        )];
+        if let Some(url) = &self.redis {
+            tiers.push(Box::new(RedisTier::connect(url, codec)?));
+        }
+        Ok(tiers)
+    }
+
+    /// The store for `engine`'s model (file `model_path`): memory, then disk, then Redis;
+    /// `None` with `--no-cache`.
+    pub fn open(&self, engine: &Engine, model_path: &Path) -> Result<Option<Arc<Store>>> {
+        if self.no_cache {
+            return Ok(None);
+        }
+        let codec = Codec::for_model(model_path, &engine.model.config, KvDtype::F16)?;
+        let mut tiers: Vec<Box<dyn Tier>> = vec![Box::new(MemoryTier::new(MEMORY_TIER_BYTES))];
+        tiers.extend(self.tiers(codec)?);
+        Ok(Some(Arc::new(Store::new(codec, tiers))))
+    }
+}
+
+/// `500`, `64K`, `500M`, `20G`: bytes, with binary multiples.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, 'K' | 'k')) => (&text[..at], 10),
+        Some((at, 'M' | 'm')) => (&text[..at], 20),
+        Some((at, 'G' | 'g')) => (&text[..at], 30),
+        _ => (text, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("`{text}` is not a size; write bytes, or a number with K, M or G"))
+}
+
+#[derive(Args)]
+pub struct EncodeArgs {
+    /// GGUF model file.
+    #[arg(long, short, default_value_os_t = crate::pull::default_model_path())]
+    model: PathBuf,
+    /// Documents: text files, or folders whose files are each one document.
+    #[arg(required = true, value_name = "FILES|DIR")]
+    paths: Vec<PathBuf>,
+    /// The system text the documents will be asked about under (part of the prefix).
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// `ape encode`: encode documents after the chat prefix and keep them in the store.
+pub fn encode(args: EncodeArgs) -> Result<()> {
+    anyhow::ensure!(
+        !args.store.no_cache,
+        "`ape encode` fills the store; --no-cache leaves nothing to do"
+    );
+    let mut files = Vec::new();
+    for path in &args.paths {
+        if path.is_dir() {
+            files.extend(crate::read_folder(path)?);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    let documents = crate::read_files(&files)?;
+    let engine = crate::load_engine(&args.model)?;
+    let store = args
+        .store
+        .open(&engine, &args.model)?
+        .expect("a store is open");
+    let engine = engine.with_store(store.clone());
+    let prompt = engine.split_chat(args.system.as_deref(), &documents, "")?;
+    let prefix = engine.prefix_kv(&prompt.prefix)?;
+
+    let bar = ProgressBar::new(prompt.contexts.len() as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} documents, {msg} [{elapsed} < {eta}]")
+            .expect("the template is valid"),
+    );
+    let start = Instant::now();
+    let (mut stored, mut present, mut tokens) = (0, 0, 0);
+    for (context, file) in prompt.contexts.iter().zip(&files) {
+        bar.set_message(file.display().to_string());
+        if store.get(&prompt.prefix, context).is_some() {
+            present += 1;
+        } else {
+            engine.contexts_kv(&prompt.prefix, &prefix, &[context])?;
+            stored += 1;
+            tokens += context.len();
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!(
+        "{stored} documents encoded and stored ({tokens} tokens in {:.1} s), {present} already stored",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Entries and bytes per tier.
+    Stats,
+    /// Every entry: tier, key, size.
+    Ls,
+    /// Delete entries by key.
+    Rm { keys: Vec<String> },
+    /// Delete least recently used entries until the disk store is at most this size.
+    Prune {
+        #[arg(long, value_parser = parse_size)]
+        max_bytes: u64,
+    },
+    /// Delete every entry.
+    Clear,
+}
+
+#[derive(Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    command: CacheCommand,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// `ape cache`: look after the persistent tiers. Nothing here decodes an entry, so it
+/// needs no model.
+pub fn cache(args: CacheArgs) -> Result<()> {
+    let codec = Codec {
+        model: Fingerprint([0; 32]),
+        layers: 0,
+        kv_heads: 0,
+        head_dim: 0,
+        dtype: KvDtype::F16,
+    };
+    let tiers = args.store.tiers(codec)?;
+    match args.command {
+        CacheCommand::Stats => {
+            println!("| tier | entries | bytes |\n|---|---:|---:|");
+            for tier in &tiers {
+                let listed = tier.list()?;
+                let bytes: u64 = listed.iter().map(|l| l.bytes).sum();
+                println!("| {} | {} | {bytes} |", tier.name(), listed.len());
+            }
+        }
+        CacheCommand::Ls => {
+            for tier in &tiers {
+                for l in tier.list()? {
+                    println!("{}\t{}\t{}", tier.name(), l.key, l.bytes);
+                }
+            }
+        }
+        CacheCommand::Rm { keys } => {
+            for text in keys {
+                let key = Key::from_hex(&text).with_context(|| {
+                    format!("`{text}` is not an entry key (64 hex digits, as `ape cache ls` shows)")
+                })?;
+                let mut found = false;
+                for tier in &tiers {
+                    found |= tier.remove(&key)?;
+                }
+                anyhow::ensure!(found, "no entry {key} in the store");
+            }
+        }
+        CacheCommand::Prune { max_bytes } => {
+            let removed = tiers[0].prune(max_bytes)?;
+            println!("{removed} entries removed from the disk store");
+        }
+        CacheCommand::Clear => {
+            for tier in &tiers {
+                println!("{}: {} entries removed", tier.name(), tier.prune(0)?);
+            }
+        }
+    }
+    Ok(())
+}

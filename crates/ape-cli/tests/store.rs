@@ -1,0 +1,259 @@
+//! The context store through the `ape` binary, as users and replicas meet it: answers are
+//! the same whether contexts come from the disk, from Redis or from a fresh encoding;
+//! two processes can fill one store at once; damaged entries are re-encoded.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn model() -> PathBuf {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct-q4_1.gguf");
+    assert!(
+        path.exists(),
+        "run `ape model pull` (or `bash scripts/test.sh`) first"
+    );
+    path
+}
+
+fn ape(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ape"));
+    command
+        .args(["--threads", "2"])
+        .args(args)
+        .env_remove("APE_CACHE_DIR");
+    command
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = ape(args).output().expect("ape runs");
+    assert!(
+        out.status.success(),
+        "ape {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn documents(dir: &Path) -> PathBuf {
+    let docs = dir.join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    for (name, text) in [
+        (
+            "a.txt",
+            "Alice keeps her bicycle in the green shed behind the school.",
+        ),
+        (
+            "b.txt",
+            "Bob's car is parked in the underground garage on Elm Street.",
+        ),
+        ("c.txt", "The school library opens at eight in the morning."),
+    ] {
+        std::fs::write(docs.join(name), text).unwrap();
+    }
+    docs
+}
+
+fn ask(docs: &Path, store: &[&str]) -> Output {
+    let model = model();
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--contexts-dir",
+        docs.to_str().unwrap(),
+        "--query",
+        "Where does Alice keep her bicycle?",
+        "--max-tokens",
+        "16",
+        "--stats",
+    ];
+    args.extend_from_slice(store);
+    run(&args)
+}
+
+fn entries(cache: &Path) -> usize {
+    std::fs::read_dir(cache.join("entries")).map_or(0, |d| d.count())
+}
+
+/// A `redis-server` on a free loopback port for the length of a test.
+struct RedisServer {
+    child: Child,
+    url: String,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: run `bash scripts/test.sh`, which installs it with apt-get");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer {
+            child,
+            url: format!("redis://127.0.0.1:{port}/"),
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn answers_are_the_same_from_every_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = documents(dir.path());
+    let redis = RedisServer::start();
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    let (first, second) = (first.to_str().unwrap(), second.to_str().unwrap());
+
+    let fresh = ask(&docs, &["--no-cache"]);
+    let encoded = ask(&docs, &["--cache-dir", first, "--redis", &redis.url]);
+    assert_eq!(entries(Path::new(first)), 3);
+    let from_disk = ask(&docs, &["--cache-dir", first]);
+    // A replica with its own empty disk finds the contexts in the shared Redis.
+    let from_redis = ask(&docs, &["--cache-dir", second, "--redis", &redis.url]);
+    for out in [&encoded, &from_disk, &from_redis] {
+        assert_eq!(out.stdout, fresh.stdout);
+    }
+    let stats = |out: &Output| String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        stats(&from_disk).contains("disk 3 hits"),
+        "{}",
+        stats(&from_disk)
+    );
+    assert!(
+        stats(&from_redis).contains("redis 3 hits"),
+        "{}",
+        stats(&from_redis)
+    );
+    assert_eq!(
+        entries(Path::new(second)),
+        3,
+        "Redis hits are kept on the local disk"
+    );
+}
+
+#[test]
+fn two_processes_encoding_at_once_both_succeed_and_leave_one_valid_entry_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = documents(dir.path());
+    let cache = dir.path().join("cache");
+    let model = model();
+    let args = [
+        "encode",
+        "--model",
+        model.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        docs.to_str().unwrap(),
+    ];
+    let children: Vec<Child> = (0..2)
+        .map(|_| {
+            ape(&args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(entries(&cache), 3);
+    assert!(
+        std::fs::read_dir(cache.join("tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no leftovers"
+    );
+    let again = ask(&docs, &["--cache-dir", cache.to_str().unwrap()]);
+    let stats = String::from_utf8_lossy(&again.stderr);
+    assert!(stats.contains("disk 3 hits"), "{stats}");
+    assert!(!stats.contains("damaged"), "{stats}");
+}
+
+#[test]
+fn a_damaged_entry_is_reported_deleted_and_encoded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = documents(dir.path());
+    let cache = dir.path().join("cache");
+    let cache_arg = ["--cache-dir", cache.to_str().unwrap()];
+    let fresh = ask(&docs, &cache_arg);
+    for (i, file) in std::fs::read_dir(cache.join("entries"))
+        .unwrap()
+        .enumerate()
+    {
+        let path = file.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        match i {
+            0 => bytes[200] ^= 0x40,
+            1 => bytes.truncate(bytes.len() / 2),
+            _ => bytes[8] = 7,
+        }
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let repaired = ask(&docs, &cache_arg);
+    assert_eq!(repaired.stdout, fresh.stdout);
+    let log = String::from_utf8_lossy(&repaired.stderr);
+    assert_eq!(log.matches("is damaged").count(), 3, "{log}");
+    assert!(
+        log.contains("checksum mismatch") && log.contains("format version 7"),
+        "{log}"
+    );
+    let healed = ask(&docs, &cache_arg);
+    assert!(String::from_utf8_lossy(&healed.stderr).contains("disk 3 hits"));
+}
+
+#[test]
+fn cache_commands_list_remove_and_reject_bad_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = documents(dir.path());
+    let cache = dir.path().join("cache");
+    let cache = cache.to_str().unwrap();
+    let model = model();
+    run(&[
+        "encode",
+        "--model",
+        model.to_str().unwrap(),
+        "--cache-dir",
+        cache,
+        docs.to_str().unwrap(),
+    ]);
+    let listing = String::from_utf8(run(&["cache", "ls", "--cache-dir", cache]).stdout).unwrap();
+    let keys: Vec<&str> = listing
+        .lines()
+        .map(|l| l.split('\t').nth(1).unwrap())
+        .collect();
+    assert_eq!(keys.len(), 3);
+    run(&["cache", "rm", "--cache-dir", cache, keys[0]]);
+    assert_eq!(entries(Path::new(cache)), 2);
+    let bad = ape(&["cache", "rm", "--cache-dir", cache, "nonsense"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("64 hex digits"));
+    run(&["cache", "prune", "--cache-dir", cache, "--max-bytes", "1K"]);
+    assert_eq!(entries(Path::new(cache)), 0);
+}
