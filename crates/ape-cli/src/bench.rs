@@ -9,11 +9,14 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng};
 
+use std::sync::Arc;
+
 use ape_core::attention::KvCache;
 use ape_core::engine::{Engine, Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
 use ape_core::generate::{prefill, GenerateOptions};
 use ape_core::gguf::Gguf;
 use ape_core::model::Model;
+use ape_store::{Codec, DiskTier, Entry, KvDtype, RedisTier, Store, Tier};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -29,11 +32,15 @@ enum TtftCommand {
     /// Time to first token over many contexts: sequential vs APE encoding them in the
     /// request vs APE with them already encoded.
     Ttft(TtftArgs),
+    /// Loading stored contexts from disk and Redis against encoding them again, and time
+    /// to first token with every document stored on disk.
+    Store(StoreBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.ttft {
         Some(TtftCommand::Ttft(ttft)) => run_ttft(ttft),
+        Some(TtftCommand::Store(store)) => run_store(store),
         None => run_runtime(args.runtime),
     }
 }
@@ -205,6 +212,128 @@ fn run_ttft(args: TtftArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[derive(Args)]
+struct StoreBenchArgs {
+    /// GGUF model file.
+    #[arg(long, short, default_value_os_t = crate::pull::default_model_path())]
+    model: PathBuf,
+    /// Tokens per context (fewer if the sequential reference would not fit the window).
+    #[arg(long, default_value_t = 512)]
+    context_len: usize,
+    /// Documents in the time-to-first-token question.
+    #[arg(long, default_value_t = 16)]
+    documents: usize,
+    /// Also time loads from this Redis (redis://host:port/db).
+    #[arg(long)]
+    redis: Option<String>,
+    /// Runs per measurement; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+}
+
+fn run_store(args: StoreBenchArgs) -> Result<()> {
+    let engine =
+        Engine::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let codec = Codec::for_model(&args.model, &engine.model.config, KvDtype::F16)?;
+    let vocab = engine.model.config.vocab_size as u32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let no_documents: [&str; 0] = [];
+    let mut prompt = engine.split_chat(None, &no_documents, QUESTION)?;
+    // Documents short enough for the sequential reference to fit the window.
+    let documents = args.documents.max(1);
+    let room = engine.model.config.context_length - prompt.prefix.len() - prompt.query.len() - 1;
+    let document_len = args.context_len.min(room / documents);
+    for _ in 0..documents {
+        prompt
+            .contexts
+            .push((0..document_len).map(|_| rng.gen_range(0..vocab)).collect());
+    }
+    let prefix = engine.prefix_kv(&prompt.prefix)?;
+    let dir = tempfile_dir()?;
+    let disk = DiskTier::open(&dir, codec, None)?;
+    let redis = match &args.redis {
+        Some(url) => Some(RedisTier::connect(url, codec)?),
+        None => None,
+    };
+
+    let context = &prompt.contexts[0];
+    let key = codec.key(&prompt.prefix, context);
+    let mut kv = None;
+    let encode = median(repeat(args.repeats, || {
+        let start = Instant::now();
+        kv = engine.encode_contexts(&prefix, &[context])?.pop();
+        Ok(start.elapsed().as_secs_f64())
+    })?);
+    let entry = Entry {
+        prefix_len: prompt.prefix.len(),
+        tokens: context.clone(),
+        kv: Arc::new(kv.expect("one context was encoded")),
+    };
+    let mut tiers: Vec<&dyn Tier> = vec![&disk];
+    tiers.extend(redis.iter().map(|r| r as &dyn Tier));
+    println!(
+        "| one context of {document_len} tokens | seconds (median of {}) | encode / load |",
+        args.repeats
+    );
+    println!("|---|---:|---:|");
+    println!("| encode | {encode:.4} | 1.0x |");
+    for tier in tiers {
+        tier.put(&key, &entry)?;
+        let load = median(repeat(args.repeats, || {
+            let start = Instant::now();
+            tier.get(&key)?.context("the entry just stored is there")?;
+            Ok(start.elapsed().as_secs_f64())
+        })?);
+        println!(
+            "| load from {} | {load:.4} | {:.1}x |",
+            tier.name(),
+            encode / load
+        );
+        tier.prune(0)?;
+    }
+    println!(
+        "\nf16 entry: {} bytes per token\n",
+        entry.encoded_len() / document_len.max(1)
+    );
+
+    let store = Arc::new(Store::new(
+        codec,
+        vec![Box::new(DiskTier::open(&dir, codec, None)?)],
+    ));
+    let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
+    let stored = engine.with_store(store.clone());
+    stored.contexts_kv(&prompt.prefix, &prefix, &contexts)?;
+    let options = GenerateOptions {
+        max_tokens: Some(1),
+        ..GenerateOptions::default()
+    };
+    let ape = Mode::ape(DEFAULT_APE_TEMPERATURE, DEFAULT_APE_SCALE)?;
+    let ttft = |mode: Mode| -> Result<f64> {
+        Ok(median(repeat(args.repeats, || {
+            Ok(stored
+                .answer(&prompt, mode, &options, |_| {})?
+                .time_to_first_token
+                .as_secs_f64())
+        })?))
+    };
+    let (from_disk, sequential) = (ttft(ape)?, ttft(Mode::Sequential)?);
+    println!(
+        "| {} documents x {} tokens | TTFT (s) |\n|---|---:|\n| sequential | {sequential:.3} |\n| APE, every document stored on disk | {from_disk:.3} ({:.1}x faster) |",
+        documents,
+        document_len,
+        sequential / from_disk
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+/// A fresh folder for a benchmark's own store.
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("ape-bench-store-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// The most memory this process has had resident (Linux's VmHWM); 0 where unknown.

@@ -198,7 +198,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
          or --contexts-dir DIR to ask over documents"
     );
     let engine = load_engine(&args.model.model)?;
-    let store = args.store.open(&engine, &args.model.model)?;
+    // A plain chat has no contexts to look up, so it does not pay for opening the store.
+    let store = match args.prompt {
+        Some(_) => None,
+        None => args.store.open(&engine, &args.model.model)?,
+    };
     let engine = match &store {
         Some(store) => engine.with_store(store.clone()),
         None => engine,
