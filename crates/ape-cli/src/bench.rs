@@ -225,6 +225,9 @@ struct StoreBenchArgs {
     /// Documents in the time-to-first-token question.
     #[arg(long, default_value_t = 16)]
     documents: usize,
+    /// Documents (one per file) for measuring the accuracy cost of 8-bit KV.
+    #[arg(long, default_value = "examples/documents")]
+    documents_dir: PathBuf,
     /// Also time loads from this Redis (redis://host:port/db).
     #[arg(long)]
     redis: Option<String>,
@@ -295,7 +298,7 @@ fn run_store(args: StoreBenchArgs) -> Result<()> {
     }
     println!(
         "\nf16 entry: {} bytes per token\n",
-        entry.encoded_len() / document_len.max(1)
+        entry.encoded_len(KvDtype::F16) / document_len.max(1)
     );
 
     let store = Arc::new(Store::new(
@@ -326,7 +329,109 @@ fn run_store(args: StoreBenchArgs) -> Result<()> {
         sequential / from_disk
     );
     std::fs::remove_dir_all(&dir).ok();
+
+    let (kl, agreement, positions) = q8_cost(&stored, codec, &args.documents_dir)?;
+    let q8_bytes = entry.encoded_len(KvDtype::Q8) / document_len.max(1);
+    println!(
+        "\n| KV dtype | bytes per token | mean next-token KL vs f16 | top-1 agreement |\n|---|---:|---:|---:|\n| f16 | {} | 0 | 100% |\n| q8 | {q8_bytes} | {kl:.2e} | {:.1}% ({positions} answer tokens) |",
+        entry.encoded_len(KvDtype::F16) / document_len.max(1),
+        100.0 * agreement,
+    );
     Ok(())
+}
+
+/// The questions asked of `examples/documents` when measuring the 8-bit KV format.
+const Q8_QUESTIONS: [&str; 4] = [
+    "Where does Alice keep her bicycle?",
+    "When does the garage on Elm Street close?",
+    "How many books does the school library hold?",
+    "What grows in the community garden?",
+];
+
+/// Tokens of the greedy answer followed when comparing two encodings.
+const Q8_ANSWER_TOKENS: usize = 16;
+
+/// The cost of storing contexts as q8: the mean KL divergence of the next-token
+/// distribution with q8 contexts from the one with exact (f16) contexts, and how often the
+/// most likely token agrees, over the greedy answer (with exact contexts) to each question,
+/// with APE's default factors. Returns (mean KL, agreement, positions compared).
+fn q8_cost(
+    engine: &Engine,
+    codec: Codec,
+    documents_dir: &std::path::Path,
+) -> Result<(f64, f64, usize)> {
+    let codec = Codec {
+        dtype: KvDtype::Q8,
+        ..codec
+    };
+    let documents = crate::read_files(&crate::read_folder(documents_dir)?)?;
+    let factors = Mode::ape(DEFAULT_APE_TEMPERATURE, DEFAULT_APE_SCALE)?
+        .factors()
+        .expect("APE has factors");
+    let (mut kl_sum, mut agree, mut positions) = (0.0, 0, 0);
+    for question in Q8_QUESTIONS {
+        let prompt = engine.split_chat(None, &documents, question)?;
+        let prefix = engine.prefix_kv(&prompt.prefix)?;
+        let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
+        let exact = engine.encode_contexts(&prefix, &contexts)?;
+        let rounded = exact
+            .iter()
+            .zip(&contexts)
+            .map(|(kv, tokens)| {
+                let key = codec.key(&prompt.prefix, tokens);
+                let entry = Entry {
+                    prefix_len: prompt.prefix.len(),
+                    tokens: tokens.to_vec(),
+                    kv: Arc::new(kv.clone()),
+                };
+                Ok(codec.decode(&key, &codec.encode(&key, &entry))?.kv)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let run = |contexts: Vec<&KvCache>, forced: Option<&[u32]>| {
+            let mut cache =
+                prefix.copy_with_capacity(prefix.len() + prompt.query.len() + Q8_ANSWER_TOKENS);
+            let mut logits =
+                engine
+                    .model
+                    .forward_ape(&prompt.query, &mut cache, &contexts, factors);
+            let mut steps = vec![logits.clone()];
+            let mut tokens = Vec::new();
+            for i in 0..Q8_ANSWER_TOKENS - 1 {
+                let token = forced.map_or_else(|| ape_core::sampler::argmax(&logits), |f| f[i]);
+                tokens.push(token);
+                logits = engine
+                    .model
+                    .forward_ape(&[token], &mut cache, &contexts, factors);
+                steps.push(logits.clone());
+            }
+            (steps, tokens)
+        };
+        let (want, answer) = run(exact.iter().collect(), None);
+        let (got, _) = run(rounded.iter().map(Arc::as_ref).collect(), Some(&answer));
+        for (p, q) in want.iter().zip(&got) {
+            kl_sum += kl_divergence(p, q);
+            agree += usize::from(ape_core::sampler::argmax(p) == ape_core::sampler::argmax(q));
+            positions += 1;
+        }
+    }
+    Ok((
+        kl_sum / positions as f64,
+        agree as f64 / positions as f64,
+        positions,
+    ))
+}
+
+/// KL(softmax(p) || softmax(q)) in nats.
+fn kl_divergence(p: &[f32], q: &[f32]) -> f64 {
+    let log_softmax = |x: &[f32]| {
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let log_sum = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+        x.iter()
+            .map(move |&v| v as f64 - log_sum)
+            .collect::<Vec<f64>>()
+    };
+    let (lp, lq) = (log_softmax(p), log_softmax(q));
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
 }
 
 /// A fresh folder for a benchmark's own store.

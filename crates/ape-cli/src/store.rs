@@ -27,6 +27,10 @@ pub struct StoreArgs {
     /// Also share contexts through this Redis (redis://host:port/db).
     #[arg(long, value_name = "URL", global = true)]
     redis: Option<String>,
+    /// How the disk and Redis tiers store keys and values: `f16` (exact) or `q8` (8-bit,
+    /// about half the bytes; see README for its measured accuracy cost).
+    #[arg(long, value_name = "DTYPE", default_value = "f16", value_parser = parse_dtype, global = true)]
+    kv_dtype: KvDtype,
     /// Use no store: encode every context every time.
     #[arg(long, conflicts_with_all = ["cache_dir", "redis"], global = true)]
     no_cache: bool,
@@ -64,11 +68,15 @@ impl StoreArgs {
         if self.no_cache {
             return Ok(None);
         }
-        let codec = Codec::for_model(model_path, &engine.model.config, KvDtype::F16)?;
+        let codec = Codec::for_model(model_path, &engine.model.config, self.kv_dtype)?;
         let mut tiers: Vec<Box<dyn Tier>> = vec![Box::new(MemoryTier::new(MEMORY_TIER_BYTES))];
         tiers.extend(self.tiers(codec)?);
         Ok(Some(Arc::new(Store::new(codec, tiers))))
     }
+}
+
+fn parse_dtype(name: &str) -> Result<KvDtype, String> {
+    KvDtype::from_name(name).ok_or_else(|| format!("`{name}` is not a KV dtype; use f16 or q8"))
 }
 
 /// `500`, `64K`, `500M`, `20G`: bytes, with binary multiples.

@@ -11,7 +11,9 @@
 //! key [32] | model fingerprint [32]
 //! layers u32 | kv heads u32 | head dim u32 | prefix length u32 | context length u32
 //! context tokens (u32 each)
-//! for each layer, for each KV head: keys then values (context length x head dim, f16)
+//! for each layer, for each KV head: keys then values, each context length rows of
+//!   f16:  head dim f16 values
+//!   q8:   an f16 scale, then head dim i8 values (value = scale * q)
 //! BLAKE3 of everything above [32]
 //! ```
 //!
@@ -39,13 +41,74 @@ const CHECKSUM_BYTES: usize = 32;
 /// How keys and values are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvDtype {
+    /// Exactly as the engine computes them.
     F16,
+    /// Each row of `head_dim` values as 8-bit integers with one f16 scale (absmax / 127):
+    /// about half the bytes, at a measured accuracy cost.
+    Q8,
 }
 
 impl KvDtype {
     fn code(self) -> u8 {
         match self {
             KvDtype::F16 => 0,
+            KvDtype::Q8 => 1,
+        }
+    }
+
+    /// `f16` or `q8`.
+    pub fn from_name(name: &str) -> Option<KvDtype> {
+        match name {
+            "f16" => Some(KvDtype::F16),
+            "q8" => Some(KvDtype::Q8),
+            _ => None,
+        }
+    }
+
+    /// Stored bytes of one row of `head_dim` values.
+    fn row_bytes(self, head_dim: usize) -> usize {
+        match self {
+            KvDtype::F16 => 2 * head_dim,
+            KvDtype::Q8 => 2 + head_dim,
+        }
+    }
+
+    fn write_row(self, row: &[f16], out: &mut Vec<u8>) {
+        match self {
+            KvDtype::F16 => {
+                for x in row {
+                    out.extend_from_slice(&x.to_bits().to_le_bytes());
+                }
+            }
+            KvDtype::Q8 => {
+                let max = row.iter().map(|x| x.to_f32().abs()).fold(0.0, f32::max);
+                let scale = f16::from_f32(max / 127.0);
+                let inverse = if scale.to_f32() > 0.0 {
+                    1.0 / scale.to_f32()
+                } else {
+                    0.0
+                };
+                out.extend_from_slice(&scale.to_bits().to_le_bytes());
+                for x in row {
+                    let q = (x.to_f32() * inverse).round().clamp(-127.0, 127.0) as i8;
+                    out.push(q as u8);
+                }
+            }
+        }
+    }
+
+    fn read_row(self, reader: &mut Reader<'_>, row: &mut [f16]) {
+        match self {
+            KvDtype::F16 => row
+                .iter_mut()
+                .for_each(|x| *x = f16::from_bits(reader.u16())),
+            KvDtype::Q8 => {
+                let scale = f16::from_bits(reader.u16()).to_f32();
+                let quants = reader.take(row.len());
+                for (x, q) in row.iter_mut().zip(quants) {
+                    *x = f16::from_f32(scale * (*q as i8) as f32);
+                }
+            }
         }
     }
 }
@@ -134,14 +197,29 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Bytes the entry takes encoded (and, near enough, in memory).
-    pub fn encoded_len(&self) -> usize {
+    /// Bytes the entry takes encoded as `dtype`.
+    pub fn encoded_len(&self, dtype: KvDtype) -> usize {
         let kv = &self.kv;
-        HEADER_BYTES
-            + 4 * self.tokens.len()
-            + kv.layer_count() * kv.kv_heads * 2 * kv.len() * kv.head_dim * 2
-            + CHECKSUM_BYTES
+        entry_bytes(kv.layer_count(), kv.kv_heads, kv.head_dim, kv.len(), dtype)
     }
+
+    /// Bytes the entry takes decoded, in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.encoded_len(KvDtype::F16)
+    }
+}
+
+fn entry_bytes(
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    len: usize,
+    dtype: KvDtype,
+) -> usize {
+    HEADER_BYTES
+        + 4 * len
+        + layers * kv_heads * 2 * len * dtype.row_bytes(head_dim)
+        + CHECKSUM_BYTES
 }
 
 /// What a reader expects of every entry it decodes: written for this model, in this
@@ -177,7 +255,7 @@ impl Codec {
 
     pub fn encode(&self, key: &Key, entry: &Entry) -> Vec<u8> {
         let kv = &entry.kv;
-        let mut out = Vec::with_capacity(entry.encoded_len());
+        let mut out = Vec::with_capacity(entry.encoded_len(self.dtype));
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&[self.dtype.code(), 0, 0, 0]);
@@ -198,8 +276,11 @@ impl Codec {
         for layer in 0..kv.layer_count() {
             for g in 0..kv.kv_heads {
                 let (k, v) = kv.head(layer, g);
-                for x in k.iter().chain(v) {
-                    out.extend_from_slice(&x.to_bits().to_le_bytes());
+                for row in k
+                    .chunks_exact(kv.head_dim)
+                    .chain(v.chunks_exact(kv.head_dim))
+                {
+                    self.dtype.write_row(row, &mut out);
                 }
             }
         }
@@ -234,8 +315,7 @@ impl Codec {
         if (layers, kv_heads, head_dim) != (self.layers, self.kv_heads, self.head_dim) {
             return Err(Corrupt::Shape);
         }
-        let values = layers * kv_heads * 2 * len * head_dim;
-        let expected = HEADER_BYTES + 4 * len + 2 * values + CHECKSUM_BYTES;
+        let expected = entry_bytes(layers, kv_heads, head_dim, len, self.dtype);
         if bytes.len() != expected {
             return Err(Corrupt::Length {
                 expected,
@@ -248,8 +328,11 @@ impl Codec {
         }
         let tokens: Vec<u32> = (0..len).map(|_| reader.u32()).collect();
         let kv = KvCache::from_fn(layers, kv_heads, head_dim, len, |_, _, k, v| {
-            for x in k.iter_mut().chain(v.iter_mut()) {
-                *x = f16::from_bits(reader.u16());
+            for row in k
+                .chunks_exact_mut(head_dim)
+                .chain(v.chunks_exact_mut(head_dim))
+            {
+                self.dtype.read_row(&mut reader, row);
             }
             Ok::<(), Corrupt>(())
         })?;

@@ -35,7 +35,7 @@ impl Lru {
                 break;
             };
             let (evicted, _) = self.entries.remove(&oldest).unwrap();
-            self.bytes -= evicted.encoded_len();
+            self.bytes -= evicted.memory_bytes();
             removed += 1;
         }
         removed
@@ -72,7 +72,7 @@ impl Tier for MemoryTier {
     }
 
     fn put(&self, key: &Key, entry: &Entry) -> Result<()> {
-        let size = entry.encoded_len();
+        let size = entry.memory_bytes();
         if size > self.budget {
             return Ok(());
         }
@@ -93,7 +93,7 @@ impl Tier for MemoryTier {
         let mut lru = self.lock();
         match lru.entries.remove(key) {
             Some((entry, _)) => {
-                lru.bytes -= entry.encoded_len();
+                lru.bytes -= entry.memory_bytes();
                 Ok(true)
             }
             None => Ok(false),
@@ -107,7 +107,7 @@ impl Tier for MemoryTier {
             .iter()
             .map(|(key, (entry, _))| Listed {
                 key: *key,
-                bytes: entry.encoded_len() as u64,
+                bytes: entry.memory_bytes() as u64,
                 tokens: Some(entry.tokens.len()),
             })
             .collect())

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use ape_core::attention::KvCache;
 use ape_core::engine::ContextStore;
 
-use crate::entry::{Codec, Entry, Key};
+use crate::entry::{Codec, Entry, Key, KvDtype};
 use crate::error::StoreError;
 use crate::Tier;
 
@@ -99,11 +99,20 @@ impl ContextStore for Store {
     }
 
     fn put(&self, prefix: &[u32], context: &[u32], kv: Arc<KvCache>) {
-        let entry = Entry {
+        let key = self.codec.key(prefix, context);
+        let mut entry = Entry {
             prefix_len: prefix.len(),
             tokens: context.to_vec(),
             kv,
         };
-        self.save(&self.codec.key(prefix, context), &entry);
+        if self.codec.dtype != KvDtype::F16 {
+            // Keep in memory what the other tiers will give back, so that an answer does
+            // not depend on which tier it was served from.
+            match self.codec.decode(&key, &self.codec.encode(&key, &entry)) {
+                Ok(rounded) => entry = rounded,
+                Err(e) => return tracing::warn!("cannot store entry {key}: {e}"),
+            }
+        }
+        self.save(&key, &entry);
     }
 }

@@ -106,7 +106,7 @@ fn memory_tier_round_trips_and_evicts_least_recently_used() {
     round_trip(&MemoryTier::new(1 << 30), &c);
 
     let (a, b, d) = (entry(&c, 20, 1), entry(&c, 20, 2), entry(&c, 20, 3));
-    let tier = MemoryTier::new(2 * a.encoded_len());
+    let tier = MemoryTier::new(2 * a.memory_bytes());
     tier.put(&key(&c, &a), &a).unwrap();
     tier.put(&key(&c, &b), &b).unwrap();
     tier.get(&key(&c, &a)).unwrap();
@@ -136,7 +136,7 @@ fn disk_tier_round_trips_across_instances_and_keeps_under_its_cap() {
     let reopened = DiskTier::open(dir.path(), c, None).unwrap();
     assert_same(&reopened.get(&key(&c, &e)).unwrap().unwrap(), &e);
 
-    let capped = DiskTier::open(dir.path(), c, Some(3 * e.encoded_len() as u64)).unwrap();
+    let capped = DiskTier::open(dir.path(), c, Some(3 * e.encoded_len(c.dtype) as u64)).unwrap();
     for seed in 10..15 {
         let e = entry(&c, 50, seed);
         capped.put(&key(&c, &e), &e).unwrap();
@@ -343,4 +343,45 @@ fn an_unreachable_redis_is_a_clear_error() {
         err.to_string().contains("Check that the server is running"),
         "{err}"
     );
+}
+
+#[test]
+fn q8_entries_take_about_half_the_bytes_and_stay_within_half_a_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let f16_codec = codec(1);
+    let q8 = Codec {
+        dtype: KvDtype::Q8,
+        ..f16_codec
+    };
+    let e = entry(&q8, 64, 6);
+    let k = key(&q8, &e);
+    assert_ne!(k, key(&f16_codec, &e), "the dtype is part of the key");
+    assert!(e.encoded_len(KvDtype::Q8) * 10 < e.encoded_len(KvDtype::F16) * 7);
+
+    let tier = DiskTier::open(dir.path(), q8, None).unwrap();
+    tier.put(&k, &e).unwrap();
+    let back = tier.get(&k).unwrap().unwrap();
+    assert_eq!(back.tokens, e.tokens);
+    for layer in 0..q8.layers {
+        for g in 0..q8.kv_heads {
+            let (k0, v0) = e.kv.head(layer, g);
+            let (k1, v1) = back.kv.head(layer, g);
+            for (a, b) in [(k0, k1), (v0, v1)] {
+                for (row_a, row_b) in a.chunks_exact(q8.head_dim).zip(b.chunks_exact(q8.head_dim)) {
+                    let max = row_a.iter().map(|x| x.to_f32().abs()).fold(0.0, f32::max);
+                    for (x, y) in row_a.iter().zip(row_b) {
+                        let error = (x.to_f32() - y.to_f32()).abs();
+                        assert!(error <= max / 254.0 * 1.01 + 1e-3, "{x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+
+    // An f16 entry filed where a q8 reader looks is refused, not misread.
+    std::fs::write(entry_file(dir.path(), &k), f16_codec.encode(&k, &e)).unwrap();
+    assert!(matches!(
+        tier.get(&k),
+        Err(StoreError::Corrupt(Corrupt::Dtype))
+    ));
 }
