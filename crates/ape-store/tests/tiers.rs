@@ -159,7 +159,8 @@ fn damaged_entries_are_detected_deleted_and_missed() {
     let e = entry(&c, 40, 5);
     let k = key(&c, &e);
     let good = c.encode(&k, &e);
-    let damage: Vec<(&str, fn(&mut Vec<u8>), Corrupt)> = vec![
+    type Spoil = fn(&mut Vec<u8>);
+    let damage: Vec<(&str, Spoil, Corrupt)> = vec![
         (
             "flipped byte",
             |b: &mut Vec<u8>| b[500] ^= 0x10,
