@@ -9,7 +9,7 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use crate::qdot::{block_sums, dot_row};
+use crate::qdot::{dot_row, prepare};
 use crate::quant::{dequantize, GgmlType};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -228,17 +228,13 @@ fn gemm_strided(
 pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
     assert_eq!(x.len(), w.cols);
     assert_eq!(out.len(), w.rows);
-    let sums = if x.len() % 32 == 0 {
-        block_sums(x)
-    } else {
-        Vec::new()
-    };
+    let x = prepare(w.ty, x);
     out.par_chunks_mut(MATVEC_ROWS_PER_TASK)
         .enumerate()
         .for_each(|(chunk, out)| {
             let first = chunk * MATVEC_ROWS_PER_TASK;
             for (i, o) in out.iter_mut().enumerate() {
-                *o = dot_row(w.ty, w.quantized_row(first + i), x, &sums);
+                *o = dot_row(w.ty, w.quantized_row(first + i), &x);
             }
         });
 }
