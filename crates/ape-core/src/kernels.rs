@@ -101,15 +101,16 @@ pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
         }
         return;
     }
-    WEIGHT_F32.with(|buf| {
-        let mut wf = buf.borrow_mut();
-        let wide = w.wide();
-        wf.resize(wide.len(), 0.0);
-        wf.par_chunks_mut(w.cols * 64)
-            .zip(wide.par_chunks(w.cols * 64))
-            .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
-        gemm_nt(n, w.rows, w.cols, x, w.cols, &wf, w.cols, out, w.rows);
-    });
+    // Taken out rather than borrowed: while the parallel work below runs, this thread may
+    // steal a job of another forward pass that comes back here.
+    let mut wf = WEIGHT_F32.take();
+    let wide = w.wide();
+    wf.resize(wide.len(), 0.0);
+    wf.par_chunks_mut(w.cols * 64)
+        .zip(wide.par_chunks(w.cols * 64))
+        .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+    gemm_nt(n, w.rows, w.cols, x, w.cols, &wf, w.cols, out, w.rows);
+    WEIGHT_F32.set(wf);
 }
 
 /// `c[i][j] = sum_k a[i][k] * b[j][k]`, the product of `a` (m x k) with the transpose of

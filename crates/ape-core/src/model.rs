@@ -262,6 +262,13 @@ impl Model {
     /// Run `tokens` through the model at the positions after what `cache` holds, append
     /// their keys and values to it, and return the logits of the last token.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        // From a worker thread, each of the ~240 parallel products of a decoded token is
+        // split among the workers directly; called from outside the pool, each one would be
+        // queued and this thread put to sleep until it is done.
+        rayon::scope(|_| self.forward_on_worker(tokens, cache))
+    }
+
+    fn forward_on_worker(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
         let c = &self.config;
         let n = tokens.len();
         assert!(n > 0, "forward needs at least one token");
