@@ -9,7 +9,7 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use crate::qdot::{block_sums, dot_row};
+use crate::qdot::{dot_row, prepare};
 use crate::quant::{dequantize, GgmlType};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -111,15 +111,16 @@ pub fn matmul_gemm(x: &[f32], w: &Matrix, out: &mut [f32]) {
     let n = x.len() / w.cols;
     assert_eq!(x.len(), n * w.cols);
     assert_eq!(out.len(), n * w.rows);
-    WEIGHT_F32.with(|buf| {
-        let mut wf = buf.borrow_mut();
-        let wide = w.wide();
-        wf.resize(wide.len(), 0.0);
-        wf.par_chunks_mut(w.cols * 64)
-            .zip(wide.par_chunks(w.cols * 64))
-            .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
-        gemm_nt(n, w.rows, w.cols, x, w.cols, &wf, w.cols, out, w.rows);
-    });
+    // Taken out rather than borrowed: while the parallel work below runs, this thread may
+    // steal a job of another forward pass that comes back here.
+    let mut wf = WEIGHT_F32.take();
+    let wide = w.wide();
+    wf.resize(wide.len(), 0.0);
+    wf.par_chunks_mut(w.cols * 64)
+        .zip(wide.par_chunks(w.cols * 64))
+        .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+    gemm_nt(n, w.rows, w.cols, x, w.cols, &wf, w.cols, out, w.rows);
+    WEIGHT_F32.set(wf);
 }
 
 /// `c[i][j] = sum_k a[i][k] * b[j][k]`, the product of `a` (m x k) with the transpose of
@@ -242,17 +243,13 @@ fn gemm_strided(
 pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
     assert_eq!(x.len(), w.cols);
     assert_eq!(out.len(), w.rows);
-    let sums = if x.len() % 32 == 0 {
-        block_sums(x)
-    } else {
-        Vec::new()
-    };
+    let x = prepare(w.ty, x);
     out.par_chunks_mut(MATVEC_ROWS_PER_TASK)
         .enumerate()
         .for_each(|(chunk, out)| {
             let first = chunk * MATVEC_ROWS_PER_TASK;
             for (i, o) in out.iter_mut().enumerate() {
-                *o = dot_row(w.ty, w.quantized_row(first + i), x, &sums);
+                *o = dot_row(w.ty, w.quantized_row(first + i), &x);
             }
         });
 }

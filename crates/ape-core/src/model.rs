@@ -9,7 +9,9 @@ use rayon::prelude::*;
 use crate::attention::{ape_attention, causal_attention, context_attention, ApeFactors, KvCache};
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, TensorInfo, Value};
-use crate::kernels::{matmul, matmul_gemm, matvec, rms_norm, silu_mul, Matrix, Rope, RopeStyle};
+use crate::kernels::{
+    matmul, matmul_gemm, matvec, rms_norm, silu_mul, Matrix, Rope, RopeAngles, RopeStyle,
+};
 use crate::quant::dequantize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,18 +356,31 @@ impl Model {
         tokens: &[u32],
         positions: impl IntoIterator<Item = usize>,
         product: fn(&[f32], &Matrix, &mut [f32]),
+        attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
+    ) -> Vec<f32> {
+        assert!(!tokens.is_empty(), "forward needs at least one token");
+        let angles = self.rope.angles(positions.into_iter().take(tokens.len()));
+        // From a worker thread, each of the ~240 parallel products of a decoded token is
+        // split among the workers directly; called from outside the pool, each one would be
+        // queued and this thread put to sleep until it is done.
+        rayon::scope(|_| self.run_layers_on_worker(tokens, &angles, product, attend))
+    }
+
+    fn run_layers_on_worker(
+        &self,
+        tokens: &[u32],
+        angles: &RopeAngles,
+        product: fn(&[f32], &Matrix, &mut [f32]),
         mut attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]),
     ) -> Vec<f32> {
         let c = &self.config;
         let n = tokens.len();
-        assert!(n > 0, "forward needs at least one token");
         let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
 
         let mut x = vec![0f32; n * c.hidden];
         for (row, &t) in x.chunks_exact_mut(c.hidden).zip(tokens) {
             self.embedding.dequantize_row(t as usize, row);
         }
-        let angles = self.rope.angles(positions.into_iter().take(n));
 
         let mut h = vec![0f32; n * c.hidden];
         let mut q = vec![0f32; n * q_dim];
@@ -388,9 +403,9 @@ impl Model {
             }
             for t in 0..n {
                 self.rope
-                    .apply(&mut q[t * q_dim..(t + 1) * q_dim], &angles, t);
+                    .apply(&mut q[t * q_dim..(t + 1) * q_dim], angles, t);
                 self.rope
-                    .apply(&mut k[t * kv_dim..(t + 1) * kv_dim], &angles, t);
+                    .apply(&mut k[t * kv_dim..(t + 1) * kv_dim], angles, t);
             }
             attend(li, &q, &k, &v, &mut attn);
             product(&attn, &layer.wo, &mut h);

@@ -1,71 +1,154 @@
-//! Dot products of GGUF-quantized weight rows with f32 activations, read straight from the
-//! quantized bytes.
+//! Dot products of GGUF-quantized weight rows with an activation vector, read straight from
+//! the quantized bytes.
 //!
-//! Decoding reads every weight once per token, so its speed is set by how many bytes the
-//! weights take; a 4-bit row is a quarter of the f16 one. Each value is still dequantized
-//! exactly (scale times quant, plus offset) and multiplied with `x` in f32: the activations
-//! are never quantized, so the result equals `quant::dequantize` followed by an f32 dot
-//! product up to rounding.
+//! Decoding reads every weight once per token, so its speed is set first by how many bytes
+//! the weights take (a 4-bit row is a quarter of the f16 one) and then by the arithmetic
+//! spent per weight. To keep that arithmetic small, a vector multiplied with quantized rows
+//! is itself quantized once per matrix-vector product (`prepare`), as llama.cpp does: to
+//! signed 8-bit values in blocks of 32, each block with an f32 scale `d = max|x| / 127`.
+//! A block of the row then meets a block of the vector as one integer dot product of
+//! 32 byte pairs, scaled once in f32. The result is exact for the quantized vector up to
+//! f32 rounding; quantizing costs each element at most `d / 2`.
 //!
-//! Formats whose values are `d * q + m` per block (Q4_1, Q5_1, and Q4_K and Q5_K with their
-//! per-sub-block mins) are computed as `d * sum(q * x) + m * sum(x)`: the sums of `x` over
-//! 32-element blocks are the same for every row of a matrix-vector product, so
-//! `block_sums` computes them once per vector and each row adds one term per block. The
-//! fixed biases of Q4_0, Q5_0 and Q6_K (`-8`, `-16`, `-32`) are instead subtracted from the
-//! integer quants, exactly: folded into the sums, they would leave `sum(q * x)` to cancel
-//! against `bias * sum(x)` and cost digits whenever `x` has a mean.
+//! The 32-element vector blocks line up with every weight format's blocks (Q4_0 to Q8_0)
+//! and sub-blocks (Q4_K, Q5_K; Q6_K's 16-element scales pair up inside them), so every
+//! product of a weight scale with a vector scale is per 32 elements.
 //!
-//! Every type has an AVX2 kernel; other CPUs dequantize a chunk at a time and multiply.
+//! Formats whose values are `d * q + m` (Q4_1, Q5_1, and Q4_K and Q5_K with their
+//! per-sub-block mins) are computed as `d * sum(q * x) + m * sum(x)`, with the sum of each
+//! vector block stored next to its scale. The fixed biases of Q4_0, Q5_0 and Q6_K (`-8`,
+//! `-16`, `-32`) and Q8_0's sign are instead kept in the weight bytes, which become signed:
+//! the byte multiply needs one unsigned operand, so the weight's sign moves onto the vector
+//! byte and its magnitude is used.
+//!
+//! F32, F16 and BF16 rows are multiplied with the f32 vector as it is. Every type has an
+//! AVX2 kernel; other CPUs dequantize a chunk at a time and multiply.
 
 use crate::quant::{dequantize, GgmlType};
 
-/// Elements summed into one entry of `block_sums`.
-const SUM_BLOCK: usize = 32;
+/// Elements per block of a quantized vector.
+const QBLOCK: usize = 32;
 
-/// Sums of `x` over consecutive 32-element blocks (`x.len()` must be a multiple of 32), to be
-/// passed to every `dot_row` call with the same `x`.
-pub fn block_sums(x: &[f32]) -> Vec<f32> {
-    assert_eq!(x.len() % SUM_BLOCK, 0, "length is not a multiple of 32");
-    x.chunks_exact(SUM_BLOCK)
-        .map(|block| {
-            // Lane-wise partial sums vectorise; a plain running sum would not.
-            let mut lanes = [0f32; 8];
-            for part in block.chunks_exact(8) {
-                for (lane, v) in lanes.iter_mut().zip(part) {
-                    *lane += v;
-                }
-            }
-            lanes.iter().sum()
-        })
-        .collect()
+/// A vector quantized to 8 bits for products with quantized rows.
+pub struct QuantizedVector {
+    /// One quant per element, in `-127..=127`.
+    qs: Vec<i8>,
+    /// Per 32-element block, its scale: element `i` is `qs[i] * d[i / 32]`.
+    d: Vec<f32>,
+    /// Per block, the sum of its dequantized elements, for the formats with offsets.
+    s: Vec<f32>,
 }
 
-/// Whether `dot_row` reads `sums` for rows of this type.
-fn uses_sums(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K
-    )
+impl QuantizedVector {
+    pub fn len(&self) -> usize {
+        self.qs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.qs.is_empty()
+    }
+
+    /// Elements `start..start + out.len()` dequantized.
+    fn dequantize_range(&self, start: usize, out: &mut [f32]) {
+        for (i, o) in (start..).zip(out) {
+            *o = self.qs[i] as f32 * self.d[i / QBLOCK];
+        }
+    }
 }
 
-/// Dot product of one quantized row with `x`: `row` holds exactly `x.len()` elements of type
-/// `ty`, and `sums` is `block_sums(x)` (types without offsets ignore it, so it may be empty
-/// for them).
-pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+/// Quantizes `x` (a multiple of 32 elements long) to 8 bits per element, rounding to nearest.
+pub fn quantize(x: &[f32]) -> QuantizedVector {
+    assert_eq!(x.len() % QBLOCK, 0, "length is not a multiple of 32");
+    let blocks = x.len() / QBLOCK;
+    let mut v = QuantizedVector {
+        qs: vec![0; x.len()],
+        d: vec![0.0; blocks],
+        s: vec![0.0; blocks],
+    };
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // Safety: `available` checked the CPU features, and `v` was sized for `x` above.
+        unsafe { simd::quantize(x, &mut v) };
+        return v;
+    }
+    quantize_scalar(x, &mut v);
+    v
+}
+
+/// The portable `quantize`, into a vector sized for `x`.
+fn quantize_scalar(x: &[f32], v: &mut QuantizedVector) {
+    for (((x, q), d), s) in x
+        .chunks_exact(QBLOCK)
+        .zip(v.qs.chunks_exact_mut(QBLOCK))
+        .zip(&mut v.d)
+        .zip(&mut v.s)
+    {
+        let amax = x.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let inverse = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        *d = amax / 127.0;
+        let mut sum = 0;
+        for (q, x) in q.iter_mut().zip(x) {
+            *q = (x * inverse).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        *s = *d * sum as f32;
+    }
+}
+
+/// An activation vector in the form `dot_row` multiplies with rows of one type.
+pub enum Prepared<'a> {
+    /// For F32, F16 and BF16 rows: the vector as it is.
+    Dense(&'a [f32]),
+    /// For every quantized type.
+    Quantized(QuantizedVector),
+}
+
+impl Prepared<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Prepared::Dense(x) => x.len(),
+            Prepared::Quantized(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn is_dense(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16)
+}
+
+/// `x` prepared once for any number of `dot_row` calls with rows of type `ty`.
+pub fn prepare(ty: GgmlType, x: &[f32]) -> Prepared<'_> {
+    if is_dense(ty) {
+        Prepared::Dense(x)
+    } else {
+        Prepared::Quantized(quantize(x))
+    }
+}
+
+/// Dot product of one row with `x`: `row` holds exactly `x.len()` elements of type `ty`, and
+/// `x` was prepared for `ty`.
+pub fn dot_row(ty: GgmlType, row: &[u8], x: &Prepared) -> f32 {
     assert_eq!(x.len() % ty.block_len(), 0, "row is not whole blocks");
     assert_eq!(row.len(), ty.row_bytes(x.len()), "byte length mismatch");
-    if uses_sums(ty) {
-        assert_eq!(
-            sums.len(),
-            x.len() / SUM_BLOCK,
-            "block sums of another vector"
-        );
-    }
+    assert_eq!(
+        is_dense(ty),
+        matches!(x, Prepared::Dense(_)),
+        "vector prepared for another type"
+    );
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
         // Safety: `available` checked the CPU features the kernels are compiled for, and the
         // asserts above the lengths they index by.
-        return unsafe { simd::dot_row(ty, row, x, sums) };
+        return unsafe {
+            match x {
+                Prepared::Dense(x) => simd::dot_dense(ty, row, x),
+                Prepared::Quantized(v) => simd::dot_quantized(ty, row, v),
+            }
+        };
     }
     dot_row_scalar(ty, row, x)
 }
@@ -73,47 +156,94 @@ pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
 /// Elements dequantized at a time by the portable path: a multiple of every block length.
 const SCALAR_CHUNK: usize = 256;
 
-/// The portable path: dequantize a chunk at a time onto the stack and multiply.
-fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
-    let mut buf = [0f32; SCALAR_CHUNK];
+/// The portable path: dequantize a chunk of the row (and of `x`, if quantized) at a time
+/// onto the stack and multiply.
+fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &Prepared) -> f32 {
+    let (mut w, mut xs) = ([0f32; SCALAR_CHUNK], [0f32; SCALAR_CHUNK]);
     let mut total = 0.0;
-    for (bytes, x) in row
-        .chunks(ty.row_bytes(SCALAR_CHUNK))
-        .zip(x.chunks(SCALAR_CHUNK))
-    {
-        let w = &mut buf[..x.len()];
+    for (chunk, bytes) in row.chunks(ty.row_bytes(SCALAR_CHUNK)).enumerate() {
+        let (start, n) = (
+            chunk * SCALAR_CHUNK,
+            bytes.len() / ty.block_bytes() * ty.block_len(),
+        );
+        let w = &mut w[..n];
         dequantize(ty, bytes, w);
-        total += w.iter().zip(x).map(|(w, x)| w * x).sum::<f32>();
+        let xs = match x {
+            Prepared::Dense(x) => &x[start..start + n],
+            Prepared::Quantized(v) => {
+                v.dequantize_range(start, &mut xs[..n]);
+                &xs[..n]
+            }
+        };
+        total += w.iter().zip(xs).map(|(w, x)| w * x).sum::<f32>();
     }
     total
 }
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    //! AVX2 kernels. Quants are widened to one i32 lane per element (straight from memory
-    //! where the layout allows), converted to f32 and multiplied with `x`; the products of a
-    //! block are scaled by its `d` into accumulators that live across the whole row.
+    //! AVX2 kernels. A 32-element block of quants is laid out as 32 bytes in element order,
+    //! multiplied bytewise with the vector's 32 quants and summed in pairs (`maddubs`), then
+    //! in fours (`madd`) to eight i32 lanes, which are converted once and scaled into f32
+    //! accumulators that live across the whole row.
 
-    use super::GgmlType;
+    use super::{GgmlType, QuantizedVector, QBLOCK};
     use std::arch::x86_64::*;
 
     pub use crate::kernels::simd::available;
     use crate::kernels::simd::hsum;
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_row(ty: GgmlType, row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+    pub unsafe fn quantize(x: &[f32], v: &mut QuantizedVector) {
+        let magnitude = _mm256_set1_ps(-0.0);
+        // `packs` interleaves its inputs per 128-bit lane; this puts the 4-byte groups back
+        // in element order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (i, x) in x.chunks_exact(QBLOCK).enumerate() {
+            let x: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.as_ptr().add(8 * k)));
+            let abs = x.map(|x| _mm256_andnot_ps(magnitude, x));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let inverse = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+            // Rounds to nearest, ties to even, as the scalar path does.
+            let q = x.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, inverse)));
+            let words = [
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            ];
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words[0], words[1]), order);
+            _mm256_storeu_si256(v.qs.as_mut_ptr().add(QBLOCK * i).cast(), bytes);
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let d = amax / 127.0;
+            v.d[i] = d;
+            v.s[i] = d * hsum(_mm256_cvtepi32_ps(sum));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_quantized(ty: GgmlType, row: &[u8], v: &QuantizedVector) -> f32 {
+        match ty {
+            GgmlType::Q4_0 => dot_q4_0(row, v),
+            GgmlType::Q4_1 => dot_q4_1(row, v),
+            GgmlType::Q5_0 => dot_q5_0(row, v),
+            GgmlType::Q5_1 => dot_q5_1(row, v),
+            GgmlType::Q8_0 => dot_q8_0(row, v),
+            GgmlType::Q4K => dot_q4_k(row, v),
+            GgmlType::Q5K => dot_q5_k(row, v),
+            GgmlType::Q6K => dot_q6_k(row, v),
+            GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => unreachable!("dense row"),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_dense(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
         match ty {
             GgmlType::F32 => dot_f32(row, x),
             GgmlType::F16 => dot_f16(row, x),
             GgmlType::Bf16 => dot_bf16(row, x),
-            GgmlType::Q4_0 => dot_q4_0(row, x),
-            GgmlType::Q4_1 => dot_q4_1(row, x, sums),
-            GgmlType::Q5_0 => dot_q5_0(row, x),
-            GgmlType::Q5_1 => dot_q5_1(row, x, sums),
-            GgmlType::Q8_0 => dot_q8_0(row, x),
-            GgmlType::Q4K => dot_q4_k(row, x, sums),
-            GgmlType::Q5K => dot_q5_k(row, x, sums),
-            GgmlType::Q6K => dot_q6_k(row, x),
+            _ => unreachable!("quantized row"),
         }
     }
 
@@ -124,154 +254,150 @@ mod simd {
         _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read_unaligned()))
     }
 
-    /// Eight bytes at `p` zero-extended to i32 lanes.
+    /// Lane `j` of `v` in all eight lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn u8x8(p: *const u8) -> __m256i {
-        _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()))
+    unsafe fn lane(v: __m256, j: usize) -> __m256 {
+        _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j as i32))
     }
 
-    /// Eight bytes at `p` sign-extended to i32 lanes.
+    /// The 32 vector quants at `p`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn i8x8(p: *const u8) -> __m256i {
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))
+    unsafe fn load32(p: *const i8) -> __m256i {
+        _mm256_loadu_si256(p.cast())
     }
 
-    /// `sum q[i] * x[i]` over 32 elements given as four vectors of eight i32 quants, in lanes.
+    /// `sum w[i] * x[i]` over 32 byte pairs, in eight i32 lanes: `w` unsigned and below 128
+    /// (larger ones could saturate the pair sums), `x` signed.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot32(q: [__m256i; 4], x: *const f32) -> __m256 {
-        let mut p = _mm256_mul_ps(_mm256_cvtepi32_ps(q[0]), _mm256_loadu_ps(x));
-        for (k, q) in q.iter().enumerate().skip(1) {
-            p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*q), _mm256_loadu_ps(x.add(8 * k)), p);
-        }
-        p
+    unsafe fn dot_unsigned(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    }
+
+    /// As `dot_unsigned` for signed `w`: `|w| * (x * sign(w))` is the same product.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_signed(w: __m256i, x: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 
     /// The 32 nibbles of a 16-byte run in element order: low nibbles first, then high ones.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn nibbles(qs: *const u8) -> [__m256i; 4] {
-        let (a, b) = (u8x8(qs), u8x8(qs.add(8)));
-        let low = _mm256_set1_epi32(0x0f);
-        [
-            _mm256_and_si256(a, low),
-            _mm256_and_si256(b, low),
-            _mm256_srli_epi32(a, 4),
-            _mm256_srli_epi32(b, 4),
-        ]
+    unsafe fn nibbles(qs: *const u8) -> __m256i {
+        let q = _mm_loadu_si128(qs.cast());
+        let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
     }
 
-    /// Lane `i` of entry `b` is 16 if bit `i` of `b` is set: the fifth bits of eight Q5
-    /// quants. One load from this table replaces a shift, a mask and a broadcast.
-    static FIFTH_BITS: [Lanes; 256] = fifth_bits_table();
-
-    #[derive(Clone, Copy)]
-    #[repr(align(32))]
-    struct Lanes([u32; 8]);
-
-    const fn fifth_bits_table() -> [Lanes; 256] {
-        let mut table = [Lanes([0; 8]); 256];
-        let mut byte = 0;
-        while byte < 256 {
-            let mut lane = 0;
-            while lane < 8 {
-                table[byte].0[lane] = ((byte >> lane) as u32 & 1) << 4;
-                lane += 1;
-            }
-            byte += 1;
-        }
-        table
-    }
-
-    /// 16 or 0 for each of 32 elements: bit `i` of `bits` belongs to element `i`.
+    /// 0xff in byte `i` where bit `i` of `bits` is set, else 0.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn fifth_bits(bits: u32) -> [__m256i; 4] {
-        bits.to_le_bytes()
-            .map(|byte| _mm256_load_si256(FIFTH_BITS[byte as usize].0.as_ptr().cast()))
-    }
-
-    /// Adds the fifth bits to 32 quants.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn with_fifth_bits(q: [__m256i; 4], bits: u32) -> [__m256i; 4] {
-        let high = fifth_bits(bits);
-        std::array::from_fn(|k| _mm256_or_si256(q[k], high[k]))
+    unsafe fn bit_mask(bits: u32) -> __m256i {
+        // Byte i takes byte i / 8 of `bits`, then tests bit i % 8 of it.
+        let select = _mm256_setr_epi64x(
+            0,
+            0x0101_0101_0101_0101,
+            0x0202_0202_0202_0202,
+            0x0303_0303_0303_0303,
+        );
+        let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), select);
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
     }
 
     /// Rows of 32-element blocks that start with an f16 scale `d`, then for formats with
-    /// `has_min` an f16 offset `m`, and whose values are `d * q + m`; `quants` decodes the
-    /// `q` of the block at a pointer.
+    /// `has_min` an f16 offset `m`, and whose values are `d * w + m`; `weights` gives the
+    /// 32 `w` of the block at a pointer as bytes, signed if `signed`, else below 128.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_blocks32(
         row: &[u8],
-        x: &[f32],
-        sums: &[f32],
+        v: &QuantizedVector,
         block_bytes: usize,
         has_min: bool,
-        quants: impl Fn(*const u8) -> [__m256i; 4],
+        signed: bool,
+        weights: impl Fn(*const u8) -> __m256i,
     ) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        // Lane 1 gathers m * sum(x): one FMA per block, where extracting `m` to a scalar
-        // would take three instructions.
+        let (row, qs) = (row.as_ptr(), v.qs.as_ptr());
+        // Two accumulators, for even and odd blocks, halve the chain of dependent FMAs.
+        let mut acc = [_mm256_setzero_ps(); 2];
+        // Lane 1 gathers m * sum(x).
         let mut offsets = _mm_setzero_ps();
-        let blocks = row.chunks_exact(block_bytes).zip(x.chunks_exact(32));
-        for (i, (b, x)) in blocks.enumerate() {
-            let b = b.as_ptr();
+        let mut block = |i: usize, acc: &mut __m256| {
+            let b = row.add(block_bytes * i);
+            let (w, x) = (weights(b), load32(qs.add(QBLOCK * i)));
+            let p = if signed {
+                dot_signed(w, x)
+            } else {
+                dot_unsigned(w, x)
+            };
             let header = if has_min {
                 b.cast::<u32>().read_unaligned()
             } else {
                 b.cast::<u16>().read_unaligned().into()
             };
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(header as i32));
-            let qx = dot32(quants(b), x.as_ptr());
-            acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), qx, acc);
+            // (d, m) times (the vector block's scale, its sum).
+            let scales = _mm_mul_ps(
+                _mm_cvtph_ps(_mm_cvtsi32_si128(header as i32)),
+                _mm_unpacklo_ps(_mm_load_ss(&v.d[i]), _mm_load_ss(&v.s[i])),
+            );
+            *acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(p), *acc);
             if has_min {
-                offsets = _mm_fmadd_ps(dm, _mm_broadcast_ss(&sums[i]), offsets);
+                offsets = _mm_add_ps(offsets, scales);
             }
+        };
+        let blocks = v.d.len();
+        for i in (0..blocks - blocks % 2).step_by(2) {
+            block(i, &mut acc[0]);
+            block(i + 1, &mut acc[1]);
         }
-        hsum(acc) + _mm_cvtss_f32(_mm_movehdup_ps(offsets))
+        if blocks % 2 == 1 {
+            block(blocks - 1, &mut acc[0]);
+        }
+        hsum(_mm256_add_ps(acc[0], acc[1])) + _mm_cvtss_f32(_mm_movehdup_ps(offsets))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4_0(row: &[u8], x: &[f32]) -> f32 {
-        let eight = _mm256_set1_epi32(8);
-        dot_blocks32(row, x, &[], 18, false, |b| {
-            nibbles(b.add(2)).map(|q| _mm256_sub_epi32(q, eight))
+    unsafe fn dot_q4_0(row: &[u8], v: &QuantizedVector) -> f32 {
+        let eight = _mm256_set1_epi8(8);
+        dot_blocks32(row, v, 18, false, true, |b| {
+            _mm256_sub_epi8(nibbles(b.add(2)), eight)
         })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4_1(row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-        dot_blocks32(row, x, sums, 20, true, |b| nibbles(b.add(4)))
+    unsafe fn dot_q4_1(row: &[u8], v: &QuantizedVector) -> f32 {
+        dot_blocks32(row, v, 20, true, false, |b| nibbles(b.add(4)))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q5_0(row: &[u8], x: &[f32]) -> f32 {
-        dot_blocks32(row, x, &[], 22, false, |b| {
-            let qh = b.add(2).cast::<u32>().read_unaligned();
-            // q - 16 is the nibble, less 16 where the fifth bit is clear.
-            let (low, clear) = (nibbles(b.add(6)), fifth_bits(!qh));
-            std::array::from_fn(|k| _mm256_sub_epi32(low[k], clear[k]))
+    unsafe fn dot_q5_0(row: &[u8], v: &QuantizedVector) -> f32 {
+        let high = _mm256_set1_epi8(0xf0_u8 as i8);
+        dot_blocks32(row, v, 22, false, true, |b| {
+            let set = bit_mask(b.add(2).cast::<u32>().read_unaligned());
+            // q - 16 is the nibble where the fifth bit is set; where it is clear, the nibble
+            // less 16, which as a byte is the nibble with the top four bits set.
+            _mm256_or_si256(nibbles(b.add(6)), _mm256_andnot_si256(set, high))
         })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q5_1(row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-        dot_blocks32(row, x, sums, 24, true, |b| {
-            let qh = b.add(4).cast::<u32>().read_unaligned();
-            with_fifth_bits(nibbles(b.add(8)), qh)
+    unsafe fn dot_q5_1(row: &[u8], v: &QuantizedVector) -> f32 {
+        let fifth = _mm256_set1_epi8(0x10);
+        dot_blocks32(row, v, 24, true, false, |b| {
+            let set = bit_mask(b.add(4).cast::<u32>().read_unaligned());
+            _mm256_or_si256(nibbles(b.add(8)), _mm256_and_si256(set, fifth))
         })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
-        dot_blocks32(row, x, &[], 34, false, |b| {
-            let q = b.add(2);
-            [i8x8(q), i8x8(q.add(8)), i8x8(q.add(16)), i8x8(q.add(24))]
+    unsafe fn dot_q8_0(row: &[u8], v: &QuantizedVector) -> f32 {
+        dot_blocks32(row, v, 34, false, true, |b| {
+            _mm256_loadu_si256(b.add(2).cast())
         })
     }
 
@@ -293,154 +419,164 @@ mod simd {
         )
     }
 
-    /// Shared by Q4_K and Q5_K: `quants(b, group)` decodes the 64 quants of group `group` (0..4)
-    /// of the block at `b`, as the 32 of its even sub-block and the 32 of its odd one.
+    /// Shared by Q4_K and Q5_K: `weights(b, group)` gives the 64 quants of group `group`
+    /// (0..4) of the block at `b`, as the 32 of its even sub-block and the 32 of its odd one.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_k_blocks(
         row: &[u8],
-        x: &[f32],
-        sums: &[f32],
+        v: &QuantizedVector,
         block_bytes: usize,
-        quants: impl Fn(*const u8, usize) -> ([__m256i; 4], [__m256i; 4]),
+        weights: impl Fn(*const u8, usize) -> (__m256i, __m256i),
     ) -> f32 {
         // Even and odd sub-blocks accumulate apart to halve the dependency chain.
         let mut acc = [_mm256_setzero_ps(); 2];
-        for ((b, x), s) in row
-            .chunks_exact(block_bytes)
-            .zip(x.chunks_exact(256))
-            .zip(sums.chunks_exact(8))
-        {
+        let mut offsets = _mm256_setzero_ps();
+        for (i, b) in row.chunks_exact(block_bytes).enumerate() {
             let b = b.as_ptr();
             let packed = k_scales_mins(b.add(4));
+            // The eight sub-blocks are exactly the eight vector blocks under this block.
+            let (xd, xs) = (
+                _mm256_loadu_ps(v.d.as_ptr().add(8 * i)),
+                _mm256_loadu_ps(v.s.as_ptr().add(8 * i)),
+            );
             let scales = _mm256_mul_ps(
-                splat_f16(b),
+                _mm256_mul_ps(splat_f16(b), xd),
                 _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(packed)),
             );
             let mins = _mm256_mul_ps(
                 splat_f16(b.add(2)),
                 _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(packed, 8))),
             );
-            // The eight sub-blocks are exactly the eight 32-element sums of this block.
-            acc[1] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(s.as_ptr()), acc[1]);
-            let scales: [f32; 8] = std::mem::transmute(scales);
+            offsets = _mm256_fmadd_ps(mins, xs, offsets);
+            let x = v.qs.as_ptr().add(256 * i);
             for group in 0..4 {
-                let (even, odd) = quants(b, group);
-                let x = x.as_ptr().add(64 * group);
-                for (j, (q, acc)) in [even, odd].into_iter().zip(&mut acc).enumerate() {
-                    let d = _mm256_set1_ps(scales[2 * group + j]);
-                    *acc = _mm256_fmadd_ps(d, dot32(q, x.add(32 * j)), *acc);
+                let (even, odd) = weights(b, group);
+                for (j, (w, acc)) in [even, odd].into_iter().zip(&mut acc).enumerate() {
+                    let p = dot_unsigned(w, load32(x.add(64 * group + 32 * j)));
+                    let d = lane(scales, 2 * group + j);
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
                 }
             }
         }
-        hsum(_mm256_add_ps(acc[0], acc[1]))
+        hsum(_mm256_sub_ps(_mm256_add_ps(acc[0], acc[1]), offsets))
     }
 
     /// Low nibbles of the 32 bytes at `qs` are one sub-block, high nibbles the next.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn nibble_pairs(qs: *const u8) -> ([__m256i; 4], [__m256i; 4]) {
-        let bytes = [
-            u8x8(qs),
-            u8x8(qs.add(8)),
-            u8x8(qs.add(16)),
-            u8x8(qs.add(24)),
-        ];
-        let low = _mm256_set1_epi32(0x0f);
+    unsafe fn nibble_pair(qs: *const u8) -> (__m256i, __m256i) {
+        let q = _mm256_loadu_si256(qs.cast());
+        let low = _mm256_set1_epi8(0x0f);
         (
-            bytes.map(|v| _mm256_and_si256(v, low)),
-            bytes.map(|v| _mm256_srli_epi32(v, 4)),
+            _mm256_and_si256(q, low),
+            _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
         )
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4_k(row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-        dot_k_blocks(row, x, sums, 144, |b, group| {
-            nibble_pairs(b.add(16 + 32 * group))
-        })
+    unsafe fn dot_q4_k(row: &[u8], v: &QuantizedVector) -> f32 {
+        dot_k_blocks(row, v, 144, |b, group| nibble_pair(b.add(16 + 32 * group)))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q5_k(row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-        dot_k_blocks(row, x, sums, 176, |b, group| {
-            let (even, odd) = nibble_pairs(b.add(48 + 32 * group));
+    unsafe fn dot_q5_k(row: &[u8], v: &QuantizedVector) -> f32 {
+        let fifth = _mm256_set1_epi8(0x10);
+        dot_k_blocks(row, v, 176, |b, group| {
+            let (even, odd) = nibble_pair(b.add(48 + 32 * group));
             // Byte l of qh holds the fifth bits of element l of every sub-block, bit s for
-            // sub-block s: moving bit s to the top of each byte lets movemask collect them.
+            // sub-block s; shifting it to bit 4 puts it in place. The 16-bit shifts carry bits
+            // across bytes only outside bit 4.
             let qh = _mm256_loadu_si256(b.add(16).cast());
-            let bits = |s: usize| {
-                let top = _mm256_sll_epi16(qh, _mm_cvtsi32_si128(7 - s as i32));
-                _mm256_movemask_epi8(top) as u32
+            let bit = |s: usize| {
+                let moved = if s <= 4 {
+                    _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - s as i32))
+                } else {
+                    _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s as i32 - 4))
+                };
+                _mm256_and_si256(moved, fifth)
             };
             (
-                with_fifth_bits(even, bits(2 * group)),
-                with_fifth_bits(odd, bits(2 * group + 1)),
+                _mm256_or_si256(even, bit(2 * group)),
+                _mm256_or_si256(odd, bit(2 * group + 1)),
             )
         })
     }
 
+    /// For `madd` with the pair sums of run `k` (0..4) of a Q6_K half-block: the i16 scale of
+    /// its first 16 elements in the low lane, of its last 16 in the high lane, picked from
+    /// the half's eight scales held in both lanes.
+    const Q6_SCALE_PICK: [[i8; 32]; 4] = {
+        let mut pick = [[0; 32]; 4];
+        let mut k = 0;
+        while k < 4 {
+            let mut i = 0;
+            while i < 32 {
+                let scale = 2 * k + i / 16;
+                pick[k][i] = (2 * scale + i % 2) as i8;
+                i += 1;
+            }
+            k += 1;
+        }
+        pick
+    };
+
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q6_k(row: &[u8], x: &[f32]) -> f32 {
+    unsafe fn dot_q6_k(row: &[u8], v: &QuantizedVector) -> f32 {
         let mut acc = [_mm256_setzero_ps(); 2];
-        let mut q = [0i8; 256];
-        for (b, x) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+        let (four, two) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+        let bias = _mm256_set1_epi8(32);
+        for (i, b) in row.chunks_exact(210).enumerate() {
             let b = b.as_ptr();
-            q6_k_quants(b, &mut q);
-            let d = splat_f16(b.add(208));
-            let sc = b.add(192);
-            let scales = [sc, sc.add(8)].map(|sc| _mm256_mul_ps(d, _mm256_cvtepi32_ps(i8x8(sc))));
-            let scales: [f32; 16] = std::mem::transmute(scales);
-            // Each scale covers 16 elements; alternate accumulators between them.
-            for pair in (0..16).step_by(2) {
-                for (g, acc) in (pair..).zip(&mut acc) {
-                    let (q, x) = (q.as_ptr().add(16 * g).cast::<u8>(), x.as_ptr().add(16 * g));
-                    let p = _mm256_mul_ps(_mm256_cvtepi32_ps(i8x8(q)), _mm256_loadu_ps(x));
-                    let p = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(i8x8(q.add(8))),
-                        _mm256_loadu_ps(x.add(8)),
-                        p,
-                    );
-                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(scales[g]), p, *acc);
+            // Per run of 32 elements: the block's d times the vector block's scale.
+            let scales = _mm256_mul_ps(
+                splat_f16(b.add(208)),
+                _mm256_loadu_ps(v.d.as_ptr().add(8 * i)),
+            );
+            let sixteen = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192).cast()));
+            let x = v.qs.as_ptr().add(256 * i);
+            for half in 0..2 {
+                let half_scales = if half == 0 {
+                    _mm256_permute2x128_si256(sixteen, sixteen, 0x00)
+                } else {
+                    _mm256_permute2x128_si256(sixteen, sixteen, 0x11)
+                };
+                let ql = b.add(64 * half);
+                let lo = _mm256_loadu_si256(ql.cast());
+                let hi = _mm256_loadu_si256(ql.add(32).cast());
+                let h = _mm256_loadu_si256(b.add(128 + 32 * half).cast());
+                // Four runs of 32 elements: nibbles of ql[0..32] and ql[32..64], low then
+                // high, each with its two bits of qh (bits 0-1, 2-3, 4-5, 6-7) moved to 4-5.
+                let runs = [
+                    (_mm256_and_si256(lo, four), _mm256_slli_epi16(h, 4)),
+                    (_mm256_and_si256(hi, four), _mm256_slli_epi16(h, 2)),
+                    (_mm256_and_si256(_mm256_srli_epi16(lo, 4), four), h),
+                    (
+                        _mm256_and_si256(_mm256_srli_epi16(hi, 4), four),
+                        _mm256_srli_epi16(h, 2),
+                    ),
+                ];
+                for (k, (low, high)) in runs.into_iter().enumerate() {
+                    let run = 4 * half + k;
+                    let w =
+                        _mm256_sub_epi8(_mm256_or_si256(low, _mm256_and_si256(high, two)), bias);
+                    let x = load32(x.add(32 * run));
+                    let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+                    let pick = _mm256_loadu_si256(Q6_SCALE_PICK[k].as_ptr().cast());
+                    let p = _mm256_madd_epi16(pairs, _mm256_shuffle_epi8(half_scales, pick));
+                    acc[k % 2] =
+                        _mm256_fmadd_ps(lane(scales, run), _mm256_cvtepi32_ps(p), acc[k % 2]);
                 }
             }
         }
         hsum(_mm256_add_ps(acc[0], acc[1]))
-    }
-
-    /// The 256 quants of the Q6_K block at `b`, bias removed, in element order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q6_k_quants(b: *const u8, q: &mut [i8; 256]) {
-        let (four, two) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
-        let bias = _mm256_set1_epi8(32);
-        for half in 0..2 {
-            let ql = b.add(64 * half);
-            let lo = _mm256_loadu_si256(ql.cast());
-            let hi = _mm256_loadu_si256(ql.add(32).cast());
-            let h = _mm256_loadu_si256(b.add(128 + 32 * half).cast());
-            // Four runs of 32 elements: nibbles of ql[0..32] and ql[32..64], low then high,
-            // each with its two bits of qh (bits 0-1, 2-3, 4-5, 6-7) moved to bits 4-5.
-            let runs = [
-                (_mm256_and_si256(lo, four), _mm256_slli_epi16(h, 4)),
-                (_mm256_and_si256(hi, four), _mm256_slli_epi16(h, 2)),
-                (_mm256_and_si256(_mm256_srli_epi16(lo, 4), four), h),
-                (
-                    _mm256_and_si256(_mm256_srli_epi16(hi, 4), four),
-                    _mm256_srli_epi16(h, 2),
-                ),
-            ];
-            for (k, (low, high)) in runs.into_iter().enumerate() {
-                let v = _mm256_or_si256(low, _mm256_and_si256(high, two));
-                let at = q.as_mut_ptr().add(128 * half + 32 * k);
-                _mm256_storeu_si256(at.cast(), _mm256_sub_epi8(v, bias));
-            }
-        }
     }
 
     /// Dense rows: `load` widens eight elements at a byte pointer to f32, `one` converts a
     /// single element for the tail.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_dense(
+    unsafe fn dot_dense_with(
         row: &[u8],
         width: usize,
         x: &[f32],
@@ -470,7 +606,7 @@ mod simd {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
-        dot_dense(
+        dot_dense_with(
             row,
             4,
             x,
@@ -481,7 +617,7 @@ mod simd {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
-        dot_dense(
+        dot_dense_with(
             row,
             2,
             x,
@@ -492,7 +628,7 @@ mod simd {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
-        dot_dense(
+        dot_dense_with(
             row,
             2,
             x,
@@ -558,6 +694,24 @@ mod tests {
         row
     }
 
+    /// A vector with a mean away from zero, as real activations have: it exercises the
+    /// offset terms and would expose a bias cancelling against sum(x).
+    fn random_vector(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0..1.5)).collect()
+    }
+
+    /// What `dot_row` multiplies the row with: `x` itself, or its quantized values.
+    fn effective(x: &Prepared) -> Vec<f32> {
+        match x {
+            Prepared::Dense(x) => x.to_vec(),
+            Prepared::Quantized(v) => {
+                let mut out = vec![0f32; v.len()];
+                v.dequantize_range(0, &mut out);
+                out
+            }
+        }
+    }
+
     /// The dot product of the dequantized row with `x` in f64, and the sum of the terms'
     /// magnitudes, which bounds the rounding error of any summation order.
     fn reference(ty: GgmlType, row: &[u8], x: &[f32]) -> (f64, f64) {
@@ -570,11 +724,13 @@ mod tests {
     fn lengths(ty: GgmlType) -> &'static [usize] {
         match ty.block_len() {
             256 => &[256, 512, 4864],
-            32 => &[32, 256, 576, 896, 4864],
+            32 => &[32, 64, 96, 256, 576, 896, 4864],
             _ => &[1, 7, 32, 40, 256, 896, 4864],
         }
     }
 
+    /// Against the row and the vector `dot_row` actually multiplies, it is exact up to f32
+    /// rounding: the integer products are exact and each block is scaled once.
     #[test]
     fn matches_dequantize_for_every_type() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -582,16 +738,10 @@ mod tests {
             for &n in lengths(ty) {
                 for _ in 0..4 {
                     let row = random_row(ty, n, &mut rng);
-                    // A mean away from zero, as real activations have, exercises the
-                    // offset terms and would expose a bias cancelling against sum(x).
-                    let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.5)).collect();
-                    let sums = if n % SUM_BLOCK == 0 {
-                        block_sums(&x)
-                    } else {
-                        Vec::new()
-                    };
-                    let (want, magnitude) = reference(ty, &row, &x);
-                    let got = dot_row(ty, &row, &x, &sums) as f64;
+                    let x = random_vector(n, &mut rng);
+                    let prepared = prepare(ty, &x);
+                    let (want, magnitude) = reference(ty, &row, &effective(&prepared));
+                    let got = dot_row(ty, &row, &prepared) as f64;
                     // Relative to the terms' magnitudes, as `want` itself may cancel to
                     // near zero; f32 summation stays around 1e-7 of it.
                     assert!(
@@ -600,6 +750,72 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Against the unquantized vector, the error is what quantizing `x` costs: at most half
+    /// a step of each block's scale per element, times the weight there.
+    #[test]
+    fn quantized_vector_error_is_bounded() {
+        let mut rng = ChaCha8Rng::seed_from_u64(10);
+        for ty in ALL_TYPES.into_iter().filter(|&ty| !is_dense(ty)) {
+            let n = 4864;
+            let row = random_row(ty, n, &mut rng);
+            let x = random_vector(n, &mut rng);
+            let Prepared::Quantized(v) = prepare(ty, &x) else {
+                panic!("{ty:?} is quantized");
+            };
+            let mut w = vec![0f32; n];
+            dequantize(ty, &row, &mut w);
+            let bound: f64 = w
+                .iter()
+                .enumerate()
+                .map(|(i, w)| w.abs() as f64 * v.d[i / QBLOCK] as f64 / 2.0)
+                .sum();
+            let (want, magnitude) = reference(ty, &row, &x);
+            let got = dot_row(ty, &row, &Prepared::Quantized(v)) as f64;
+            assert!(
+                (got - want).abs() <= bound + 1e-6 * magnitude,
+                "{ty:?}: {got} vs {want}, bound {bound}"
+            );
+        }
+    }
+
+    #[test]
+    fn quantize_rounds_each_block_to_its_scale() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut x = random_vector(4864, &mut rng);
+        // An all-zero block and one with a single large element.
+        x[32..64].fill(0.0);
+        x[70] = -40.0;
+        let v = quantize(&x);
+        for (i, (&x, &q)) in x.iter().zip(&v.qs).enumerate() {
+            let d = v.d[i / QBLOCK];
+            assert!((x - q as f32 * d).abs() <= d * 0.5001, "element {i}");
+        }
+        assert_eq!(v.qs[70], -127);
+        assert!(v.qs[32..64].iter().all(|&q| q == 0) && v.d[1] == 0.0);
+        for (b, q) in v.qs.chunks_exact(QBLOCK).enumerate() {
+            let sum: i32 = q.iter().map(|&q| q as i32).sum();
+            assert_eq!(v.s[b], v.d[b] * sum as f32);
+        }
+    }
+
+    #[test]
+    fn simd_quantize_matches_scalar() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let x = random_vector(4864, &mut rng);
+        let v = quantize(&x);
+        let mut scalar = QuantizedVector {
+            qs: vec![0; x.len()],
+            d: vec![0.0; x.len() / QBLOCK],
+            s: vec![0.0; x.len() / QBLOCK],
+        };
+        quantize_scalar(&x, &mut scalar);
+        assert_eq!(v.qs, scalar.qs);
+        assert_eq!(v.d, scalar.d);
+        for (a, b) in v.s.iter().zip(&scalar.s) {
+            assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
         }
     }
 
@@ -613,43 +829,16 @@ mod tests {
         for ty in ALL_TYPES {
             for &n in lengths(ty) {
                 let row = random_row(ty, n, &mut rng);
-                let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
-                let sums = if n % SUM_BLOCK == 0 {
-                    block_sums(&x)
-                } else {
-                    Vec::new()
-                };
-                let (_, magnitude) = reference(ty, &row, &x);
-                let scalar = dot_row_scalar(ty, &row, &x);
-                // Safety: `available` was checked above.
-                let fast = unsafe { simd::dot_row(ty, &row, &x, &sums) };
+                let x = random_vector(n, &mut rng);
+                let prepared = prepare(ty, &x);
+                let (_, magnitude) = reference(ty, &row, &effective(&prepared));
+                let scalar = dot_row_scalar(ty, &row, &prepared);
+                let fast = dot_row(ty, &row, &prepared);
                 assert!(
                     (fast - scalar).abs() as f64 <= 1e-6 * magnitude,
                     "{ty:?} n={n}: {fast} vs {scalar}"
                 );
             }
-        }
-    }
-
-    #[test]
-    fn block_sums_sum_each_block() {
-        let x: Vec<f32> = (0..64).map(|i| i as f32).collect();
-        assert_eq!(block_sums(&x), [496.0, 1520.0]);
-    }
-
-    #[test]
-    fn scalar_path_matches_dequantize() {
-        let mut rng = ChaCha8Rng::seed_from_u64(9);
-        for ty in ALL_TYPES {
-            let n = 4864;
-            let row = random_row(ty, n, &mut rng);
-            let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
-            let (want, magnitude) = reference(ty, &row, &x);
-            let got = dot_row_scalar(ty, &row, &x) as f64;
-            assert!(
-                (got - want).abs() <= 1e-6 * magnitude,
-                "{ty:?}: {got} vs {want}"
-            );
         }
     }
 }

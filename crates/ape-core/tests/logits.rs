@@ -1,17 +1,20 @@
 //! Last-position logits agree with llama.cpp on the same GGUF files. The reference values
 //! come from llama-cpp-python (scripts/reference/make_logits_fixtures.py).
 //!
-//! llama.cpp quantizes activations to 8 bits inside its quantized matrix products; ape
-//! multiplies dequantized weights by f32 activations. The two therefore differ by a small
-//! amount, bounded here: top-1 identical, at least 9 of the top 10 shared, and the largest
-//! absolute difference under 6% of the logit range.
+//! Like llama.cpp, ape quantizes activations to 8 bits inside its matrix-vector products
+//! (decoding, short prompts, and the output projection of every prompt); longer prompts
+//! run their layers through an f32 GEMM, where llama.cpp still quantizes. The two therefore
+//! differ by a small amount, bounded here: top-1 identical, at least 9 of the top 10 shared,
+//! and the largest absolute difference under 6% of the logit range.
 //!
-//! Where llama.cpp's own top two are closer than its activation-quantization error, top-1 is
-//! decided by that error rather than by the model (SmolLM2 `chat`, margin 0.09, and `long`,
-//! 0.19). So SmolLM2 has a second reference: llama.cpp on a copy of the model with every
-//! weight dequantized to F32 (scripts/reference/dequantize_to_f32.py), which does the same
-//! arithmetic as ape. Against it top-1 must agree on every prompt and the logits must be
-//! within 1% of the range.
+//! Where a reference's top two are closer than the 8-bit activation error (1.75 at most on
+//! these prompts, llama.cpp against its F32-weight run), top-1 is decided by that error
+//! rather than by the model (SmolLM2 `chat`, margin 0.09, and `long`, 0.19), and only has
+//! to be one of the two. So SmolLM2 has a second reference: llama.cpp on a copy of the
+//! model with every weight dequantized to F32 (scripts/reference/dequantize_to_f32.py),
+//! whose activations stay f32. Against it top-1 must agree on the same terms and the logits
+//! must be within 3% of the range (ape's 8-bit activations cost 2.15% at most, on the
+//! prompt short enough to run every layer through matrix-vector products).
 
 mod common;
 
@@ -55,6 +58,16 @@ fn top(logits: &[f32], k: usize) -> Vec<usize> {
     ids
 }
 
+/// `got` is the reference's top-1, or one of its top two where they are a near tie.
+fn check_top1(got: usize, reference: &[f32], summary: &str) {
+    let best = top(reference, 2);
+    if reference[best[0]] - reference[best[1]] > NEAR_TIE {
+        assert_eq!(got, best[0], "{summary}");
+    } else {
+        assert!(best.contains(&got), "{summary}");
+    }
+}
+
 fn check_model(file: &str) {
     let index: Index =
         serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURES}/logits.json")).unwrap())
@@ -87,9 +100,7 @@ fn check_model(file: &str) {
         assert!(shared >= 9, "{summary}");
         assert!(max_abs < 0.06 * range, "{summary}");
         let margin = want[top_want[0]] - want[top_want[1]];
-        if margin > NEAR_TIE {
-            assert_eq!(top_got[0], top_want[0], "{summary}");
-        }
+        check_top1(top_got[0], &want, &summary);
         let exact_file = f.fixture.replace(".f32", "-exact.f32");
         if std::path::Path::new(&format!("{FIXTURES}/{exact_file}")).exists() {
             let exact = read_logits(&exact_file, f.vocab_size);
@@ -99,13 +110,13 @@ fn check_model(file: &str) {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f32::max);
             eprintln!("  against llama.cpp on F32 weights: max |diff| {exact_abs:.4}");
-            assert_eq!(
+            check_top1(
                 top_got[0],
-                top(&exact, 1)[0],
-                "{summary}; F32-weight reference disagrees"
+                &exact,
+                &format!("{summary}; F32-weight reference disagrees"),
             );
             assert!(
-                exact_abs < 0.01 * range,
+                exact_abs < 0.03 * range,
                 "{summary}; F32-weight max |diff| {exact_abs}"
             );
         } else {
