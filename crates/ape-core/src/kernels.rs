@@ -229,13 +229,14 @@ fn gemm_strided(
 pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
     assert_eq!(x.len(), w.cols);
     assert_eq!(out.len(), w.rows);
+    if w.cols == 0 {
+        out.fill(0.0);
+        return;
+    }
     let x = prepare(w.ty, x);
-    let row_bytes = w.ty.row_bytes(w.cols);
+    let task_bytes = MATVEC_ROWS_PER_TASK * w.ty.row_bytes(w.cols);
     out.par_chunks_mut(MATVEC_ROWS_PER_TASK)
-        .zip(
-            w.quantized
-                .par_chunks(MATVEC_ROWS_PER_TASK * row_bytes.max(1)),
-        )
+        .zip(w.quantized.par_chunks(task_bytes))
         .for_each(|(out, rows)| dot_rows(w.ty, rows, &x, out));
 }
 
