@@ -719,7 +719,7 @@ mod simd {
             _mm512_permutexvar_ps(index, eight)
         }
 
-        /// `sum (w - bias) * x` over 64 byte pairs, in sixteen i32 lanes (four per lane).
+        /// `sum (w - bias) * x` over 64 byte pairs, in sixteen i32 lanes of four pairs each.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
         unsafe fn dot64(w: __m512i, x: __m512i, bias: u8) -> __m512i {
