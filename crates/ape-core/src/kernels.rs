@@ -9,7 +9,7 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use crate::qdot::{dot_row, prepare};
+use crate::qdot::{dot_rows, prepare};
 use crate::quant::{dequantize, GgmlType};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -243,15 +243,15 @@ fn gemm_strided(
 pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
     assert_eq!(x.len(), w.cols);
     assert_eq!(out.len(), w.rows);
+    if w.cols == 0 {
+        out.fill(0.0);
+        return;
+    }
     let x = prepare(w.ty, x);
+    let task_bytes = MATVEC_ROWS_PER_TASK * w.ty.row_bytes(w.cols);
     out.par_chunks_mut(MATVEC_ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(chunk, out)| {
-            let first = chunk * MATVEC_ROWS_PER_TASK;
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = dot_row(w.ty, w.quantized_row(first + i), &x);
-            }
-        });
+        .zip(w.quantized.par_chunks(task_bytes))
+        .for_each(|(out, rows)| dot_rows(w.ty, rows, &x, out));
 }
 
 /// Dot product of f16 values with f32 values, accumulated in f32.

@@ -16,13 +16,15 @@
 //!
 //! Formats whose values are `d * q + m` (Q4_1, Q5_1, and Q4_K and Q5_K with their
 //! per-sub-block mins) are computed as `d * sum(q * x) + m * sum(x)`, with the sum of each
-//! vector block stored next to its scale. The fixed biases of Q4_0, Q5_0 and Q6_K (`-8`,
+//! vector block kept with its scale. The fixed biases of Q4_0, Q5_0 and Q6_K (`-8`,
 //! `-16`, `-32`) and Q8_0's sign are instead kept in the weight bytes, which become signed:
 //! the byte multiply needs one unsigned operand, so the weight's sign moves onto the vector
-//! byte and its magnitude is used.
+//! byte and its magnitude is used (the AVX-512 Q6_K kernel subtracts `32 * sum(x)`
+//! instead, in integers).
 //!
 //! F32, F16 and BF16 rows are multiplied with the f32 vector as it is. Every type has an
-//! AVX2 kernel; other CPUs dequantize a chunk at a time and multiply.
+//! AVX2 kernel, and the K-quants an AVX-512 one (with VNNI) that CPUs having it use; other
+//! CPUs dequantize a chunk at a time and multiply.
 
 use crate::quant::{dequantize, GgmlType};
 
@@ -40,12 +42,8 @@ pub struct QuantizedVector {
 }
 
 impl QuantizedVector {
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.qs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.qs.is_empty()
     }
 
     /// Elements `start..start + out.len()` dequantized.
@@ -104,15 +102,11 @@ pub enum Prepared<'a> {
 }
 
 impl Prepared<'_> {
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         match self {
             Prepared::Dense(x) => x.len(),
             Prepared::Quantized(v) => v.len(),
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -120,7 +114,7 @@ fn is_dense(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16)
 }
 
-/// `x` prepared once for any number of `dot_row` calls with rows of type `ty`.
+/// `x` prepared once for any number of `dot_rows` calls with rows of type `ty`.
 pub fn prepare(ty: GgmlType, x: &[f32]) -> Prepared<'_> {
     if is_dense(ty) {
         Prepared::Dense(x)
@@ -129,28 +123,69 @@ pub fn prepare(ty: GgmlType, x: &[f32]) -> Prepared<'_> {
     }
 }
 
-/// Dot product of one row with `x`: `row` holds exactly `x.len()` elements of type `ty`, and
-/// `x` was prepared for `ty`.
-pub fn dot_row(ty: GgmlType, row: &[u8], x: &Prepared) -> f32 {
+/// The kernels a CPU can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernels {
+    /// The fastest this CPU runs.
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if simd::avx512::available() {
+                return Kernels::Avx512;
+            }
+            if simd::available() {
+                return Kernels::Avx2;
+            }
+        }
+        Kernels::Portable
+    }
+}
+
+/// `out[r]` is the dot product of row `r` of `rows` with `x`: `rows` holds `out.len()` rows
+/// of exactly `x.len()` elements of type `ty`, and `x` was prepared for `ty`.
+pub fn dot_rows(ty: GgmlType, rows: &[u8], x: &Prepared, out: &mut [f32]) {
+    dot_rows_with(Kernels::best(), ty, rows, x, out);
+}
+
+fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], x: &Prepared, out: &mut [f32]) {
     assert_eq!(x.len() % ty.block_len(), 0, "row is not whole blocks");
-    assert_eq!(row.len(), ty.row_bytes(x.len()), "byte length mismatch");
+    let row_bytes = ty.row_bytes(x.len());
+    assert_eq!(rows.len(), out.len() * row_bytes, "byte length mismatch");
     assert_eq!(
         is_dense(ty),
         matches!(x, Prepared::Dense(_)),
         "vector prepared for another type"
     );
-    #[cfg(target_arch = "x86_64")]
-    if simd::available() {
-        // Safety: `available` checked the CPU features the kernels are compiled for, and the
-        // asserts above the lengths they index by.
-        return unsafe {
-            match x {
-                Prepared::Dense(x) => simd::dot_dense(ty, row, x),
-                Prepared::Quantized(v) => simd::dot_quantized(ty, row, v),
-            }
-        };
+    if row_bytes == 0 {
+        out.fill(0.0);
+        return;
     }
-    dot_row_scalar(ty, row, x)
+    let rows = rows.chunks_exact(row_bytes).zip(out.iter_mut());
+    match (kernels, x) {
+        (Kernels::Portable, _) => rows.for_each(|(row, o)| *o = dot_row_scalar(ty, row, x)),
+        // Safety for the rest: `best` (or a test) checked that the CPU has the features the
+        // kernels are compiled for, and the asserts above the lengths they index by.
+        #[cfg(target_arch = "x86_64")]
+        (_, Prepared::Dense(x)) => unsafe {
+            rows.for_each(|(row, o)| *o = simd::dot_dense(ty, row, x))
+        },
+        #[cfg(target_arch = "x86_64")]
+        (Kernels::Avx2, Prepared::Quantized(v)) => unsafe {
+            rows.for_each(|(row, o)| *o = simd::dot_quantized(ty, row, v))
+        },
+        #[cfg(target_arch = "x86_64")]
+        (Kernels::Avx512, Prepared::Quantized(v)) => unsafe {
+            rows.for_each(|(row, o)| *o = simd::avx512::dot_quantized(ty, row, v))
+        },
+    }
 }
 
 /// Elements dequantized at a time by the portable path: a multiple of every block length.
@@ -640,6 +675,191 @@ mod simd {
             |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
         )
     }
+
+    /// AVX-512 kernels (with VNNI) for the K-quants: a 64-element group of a block fills one
+    /// 512-bit register, and `dpbusd` multiplies bytes and sums them in fours in one step.
+    /// It takes the weights unsigned, so Q6_K's fixed bias is taken off as `32 * sum(x)`,
+    /// computed the same way. The 32-element formats stay with the AVX2 kernels.
+    pub mod avx512 {
+        use super::super::{GgmlType, QuantizedVector};
+        use super::{hsum, k_scales_mins, splat_f16};
+        use std::arch::x86_64::*;
+
+        pub fn available() -> bool {
+            super::available()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        pub unsafe fn dot_quantized(ty: GgmlType, row: &[u8], v: &QuantizedVector) -> f32 {
+            match ty {
+                GgmlType::Q4K => {
+                    dot_k_blocks(row, v, 144, |b, group| nibble_pair(b.add(16 + 32 * group)))
+                }
+                GgmlType::Q5K => dot_q5_k(row, v),
+                GgmlType::Q6K => dot_q6_k(row, v),
+                // Pairs of 32-element blocks did not beat the AVX2 kernels: two blocks'
+                // weights take more shuffles to gather into one register than they save.
+                _ => super::dot_quantized(ty, row, v),
+            }
+        }
+
+        /// Lanes 0..8 from lane `2 * pair` of a vector of eight, lanes 8..16 from the next.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn pair_lanes(eight: __m512, pair: usize) -> __m512 {
+            let index = _mm512_inserti64x4(
+                _mm512_set1_epi32(2 * pair as i32),
+                _mm256_set1_epi32(2 * pair as i32 + 1),
+                1,
+            );
+            _mm512_permutexvar_ps(index, eight)
+        }
+
+        /// `sum (w - bias) * x` over 64 byte pairs, in sixteen i32 lanes of four pairs each.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn dot64(w: __m512i, x: __m512i, bias: u8) -> __m512i {
+            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+            if bias == 0 {
+                return p;
+            }
+            let b = _mm512_set1_epi8(bias as i8);
+            _mm512_sub_epi32(p, _mm512_dpbusd_epi32(_mm512_setzero_si512(), b, x))
+        }
+
+        /// Low nibbles of the 32 bytes at `qs` (one sub-block), then their high nibbles (the
+        /// next).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn nibble_pair(qs: *const u8) -> __m512i {
+            let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(qs.cast()));
+            let shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+            _mm512_and_si512(_mm512_srlv_epi16(q, shifts), _mm512_set1_epi8(0x0f))
+        }
+
+        /// Shared by Q4_K and Q5_K: `weights(b, group)` gives the 64 quants of group `group`
+        /// (0..4) of the block at `b`, its even sub-block then its odd one.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn dot_k_blocks(
+            row: &[u8],
+            v: &QuantizedVector,
+            block_bytes: usize,
+            weights: impl Fn(*const u8, usize) -> __m512i,
+        ) -> f32 {
+            let mut acc = [_mm512_setzero_ps(); 2];
+            let mut offsets = _mm256_setzero_ps();
+            for (i, b) in row.chunks_exact(block_bytes).enumerate() {
+                let b = b.as_ptr();
+                let packed = k_scales_mins(b.add(4));
+                // The eight sub-blocks are exactly the eight vector blocks under this block.
+                let (xd, xs) = (
+                    _mm256_loadu_ps(v.d.as_ptr().add(8 * i)),
+                    _mm256_loadu_ps(v.s.as_ptr().add(8 * i)),
+                );
+                let scales = _mm256_mul_ps(
+                    _mm256_mul_ps(splat_f16(b), xd),
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(packed)),
+                );
+                let scales = _mm512_castps256_ps512(scales);
+                let mins = _mm256_mul_ps(
+                    splat_f16(b.add(2)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(packed, 8))),
+                );
+                offsets = _mm256_fmadd_ps(mins, xs, offsets);
+                let x = v.qs.as_ptr().add(256 * i);
+                for group in 0..4 {
+                    let x = _mm512_loadu_si512(x.add(64 * group).cast());
+                    let p = _mm512_cvtepi32_ps(dot64(weights(b, group), x, 0));
+                    let a = &mut acc[group % 2];
+                    *a = _mm512_fmadd_ps(pair_lanes(scales, group), p, *a);
+                }
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - hsum(offsets)
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn dot_q5_k(row: &[u8], v: &QuantizedVector) -> f32 {
+            let fifth = _mm512_set1_epi8(0x10);
+            dot_k_blocks(row, v, 176, |b, group| {
+                // Byte l of qh holds the fifth bits of element l of every sub-block, bit s
+                // for sub-block s: shifted down by s in each half (the 16-bit shifts bring
+                // no other bit to bit 0 of a byte), then up to bit 4.
+                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(16).cast()));
+                let shifts = _mm512_inserti64x4(
+                    _mm512_set1_epi16(2 * group as i16),
+                    _mm256_set1_epi16(2 * group as i16 + 1),
+                    1,
+                );
+                let bits = _mm512_slli_epi16(_mm512_srlv_epi16(qh, shifts), 4);
+                let nib = nibble_pair(b.add(48 + 32 * group));
+                _mm512_or_si512(nib, _mm512_and_si512(bits, fifth))
+            })
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn dot_q6_k(row: &[u8], v: &QuantizedVector) -> f32 {
+            let mut acc = [_mm512_setzero_ps(); 2];
+            let (four, two) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+            // qh bits 0-1 and 2-3 moved to 4-5 for the first pair of runs of a half, bits 4-5
+            // and 6-7 for the second.
+            let up = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+            let down = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+            for (i, b) in row.chunks_exact(210).enumerate() {
+                let b = b.as_ptr();
+                // Per run of 32 elements, the block's d times the vector block's scale; per
+                // 16 elements, the quants' own scale.
+                let runs = _mm256_mul_ps(
+                    splat_f16(b.add(208)),
+                    _mm256_loadu_ps(v.d.as_ptr().add(8 * i)),
+                );
+                let runs = _mm512_castps256_ps512(runs);
+                let sixteens =
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192).cast())));
+                let x = v.qs.as_ptr().add(256 * i);
+                for half in 0..2 {
+                    // Low nibbles of ql[0..32] and ql[32..64] are runs 0 and 1 of the half,
+                    // their high nibbles runs 2 and 3.
+                    let ql = _mm512_loadu_si512(b.add(64 * half).cast());
+                    let qh =
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(128 + 32 * half).cast()));
+                    let pairs = [
+                        (_mm512_and_si512(ql, four), _mm512_sllv_epi16(qh, up)),
+                        (
+                            _mm512_and_si512(_mm512_srli_epi16(ql, 4), four),
+                            _mm512_srlv_epi16(qh, down),
+                        ),
+                    ];
+                    for (k, (low, high)) in pairs.into_iter().enumerate() {
+                        let run = 4 * half + 2 * k;
+                        let w = _mm512_or_si512(low, _mm512_and_si512(high, two));
+                        let xq = _mm512_loadu_si512(x.add(32 * run).cast());
+                        let p = _mm512_cvtepi32_ps(dot64(w, xq, 32));
+                        // Lane l holds elements 4l..4l + 4 of the two runs: scale 2 * run + l / 4.
+                        let index = _mm512_add_epi32(
+                            _mm512_set1_epi32(2 * run as i32),
+                            _mm512_srli_epi32(
+                                _mm512_setr_epi32(
+                                    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                ),
+                                2,
+                            ),
+                        );
+                        let scales = _mm512_mul_ps(
+                            _mm512_permutexvar_ps(index, sixteens),
+                            pair_lanes(runs, run / 2),
+                        );
+                        acc[k] = _mm512_fmadd_ps(scales, p, acc[k]);
+                    }
+                }
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -729,26 +949,67 @@ mod tests {
         }
     }
 
-    /// Against the row and the vector `dot_row` actually multiplies, it is exact up to f32
-    /// rounding: the integer products are exact and each block is scaled once.
+    /// Every kernel set this CPU runs.
+    fn all_kernels() -> Vec<Kernels> {
+        let mut all = vec![Kernels::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if simd::available() {
+                all.push(Kernels::Avx2);
+            }
+            if simd::avx512::available() {
+                all.push(Kernels::Avx512);
+            }
+        }
+        all
+    }
+
+    fn dot_row(kernels: Kernels, ty: GgmlType, row: &[u8], x: &Prepared) -> f32 {
+        let mut out = [0.0];
+        dot_rows_with(kernels, ty, row, x, &mut out);
+        out[0]
+    }
+
+    /// Against the row and the vector the kernels actually multiply, they are exact up to
+    /// f32 rounding: the integer products are exact and each block is scaled once.
     #[test]
     fn matches_dequantize_for_every_type() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        for ty in ALL_TYPES {
-            for &n in lengths(ty) {
-                for _ in 0..4 {
-                    let row = random_row(ty, n, &mut rng);
-                    let x = random_vector(n, &mut rng);
-                    let prepared = prepare(ty, &x);
-                    let (want, magnitude) = reference(ty, &row, &effective(&prepared));
-                    let got = dot_row(ty, &row, &prepared) as f64;
-                    // Relative to the terms' magnitudes, as `want` itself may cancel to
-                    // near zero; f32 summation stays around 1e-7 of it.
-                    assert!(
-                        (got - want).abs() <= 1e-6 * magnitude,
-                        "{ty:?} n={n}: {got} vs {want}"
-                    );
+        for kernels in all_kernels() {
+            for ty in ALL_TYPES {
+                for &n in lengths(ty) {
+                    for _ in 0..4 {
+                        let row = random_row(ty, n, &mut rng);
+                        let x = random_vector(n, &mut rng);
+                        let prepared = prepare(ty, &x);
+                        let (want, magnitude) = reference(ty, &row, &effective(&prepared));
+                        let got = dot_row(kernels, ty, &row, &prepared) as f64;
+                        // Relative to the terms' magnitudes, as `want` itself may cancel to
+                        // near zero; f32 summation stays around 1e-7 of it.
+                        assert!(
+                            (got - want).abs() <= 1e-6 * magnitude,
+                            "{kernels:?} {ty:?} n={n}: {got} vs {want}"
+                        );
+                    }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_taken_in_order() {
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        for ty in ALL_TYPES {
+            let (n, rows) = (512, 5);
+            let matrix: Vec<u8> = (0..rows)
+                .flat_map(|_| random_row(ty, n, &mut rng))
+                .collect();
+            let x = random_vector(n, &mut rng);
+            let prepared = prepare(ty, &x);
+            let mut out = vec![0.0; rows];
+            dot_rows(ty, &matrix, &prepared, &mut out);
+            for (r, row) in matrix.chunks_exact(ty.row_bytes(n)).enumerate() {
+                assert_eq!(out[r], dot_row(Kernels::best(), ty, row, &prepared));
             }
         }
     }
@@ -773,7 +1034,7 @@ mod tests {
                 .map(|(i, w)| w.abs() as f64 * v.d[i / QBLOCK] as f64 / 2.0)
                 .sum();
             let (want, magnitude) = reference(ty, &row, &x);
-            let got = dot_row(ty, &row, &Prepared::Quantized(v)) as f64;
+            let got = dot_row(Kernels::best(), ty, &row, &Prepared::Quantized(v)) as f64;
             assert!(
                 (got - want).abs() <= bound + 1e-6 * magnitude,
                 "{ty:?}: {got} vs {want}, bound {bound}"
@@ -820,24 +1081,22 @@ mod tests {
     }
 
     #[test]
-    #[cfg(target_arch = "x86_64")]
     fn simd_matches_scalar() {
-        if !simd::available() {
-            return;
-        }
         let mut rng = ChaCha8Rng::seed_from_u64(8);
-        for ty in ALL_TYPES {
-            for &n in lengths(ty) {
-                let row = random_row(ty, n, &mut rng);
-                let x = random_vector(n, &mut rng);
-                let prepared = prepare(ty, &x);
-                let (_, magnitude) = reference(ty, &row, &effective(&prepared));
-                let scalar = dot_row_scalar(ty, &row, &prepared);
-                let fast = dot_row(ty, &row, &prepared);
-                assert!(
-                    (fast - scalar).abs() as f64 <= 1e-6 * magnitude,
-                    "{ty:?} n={n}: {fast} vs {scalar}"
-                );
+        for kernels in all_kernels() {
+            for ty in ALL_TYPES {
+                for &n in lengths(ty) {
+                    let row = random_row(ty, n, &mut rng);
+                    let x = random_vector(n, &mut rng);
+                    let prepared = prepare(ty, &x);
+                    let (_, magnitude) = reference(ty, &row, &effective(&prepared));
+                    let scalar = dot_row(Kernels::Portable, ty, &row, &prepared);
+                    let fast = dot_row(kernels, ty, &row, &prepared);
+                    assert!(
+                        (fast - scalar).abs() as f64 <= 1e-6 * magnitude,
+                        "{kernels:?} {ty:?} n={n}: {fast} vs {scalar}"
+                    );
+                }
             }
         }
     }
