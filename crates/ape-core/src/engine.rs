@@ -441,14 +441,14 @@ impl Engine {
         let sampler = Sampler::new(options.sampling.clone())?;
         let prefix = self.prefix_kv(&prompt.prefix)?;
         let mut cache = prefix.copy_with_capacity(total + max_tokens);
-        let rest = &prompt.sequential_tokens()[prompt.prefix.len()..];
-        let logits = prefill(&self.model, rest, &mut cache)?;
+        let tokens = prompt.sequential_tokens();
+        let logits = prefill(&self.model, &tokens[prompt.prefix.len()..], &mut cache)?;
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
             options,
             sampler,
             max_tokens,
-            history: prompt.sequential_tokens(),
+            history: tokens,
             start,
         };
         decoding.run(

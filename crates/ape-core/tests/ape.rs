@@ -47,6 +47,18 @@ fn range(xs: &[f32]) -> f32 {
     hi - lo
 }
 
+/// Same argmax, and no logit further from `want` than 0.5% of its range (see the module
+/// comment for why not less).
+fn assert_logits_agree(got: &[f32], want: &[f32]) {
+    assert_eq!(argmax(got), argmax(want));
+    let diff = max_abs_diff(got, want);
+    assert!(
+        diff < 5e-3 * range(want),
+        "max |diff| {diff} against a logit range of {}",
+        range(want)
+    );
+}
+
 /// The logits after the query of `prompt`, read the APE way with `factors`.
 fn ape_logits(e: &Engine, prompt: &Prompt, factors: ApeFactors) -> Vec<f32> {
     let prefix = e.prefix_kv(&prompt.prefix).unwrap();
@@ -97,13 +109,7 @@ fn one_context_with_unit_factors_equals_sequential_encoding() {
     let mut cache = e.model.new_cache(sequential.len());
     let want = e.model.forward(&sequential, &mut cache);
     let got = ape_logits(e, &prompt, UNIT);
-    let diff = max_abs_diff(&got, &want);
-    assert_eq!(argmax(&got), argmax(&want));
-    assert!(
-        diff < 5e-3 * range(&want),
-        "max |diff| {diff} against a logit range of {}",
-        range(&want)
-    );
+    assert_logits_agree(&got, &want);
 }
 
 /// Attention over every token of one batch, in f64 from f32 keys and values, with token
@@ -194,13 +200,7 @@ fn several_contexts_with_unit_factors_equal_dense_attention_with_reused_position
     let want = e.model.logits(&hidden);
 
     let got = ape_logits(e, &prompt, UNIT);
-    let diff = max_abs_diff(&got, &want);
-    assert_eq!(argmax(&got), argmax(&want));
-    assert!(
-        diff < 5e-3 * range(&want),
-        "max |diff| {diff} against a logit range of {}",
-        range(&want)
-    );
+    assert_logits_agree(&got, &want);
 }
 
 #[test]
@@ -219,13 +219,7 @@ fn the_order_of_contexts_does_not_matter() {
     let a = ape_logits(e, &forward, factors);
     let b = ape_logits(e, &reversed, factors);
     // Only the order of floating-point sums changes (and with it, 8-bit rounding steps).
-    assert_eq!(argmax(&a), argmax(&b));
-    let diff = max_abs_diff(&a, &b);
-    assert!(
-        diff < 5e-3 * range(&a),
-        "max |diff| {diff} against a logit range of {}",
-        range(&a)
-    );
+    assert_logits_agree(&a, &b);
 }
 
 #[test]
