@@ -1,6 +1,7 @@
 //! `ape`: generate text with a GGUF model, measure its speed, and install the models.
 
 mod bench;
+mod eval;
 mod pull;
 mod store;
 
@@ -39,6 +40,8 @@ enum Command {
     Cache(store::CacheArgs),
     /// Measure prefill and decode speed, or time to first token over many contexts.
     Bench(bench::BenchArgs),
+    /// Measure accuracy: sequential vs parallel vs APE on RAG and ICL tasks.
+    Eval(eval::EvalArgs),
     /// Manage model files.
     Model {
         #[command(subcommand)]
@@ -175,6 +178,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Encode(args) => store::encode(args),
         Command::Cache(args) => store::cache(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Model { command } => match command {
             ModelCommand::Pull(args) => pull::run(args),
             ModelCommand::List => {
