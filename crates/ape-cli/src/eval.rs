@@ -44,9 +44,9 @@ pub struct EvalArgs {
     /// sequential (least mean KL).
     #[arg(long)]
     sweep: bool,
-    #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.8,0.9,1.0")]
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,1.0")]
     sweep_temperatures: Vec<f32>,
-    #[arg(long, value_delimiter = ',', default_value = "0.8,0.9,1.0,1.1")]
+    #[arg(long, value_delimiter = ',', default_value = "0.8,0.9,1.0")]
     sweep_scales: Vec<f32>,
     /// The folder `scripts/eval-data.sh` installs the data into.
     #[arg(long, default_value = "data")]
@@ -63,7 +63,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let task = Task::from_name(&args.task)?;
     let split = Split::from_name(&args.split)?;
     anyhow::ensure!(args.n > 0, "--n must be at least 1");
-    anyhow::ensure!(!args.contexts.is_empty(), "--contexts needs at least one number");
+    anyhow::ensure!(
+        !args.contexts.is_empty(),
+        "--contexts needs at least one number"
+    );
     let mut settings = Vec::new();
     for name in &args.modes {
         let mode = Mode::from_name(name.trim(), args.ape_temperature, args.ape_scale)?;
@@ -80,11 +83,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
             }
         }
     }
-    anyhow::ensure!(!settings.is_empty(), "nothing to run: give --modes or --sweep");
+    anyhow::ensure!(
+        !settings.is_empty(),
+        "nothing to run: give --modes or --sweep"
+    );
 
     let model = &args.model.model;
-    let mut evaluator = Evaluator::load(model)
-        .with_context(|| format!("loading {}", model.display()))?;
+    let mut evaluator =
+        Evaluator::load(model).with_context(|| format!("loading {}", model.display()))?;
     evaluator.max_answer_tokens = args.max_answer_tokens;
     let model_name = model
         .file_stem()

@@ -549,7 +549,8 @@ impl Engine {
             query.len(),
             Some(longest_continuation),
         )?;
-        let mut cache = prefix.copy_with_capacity(prefix.len() + query.len() + longest_continuation);
+        let mut cache =
+            prefix.copy_with_capacity(prefix.len() + query.len() + longest_continuation);
         Ok(score_continuations(
             query,
             continuations,

@@ -115,7 +115,10 @@ pub fn polarity(dir: &Path) -> Result<Vec<Labelled>> {
         .filter(|row| !row.iter().all(|f| f.trim().is_empty()))
         .map(|row| {
             let [label, sentence] = row.as_slice() else {
-                return Err(bad(&path, format!("a row has {} fields, expected 2", row.len())));
+                return Err(bad(
+                    &path,
+                    format!("a row has {} fields, expected 2", row.len()),
+                ));
             };
             let label = match label.as_str() {
                 "1" => "positive",
@@ -181,7 +184,11 @@ pub fn essays(dir: &Path) -> Result<Vec<(String, String)>> {
         .iter()
         .map(|p| {
             let text = read(p)?;
-            let name = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let name = p
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             Ok((name, text.split_whitespace().collect::<Vec<_>>().join(" ")))
         })
         .collect()

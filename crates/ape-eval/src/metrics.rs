@@ -7,7 +7,13 @@ pub fn normalize_answer(text: &str) -> String {
     let lowered: String = text
         .to_lowercase()
         .chars()
-        .map(|c| if c.is_alphanumeric() || c.is_whitespace() { c } else { ' ' })
+        .map(|c| {
+            if c.is_alphanumeric() || c.is_whitespace() {
+                c
+            } else {
+                ' '
+            }
+        })
         .collect();
     lowered
         .split_whitespace()
@@ -111,7 +117,10 @@ mod tests {
 
     #[test]
     fn exact_match_ignores_case_punctuation_and_articles() {
-        assert_eq!(exact_match("The Denver Broncos.", &golds(&["Denver Broncos"])), 1.0);
+        assert_eq!(
+            exact_match("The Denver Broncos.", &golds(&["Denver Broncos"])),
+            1.0
+        );
         assert_eq!(exact_match("Broncos", &golds(&["Denver Broncos"])), 0.0);
     }
 
@@ -121,12 +130,18 @@ mod tests {
         let f = f1("Denver denver Broncos", &golds(&["Denver Broncos"]));
         assert!((f - 0.8).abs() < 1e-12, "{f}");
         assert_eq!(f1("Carolina", &golds(&["Denver Broncos", "Broncos"])), 0.0);
-        assert_eq!(f1("the Broncos", &golds(&["Denver Broncos", "Broncos"])), 1.0);
+        assert_eq!(
+            f1("the Broncos", &golds(&["Denver Broncos", "Broncos"])),
+            1.0
+        );
     }
 
     #[test]
     fn containment_needs_whole_words() {
-        assert_eq!(contains_answer("It was 1889, I think.", &golds(&["1889"])), 1.0);
+        assert_eq!(
+            contains_answer("It was 1889, I think.", &golds(&["1889"])),
+            1.0
+        );
         assert_eq!(contains_answer("18890", &golds(&["1889"])), 0.0);
         assert_eq!(contains_answer("anything", &golds(&["the"])), 0.0);
     }

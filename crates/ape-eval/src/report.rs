@@ -154,33 +154,40 @@ impl Report {
 
     /// The sweep point with the least mean KL divergence from sequential over all runs
     /// (closest to what sequential reading would say, a measure that does not saturate or
-    /// jump with a handful of examples), the task's metric breaking ties; by the metric
-    /// alone where sequential could not be read.
+    /// jump with a handful of examples), the gold answer's log-likelihood breaking ties; by
+    /// the metric, then the log-likelihood, where sequential could not be read.
     fn choose(&self) -> Option<Choice> {
         let points: Vec<usize> = (0..self.modes.len()).filter(|&i| self.modes[i].1).collect();
         let over_runs = |i: usize, get: fn(&Summary) -> Option<f64>| {
             mean(self.runs.iter().filter_map(|r| get(&r.summaries[i])))
         };
-        let by_kl = points.iter().all(|&i| over_runs(i, |s| s.kl_vs_sequential).is_some());
+        let by_kl = points
+            .iter()
+            .all(|&i| over_runs(i, |s| s.kl_vs_sequential).is_some());
         let key = |i: usize| {
-            let metric = over_runs(i, |s| s.metric).unwrap_or(0.0);
+            let likelihood = over_runs(i, |s| s.gold_logprob).unwrap_or(f64::NEG_INFINITY);
             if by_kl {
-                (-over_runs(i, |s| s.kl_vs_sequential).unwrap_or(f64::INFINITY), metric)
+                (
+                    -over_runs(i, |s| s.kl_vs_sequential).unwrap_or(f64::INFINITY),
+                    likelihood,
+                )
             } else {
-                (metric, 0.0)
+                (over_runs(i, |s| s.metric).unwrap_or(0.0), likelihood)
             }
         };
-        let best = points
-            .into_iter()
-            .max_by(|&a, &b| key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal))?;
+        let best = points.into_iter().max_by(|&a, &b| {
+            key(a)
+                .partial_cmp(&key(b))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })?;
         let factors = self.modes[best].0.factors()?;
         Some(Choice {
             temperature: factors.temperature,
             scale: factors.scale,
             rule: if by_kl {
-                "least mean KL from sequential on the gold answer's tokens (metric breaks ties)"
+                "least mean KL from sequential on the gold answer's tokens"
             } else {
-                "highest metric (sequential beyond the window)"
+                "highest metric, sequential being beyond the window"
             },
         })
     }
@@ -202,26 +209,34 @@ impl Report {
                 "\n**{}**, {}, {} split, seed {}, {n} examples, {} contexts each\n",
                 self.task, self.model, self.split, self.seed, run.contexts
             );
-            let extra = if self.metric == Metric::Accuracy { "" } else { " EM | F1 | contains |" };
-            let extra_rule = if self.metric == Metric::Accuracy { "" } else { "---:|---:|---:|" };
+            let columns = if self.metric == Metric::Accuracy {
+                "accuracy |"
+            } else {
+                "EM | F1 | contains |"
+            };
+            let rule = "---:|".repeat(columns.matches('|').count());
             let _ = writeln!(
                 out,
-                "| setting | {metric} |{extra} ÷ sequential | gold log-lik | KL vs sequential |\n|---|---:|{extra_rule}---:|---:|---:|"
+                "| setting | {columns} ÷ sequential ({metric}) | gold log-lik | KL vs sequential |\n|---|{rule}---:|---:|---:|"
             );
             for (s, (_, in_sweep)) in run.summaries.iter().zip(&self.modes) {
                 if *in_sweep {
                     continue;
                 }
-                let details = if self.metric == Metric::Accuracy {
-                    String::new()
+                let scores = if self.metric == Metric::Accuracy {
+                    format!("{} |", availability(s, pct(s.accuracy)))
                 } else {
-                    format!(" {} | {} | {} |", pct(s.exact_match), pct(s.f1), pct(s.contains))
+                    format!(
+                        "{} | {} | {} |",
+                        availability(s, pct(s.exact_match)),
+                        pct(s.f1),
+                        pct(s.contains)
+                    )
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {} |{details} {} | {} | {} |",
+                    "| {} | {scores} {} | {} | {} |",
                     s.setting,
-                    availability(s, pct(s.metric)),
                     ratio(s.ratio_to_sequential),
                     num(s.gold_logprob, 2),
                     kl(s.kl_vs_sequential),
@@ -230,7 +245,9 @@ impl Report {
         }
         self.sweep_markdown(&mut out);
         if self.runs.len() > 1 {
-            let main: Vec<usize> = (0..self.modes.len()).filter(|&i| !self.modes[i].1).collect();
+            let main: Vec<usize> = (0..self.modes.len())
+                .filter(|&i| !self.modes[i].1)
+                .collect();
             let _ = writeln!(out, "\n{metric} by number of contexts\n");
             let header: Vec<&str> = main.iter().map(|&i| self.settings[i].as_str()).collect();
             let _ = writeln!(
@@ -253,7 +270,12 @@ impl Report {
     fn sweep_markdown(&self, out: &mut String) {
         let points: Vec<(usize, f32, f32)> = (0..self.modes.len())
             .filter(|&i| self.modes[i].1)
-            .filter_map(|i| self.modes[i].0.factors().map(|f| (i, f.temperature, f.scale)))
+            .filter_map(|i| {
+                self.modes[i]
+                    .0
+                    .factors()
+                    .map(|f| (i, f.temperature, f.scale))
+            })
             .collect();
         if points.is_empty() {
             return;
@@ -267,34 +289,45 @@ impl Report {
         let over_runs = |i: usize, get: fn(&Summary) -> Option<f64>| {
             mean(self.runs.iter().filter_map(|r| get(&r.summaries[i])))
         };
+        let with_metric = points
+            .iter()
+            .any(|&(i, _, _)| over_runs(i, |s| s.metric).is_some());
         let _ = writeln!(
             out,
-            "\nSweep ({} split, mean over {} run(s)): {} / mean KL vs sequential, rows T, columns S\n",
+            "\nSweep ({} split, mean over {} run(s)): {}gold log-lik / mean KL vs sequential; rows T, columns S\n",
             self.split,
             self.runs.len(),
-            self.metric.name()
+            if with_metric { format!("{} / ", self.metric.name()) } else { String::new() }
         );
         let _ = writeln!(
             out,
             "| T \\ S | {} |\n|---:|{}",
-            scales.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" | "),
+            scales
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(" | "),
             "---:|".repeat(scales.len())
         );
         for t in &temperatures {
             let cells: Vec<String> = scales
                 .iter()
                 .map(|s| {
-                    points
-                        .iter()
-                        .find(|p| p.1 == *t && p.2 == *s)
-                        .map_or("".into(), |&(i, _, _)| {
+                    points.iter().find(|p| p.1 == *t && p.2 == *s).map_or(
+                        "".into(),
+                        |&(i, _, _)| {
                             let chosen = self
                                 .sweep_choice
                                 .as_ref()
                                 .is_some_and(|c| c.temperature == *t && c.scale == *s);
+                            let metric = if with_metric {
+                                format!("{} / ", pct(over_runs(i, |s| s.metric)))
+                            } else {
+                                String::new()
+                            };
                             let cell = format!(
-                                "{} / {}",
-                                pct(over_runs(i, |s| s.metric)),
+                                "{metric}{} / {}",
+                                num(over_runs(i, |s| s.gold_logprob), 2),
                                 kl(over_runs(i, |s| s.kl_vs_sequential))
                             );
                             if chosen {
@@ -302,7 +335,8 @@ impl Report {
                             } else {
                                 cell
                             }
-                        })
+                        },
+                    )
                 })
                 .collect();
             let _ = writeln!(out, "| {t} | {} |", cells.join(" | "));
@@ -326,7 +360,13 @@ impl Report {
             let hi = self.runs.iter().map(|r| r.contexts).max().unwrap_or(2) as f64;
             let mut chart = ChartBuilder::on(&root)
                 .caption(
-                    format!("{}: {} vs contexts ({}, {} split)", self.task, self.metric.name(), self.model, self.split),
+                    format!(
+                        "{}: {} vs contexts ({}, {} split)",
+                        self.task,
+                        self.metric.name(),
+                        self.model,
+                        self.split
+                    ),
                     ("sans-serif", 18),
                 )
                 .margin(16)
@@ -353,7 +393,11 @@ impl Report {
                     .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
                     });
-                chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, colour.filled())))?;
+                chart.draw_series(
+                    points
+                        .into_iter()
+                        .map(|p| Circle::new(p, 4, colour.filled())),
+                )?;
             }
             chart
                 .configure_series_labels()

@@ -155,7 +155,11 @@ impl Evaluator {
         };
         let continuations: Vec<&[u32]> = continuations.iter().map(Vec::as_slice).collect();
         let score = |mode: Mode| {
-            let read = if mode == Mode::Sequential { &sequential } else { &prompt };
+            let read = if mode == Mode::Sequential {
+                &sequential
+            } else {
+                &prompt
+            };
             engine.score(read, mode, &continuations)
         };
         let reference = fits_window(score(Mode::Sequential))?;
@@ -189,8 +193,15 @@ impl Evaluator {
                 ..Outcome::default()
             };
             match &example.target {
+                // A sweep point is chosen by its distributions; generating an answer at
+                // every point would cost more than all the rest of the run.
+                Target::Answer(_) if setting.in_sweep => {}
                 Target::Answer(answers) => {
-                    let read = if setting.mode == Mode::Sequential { &sequential } else { &prompt };
+                    let read = if setting.mode == Mode::Sequential {
+                        &sequential
+                    } else {
+                        &prompt
+                    };
                     let options = GenerateOptions {
                         max_tokens: Some(self.max_answer_tokens),
                         stop: vec!["\n".to_string()],
@@ -229,9 +240,9 @@ impl Evaluator {
 fn fits_window<T>(result: ape_core::Result<T>) -> Result<Option<T>> {
     match result {
         Ok(value) => Ok(Some(value)),
-        Err(ape_core::Error::ContextOverflow { .. } | ape_core::Error::ApeWindowOverflow { .. }) => {
-            Ok(None)
-        }
+        Err(
+            ape_core::Error::ContextOverflow { .. } | ape_core::Error::ApeWindowOverflow { .. },
+        ) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

@@ -183,17 +183,39 @@ pub fn load(task: &Task, dir: &Path, draw: Draw) -> Result<TaskSet> {
         Task::Squad => squad(&data::squad(dir)?, draw),
         Task::Needle => needle(&data::essays(dir)?, draw),
         Task::Sentiment => {
-            let system = "Classify the sentiment of the last movie review as positive or negative, \
+            let system =
+                "Classify the sentiment of the last movie review as positive or negative, \
                           following the labelled examples. Reply with one word.";
-            let set = classification(&data::polarity(dir)?, draw, "Review", "Sentiment", [1000, 500])?;
-            Ok(TaskSet { name: task.name(), system: system.into(), ..set })
+            let set = classification(
+                &data::polarity(dir)?,
+                draw,
+                "Review",
+                "Sentiment",
+                [1000, 500],
+            )?;
+            Ok(TaskSet {
+                name: task.name(),
+                system: system.into(),
+                ..set
+            })
         }
         Task::Intent => {
-            let system = "Predict the intent of the last utterance, following the labelled examples. \
+            let system =
+                "Predict the intent of the last utterance, following the labelled examples. \
                           The possible intents are: add_to_playlist, book_restaurant, get_weather, \
                           play_music, search_screening_event, search_creative_work, and rate_book.";
-            let set = classification(&data::intents(dir)?, draw, "Utterance", "Intent", [200, 100])?;
-            Ok(TaskSet { name: task.name(), system: system.into(), ..set })
+            let set = classification(
+                &data::intents(dir)?,
+                draw,
+                "Utterance",
+                "Intent",
+                [200, 100],
+            )?;
+            Ok(TaskSet {
+                name: task.name(),
+                system: system.into(),
+                ..set
+            })
         }
         Task::File(path) => from_file(path, draw),
     }
@@ -216,9 +238,11 @@ fn squad(articles: &[data::Article], draw: Draw) -> Result<TaskSet> {
     let mut questions: Vec<(usize, usize, usize)> = chosen
         .iter()
         .flat_map(|&a| {
-            articles[a].paragraphs.iter().enumerate().flat_map(move |(p, para)| {
-                (0..para.qas.len()).map(move |q| (a, p, q))
-            })
+            articles[a]
+                .paragraphs
+                .iter()
+                .enumerate()
+                .flat_map(move |(p, para)| (0..para.qas.len()).map(move |q| (a, p, q)))
         })
         .collect();
     let mut rng = rng(draw.seed);
@@ -246,7 +270,7 @@ fn squad(articles: &[data::Article], draw: Draw) -> Result<TaskSet> {
             Example {
                 id: qa.id.clone(),
                 contexts,
-                question: format!("{}\nAnswer with a few words from the documents.", qa.question),
+                question: qa.question.clone(),
                 target: Target::Answer(qa.answers.iter().map(|x| x.text.clone()).collect()),
                 note: Some(format!("gold document {gold_at}")),
             }
@@ -256,16 +280,37 @@ fn squad(articles: &[data::Article], draw: Draw) -> Result<TaskSet> {
         name: "squad".into(),
         family: Family::Rag,
         metric: Metric::F1,
-        system: "Answer the question from the documents.".into(),
+        system: "Answer the question with a few words copied from the documents.".into(),
         examples,
     })
 }
 
 /// Cities whose (made-up) vault codes are the needles.
 const CITIES: [&str; 24] = [
-    "Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Dublin", "Quito", "Tbilisi", "Perth",
-    "Montreal", "Seville", "Krakow", "Osaka", "Accra", "Bergen", "Valparaiso", "Tallinn",
-    "Cusco", "Porto", "Zagreb", "Leipzig", "Manila", "Dakar", "Reykjavik",
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Lima",
+    "Hanoi",
+    "Dublin",
+    "Quito",
+    "Tbilisi",
+    "Perth",
+    "Montreal",
+    "Seville",
+    "Krakow",
+    "Osaka",
+    "Accra",
+    "Bergen",
+    "Valparaiso",
+    "Tallinn",
+    "Cusco",
+    "Porto",
+    "Zagreb",
+    "Leipzig",
+    "Manila",
+    "Dakar",
+    "Reykjavik",
 ];
 
 /// The needle task: the essays of the split, shuffled by the seed, cut into contexts of
@@ -304,7 +349,10 @@ fn needle(essays: &[(String, String)], draw: Draw) -> Result<TaskSet> {
             let (piece, mut offset) = (at / HAYSTACK_WORDS, at % HAYSTACK_WORDS);
             let piece_words = &mut contexts[piece];
             // Put the needle between sentences: after the next word that ends one.
-            while offset < piece_words.len() && offset > 0 && !piece_words[offset - 1].ends_with('.') {
+            while offset < piece_words.len()
+                && offset > 0
+                && !piece_words[offset - 1].ends_with('.')
+            {
                 offset += 1;
             }
             let sentence = format!("The secret code of the {city} vault is {code}.");
@@ -312,9 +360,7 @@ fn needle(essays: &[(String, String)], draw: Draw) -> Result<TaskSet> {
             Example {
                 id: format!("needle-{i}"),
                 contexts: contexts.iter().map(|w| w.join(" ")).collect(),
-                question: format!(
-                    "What is the secret code of the {city} vault?\nAnswer with the code only."
-                ),
+                question: format!("What is the secret code of the {city} vault?"),
                 target: Target::Answer(vec![code]),
                 note: Some(format!("depth {depth:.2}, context {piece}")),
             }
@@ -361,7 +407,12 @@ fn classification(
     pool.shuffle(&mut rng);
     let demonstrations: Vec<String> = pool[..draw.contexts]
         .iter()
-        .map(|&i| format!("{input_name}: {}\n{label_name}: {}", data[i].text, data[i].label))
+        .map(|&i| {
+            format!(
+                "{input_name}: {}\n{label_name}: {}",
+                data[i].text, data[i].label
+            )
+        })
         .collect();
     let mut questions = questions.to_vec();
     questions.shuffle(&mut rng);
@@ -424,7 +475,10 @@ fn from_file(path: &Path, draw: Draw) -> Result<TaskSet> {
         let (target, this) = match (e.answers.is_empty(), e.labels.is_empty()) {
             (false, true) => (Target::Answer(e.answers), Family::Rag),
             (true, false) if e.gold < e.labels.len() => (
-                Target::Choice { labels: e.labels, gold: e.gold },
+                Target::Choice {
+                    labels: e.labels,
+                    gold: e.gold,
+                },
                 Family::Icl,
             ),
             _ => {
@@ -435,7 +489,9 @@ fn from_file(path: &Path, draw: Draw) -> Result<TaskSet> {
             }
         };
         if *family.get_or_insert(this) != this {
-            return Err(bad("mixes answer and choice examples; keep one kind per file".into()));
+            return Err(bad(
+                "mixes answer and choice examples; keep one kind per file".into(),
+            ));
         }
         let mut contexts = e.contexts;
         contexts.truncate(draw.contexts);
