@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the README's accuracy figures: for each model, chooses APE's T and S per task
 # family on the dev split (RAG: squad, ICL: sentiment), then reports every task on the
-# disjoint test split with those settings. Results go to eval-results/readme/.
+# disjoint test split with those settings and with the paper's default (T = S = 0.9).
+# Results go to eval-results/readme/; a sweep already there is not run again.
 # Needs the models (`ape model pull ...`) and the data (`bash scripts/eval-data.sh`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,17 +19,19 @@ choice() {
 for model in $MODELS; do
     m="models/$model.gguf"
     echo "== $model: sweeps on dev"
-    $APE eval -m "$m" --task squad --split dev --n 12 --contexts 5 --sweep --out "$OUT"
-    $APE eval -m "$m" --task sentiment --split dev --n 24 --contexts 16 --sweep --out "$OUT"
+    [ -f "$OUT/squad-$model-dev-sweep.json" ] ||
+        $APE eval -m "$m" --task squad --split dev --n 12 --contexts 5 --sweep --out "$OUT"
+    [ -f "$OUT/sentiment-$model-dev-sweep.json" ] ||
+        $APE eval -m "$m" --task sentiment --split dev --n 24 --contexts 16 --sweep --out "$OUT"
     read -r rag_t rag_s < <(choice "$OUT/squad-$model-dev-sweep.json")
     read -r icl_t icl_s < <(choice "$OUT/sentiment-$model-dev-sweep.json")
     echo "== $model: test split (RAG T=$rag_t S=$rag_s, ICL T=$icl_t S=$icl_s)"
-    $APE eval -m "$m" --task squad --split test --n 30 --contexts 5 \
-        --ape-temperature "$rag_t" --ape-scale "$rag_s" --out "$OUT"
-    $APE eval -m "$m" --task needle --split test --n 15 --contexts 8 \
-        --ape-temperature "$rag_t" --ape-scale "$rag_s" --out "$OUT"
+    rag_modes="sequential,parallel,ape:0.9:0.9,ape:$rag_t:$rag_s"
+    icl_modes="sequential,parallel,ape:0.9:0.9,ape:$icl_t:$icl_s"
+    $APE eval -m "$m" --task squad --split test --n 30 --contexts 5 --modes "$rag_modes" --out "$OUT"
+    $APE eval -m "$m" --task needle --split test --n 15 --contexts 8 --modes "$rag_modes" --out "$OUT"
     for task in sentiment intent; do
         $APE eval -m "$m" --task "$task" --split test --n 24 --contexts 8,16,32,64,128,256 \
-            --ape-temperature "$icl_t" --ape-scale "$icl_s" --out "$OUT"
+            --modes "$icl_modes" --out "$OUT"
     done
 done

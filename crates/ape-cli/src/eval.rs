@@ -18,7 +18,8 @@ pub struct EvalArgs {
     /// squad, needle (RAG), sentiment, intent (ICL), or file:PATH for a task written in JSON.
     #[arg(long)]
     task: String,
-    /// Settings to compare, from sequential, parallel and ape.
+    /// Settings to compare: sequential, parallel, ape (with --ape-temperature and
+    /// --ape-scale), or ape:T:S for APE with its own factors (repeatable in the list).
     #[arg(long, value_delimiter = ',', default_value = "sequential,parallel,ape")]
     modes: Vec<String>,
     /// APE's attention temperature for the `ape` mode.
@@ -69,12 +70,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
     );
     let mut settings = Vec::new();
     for name in &args.modes {
-        let mode = Mode::from_name(name.trim(), args.ape_temperature, args.ape_scale)?;
+        let mode = parse_mode(name.trim(), args.ape_temperature, args.ape_scale)?;
         let mut setting = Setting::of(mode);
         if let Mode::Ape(f) = mode {
             setting.label = format!("ape T={} S={}", f.temperature, f.scale);
         }
-        settings.push(setting);
+        // The same factors asked for twice (ape and ape:T:S) are read once.
+        if !settings.contains(&setting) {
+            settings.push(setting);
+        }
     }
     if args.sweep {
         for &t in &args.sweep_temperatures {
@@ -150,4 +154,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
         eprintln!("wrote {}", svg.display());
     }
     Ok(())
+}
+
+/// A mode's name, or `ape:T:S` for APE with temperature T and scale S.
+fn parse_mode(name: &str, temperature: f32, scale: f32) -> Result<Mode> {
+    let Some(factors) = name.strip_prefix("ape:") else {
+        return Ok(Mode::from_name(name, temperature, scale)?);
+    };
+    let parsed: Option<(f32, f32)> = factors
+        .split_once(':')
+        .and_then(|(t, s)| Some((t.parse().ok()?, s.parse().ok()?)));
+    let (t, s) = parsed.with_context(|| {
+        format!("cannot read the mode `{name}`: write APE with its own factors as ape:T:S, e.g. ape:0.9:0.9")
+    })?;
+    Ok(Mode::ape(t, s)?)
 }
