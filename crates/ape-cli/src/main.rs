@@ -211,6 +211,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         max_tokens: Some(args.max_tokens),
         stop: args.stop,
         sampling: args.sampling.params(),
+        ..GenerateOptions::default()
     };
     let mut stdout = std::io::stdout().lock();
     let print = |text: &str| {

@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ape_core::engine::{ContextStore, Engine};
+use ape_core::generate::Cancel;
 use ape_store::{Codec, DiskTier, Fingerprint, Key, KvDtype, MemoryTier, RedisTier, Store, Tier};
 
 /// Bytes of decoded contexts a process keeps in memory.
@@ -145,7 +146,7 @@ pub fn encode(args: EncodeArgs) -> Result<()> {
         if store.get(&prompt.prefix, context).is_some() {
             present += 1;
         } else {
-            engine.contexts_kv(&prompt.prefix, &prefix, &[context])?;
+            engine.contexts_kv(&prompt.prefix, &prefix, &[context], &Cancel::default())?;
             stored += 1;
             tokens += context.len();
         }

@@ -18,7 +18,7 @@ use std::time::Instant;
 use crate::attention::{ApeFactors, KvCache};
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
-use crate::generate::{generate, prefill, Decoding, GenerateOptions, Generation};
+use crate::generate::{generate, prefill, Cancel, Decoding, GenerateOptions, Generation};
 use crate::gguf::Gguf;
 use crate::model::Model;
 use crate::sampler::Sampler;
@@ -166,8 +166,9 @@ impl Engine {
     /// Token ids of a chat with an optional system message and one user turn, ending with
     /// the assistant header so that the model's answer comes next.
     pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
-        let text = self.template.render(&chat(system, user), true)?;
-        self.encode_prompt(&text)
+        let mut messages: Vec<Message> = system.map(Message::system).into_iter().collect();
+        messages.push(Message::user(user));
+        self.conversation_prompt(&messages)
     }
 
     /// Token ids of raw prompt text, special tokens parsed, BOS added if the model wants it.
@@ -202,8 +203,23 @@ impl Engine {
         documents: &[impl AsRef<str>],
         question: &str,
     ) -> Result<Prompt> {
+        let turns: Vec<Message> = system.map(Message::system).into_iter().collect();
+        self.split_conversation(&turns, documents, question)
+    }
+
+    /// [`Engine::split_chat`] for a conversation: `turns` (system, user and assistant
+    /// messages) come before the user turn that holds the documents and the question, and
+    /// belong to the prefix.
+    pub fn split_conversation(
+        &self,
+        turns: &[Message],
+        documents: &[impl AsRef<str>],
+        question: &str,
+    ) -> Result<Prompt> {
         const MARK: &str = "APEUSERTURNMARK";
-        let text = self.template.render(&chat(system, MARK), true)?;
+        let mut messages = turns.to_vec();
+        messages.push(Message::user(MARK));
+        let text = self.template.render(&messages, true)?;
         let at = text.find(MARK).ok_or_else(|| {
             Error::Template(
                 "the chat template does not copy the user's message into the prompt verbatim, \
@@ -214,18 +230,29 @@ impl Engine {
         let (head, tail) = (&text[..at], &text[at + MARK.len()..]);
         let contexts = documents
             .iter()
-            .map(|d| {
-                self.tokenizer.encode(
-                    &format!("{}{DOCUMENT_SEPARATOR}", d.as_ref().trim_end()),
-                    true,
-                )
-            })
+            .map(|d| self.context_tokens(d.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         Ok(Prompt {
             prefix: self.encode_prompt(head)?,
             contexts,
             query: self.tokenizer.encode(&format!("{question}{tail}"), true)?,
         })
+    }
+
+    /// The tokens of one document as a context: its text, trailing space trimmed, then a
+    /// blank line separating it from what follows.
+    pub fn context_tokens(&self, document: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(
+            &format!("{}{DOCUMENT_SEPARATOR}", document.trim_end()),
+            true,
+        )
+    }
+
+    /// Token ids of a whole conversation, ending with the assistant header so that the
+    /// model's answer comes next.
+    pub fn conversation_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        self.encode_prompt(&text)
     }
 
     /// Keys and values of `prefix`, computed on first use and kept.
@@ -249,7 +276,7 @@ impl Engine {
         }
         let mut cache = self.model.new_cache(prefix.len());
         if !prefix.is_empty() {
-            prefill(&self.model, prefix, &mut cache)?;
+            prefill(&self.model, prefix, &mut cache, &Cancel::default())?;
         }
         let kv = Arc::new(cache);
         let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
@@ -263,6 +290,16 @@ impl Engine {
     /// Encode each context independently after `prefix` (its keys and values, from
     /// [`Engine::prefix_kv`]), short ones batched together.
     pub fn encode_contexts(&self, prefix: &KvCache, contexts: &[&[u32]]) -> Result<Vec<KvCache>> {
+        self.encode_batches(prefix, contexts, &Cancel::default())
+    }
+
+    /// [`Engine::encode_contexts`], checking `cancel` before each batch.
+    fn encode_batches(
+        &self,
+        prefix: &KvCache,
+        contexts: &[&[u32]],
+        cancel: &Cancel,
+    ) -> Result<Vec<KvCache>> {
         let window = self.model.config.context_length;
         if let Some(longest) = contexts.iter().map(|c| c.len()).max() {
             if prefix.len() + longest > window {
@@ -280,6 +317,7 @@ impl Engine {
         let mut batch_tokens = 0;
         for &context in contexts {
             if !batch.is_empty() && batch_tokens + context.len() > CONTEXT_BATCH_TOKENS {
+                cancel.check()?;
                 encoded.extend(self.model.encode_contexts(prefix, &batch));
                 batch.clear();
                 batch_tokens = 0;
@@ -288,6 +326,7 @@ impl Engine {
             batch_tokens += context.len();
         }
         if !batch.is_empty() {
+            cancel.check()?;
             encoded.extend(self.model.encode_contexts(prefix, &batch));
         }
         Ok(encoded)
@@ -295,12 +334,13 @@ impl Engine {
 
     /// The keys and values of each context after `prefix` (whose own keys and values are
     /// `prefix_kv`): from the store where it has them, the others encoded (in batches) and
-    /// handed to the store.
+    /// handed to the store. `cancel` is checked before each batch that is encoded.
     pub fn contexts_kv(
         &self,
         prefix: &[u32],
         prefix_kv: &KvCache,
         contexts: &[&[u32]],
+        cancel: &Cancel,
     ) -> Result<Vec<Arc<KvCache>>> {
         let mut found: Vec<Option<Arc<KvCache>>> = match &self.store {
             Some(store) => contexts.iter().map(|c| store.get(prefix, c)).collect(),
@@ -312,7 +352,7 @@ impl Engine {
         let to_encode: Vec<&[u32]> = missing.iter().map(|&i| contexts[i]).collect();
         for (i, kv) in missing
             .into_iter()
-            .zip(self.encode_contexts(prefix_kv, &to_encode)?)
+            .zip(self.encode_batches(prefix_kv, &to_encode, cancel)?)
         {
             let kv = Arc::new(kv);
             if let Some(store) = &self.store {
@@ -349,7 +389,7 @@ impl Engine {
         let sampler = Sampler::new(options.sampling.clone())?;
         let prefix = self.prefix_kv(&prompt.prefix)?;
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
-        let encoded = self.contexts_kv(&prompt.prefix, &prefix, &contexts)?;
+        let encoded = self.contexts_kv(&prompt.prefix, &prefix, &contexts, &options.cancel)?;
         let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
@@ -412,6 +452,7 @@ impl Engine {
         let mut cache = prefix.copy_with_capacity(prefix.len() + query.len() + decoding.max_tokens);
         let mut logits = Vec::new();
         for chunk in query.chunks(crate::generate::PREFILL_CHUNK) {
+            decoding.options.cancel.check()?;
             logits = model.forward_ape(chunk, &mut cache, contexts, factors);
         }
         decoding.run(
@@ -442,7 +483,12 @@ impl Engine {
         let prefix = self.prefix_kv(&prompt.prefix)?;
         let mut cache = prefix.copy_with_capacity(total + max_tokens);
         let tokens = prompt.sequential_tokens();
-        let logits = prefill(&self.model, &tokens[prompt.prefix.len()..], &mut cache)?;
+        let logits = prefill(
+            &self.model,
+            &tokens[prompt.prefix.len()..],
+            &mut cache,
+            &options.cancel,
+        )?;
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
             options,
@@ -481,13 +527,4 @@ impl Engine {
         }
         Ok(max_new)
     }
-}
-
-fn chat(system: Option<&str>, user: &str) -> Vec<Message> {
-    let mut messages = Vec::new();
-    if let Some(system) = system {
-        messages.push(Message::system(system));
-    }
-    messages.push(Message::user(user));
-    messages
 }

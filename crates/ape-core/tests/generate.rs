@@ -78,7 +78,9 @@ fn prefill_in_chunks_matches_one_forward() {
     let mut whole_cache = e.model.new_cache(prompt.len());
     let whole = e.model.forward(&prompt, &mut whole_cache);
     let mut chunked_cache = e.model.new_cache(prompt.len());
-    let chunked = ape_core::generate::prefill(&e.model, &prompt, &mut chunked_cache).unwrap();
+    let chunked =
+        ape_core::generate::prefill(&e.model, &prompt, &mut chunked_cache, &Default::default())
+            .unwrap();
     assert!(max_abs_diff(&whole, &chunked) < 2e-2);
 }
 
