@@ -1,7 +1,9 @@
-//! `ape`: generate text with a GGUF model, measure its speed, and install the models.
+//! `ape`: generate text with a GGUF model, serve it over HTTP, measure its speed, and
+//! install the models.
 
 mod bench;
 mod pull;
+mod serve;
 mod store;
 
 use std::io::Write;
@@ -37,6 +39,8 @@ enum Command {
     Encode(store::EncodeArgs),
     /// Inspect and trim the context store.
     Cache(store::CacheArgs),
+    /// Serve an OpenAI-compatible HTTP API with documents, streaming and metrics.
+    Serve(serve::ServeArgs),
     /// Measure prefill and decode speed, or time to first token over many contexts.
     Bench(bench::BenchArgs),
     /// Manage model files.
@@ -58,7 +62,7 @@ enum ModelCommand {
 struct ModelArg {
     /// GGUF model file.
     #[arg(long, short, default_value_os_t = pull::default_model_path())]
-    model: PathBuf,
+    pub model: PathBuf,
 }
 
 #[derive(Args)]
@@ -174,6 +178,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Encode(args) => store::encode(args),
         Command::Cache(args) => store::cache(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Model { command } => match command {
             ModelCommand::Pull(args) => pull::run(args),

@@ -69,10 +69,18 @@ impl StoreArgs {
         if self.no_cache {
             return Ok(None);
         }
+        self.open_with_memory(engine, model_path).map(Some)
+    }
+
+    /// [`StoreArgs::open`], but with `--no-cache` a store in memory only, for a server
+    /// whose registered contexts must live somewhere.
+    pub fn open_with_memory(&self, engine: &Engine, model_path: &Path) -> Result<Arc<Store>> {
         let codec = Codec::for_model(model_path, &engine.model.config, self.kv_dtype)?;
         let mut tiers: Vec<Box<dyn Tier>> = vec![Box::new(MemoryTier::new(MEMORY_TIER_BYTES))];
-        tiers.extend(self.tiers(codec)?);
-        Ok(Some(Arc::new(Store::new(codec, tiers))))
+        if !self.no_cache {
+            tiers.extend(self.tiers(codec)?);
+        }
+        Ok(Arc::new(Store::new(codec, tiers)))
     }
 }
 
@@ -81,7 +89,7 @@ fn parse_dtype(name: &str) -> Result<KvDtype, String> {
 }
 
 /// `500`, `64K`, `500M`, `20G`: bytes, with binary multiples.
-fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let (digits, shift) = match text.char_indices().last() {
         Some((at, 'K' | 'k')) => (&text[..at], 10),

@@ -380,12 +380,7 @@ impl Engine {
         let Some(factors) = mode.factors() else {
             return self.answer_sequentially(prompt, options, start, on_text);
         };
-        let max_tokens = self.ape_window_check(
-            prompt.prefix.len(),
-            prompt.longest_context(),
-            prompt.query.len(),
-            options.max_tokens,
-        )?;
+        let max_tokens = self.check_window(prompt, mode, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
         let prefix = self.prefix_kv(&prompt.prefix)?;
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
@@ -469,16 +464,8 @@ impl Engine {
         start: Instant,
         on_text: impl FnMut(&str),
     ) -> Result<Generation> {
-        let window = self.model.config.context_length;
         let total = prompt.total_tokens();
-        let max_tokens = options.max_tokens.unwrap_or(window.saturating_sub(total));
-        if total + max_tokens > window {
-            return Err(Error::ContextOverflow {
-                tokens: total,
-                max_new: max_tokens,
-                window,
-            });
-        }
+        let max_tokens = self.check_window(prompt, Mode::Sequential, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
         let prefix = self.prefix_kv(&prompt.prefix)?;
         let mut cache = prefix.copy_with_capacity(total + max_tokens);
@@ -502,6 +489,35 @@ impl Engine {
             |token| self.model.forward(&[token], &mut cache),
             on_text,
         )
+    }
+
+    /// How many new tokens `prompt` may have in `mode` (`max_tokens`, or up to the end of
+    /// the window when it is `None`); an error naming each part when they do not fit.
+    pub fn check_window(
+        &self,
+        prompt: &Prompt,
+        mode: Mode,
+        max_tokens: Option<usize>,
+    ) -> Result<usize> {
+        if mode.factors().is_some() {
+            return self.ape_window_check(
+                prompt.prefix.len(),
+                prompt.longest_context(),
+                prompt.query.len(),
+                max_tokens,
+            );
+        }
+        let window = self.model.config.context_length;
+        let total = prompt.total_tokens();
+        let max_new = max_tokens.unwrap_or(window.saturating_sub(total));
+        if total + max_new > window {
+            return Err(Error::ContextOverflow {
+                tokens: total,
+                max_new,
+                window,
+            });
+        }
+        Ok(max_new)
     }
 
     /// The token limit of an APE request, checked against the window: the query side
