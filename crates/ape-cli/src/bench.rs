@@ -35,12 +35,16 @@ enum TtftCommand {
     /// Loading stored contexts from disk and Redis against encoding them again, and time
     /// to first token with every document stored on disk.
     Store(StoreBenchArgs),
+    /// A bounded load test against a running `ape serve`: many clients at once, every
+    /// answer checked, latency percentiles.
+    Serve(crate::load::LoadArgs),
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.ttft {
         Some(TtftCommand::Ttft(ttft)) => run_ttft(ttft),
         Some(TtftCommand::Store(store)) => run_store(store),
+        Some(TtftCommand::Serve(load)) => crate::load::run(load),
         None => run_runtime(args.runtime),
     }
 }

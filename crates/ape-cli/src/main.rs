@@ -2,6 +2,7 @@
 //! install the models.
 
 mod bench;
+mod load;
 mod pull;
 mod serve;
 mod store;

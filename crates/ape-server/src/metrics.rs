@@ -24,6 +24,7 @@ pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub request_seconds: HistogramVec,
+    pub generation_seconds: Histogram,
     pub time_to_first_token: Histogram,
     pub time_per_output_token: Histogram,
     pub decode_tokens_per_second: Histogram,
@@ -61,12 +62,17 @@ impl Metrics {
             request_seconds: HistogramVec::new(
                 HistogramOpts::new(
                     "ape_request_duration_seconds",
-                    "Time from a request's arrival to its response's headers (streams: to the end).",
+                    "Time from a request's arrival to its response's headers (for a stream, its start).",
                 )
                 .buckets(SECONDS.to_vec()),
                 &["route"],
             )
             .expect("valid histogram"),
+            generation_seconds: histogram(
+                "ape_generation_seconds",
+                "Model time per request: reading the prompt and generating the answer.",
+                SECONDS,
+            ),
             time_to_first_token: histogram(
                 "ape_time_to_first_token_seconds",
                 "Time from the start of model work to the first generated token.",
@@ -132,6 +138,7 @@ impl Metrics {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
             Box::new(metrics.request_seconds.clone()),
+            Box::new(metrics.generation_seconds.clone()),
             Box::new(metrics.time_to_first_token.clone()),
             Box::new(metrics.time_per_output_token.clone()),
             Box::new(metrics.decode_tokens_per_second.clone()),
@@ -160,8 +167,10 @@ impl Metrics {
     pub fn generated(&self, generation: &Generation) {
         self.prompt_tokens.inc_by(generation.prompt_tokens as u64);
         self.generated_tokens.inc_by(generation.tokens.len() as u64);
-        self.time_to_first_token
-            .observe(generation.time_to_first_token.as_secs_f64());
+        let first = generation.time_to_first_token.as_secs_f64();
+        self.time_to_first_token.observe(first);
+        self.generation_seconds
+            .observe(first + generation.decode_time.as_secs_f64());
         let after_first = generation.tokens.len().saturating_sub(1);
         if after_first > 0 {
             let seconds = generation.decode_time.as_secs_f64();
@@ -181,15 +190,10 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Mean duration of the model routes' requests so far, for `Retry-After`.
-    pub fn mean_request_seconds(&self) -> Option<f64> {
-        let (count, sum) = ["/v1/chat/completions", "/v1/completions"]
-            .iter()
-            .map(|route| self.request_seconds.with_label_values(&[route]))
-            .fold((0, 0.0), |(count, sum), h| {
-                (count + h.get_sample_count(), sum + h.get_sample_sum())
-            });
-        (count > 0).then(|| sum / count as f64)
+    /// Mean model time of the requests answered so far, for `Retry-After`.
+    pub fn mean_generation_seconds(&self) -> Option<f64> {
+        let count = self.generation_seconds.get_sample_count();
+        (count > 0).then(|| self.generation_seconds.get_sample_sum() / count as f64)
     }
 
     /// The text `GET /metrics` returns, with the gauges and the store's counts read now.

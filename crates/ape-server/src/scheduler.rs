@@ -97,7 +97,7 @@ impl Scheduler {
     /// A guess at when a slot will be free: the queue ahead drained at the recent
     /// request rate of every slot.
     fn retry_after(&self, ahead: usize) -> u64 {
-        let mean = self.metrics.mean_request_seconds().unwrap_or(1.0);
+        let mean = self.metrics.mean_generation_seconds().unwrap_or(1.0);
         let seconds = mean * (ahead + 1) as f64 / self.concurrency as f64;
         seconds.ceil().clamp(1.0, 60.0) as u64
     }
