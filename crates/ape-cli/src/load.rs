@@ -102,7 +102,11 @@ pub fn run(args: LoadArgs) -> Result<()> {
                 if i >= args.requests {
                     break;
                 }
-                let documents = if i % 2 == 0 { &by_id } else { &by_text };
+                let documents = if i.is_multiple_of(2) {
+                    &by_id
+                } else {
+                    &by_text
+                };
                 let question = i % QUESTIONS.len();
                 let sent = Instant::now();
                 let mut refusals = 0;

@@ -13,11 +13,24 @@ use ape_core::engine::{Engine, Mode, Prompt, DEFAULT_APE_SCALE, DEFAULT_APE_TEMP
 use ape_core::generate::{Cancel, GenerateOptions};
 use ape_core::sampler::SamplingParams;
 use ape_store::{Key, Store};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::error::ApiError;
 
-/// The sampling and streaming fields chat and text completions share.
+/// Read one view of a request body: the fields one of the structs here knows, the others
+/// left to the other view. A field of the wrong type is a 400 that names it.
+pub fn parse<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let message = format!("invalid request body: `{path}`: {}", e.inner());
+        ApiError::bad_request(message)
+    })
+}
+
+/// The sampling and streaming fields chat and text completions share, read from the same
+/// body as the fields particular to each.
 #[derive(Debug, Deserialize)]
 pub struct CommonFields {
     pub model: Option<String>,
@@ -55,8 +68,6 @@ pub struct ChatRequest {
     #[serde(default)]
     pub documents: Vec<DocumentRef>,
     pub ape: Option<ApeOptions>,
-    #[serde(flatten)]
-    pub common: CommonFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,8 +113,6 @@ pub struct ApeOptions {
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: PromptText,
-    #[serde(flatten)]
-    pub common: CommonFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,12 +243,13 @@ impl ChatRequest {
     /// check the request fits the model's window.
     pub fn prepare(
         &self,
+        common: &CommonFields,
         engine: &Engine,
         store: &Store,
         served_model: &str,
         cancel: Cancel,
     ) -> Result<Prepared, ApiError> {
-        let options = self.common.options(served_model, cancel)?;
+        let options = common.options(served_model, cancel)?;
         let messages = self
             .messages
             .iter()
@@ -277,8 +287,8 @@ impl ChatRequest {
         Ok(Prepared {
             work,
             options,
-            stream: self.common.stream,
-            include_usage: self.common.include_usage(),
+            stream: common.stream,
+            include_usage: common.include_usage(),
         })
     }
 
@@ -343,11 +353,12 @@ pub fn stored_context(store: &Store, id: &str) -> Result<ape_store::Entry, ApiEr
 impl CompletionRequest {
     pub fn prepare(
         &self,
+        common: &CommonFields,
         engine: &Engine,
         served_model: &str,
         cancel: Cancel,
     ) -> Result<Prepared, ApiError> {
-        let options = self.common.options(served_model, cancel)?;
+        let options = common.options(served_model, cancel)?;
         let text = match &self.prompt {
             PromptText::One(text) => text,
             PromptText::Many(list) if list.len() == 1 => &list[0],
@@ -365,8 +376,8 @@ impl CompletionRequest {
         Ok(Prepared {
             work: plain(engine, tokens, &options)?,
             options,
-            stream: self.common.stream,
-            include_usage: self.common.include_usage(),
+            stream: common.stream,
+            include_usage: common.include_usage(),
         })
     }
 }

@@ -22,7 +22,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::api::{
-    context_key, stored_context, ChatRequest, CompletionRequest, Prepared, RegisterContexts, Work,
+    context_key, parse, stored_context, ChatRequest, CommonFields, CompletionRequest, Prepared,
+    RegisterContexts, Work,
 };
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -95,27 +96,31 @@ async fn off_thread<T: Send + 'static>(
 
 async fn chat_completions(
     State(state): State<Shared>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(request) = body?;
-    let cancel = Cancel::new();
+    let Json(body) = body?;
+    let (request, common): (ChatRequest, CommonFields) = (parse(&body)?, parse(&body)?);
     let prepared = {
-        let (state, cancel) = (state.clone(), cancel.clone());
-        off_thread(move || request.prepare(&state.engine, &state.store, &state.model_id, cancel))
-            .await?
+        let state = state.clone();
+        off_thread(move || {
+            let (engine, store) = (&state.engine, &state.store);
+            request.prepare(&common, engine, store, &state.model_id, Cancel::new())
+        })
+        .await?
     };
     respond(state, prepared, Kind::Chat).await
 }
 
 async fn completions(
     State(state): State<Shared>,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(request) = body?;
-    let cancel = Cancel::new();
+    let Json(body) = body?;
+    let (request, common): (CompletionRequest, CommonFields) = (parse(&body)?, parse(&body)?);
     let prepared = {
-        let (state, cancel) = (state.clone(), cancel.clone());
-        off_thread(move || request.prepare(&state.engine, &state.model_id, cancel)).await?
+        let state = state.clone();
+        off_thread(move || request.prepare(&common, &state.engine, &state.model_id, Cancel::new()))
+            .await?
     };
     respond(state, prepared, Kind::Text).await
 }
@@ -336,9 +341,10 @@ async fn models(State(state): State<Shared>) -> Json<Value> {
 /// and keep them in the store; returns each one's id.
 async fn register_contexts(
     State(state): State<Shared>,
-    body: Result<Json<RegisterContexts>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(request) = body?;
+    let Json(body) = body?;
+    let request: RegisterContexts = parse(&body)?;
     if request.documents.is_empty() {
         return Err(
             ApiError::bad_request("`documents` is empty; send at least one").param("documents"),

@@ -103,8 +103,8 @@ impl Scheduler {
     }
 
     /// Run `work` on the blocking pool while holding `slot`. `cancel` is raised when the
-    /// request's time limit passes; the work is expected to check it. Returns what the
-    /// work returned, or 504 when it stopped because of the time limit.
+    /// request's time limit passes; the work is expected to check it and stop with a 499
+    /// error. Returns what the work returned, or 504 when it stopped for the time limit.
     pub async fn run<T: Send + 'static>(
         &self,
         slot: Slot,
@@ -120,17 +120,21 @@ impl Scheduler {
                 cancel.cancel();
             })
         };
+        let stop_timer = timer.abort_handle();
+        let (metrics, timed_out_flag) = (self.metrics.clone(), timed_out.clone());
+        // Counted here rather than after the await: when the client has gone away, the
+        // future awaiting this work has been dropped.
         let outcome = tokio::task::spawn_blocking(move || {
             let result = work();
             drop(slot);
+            stop_timer.abort();
+            let cancelled = matches!(&result, Err(e) if e.status == CLIENT_CLOSED_REQUEST);
+            if cancelled && !timed_out_flag.load(Ordering::SeqCst) {
+                metrics.cancelled.inc();
+            }
             result
         })
         .await;
-        timer.abort();
-        if timed_out.load(Ordering::SeqCst) {
-            self.metrics.timed_out.inc();
-            return Err(self.timeout_error());
-        }
         let result = outcome.map_err(|e| {
             tracing::error!("model work failed: {e}");
             ApiError::new(
@@ -138,10 +142,13 @@ impl Scheduler {
                 "the model work for this request failed unexpectedly; see the server log",
             )
         })?;
-        if matches!(&result, Err(e) if e.status == CLIENT_CLOSED_REQUEST) {
-            self.metrics.cancelled.inc();
+        match result {
+            Err(e) if e.status == CLIENT_CLOSED_REQUEST && timed_out.load(Ordering::SeqCst) => {
+                self.metrics.timed_out.inc();
+                Err(self.timeout_error())
+            }
+            result => result,
         }
-        result
     }
 
     pub fn timeout_error(&self) -> ApiError {
