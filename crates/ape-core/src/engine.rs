@@ -11,6 +11,7 @@
 //! The prefix's keys and values are computed once per distinct prefix and kept for the
 //! life of the engine (the few most recent ones).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -346,8 +347,10 @@ impl Engine {
             Some(store) => contexts.iter().map(|c| store.get(prefix, c)).collect(),
             None => vec![None; contexts.len()],
         };
+        // A document named twice in one request is encoded once.
+        let mut first_of: HashMap<&[u32], usize> = HashMap::new();
         let missing: Vec<usize> = (0..contexts.len())
-            .filter(|&i| found[i].is_none())
+            .filter(|&i| found[i].is_none() && *first_of.entry(contexts[i]).or_insert(i) == i)
             .collect();
         let to_encode: Vec<&[u32]> = missing.iter().map(|&i| contexts[i]).collect();
         for (i, kv) in missing
@@ -359,6 +362,11 @@ impl Engine {
                 store.put(prefix, contexts[i], kv.clone());
             }
             found[i] = Some(kv);
+        }
+        for i in 0..contexts.len() {
+            if found[i].is_none() {
+                found[i] = found[first_of[contexts[i]]].clone();
+            }
         }
         Ok(found.into_iter().flatten().collect())
     }

@@ -223,6 +223,21 @@ fn the_order_of_contexts_does_not_matter() {
 }
 
 #[test]
+fn a_document_named_twice_in_a_request_is_encoded_once() {
+    let e = engine();
+    let prompt = e.split_chat(None, &documents(), "?").unwrap();
+    let prefix = e.prefix_kv(&prompt.prefix).unwrap();
+    let (a, b) = (&prompt.contexts[0][..], &prompt.contexts[1][..]);
+    let kv = e
+        .contexts_kv(&prompt.prefix, &prefix, &[a, b, a], &Default::default())
+        .unwrap();
+    assert_eq!(kv.len(), 3);
+    assert!(std::sync::Arc::ptr_eq(&kv[0], &kv[2]));
+    assert!(!std::sync::Arc::ptr_eq(&kv[0], &kv[1]));
+    assert_eq!((kv[0].len(), kv[1].len()), (a.len(), b.len()));
+}
+
+#[test]
 fn a_context_encodes_identically_alone_and_in_a_batch() {
     let e = engine();
     let prompt = e.split_chat(None, &documents(), "?").unwrap();
