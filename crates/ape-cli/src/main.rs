@@ -14,7 +14,9 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use ape_core::engine::{Engine, Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
+use ape_core::engine::{
+    Engine, Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE, DEFAULT_CHUNK_TOKENS,
+};
 use ape_core::generate::GenerateOptions;
 use ape_core::sampler::SamplingParams;
 
@@ -64,6 +66,17 @@ struct ModelArg {
     /// GGUF model file.
     #[arg(long, short, default_value_os_t = pull::default_model_path())]
     pub model: PathBuf,
+    /// Documents longer than this many tokens are cut into several contexts.
+    #[arg(long, default_value_t = DEFAULT_CHUNK_TOKENS)]
+    chunk_tokens: usize,
+}
+
+impl ModelArg {
+    fn load(&self) -> Result<Engine> {
+        let engine = Engine::load(&self.model)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        Ok(engine.with_chunk_tokens(self.chunk_tokens)?)
+    }
 }
 
 #[derive(Args)]
@@ -191,10 +204,6 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn load_engine(model: &Path) -> Result<Engine> {
-    Engine::load(model).with_context(|| format!("loading {}", model.display()))
-}
-
 fn generate(args: GenerateArgs) -> Result<()> {
     let documents = read_documents(&args.context, args.contexts_dir.as_deref())?;
     let mode = Mode::from_name(&args.mode, args.ape_temperature, args.ape_scale)?;
@@ -203,7 +212,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         "nothing to answer: give --prompt TEXT for a chat, or --query TEXT with --context FILE \
          or --contexts-dir DIR to ask over documents"
     );
-    let engine = load_engine(&args.model.model)?;
+    let engine = args.model.load()?;
     // A plain chat has no contexts to look up, so it does not pay for opening the store.
     let store = match args.prompt {
         Some(_) => None,

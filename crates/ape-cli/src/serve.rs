@@ -42,7 +42,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "--request-timeout must be at least 1 second"
     );
     let path = &args.model.model;
-    let engine = crate::load_engine(path)?;
+    let engine = args.model.load()?;
     let store = args.store.open_with_memory(&engine, path)?;
     let engine = Arc::new(engine.with_store(store.clone()));
     let model_id = path

@@ -106,9 +106,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 #[derive(Args)]
 pub struct EncodeArgs {
-    /// GGUF model file.
-    #[arg(long, short, default_value_os_t = crate::pull::default_model_path())]
-    model: PathBuf,
+    #[command(flatten)]
+    model: crate::ModelArg,
     /// Documents: text files, or folders whose files are each one document.
     #[arg(required = true, value_name = "FILES|DIR")]
     paths: Vec<PathBuf>,
@@ -134,35 +133,39 @@ pub fn encode(args: EncodeArgs) -> Result<()> {
         }
     }
     let documents = crate::read_files(&files)?;
-    let engine = crate::load_engine(&args.model)?;
+    let engine = args.model.load()?;
     let store = args
         .store
-        .open(&engine, &args.model)?
+        .open(&engine, &args.model.model)?
         .expect("a store is open");
     let engine = engine.with_store(store.clone());
-    let prompt = engine.split_chat(args.system.as_deref(), &documents, "")?;
-    let prefix = engine.prefix_kv(&prompt.prefix)?;
+    let prefix = engine
+        .split_chat(args.system.as_deref(), &[] as &[&str], "")?
+        .prefix;
+    let prefix_kv = engine.prefix_kv(&prefix)?;
 
-    let bar = ProgressBar::new(prompt.contexts.len() as u64).with_style(
+    let bar = ProgressBar::new(documents.len() as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} documents, {msg} [{elapsed} < {eta}]")
             .expect("the template is valid"),
     );
     let start = Instant::now();
     let (mut stored, mut present, mut tokens) = (0, 0, 0);
-    for (context, file) in prompt.contexts.iter().zip(&files) {
+    for (document, file) in documents.iter().zip(&files) {
         bar.set_message(file.display().to_string());
-        if store.get(&prompt.prefix, context).is_some() {
-            present += 1;
-        } else {
-            engine.contexts_kv(&prompt.prefix, &prefix, &[context], &Cancel::default())?;
-            stored += 1;
-            tokens += context.len();
+        for context in engine.document_contexts(document)? {
+            if store.get(&prefix, &context).is_some() {
+                present += 1;
+            } else {
+                engine.contexts_kv(&prefix, &prefix_kv, &[&context], &Cancel::default())?;
+                stored += 1;
+                tokens += context.len();
+            }
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
     println!(
-        "{stored} documents encoded and stored ({tokens} tokens in {:.1} s), {present} already stored",
+        "{stored} contexts encoded and stored ({tokens} tokens in {:.1} s), {present} already stored",
         start.elapsed().as_secs_f64()
     );
     Ok(())

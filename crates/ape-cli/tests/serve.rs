@@ -166,10 +166,33 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
 #[test]
 fn registered_contexts_can_be_read_used_and_deleted() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&["--cache-dir", dir.path().to_str().unwrap()]);
+    let server = Server::start(&[
+        "--cache-dir",
+        dir.path().to_str().unwrap(),
+        "--chunk-tokens",
+        "64",
+    ]);
+    // A document longer than the chunk size is registered as several contexts.
+    let long = "The ferry leaves the north pier every half hour.\n".repeat(20);
+    let mut with_long = documents();
+    with_long.as_array_mut().unwrap().push(json!(long));
+    let split: Value = server
+        .post("/v1/contexts", &json!({"documents": with_long}))
+        .json()
+        .unwrap();
+    let parts: Vec<&Value> = split["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["document"] == 3)
+        .collect();
+    assert!(parts.len() >= 3, "{split}");
+    assert!(parts.iter().all(|c| c["tokens"].as_u64().unwrap() <= 64));
+
     let registered = server.post("/v1/contexts", &json!({"documents": documents()}));
     assert_eq!(registered.status(), 201);
     let registered: Value = registered.json().unwrap();
+    assert_eq!(split["data"][0]["cached"], false);
     let ids: Vec<&str> = registered["data"]
         .as_array()
         .unwrap()
@@ -177,7 +200,7 @@ fn registered_contexts_can_be_read_used_and_deleted() {
         .map(|c| c["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), 3);
-    assert!(registered["data"][0]["cached"] == false);
+    assert_eq!(registered["data"][0]["cached"], true);
     let again: Value = server
         .post("/v1/contexts", &json!({"documents": documents()}))
         .json()

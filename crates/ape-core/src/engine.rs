@@ -37,6 +37,11 @@ const KEPT_PREFIXES: usize = 8;
 /// bound the activations held at once. A longer context is encoded alone.
 const CONTEXT_BATCH_TOKENS: usize = 512;
 
+/// Longest context by default: documents longer than this are cut into several contexts,
+/// so that a document longer than the window can still be asked about, and the query,
+/// which starts after the longest context, keeps room in the window.
+pub const DEFAULT_CHUNK_TOKENS: usize = 2048;
+
 /// Separates a document from what follows it in the user's turn.
 const DOCUMENT_SEPARATOR: &str = "\n\n";
 
@@ -144,6 +149,8 @@ pub struct Engine {
     /// Keys and values of recently used prefixes, most recent last.
     prefixes: Mutex<Vec<(Vec<u32>, Arc<KvCache>)>>,
     store: Option<Arc<dyn ContextStore>>,
+    /// Longest context, in tokens: longer documents are cut into several.
+    chunk_tokens: usize,
 }
 
 impl Engine {
@@ -155,7 +162,19 @@ impl Engine {
             template: ChatTemplate::from_gguf(&gguf)?,
             prefixes: Mutex::new(Vec::new()),
             store: None,
+            chunk_tokens: DEFAULT_CHUNK_TOKENS,
         })
+    }
+
+    /// Cut documents longer than `tokens` into several contexts (at least 16 tokens).
+    pub fn with_chunk_tokens(mut self, tokens: usize) -> Result<Self> {
+        if tokens < 16 {
+            return Err(Error::ApeSetting(format!(
+                "a document chunk must allow at least 16 tokens, got {tokens}"
+            )));
+        }
+        self.chunk_tokens = tokens;
+        Ok(self)
     }
 
     /// Look contexts up in `store` before encoding them, and keep what is encoded there.
@@ -229,10 +248,10 @@ impl Engine {
             )
         })?;
         let (head, tail) = (&text[..at], &text[at + MARK.len()..]);
-        let contexts = documents
-            .iter()
-            .map(|d| self.context_tokens(d.as_ref()))
-            .collect::<Result<Vec<_>>>()?;
+        let mut contexts = Vec::with_capacity(documents.len());
+        for document in documents {
+            contexts.extend(self.document_contexts(document.as_ref())?);
+        }
         Ok(Prompt {
             prefix: self.encode_prompt(head)?,
             contexts,
@@ -240,13 +259,34 @@ impl Engine {
         })
     }
 
-    /// The tokens of one document as a context: its text, trailing space trimmed, then a
-    /// blank line separating it from what follows.
-    pub fn context_tokens(&self, document: &str) -> Result<Vec<u32>> {
-        self.tokenizer.encode(
+    /// The contexts one document becomes: its text, trailing space trimmed, then a blank
+    /// line separating it from what follows, as tokens; cut into pieces of at most the
+    /// chunk size (see [`Engine::with_chunk_tokens`]) when longer, each cut after a line
+    /// break where one falls in the last quarter of the piece. Joined in order, the pieces
+    /// are the whole document's tokens.
+    pub fn document_contexts(&self, document: &str) -> Result<Vec<Vec<u32>>> {
+        let tokens = self.tokenizer.encode(
             &format!("{}{DOCUMENT_SEPARATOR}", document.trim_end()),
             true,
-        )
+        )?;
+        let limit = self.chunk_tokens;
+        let mut chunks = Vec::with_capacity(tokens.len().div_ceil(limit));
+        let mut rest = &tokens[..];
+        while rest.len() > limit {
+            let ends_line = |&at: &usize| {
+                self.tokenizer
+                    .decode(&rest[at - 1..at])
+                    .is_ok_and(|text| text.ends_with('\n'))
+            };
+            let cut = (limit - limit / 4..=limit)
+                .rev()
+                .find(ends_line)
+                .unwrap_or(limit);
+            chunks.push(rest[..cut].to_vec());
+            rest = &rest[cut..];
+        }
+        chunks.push(rest.to_vec());
+        Ok(chunks)
     }
 
     /// Token ids of a whole conversation, ending with the assistant header so that the

@@ -223,6 +223,52 @@ fn the_order_of_contexts_does_not_matter() {
 }
 
 #[test]
+fn a_long_document_is_cut_into_contexts_at_line_breaks() {
+    let e = Engine::load(common::model_path(common::SMOLLM2))
+        .unwrap()
+        .with_chunk_tokens(256)
+        .unwrap();
+    let long: String = (0..120)
+        .map(|i| format!("Entry {i}: the lighthouse keeper logged a calm sea.\n"))
+        .collect();
+    let whole = e
+        .tokenizer
+        .encode(&format!("{}\n\n", long.trim_end()), true)
+        .unwrap();
+    let chunks = e.document_contexts(&long).unwrap();
+    assert!(
+        chunks.len() >= whole.len() / 256 + 1,
+        "{} chunks",
+        chunks.len()
+    );
+    assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= 256));
+    assert_eq!(chunks.concat(), whole);
+    for chunk in &chunks[..chunks.len() - 1] {
+        let last = e.tokenizer.decode(&chunk[chunk.len() - 1..]).unwrap();
+        assert!(last.ends_with('\n'), "a cut after {last:?}");
+    }
+
+    let prompt = e
+        .split_chat(
+            None,
+            &[long.as_str(), "A short note."],
+            "What did the keeper log?",
+        )
+        .unwrap();
+    assert_eq!(prompt.contexts.len(), chunks.len() + 1);
+    assert_eq!(prompt.contexts[..chunks.len()], chunks[..]);
+    let options = GenerateOptions {
+        max_tokens: Some(4),
+        ..GenerateOptions::default()
+    };
+    let answer = e
+        .answer(&prompt, Mode::ape(0.9, 0.9).unwrap(), &options, |_| {})
+        .unwrap();
+    assert!(!answer.tokens.is_empty());
+    assert!(e.with_chunk_tokens(8).is_err());
+}
+
+#[test]
 fn a_document_named_twice_in_a_request_is_encoded_once() {
     let e = engine();
     let prompt = e.split_chat(None, &documents(), "?").unwrap();

@@ -276,11 +276,11 @@ impl ChatRequest {
             let mode = self.mode()?;
             let turns = &messages[..messages.len() - 1];
             let mut prompt = engine.split_conversation(turns, &[] as &[&str], &last.content)?;
-            prompt.contexts = self
-                .documents
-                .iter()
-                .map(|document| context_tokens(engine, store, document))
-                .collect::<Result<_, _>>()?;
+            for document in &self.documents {
+                prompt
+                    .contexts
+                    .extend(document_contexts(engine, store, document)?);
+            }
             engine.check_window(&prompt, mode, options.max_tokens)?;
             Work::Answer(prompt, mode)
         };
@@ -314,15 +314,17 @@ fn plain(engine: &Engine, tokens: Vec<u32>, options: &GenerateOptions) -> Result
     Ok(Work::Plain(prompt.prefix))
 }
 
-/// A document's context tokens: its text's, or those of the stored context it names.
-fn context_tokens(
+/// A document's contexts: its text's (several if it is long), or the stored one it names.
+fn document_contexts(
     engine: &Engine,
     store: &Store,
     document: &DocumentRef,
-) -> Result<Vec<u32>, ApiError> {
+) -> Result<Vec<Vec<u32>>, ApiError> {
     match document {
-        DocumentRef::Text(text) | DocumentRef::Inline { text } => Ok(engine.context_tokens(text)?),
-        DocumentRef::Stored { id } => Ok(stored_context(store, id)?.tokens),
+        DocumentRef::Text(text) | DocumentRef::Inline { text } => {
+            Ok(engine.document_contexts(text)?)
+        }
+        DocumentRef::Stored { id } => Ok(vec![stored_context(store, id)?.tokens]),
     }
 }
 

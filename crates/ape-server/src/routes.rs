@@ -338,7 +338,8 @@ async fn models(State(state): State<Shared>) -> Json<Value> {
 }
 
 /// Encode documents after the prefix of a chat (with the given system message, if any)
-/// and keep them in the store; returns each one's id.
+/// and keep them in the store; returns each context's id and the document it belongs to
+/// (a long document is several contexts).
 async fn register_contexts(
     State(state): State<Shared>,
     body: Result<Json<Value>, JsonRejection>,
@@ -350,22 +351,30 @@ async fn register_contexts(
             ApiError::bad_request("`documents` is empty; send at least one").param("documents"),
         );
     }
-    let prompt = {
+    // Each document's contexts (one, or several for a long one), after the chat prefix.
+    let (prefix, contexts) = {
         let state = state.clone();
         off_thread(move || {
+            let engine = &state.engine;
             let turns: Vec<_> = request
                 .system
                 .map(ape_core::chat::Message::system)
                 .into_iter()
                 .collect();
-            let prompt = state
-                .engine
-                .split_conversation(&turns, &request.documents, "")?;
-            let window = state.engine.model.config.context_length;
-            if let Some(longest) = prompt.contexts.iter().map(Vec::len).max() {
-                if prompt.prefix.len() + longest >= window {
+            let prefix = engine
+                .split_conversation(&turns, &[] as &[&str], "")?
+                .prefix;
+            let mut contexts = Vec::new();
+            for (document, text) in request.documents.iter().enumerate() {
+                for context in engine.document_contexts(text)? {
+                    contexts.push((document, context));
+                }
+            }
+            let window = engine.model.config.context_length;
+            if let Some(longest) = contexts.iter().map(|(_, c)| c.len()).max() {
+                if prefix.len() + longest >= window {
                     return Err(ApiError::from(ape_core::Error::ApeWindowOverflow {
-                        prefix: prompt.prefix.len(),
+                        prefix: prefix.len(),
                         longest,
                         query: 1,
                         max_new: 0,
@@ -374,7 +383,7 @@ async fn register_contexts(
                     .param("documents"));
                 }
             }
-            Ok(prompt)
+            Ok((prefix, contexts))
         })
         .await?
     };
@@ -386,33 +395,32 @@ async fn register_contexts(
         .scheduler
         .run(slot, cancel.clone(), move || {
             let (engine, store) = (&worker.engine, &worker.store);
-            let keys: Vec<_> = prompt
-                .contexts
+            let keys: Vec<_> = contexts
                 .iter()
-                .map(|context| store.codec.key(&prompt.prefix, context))
+                .map(|(_, context)| store.codec.key(&prefix, context))
                 .collect();
             let cached: Vec<bool> = keys.iter().map(|key| store.lookup(key).is_some()).collect();
-            let missing: Vec<&[u32]> = prompt
-                .contexts
+            let missing: Vec<&[u32]> = contexts
                 .iter()
                 .zip(&cached)
                 .filter(|(_, &cached)| !cached)
-                .map(|(context, _)| context.as_slice())
+                .map(|((_, context), _)| context.as_slice())
                 .collect();
             if !missing.is_empty() {
-                let prefix_kv = engine.prefix_kv(&prompt.prefix)?;
-                engine.contexts_kv(&prompt.prefix, &prefix_kv, &missing, &cancel)?;
+                let prefix_kv = engine.prefix_kv(&prefix)?;
+                engine.contexts_kv(&prefix, &prefix_kv, &missing, &cancel)?;
             }
             let data: Vec<Value> = keys
                 .iter()
-                .zip(&prompt.contexts)
+                .zip(&contexts)
                 .zip(&cached)
-                .map(|((key, context), cached)| {
+                .map(|((key, (document, context)), cached)| {
                     json!({
                         "id": key.to_hex(),
                         "object": "context",
+                        "document": document,
                         "tokens": context.len(),
-                        "prefix_tokens": prompt.prefix.len(),
+                        "prefix_tokens": prefix.len(),
                         "cached": cached,
                     })
                 })
