@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// Largest request body accepted (e.g. 512K, 16M); larger ones are answered 413.
     #[arg(long, default_value = "16M", value_parser = crate::store::parse_size)]
     max_body: u64,
+    /// Read every chat from scratch instead of reusing the keys and values of the start
+    /// it shares with a recent one (the conversation so far).
+    #[arg(long)]
+    no_prompt_reuse: bool,
     #[command(flatten)]
     store: crate::store::StoreArgs,
 }
@@ -42,7 +46,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "--request-timeout must be at least 1 second"
     );
     let path = &args.model.model;
-    let engine = args.model.load()?;
+    let mut engine = args.model.load()?;
+    if !args.no_prompt_reuse {
+        engine = engine.with_prompt_reuse();
+    }
     let store = args.store.open_with_memory(&engine, path)?;
     let engine = Arc::new(engine.with_store(store.clone()));
     let model_id = path

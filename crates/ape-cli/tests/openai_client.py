@@ -79,6 +79,18 @@ plain = client.chat.completions.create(
 seen["plain"] = plain.choices[0].message.content
 assert plain.usage.completion_tokens > 0
 
+# The next turn of that conversation reuses the keys and values of the turns before it.
+follow_up = client.chat.completions.create(
+    messages=[
+        {"role": "user", "content": "What is the capital of Japan?"},
+        {"role": "assistant", "content": seen["plain"]},
+        {"role": "user", "content": "And of France?"},
+    ],
+    **GREEDY,
+)
+seen["cached_tokens"] = follow_up.usage.prompt_tokens_details.cached_tokens
+assert seen["cached_tokens"] >= plain.usage.prompt_tokens, (seen, plain.usage)
+
 completion = client.completions.create(prompt="One, two, three,", **GREEDY)
 seen["completion"] = completion.choices[0].text
 assert completion.usage.completion_tokens > 0

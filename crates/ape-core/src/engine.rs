@@ -9,7 +9,8 @@
 //!   and scale (both 1 for `parallel`).
 //!
 //! The prefix's keys and values are computed once per distinct prefix and kept for the
-//! life of the engine (the few most recent ones).
+//! life of the engine (the few most recent ones); so are whole conversations after plain
+//! generation, whose next turn then reads only its new tokens.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,7 +20,7 @@ use std::time::Instant;
 use crate::attention::{ApeFactors, KvCache};
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
-use crate::generate::{generate, prefill, Cancel, Decoding, GenerateOptions, Generation};
+use crate::generate::{prefill, Cancel, Decoding, GenerateOptions, Generation};
 use crate::gguf::Gguf;
 use crate::model::Model;
 use crate::sampler::Sampler;
@@ -30,8 +31,11 @@ pub const DEFAULT_APE_TEMPERATURE: f32 = 0.9;
 /// APE's scaling factor when none is given (the paper's default).
 pub const DEFAULT_APE_SCALE: f32 = 0.9;
 
-/// Distinct prefixes whose keys and values are kept.
-const KEPT_PREFIXES: usize = 8;
+/// Prompts (prefixes, and whole conversations after plain generation) whose keys and
+/// values are kept for later requests that start the same way.
+const KEPT_PROMPTS: usize = 8;
+/// Most bytes of kept keys and values; the least recently used go first.
+const KEPT_BYTES: usize = 1 << 30;
 
 /// Context tokens encoded in one batch: enough rows for an efficient GEMM, few enough to
 /// bound the activations held at once. A longer context is encoded alone.
@@ -146,11 +150,13 @@ pub struct Engine {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
-    /// Keys and values of recently used prefixes, most recent last.
-    prefixes: Mutex<Vec<(Vec<u32>, Arc<KvCache>)>>,
+    /// Keys and values of recent prompts with their tokens, most recently used last.
+    kept: Mutex<Vec<(Vec<u32>, Arc<KvCache>)>>,
     store: Option<Arc<dyn ContextStore>>,
     /// Longest context, in tokens: longer documents are cut into several.
     chunk_tokens: usize,
+    /// Whether plain generation reuses and keeps conversations' keys and values.
+    reuse_prompts: bool,
 }
 
 impl Engine {
@@ -160,10 +166,22 @@ impl Engine {
             model: Model::load(&gguf)?,
             tokenizer: Tokenizer::from_gguf(&gguf)?,
             template: ChatTemplate::from_gguf(&gguf)?,
-            prefixes: Mutex::new(Vec::new()),
+            kept: Mutex::new(Vec::new()),
             store: None,
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
+            reuse_prompts: false,
         })
+    }
+
+    /// Let plain generation reuse the keys and values of the longest start a prompt shares
+    /// with a kept one, and keep each exchange for the next turn: a conversation's next
+    /// turn reads only its new tokens. Reused keys and values were computed in other
+    /// batches than a fresh read would use, so logits can differ at float-rounding level
+    /// (as with llama.cpp's prompt cache); off by default so that a prompt always gives
+    /// the same answer.
+    pub fn with_prompt_reuse(mut self) -> Self {
+        self.reuse_prompts = true;
+        self
     }
 
     /// Cut documents longer than `tokens` into several contexts (at least 16 tokens).
@@ -201,14 +219,97 @@ impl Engine {
         Ok(ids)
     }
 
-    /// Plain generation from prompt tokens, with no contexts.
+    /// Plain generation from prompt tokens, with no contexts. With
+    /// [`Engine::with_prompt_reuse`], the keys and values of the longest start this prompt
+    /// shares with a kept one (a previous turn of the same conversation, say) are reused,
+    /// and the whole exchange is kept for the next turn.
     pub fn generate(
         &self,
         prompt: &[u32],
         options: &GenerateOptions,
         on_text: impl FnMut(&str),
     ) -> Result<Generation> {
-        generate(&self.model, &self.tokenizer, prompt, options, on_text)
+        let start = Instant::now();
+        if prompt.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let whole = Prompt {
+            prefix: prompt.to_vec(),
+            contexts: Vec::new(),
+            query: Vec::new(),
+        };
+        let max_tokens = self.check_window(&whole, Mode::Sequential, options.max_tokens)?;
+        let sampler = Sampler::new(options.sampling.clone())?;
+        let capacity = prompt.len() + max_tokens;
+        let (mut cache, cached) = match self.reuse_prompts {
+            true => self.resume(prompt, capacity),
+            false => (self.model.new_cache(capacity), 0),
+        };
+        let logits = prefill(&self.model, &prompt[cached..], &mut cache, &options.cancel)?;
+        let decoding = Decoding {
+            tokenizer: &self.tokenizer,
+            options,
+            sampler,
+            max_tokens,
+            history: whole.prefix,
+            start,
+        };
+        let mut generation = decoding.run(
+            logits,
+            |token| self.model.forward(&[token], &mut cache),
+            on_text,
+        )?;
+        generation.cached_tokens = cached;
+        if self.reuse_prompts {
+            let mut tokens = prompt.to_vec();
+            tokens.extend(&generation.tokens);
+            tokens.truncate(cache.len());
+            self.keep(
+                tokens,
+                Arc::new(cache.copy_prefix(cache.len(), cache.len())),
+            );
+        }
+        Ok(generation)
+    }
+
+    /// A cache holding the keys and values of the longest start `prompt` shares with a
+    /// kept prompt (at most all but its last token, whose logits are needed), with room
+    /// for `capacity` positions; and how many positions it holds.
+    fn resume(&self, prompt: &[u32], capacity: usize) -> (KvCache, usize) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = |tokens: &[u32]| {
+            let n = tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count();
+            n.min(prompt.len() - 1)
+        };
+        let best = kept
+            .iter()
+            .enumerate()
+            .map(|(i, (tokens, _))| (shared(tokens), i))
+            .max();
+        match best {
+            Some((n, i)) if n > 0 => {
+                let entry = kept.remove(i);
+                let cache = entry.1.copy_prefix(n, capacity);
+                kept.push(entry);
+                (cache, n)
+            }
+            _ => (self.model.new_cache(capacity), 0),
+        }
+    }
+
+    /// Keep `kv`, the keys and values of `tokens`, for later requests.
+    fn keep(&self, tokens: Vec<u32>, kv: Arc<KvCache>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|(other, _)| *other != tokens);
+        kept.push((tokens, kv));
+        let mut bytes: usize = kept.iter().map(|(_, kv)| kv.bytes()).sum();
+        while kept.len() > 1 && (kept.len() > KEPT_PROMPTS || bytes > KEPT_BYTES) {
+            bytes -= kept.remove(0).1.bytes();
+        }
     }
 
     /// Split one chat turn (optional system text, documents, question) the way the chat
@@ -307,7 +408,7 @@ impl Engine {
             });
         }
         {
-            let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(i) = kept.iter().position(|(tokens, _)| tokens == prefix) {
                 let entry = kept.remove(i);
                 let kv = entry.1.clone();
@@ -320,11 +421,7 @@ impl Engine {
             prefill(&self.model, prefix, &mut cache, &Cancel::default())?;
         }
         let kv = Arc::new(cache);
-        let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-        kept.push((prefix.to_vec(), kv.clone()));
-        if kept.len() > KEPT_PREFIXES {
-            kept.remove(0);
-        }
+        self.keep(prefix.to_vec(), kv.clone());
         Ok(kv)
     }
 

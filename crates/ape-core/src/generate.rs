@@ -70,6 +70,9 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values were reused from an earlier request rather
+    /// than computed.
+    pub cached_tokens: usize,
     /// Time from the start of the call to the first sampled token.
     pub time_to_first_token: Duration,
     /// Time spent after the first token.
@@ -194,6 +197,7 @@ impl Decoding<'_> {
             tokens,
             finish_reason,
             prompt_tokens,
+            cached_tokens: 0,
             time_to_first_token,
             decode_time: self.start.elapsed() - time_to_first_token,
         })

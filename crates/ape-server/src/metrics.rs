@@ -29,6 +29,7 @@ pub struct Metrics {
     pub time_per_output_token: Histogram,
     pub decode_tokens_per_second: Histogram,
     pub prompt_tokens: IntCounter,
+    pub cached_prompt_tokens: IntCounter,
     pub generated_tokens: IntCounter,
     pub refused: IntCounter,
     pub cancelled: IntCounter,
@@ -90,6 +91,11 @@ impl Metrics {
             ),
             prompt_tokens: IntCounter::new("ape_prompt_tokens_total", "Prompt tokens read.")
                 .expect("valid counter"),
+            cached_prompt_tokens: IntCounter::new(
+                "ape_cached_prompt_tokens_total",
+                "Prompt tokens whose keys and values were reused from an earlier chat turn.",
+            )
+            .expect("valid counter"),
             generated_tokens: IntCounter::new(
                 "ape_generated_tokens_total",
                 "Tokens generated.",
@@ -143,6 +149,7 @@ impl Metrics {
             Box::new(metrics.time_per_output_token.clone()),
             Box::new(metrics.decode_tokens_per_second.clone()),
             Box::new(metrics.prompt_tokens.clone()),
+            Box::new(metrics.cached_prompt_tokens.clone()),
             Box::new(metrics.generated_tokens.clone()),
             Box::new(metrics.refused.clone()),
             Box::new(metrics.cancelled.clone()),
@@ -166,6 +173,8 @@ impl Metrics {
     /// Record a finished generation.
     pub fn generated(&self, generation: &Generation) {
         self.prompt_tokens.inc_by(generation.prompt_tokens as u64);
+        self.cached_prompt_tokens
+            .inc_by(generation.cached_tokens as u64);
         self.generated_tokens.inc_by(generation.tokens.len() as u64);
         let first = generation.time_to_first_token.as_secs_f64();
         self.time_to_first_token.observe(first);
