@@ -125,12 +125,23 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_eq!((status, e["param"].as_str()), (400, Some("ape")), "{e}");
     let (status, e) = with(&|b| b["ape"] = json!({"mode": "telepathy"}));
     assert_eq!(status, 400, "{e}");
-    let (status, e) = with(&|b| b["max_tokens"] = json!(100_000));
-    assert_eq!(
-        (status, e["code"].as_str()),
-        (400, Some("context_length_exceeded")),
-        "{e}"
-    );
+    for too_many in [json!(100_000), json!(u64::MAX)] {
+        let (status, e) = with(&|b| b["max_tokens"] = too_many.clone());
+        assert_eq!(
+            (status, e["code"].as_str()),
+            (400, Some("context_length_exceeded")),
+            "{e}"
+        );
+        let (status, e) = with(&|b| {
+            b["max_tokens"] = too_many.clone();
+            b.as_object_mut().unwrap().remove("documents");
+        });
+        assert_eq!(
+            (status, e["code"].as_str()),
+            (400, Some("context_length_exceeded")),
+            "{e}"
+        );
+    }
     let (status, e) = with(&|b| b["documents"] = json!([{"id": "f".repeat(64)}]));
     assert_eq!(
         (status, e["code"].as_str()),

@@ -655,7 +655,7 @@ impl Engine {
         let window = self.model.config.context_length;
         let total = prompt.total_tokens();
         let max_new = max_tokens.unwrap_or(window.saturating_sub(total));
-        if total + max_new > window {
+        if total.saturating_add(max_new) > window {
             return Err(Error::ContextOverflow {
                 tokens: total,
                 max_new,
@@ -677,7 +677,7 @@ impl Engine {
         let window = self.model.config.context_length;
         let used = prefix + longest + query;
         let max_new = max_tokens.unwrap_or(window.saturating_sub(used));
-        if used + max_new > window {
+        if used.saturating_add(max_new) > window {
             return Err(Error::ApeWindowOverflow {
                 prefix,
                 longest,

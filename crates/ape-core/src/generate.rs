@@ -115,7 +115,7 @@ pub fn generate(
     let max_tokens = options
         .max_tokens
         .unwrap_or(window.saturating_sub(prompt.len()));
-    if prompt.len() + max_tokens > window {
+    if prompt.len().saturating_add(max_tokens) > window {
         return Err(Error::ContextOverflow {
             tokens: prompt.len(),
             max_new: max_tokens,
