@@ -22,6 +22,11 @@ use crate::error::ApiError;
 /// Read one view of a request body: the fields one of the structs here knows, the others
 /// left to the other view. A field of the wrong type is a 400 that names it.
 pub fn parse<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object of the request's fields",
+        ));
+    }
     serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         let message = format!("invalid request body: `{path}`: {}", e.inner());
