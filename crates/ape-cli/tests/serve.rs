@@ -184,7 +184,9 @@ fn registered_contexts_can_be_read_used_and_deleted() {
         "64",
     ]);
     // A document longer than the chunk size is registered as several contexts.
-    let long = "The ferry leaves the north pier every half hour.\n".repeat(20);
+    let long: String = (0..20)
+        .map(|i| format!("Ferry {i} leaves the north pier at half past the hour.\n"))
+        .collect();
     let mut with_long = documents();
     with_long.as_array_mut().unwrap().push(json!(long));
     let split: Value = server
@@ -219,6 +221,15 @@ fn registered_contexts_can_be_read_used_and_deleted() {
     assert_eq!(again["data"][2]["id"], ids[2]);
     assert_eq!(again["data"][2]["cached"], true);
 
+    let listed: Value = server.get("/v1/contexts").json().unwrap();
+    let listed_ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed_ids.len(), split["data"].as_array().unwrap().len());
+    assert!(ids.iter().all(|id| listed_ids.contains(id)));
     let shown: Value = server
         .get(&format!("/v1/contexts/{}", ids[0]))
         .json()

@@ -47,7 +47,7 @@ pub fn router(state: Shared, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
-        .route("/v1/contexts", post(register_contexts))
+        .route("/v1/contexts", post(register_contexts).get(list_contexts))
         .route(
             "/v1/contexts/{id}",
             get(show_context).delete(delete_context),
@@ -435,6 +435,44 @@ async fn register_contexts(
         Json(json!({"object": "list", "data": registered})),
     )
         .into_response())
+}
+
+/// Every stored context, in every tier: id, size, and which tiers hold it.
+async fn list_contexts(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
+    off_thread(move || {
+        let mut found: Vec<(ape_store::Listed, Vec<&'static str>)> = Vec::new();
+        for tier in state.store.tiers() {
+            let listed = tier.list().map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("could not list the {} tier: {e}", tier.name()),
+                )
+            })?;
+            for entry in listed {
+                match found.iter_mut().find(|(known, _)| known.key == entry.key) {
+                    Some((known, tiers)) => {
+                        known.tokens = known.tokens.or(entry.tokens);
+                        tiers.push(tier.name());
+                    }
+                    None => found.push((entry, vec![tier.name()])),
+                }
+            }
+        }
+        let data: Vec<Value> = found
+            .iter()
+            .map(|(entry, tiers)| {
+                json!({
+                    "id": entry.key.to_hex(),
+                    "object": "context",
+                    "tokens": entry.tokens,
+                    "bytes": entry.bytes,
+                    "tiers": tiers,
+                })
+            })
+            .collect();
+        Ok(Json(json!({"object": "list", "data": data})))
+    })
+    .await
 }
 
 async fn show_context(
