@@ -413,7 +413,7 @@ fn q8_cost(
         let (want, answer) = run(exact.iter().collect(), None);
         let (got, _) = run(rounded.iter().map(Arc::as_ref).collect(), Some(&answer));
         for (p, q) in want.iter().zip(&got) {
-            kl_sum += kl_divergence(p, q);
+            kl_sum += ape_eval::metrics::kl_divergence(p, q);
             agree += usize::from(ape_core::sampler::argmax(p) == ape_core::sampler::argmax(q));
             positions += 1;
         }
@@ -423,19 +423,6 @@ fn q8_cost(
         agree as f64 / positions as f64,
         positions,
     ))
-}
-
-/// KL(softmax(p) || softmax(q)) in nats.
-fn kl_divergence(p: &[f32], q: &[f32]) -> f64 {
-    let log_softmax = |x: &[f32]| {
-        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let log_sum = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-        x.iter()
-            .map(move |&v| v as f64 - log_sum)
-            .collect::<Vec<f64>>()
-    };
-    let (lp, lq) = (log_softmax(p), log_softmax(q));
-    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
 }
 
 /// A fresh folder for a benchmark's own store.

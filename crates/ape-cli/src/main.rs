@@ -2,6 +2,7 @@
 //! install the models.
 
 mod bench;
+mod eval;
 mod load;
 mod pull;
 mod serve;
@@ -46,6 +47,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Measure prefill and decode speed, or time to first token over many contexts.
     Bench(bench::BenchArgs),
+    /// Measure accuracy: sequential vs parallel vs APE on RAG and ICL tasks.
+    Eval(eval::EvalArgs),
     /// Manage model files.
     Model {
         #[command(subcommand)]
@@ -194,6 +197,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cache(args) => store::cache(args),
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Model { command } => match command {
             ModelCommand::Pull(args) => pull::run(args),
             ModelCommand::List => {

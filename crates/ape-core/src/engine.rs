@@ -688,4 +688,110 @@ impl Engine {
         }
         Ok(max_new)
     }
+
+    /// Teacher-forced scoring: the logits the model gives each token of each of
+    /// `continuations` when it follows `prompt` read in `mode` (the prompt is read once,
+    /// each continuation after it in turn). Row `i` of a continuation's result is the
+    /// distribution `continuation[i]` was drawn from, so there are as many rows as tokens.
+    /// For log-likelihoods of answers and for comparing the modes' next-token
+    /// distributions.
+    pub fn score(
+        &self,
+        prompt: &Prompt,
+        mode: Mode,
+        continuations: &[&[u32]],
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        if prompt.query.is_empty() {
+            return Err(Error::EmptyQuery);
+        }
+        let longest_continuation = continuations.iter().map(|c| c.len()).max().unwrap_or(0);
+        let prefix = self.prefix_kv(&prompt.prefix)?;
+        let Some(factors) = mode.factors() else {
+            self.check_window(prompt, mode, Some(longest_continuation))?;
+            let total = prompt.total_tokens();
+            let mut cache = prefix.copy_with_capacity(total + longest_continuation);
+            let contexts = prompt.contexts.concat();
+            if !contexts.is_empty() {
+                prefill(&self.model, &contexts, &mut cache, &Cancel::default())?;
+            }
+            return Ok(score_continuations(
+                &prompt.query,
+                continuations,
+                &mut cache,
+                |tokens, cache, rows| self.model.forward_rows(tokens, cache, rows),
+            ));
+        };
+        let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
+        let encoded = self.contexts_kv(&prompt.prefix, &prefix, &contexts, &Cancel::default())?;
+        let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
+        self.score_encoded(&prefix, &encoded, &prompt.query, factors, continuations)
+    }
+
+    /// [`Engine::score`] over contexts already encoded after `prefix`, read with APE
+    /// attention and `factors`: no context is read again.
+    pub fn score_encoded(
+        &self,
+        prefix: &KvCache,
+        contexts: &[&KvCache],
+        query: &[u32],
+        factors: ApeFactors,
+        continuations: &[&[u32]],
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        if query.is_empty() {
+            return Err(Error::EmptyQuery);
+        }
+        Mode::ape(factors.temperature, factors.scale)?;
+        let longest_continuation = continuations.iter().map(|c| c.len()).max().unwrap_or(0);
+        let longest_context = contexts.iter().map(|c| c.len()).max().unwrap_or(0);
+        self.ape_window_check(
+            prefix.len(),
+            longest_context,
+            query.len(),
+            Some(longest_continuation),
+        )?;
+        let mut cache =
+            prefix.copy_with_capacity(prefix.len() + query.len() + longest_continuation);
+        Ok(score_continuations(
+            query,
+            continuations,
+            &mut cache,
+            |tokens, cache, rows| {
+                self.model
+                    .forward_ape_rows(tokens, cache, contexts, factors, rows)
+            },
+        ))
+    }
+}
+
+/// Run `query` into `cache`, then each continuation after it (rolled back after each),
+/// with `forward(tokens, cache, rows)` returning the logits of the last `rows` tokens it
+/// runs. Every continuation's first row is the distribution after the query.
+fn score_continuations(
+    query: &[u32],
+    continuations: &[&[u32]],
+    cache: &mut KvCache,
+    mut forward: impl FnMut(&[u32], &mut KvCache, usize) -> Vec<Vec<f32>>,
+) -> Vec<Vec<Vec<f32>>> {
+    let mut after_query = Vec::new();
+    let chunks = query.chunks(crate::generate::PREFILL_CHUNK);
+    let last_chunk = chunks.len() - 1;
+    for (i, chunk) in chunks.enumerate() {
+        after_query = forward(chunk, cache, usize::from(i == last_chunk));
+    }
+    let after_query = after_query.pop().unwrap_or_default();
+    let read = cache.len();
+    continuations
+        .iter()
+        .map(|continuation| {
+            let mut rows = Vec::with_capacity(continuation.len());
+            if let Some((_, fed)) = continuation.split_last() {
+                rows.push(after_query.clone());
+                for chunk in fed.chunks(crate::generate::PREFILL_CHUNK) {
+                    rows.extend(forward(chunk, cache, chunk.len()));
+                }
+                cache.truncate(read);
+            }
+            rows
+        })
+        .collect()
 }

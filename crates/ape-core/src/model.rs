@@ -264,6 +264,16 @@ impl Model {
     /// Run `tokens` through the model at the positions after what `cache` holds, append
     /// their keys and values to it, and return the logits of the last token.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        self.logits(&self.forward_hidden(tokens, cache))
+    }
+
+    /// [`Model::forward`], returning the logits of each of the last `rows` tokens (in
+    /// order) instead of the last one only; with `rows` 0 no logits are computed.
+    pub fn forward_rows(&self, tokens: &[u32], cache: &mut KvCache, rows: usize) -> Vec<Vec<f32>> {
+        self.last_rows_logits(&self.forward_hidden(tokens, cache), rows)
+    }
+
+    fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
         let n = tokens.len();
         assert!(cache.len() + n <= cache.capacity(), "KV cache overflow");
         let heads = self.config.heads;
@@ -272,7 +282,7 @@ impl Model {
             causal_attention(q, heads, cache, layer, out);
         });
         cache.advance(n);
-        self.logits(&x)
+        x
     }
 
     /// Encode contexts independently after a shared prefix, several in one batch: every
@@ -331,6 +341,32 @@ impl Model {
         contexts: &[&KvCache],
         factors: ApeFactors,
     ) -> Vec<f32> {
+        self.logits(&self.forward_ape_hidden(tokens, cache, contexts, factors))
+    }
+
+    /// [`Model::forward_ape`], returning the logits of each of the last `rows` tokens (in
+    /// order) instead of the last one only; with `rows` 0 no logits are computed.
+    pub fn forward_ape_rows(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        contexts: &[&KvCache],
+        factors: ApeFactors,
+        rows: usize,
+    ) -> Vec<Vec<f32>> {
+        self.last_rows_logits(
+            &self.forward_ape_hidden(tokens, cache, contexts, factors),
+            rows,
+        )
+    }
+
+    fn forward_ape_hidden(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        contexts: &[&KvCache],
+        factors: ApeFactors,
+    ) -> Vec<f32> {
         let n = tokens.len();
         assert!(cache.len() + n <= cache.capacity(), "KV cache overflow");
         let longest = contexts.iter().map(|c| c.len()).max().unwrap_or(0);
@@ -345,7 +381,7 @@ impl Model {
             },
         );
         cache.advance(n);
-        self.logits(&x)
+        x
     }
 
     /// The transformer layers over `tokens` at `positions`, with `attend(layer, q, k, v,
@@ -424,12 +460,27 @@ impl Model {
 
     /// Logits of the last token of hidden states `x`.
     pub fn logits(&self, x: &[f32]) -> Vec<f32> {
+        self.row_logits(&x[x.len() - self.config.hidden..])
+    }
+
+    /// Logits of each of the last `rows` tokens of hidden states `x`, in order.
+    fn last_rows_logits(&self, x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+        let hidden = self.config.hidden;
+        let first = (x.len() / hidden).saturating_sub(rows);
+        x.chunks_exact(hidden)
+            .skip(first)
+            .map(|row| self.row_logits(row))
+            .collect()
+    }
+
+    /// Logits of one token's final hidden state.
+    fn row_logits(&self, row: &[f32]) -> Vec<f32> {
         let c = &self.config;
-        let mut last = x[x.len() - c.hidden..].to_vec();
-        rms_norm(&mut last, &self.output_norm, c.rms_eps);
+        let mut row = row.to_vec();
+        rms_norm(&mut row, &self.output_norm, c.rms_eps);
         let mut logits = vec![0f32; c.vocab_size];
         matvec(
-            &last,
+            &row,
             self.output.as_ref().unwrap_or(&self.embedding),
             &mut logits,
         );

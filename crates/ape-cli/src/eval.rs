@@ -1,0 +1,171 @@
+//! `ape eval`: accuracy of sequential vs parallel vs APE reading on a task, written as
+//! JSON (every prediction) and Markdown, with an SVG plot when several numbers of
+//! contexts are run.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use ape_core::engine::{Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
+use ape_eval::{Draw, Evaluator, Report, Setting, Split, Task};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: crate::ModelArg,
+    /// squad, needle (RAG), sentiment, intent (ICL), or file:PATH for a task written in JSON.
+    #[arg(long)]
+    task: String,
+    /// Settings to compare: sequential, parallel, ape (with --ape-temperature and
+    /// --ape-scale), or ape:T:S for APE with its own factors (repeatable in the list).
+    #[arg(long, value_delimiter = ',', default_value = "sequential,parallel,ape")]
+    modes: Vec<String>,
+    /// APE's attention temperature for the `ape` mode.
+    #[arg(long, default_value_t = DEFAULT_APE_TEMPERATURE)]
+    ape_temperature: f32,
+    /// APE's scaling factor for the `ape` mode.
+    #[arg(long, default_value_t = DEFAULT_APE_SCALE)]
+    ape_scale: f32,
+    /// Questions per run.
+    #[arg(long, default_value_t = 50)]
+    n: usize,
+    /// Picks the questions, demonstrations and distractors within the split.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// dev (for choosing settings) or test (for reporting).
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Contexts per question (documents with the gold one, haystack pieces, or
+    /// demonstrations); several (e.g. 8,16,32) give a run each and a plot.
+    #[arg(long, value_delimiter = ',', default_value = "5")]
+    contexts: Vec<usize>,
+    /// Also run APE at every point of the T x S grid and choose the point closest to
+    /// sequential (least mean KL).
+    #[arg(long)]
+    sweep: bool,
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,1.0")]
+    sweep_temperatures: Vec<f32>,
+    #[arg(long, value_delimiter = ',', default_value = "0.8,0.9,1.0")]
+    sweep_scales: Vec<f32>,
+    /// The folder `scripts/eval-data.sh` installs the data into.
+    #[arg(long, default_value = "data")]
+    data: PathBuf,
+    /// Where the JSON, Markdown and SVG files go.
+    #[arg(long, default_value = "eval-results")]
+    out: PathBuf,
+    /// Most tokens generated per answer (RAG tasks).
+    #[arg(long, default_value_t = 24)]
+    max_answer_tokens: usize,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let task = Task::from_name(&args.task)?;
+    let split = Split::from_name(&args.split)?;
+    anyhow::ensure!(args.n > 0, "--n must be at least 1");
+    anyhow::ensure!(
+        !args.contexts.is_empty(),
+        "--contexts needs at least one number"
+    );
+    let mut settings = Vec::new();
+    for name in &args.modes {
+        let mode = parse_mode(name.trim(), args.ape_temperature, args.ape_scale)?;
+        let mut setting = Setting::of(mode);
+        if let Mode::Ape(f) = mode {
+            setting.label = format!("ape T={} S={}", f.temperature, f.scale);
+        }
+        // The same factors asked for twice (ape and ape:T:S) are read once.
+        if !settings.contains(&setting) {
+            settings.push(setting);
+        }
+    }
+    if args.sweep {
+        for &t in &args.sweep_temperatures {
+            for &s in &args.sweep_scales {
+                settings.push(Setting::ape_point(t, s)?);
+            }
+        }
+    }
+    anyhow::ensure!(
+        !settings.is_empty(),
+        "nothing to run: give --modes or --sweep"
+    );
+
+    let model = &args.model.model;
+    let mut evaluator =
+        Evaluator::load(model).with_context(|| format!("loading {}", model.display()))?;
+    evaluator.max_answer_tokens = args.max_answer_tokens;
+    let model_name = model
+        .file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+
+    let mut sets = Vec::new();
+    for &contexts in &args.contexts {
+        let draw = Draw {
+            split,
+            n: args.n,
+            contexts,
+            seed: args.seed,
+        };
+        sets.push((contexts, ape_eval::tasks::load(&task, &args.data, draw)?));
+    }
+    let metric = sets[0].1.metric;
+    let total = sets.iter().map(|(_, s)| s.examples.len() as u64).sum();
+    let progress = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} examples (eta {eta})",
+        )
+        .expect("the progress template is valid"),
+    );
+    let mut report = Report::new(
+        task.name(),
+        model_name.clone(),
+        split.name().to_string(),
+        args.seed,
+        metric,
+        &settings,
+    );
+    for (contexts, set) in &sets {
+        progress.set_message(format!("{} with {contexts} contexts", set.name));
+        let examples = evaluator.run(set, &settings, &progress)?;
+        report.add_run(*contexts, examples, &settings);
+    }
+    progress.finish_and_clear();
+
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create the results folder {}", args.out.display()))?;
+    let stem = format!(
+        "{}-{model_name}-{}{}",
+        task.name(),
+        split.name(),
+        if args.sweep { "-sweep" } else { "" }
+    );
+    let markdown = report.markdown();
+    println!("{markdown}");
+    let json = args.out.join(format!("{stem}.json"));
+    report.write_json(&json)?;
+    let md = args.out.join(format!("{stem}.md"));
+    std::fs::write(&md, &markdown).with_context(|| format!("cannot write {}", md.display()))?;
+    eprintln!("wrote {} and {}", json.display(), md.display());
+    if args.contexts.len() > 1 {
+        let svg = args.out.join(format!("{stem}.svg"));
+        report.plot_svg(&svg)?;
+        eprintln!("wrote {}", svg.display());
+    }
+    Ok(())
+}
+
+/// A mode's name, or `ape:T:S` for APE with temperature T and scale S.
+fn parse_mode(name: &str, temperature: f32, scale: f32) -> Result<Mode> {
+    let Some(factors) = name.strip_prefix("ape:") else {
+        return Ok(Mode::from_name(name, temperature, scale)?);
+    };
+    let parsed: Option<(f32, f32)> = factors
+        .split_once(':')
+        .and_then(|(t, s)| Some((t.parse().ok()?, s.parse().ok()?)));
+    let (t, s) = parsed.with_context(|| {
+        format!("cannot read the mode `{name}`: write APE with its own factors as ape:T:S, e.g. ape:0.9:0.9")
+    })?;
+    Ok(Mode::ape(t, s)?)
+}

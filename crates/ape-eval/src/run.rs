@@ -1,0 +1,252 @@
+//! Running a task: every example read in every setting (sequential, parallel, APE with
+//! given factors), each prediction scored, and the gold answer's log-likelihood and the
+//! next-token distributions on it compared with sequential reading.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ape_core::engine::{Engine, Mode, Prompt};
+use ape_core::generate::GenerateOptions;
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::metrics::{contains_answer, exact_match, f1, log_likelihood, mean_kl};
+use crate::store::RunStore;
+use crate::tasks::{Example, Target, TaskSet};
+
+/// Encoded contexts kept at most (then dropped and encoded again as needed).
+const STORE_BUDGET: usize = 6 << 30;
+
+/// A named way of reading the contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Setting {
+    pub label: String,
+    pub mode: Mode,
+    /// A point of a T x S sweep (reported in the sweep's grid, not the main table).
+    pub in_sweep: bool,
+}
+
+impl Setting {
+    /// The setting of `mode`, labelled with the mode's name.
+    pub fn of(mode: Mode) -> Setting {
+        Setting {
+            label: mode.name().to_string(),
+            mode,
+            in_sweep: false,
+        }
+    }
+
+    /// APE with the given factors, labelled with them (a point of a sweep).
+    pub fn ape_point(temperature: f32, scale: f32) -> Result<Setting> {
+        Ok(Setting {
+            label: format!("ape T={temperature} S={scale}"),
+            mode: Mode::ape(temperature, scale)?,
+            in_sweep: true,
+        })
+    }
+}
+
+/// How one setting did on one example. A setting that cannot read the example (its
+/// contexts do not fit the model's window sequentially) has only `unavailable`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Outcome {
+    pub setting: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact_match: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub f1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contains: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// Log-likelihood (nats) of the gold answer's tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gold_logprob: Option<f64>,
+    /// Mean KL divergence (nats) of sequential's next-token distributions from this
+    /// setting's, over the gold answer's tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl_vs_sequential: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExampleResult {
+    pub id: String,
+    pub question: String,
+    pub gold: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    pub prompt_tokens: usize,
+    pub outcomes: Vec<Outcome>,
+}
+
+/// A model loaded for evaluation, with the store its runs share contexts through.
+pub struct Evaluator {
+    engine: Engine,
+    store: Arc<RunStore>,
+    /// Most tokens generated for an answer.
+    pub max_answer_tokens: usize,
+}
+
+impl Evaluator {
+    pub fn load(model: &Path) -> Result<Evaluator> {
+        let store = Arc::new(RunStore::new(STORE_BUDGET));
+        let engine = Engine::load(model)?.with_store(store.clone());
+        Ok(Evaluator {
+            engine,
+            store,
+            max_answer_tokens: 24,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Every example of `set` in every setting, ticking `progress` once per example.
+    pub fn run(
+        &self,
+        set: &TaskSet,
+        settings: &[Setting],
+        progress: &ProgressBar,
+    ) -> Result<Vec<ExampleResult>> {
+        self.store.clear();
+        let mut results = Vec::with_capacity(set.examples.len());
+        for example in &set.examples {
+            results.push(self.run_example(set, example, settings)?);
+            progress.inc(1);
+        }
+        Ok(results)
+    }
+
+    fn run_example(
+        &self,
+        set: &TaskSet,
+        example: &Example,
+        settings: &[Setting],
+    ) -> Result<ExampleResult> {
+        let engine = &self.engine;
+        let prompt = engine.split_chat(Some(&set.system), &example.contexts, &example.question)?;
+        // Sequential reading with the contexts folded into the prefix: the same tokens in
+        // the same causal pass, but the engine keeps the prefix's keys and values, so the
+        // demonstrations shared by an ICL run's questions are read once.
+        let sequential = Prompt {
+            prefix: prompt.sequential_tokens()[..prompt.total_tokens() - prompt.query.len()]
+                .to_vec(),
+            contexts: Vec::new(),
+            query: prompt.query.clone(),
+        };
+        let (continuations, gold) = match &example.target {
+            Target::Answer(answers) => {
+                let text = answers.first().map_or("", String::as_str);
+                (vec![engine.tokenizer.encode(text, false)?], 0)
+            }
+            Target::Choice { labels, gold } => (
+                labels
+                    .iter()
+                    .map(|l| engine.tokenizer.encode(l, false))
+                    .collect::<ape_core::Result<Vec<_>>>()?,
+                *gold,
+            ),
+        };
+        let continuations: Vec<&[u32]> = continuations.iter().map(Vec::as_slice).collect();
+        let score = |mode: Mode| {
+            let read = if mode == Mode::Sequential {
+                &sequential
+            } else {
+                &prompt
+            };
+            engine.score(read, mode, &continuations)
+        };
+        let reference = fits_window(score(Mode::Sequential))?;
+
+        let mut outcomes = Vec::with_capacity(settings.len());
+        for setting in settings {
+            let scored = match setting.mode {
+                Mode::Sequential => reference.clone().ok_or_else(beyond_window),
+                mode => fits_window(score(mode))?.ok_or_else(beyond_window),
+            };
+            let rows = match scored {
+                Ok(rows) => rows,
+                Err(reason) => {
+                    outcomes.push(Outcome {
+                        setting: setting.label.clone(),
+                        unavailable: Some(reason),
+                        ..Outcome::default()
+                    });
+                    continue;
+                }
+            };
+            let likelihoods: Vec<f64> = rows
+                .iter()
+                .zip(&continuations)
+                .map(|(r, tokens)| log_likelihood(r, tokens))
+                .collect();
+            let mut outcome = Outcome {
+                setting: setting.label.clone(),
+                gold_logprob: Some(likelihoods[gold]),
+                kl_vs_sequential: reference.as_ref().map(|r| mean_kl(&r[gold], &rows[gold])),
+                ..Outcome::default()
+            };
+            match &example.target {
+                // A sweep point is chosen by its distributions; generating an answer at
+                // every point would cost more than all the rest of the run.
+                Target::Answer(_) if setting.in_sweep => {}
+                Target::Answer(answers) => {
+                    let read = if setting.mode == Mode::Sequential {
+                        &sequential
+                    } else {
+                        &prompt
+                    };
+                    let options = GenerateOptions {
+                        max_tokens: Some(self.max_answer_tokens),
+                        stop: vec!["\n".to_string()],
+                        ..GenerateOptions::default()
+                    };
+                    let text = engine.answer(read, setting.mode, &options, |_| {})?.text;
+                    let text = text.trim().to_string();
+                    outcome.exact_match = Some(exact_match(&text, answers));
+                    outcome.f1 = Some(f1(&text, answers));
+                    outcome.contains = Some(contains_answer(&text, answers));
+                    outcome.prediction = Some(text);
+                }
+                Target::Choice { labels, gold } => {
+                    let best = (0..labels.len())
+                        .max_by(|&a, &b| likelihoods[a].total_cmp(&likelihoods[b]))
+                        .unwrap_or(0);
+                    outcome.accuracy = Some(f64::from(u8::from(best == *gold)));
+                    outcome.prediction = Some(labels[best].clone());
+                }
+            }
+            outcomes.push(outcome);
+        }
+        Ok(ExampleResult {
+            id: example.id.clone(),
+            question: example.question.clone(),
+            gold: example.target.gold_text().to_string(),
+            note: example.note.clone(),
+            prompt_tokens: prompt.total_tokens(),
+            outcomes,
+        })
+    }
+}
+
+/// `None` where the request does not fit the model's window (sequential reading of many
+/// contexts), the error itself otherwise.
+fn fits_window<T>(result: ape_core::Result<T>) -> Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(
+            ape_core::Error::ContextOverflow { .. } | ape_core::Error::ApeWindowOverflow { .. },
+        ) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn beyond_window() -> String {
+    "the request does not fit the model's window in this mode".to_string()
+}

@@ -1,0 +1,517 @@
+//! The tasks: how each data set becomes examples of (contexts, question, target).
+//!
+//! Every task has a fixed dev/test partition (drawn with a constant seed, so `--seed`
+//! never moves an example from one split to the other); `--seed` only picks which
+//! examples, demonstrations and distractors a run uses. Settings are chosen on `dev` and
+//! reported on `test`.
+//!
+//! - `squad` (RAG): a SQuAD v1.1 question, its gold paragraph and distractor paragraphs
+//!   from other articles, one context each, the gold one at a random place.
+//! - `needle` (RAG): Paul Graham essays cut into contexts, one made-up fact (the needle)
+//!   inserted at a depth that cycles through 0, 1/4, 1/2, 3/4 and 1 of the haystack.
+//! - `sentiment`, `intent` (ICL): demonstrations, one per context, the same for every
+//!   question of a run (so each is encoded once); the answer is the label with the
+//!   highest log-likelihood.
+//! - `file:PATH`: examples written by hand in JSON (see [`TaskFile`]).
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+
+use crate::data::{self, Labelled};
+use crate::error::{EvalError, Result};
+
+/// Drawn once to fix every task's dev/test partition.
+const SPLIT_SEED: u64 = 0x0a9e_e7a1;
+/// Words per haystack context of the needle task (about 200 tokens).
+const HAYSTACK_WORDS: usize = 150;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    Squad,
+    Needle,
+    Sentiment,
+    Intent,
+    File(PathBuf),
+}
+
+/// What kind of context a task has; settings are chosen per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Retrieved documents, answered by generation.
+    Rag,
+    /// Demonstrations, answered by choosing a label.
+    Icl,
+}
+
+impl Task {
+    pub fn from_name(name: &str) -> Result<Task> {
+        match name {
+            "squad" => Ok(Task::Squad),
+            "needle" => Ok(Task::Needle),
+            "sentiment" => Ok(Task::Sentiment),
+            "intent" => Ok(Task::Intent),
+            other => match other.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(Task::File(PathBuf::from(path))),
+                _ => Err(EvalError::UnknownTask(other.to_string())),
+            },
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Task::Squad => "squad".into(),
+            Task::Needle => "needle".into(),
+            Task::Sentiment => "sentiment".into(),
+            Task::Intent => "intent".into(),
+            Task::File(path) => path
+                .file_stem()
+                .map_or_else(|| "file".into(), |s| s.to_string_lossy().into_owned()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Dev,
+    Test,
+}
+
+impl Split {
+    pub fn from_name(name: &str) -> Result<Split> {
+        match name {
+            "dev" => Ok(Split::Dev),
+            "test" => Ok(Split::Test),
+            other => Err(EvalError::Setting(format!(
+                "unknown split `{other}`; choose dev (for choosing settings) or test (for reporting)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Dev => "dev",
+            Split::Test => "test",
+        }
+    }
+}
+
+/// What a question is answered against.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Free generation, scored against any of these answers; the first is the one whose
+    /// log-likelihood is measured.
+    Answer(Vec<String>),
+    /// The label of highest log-likelihood among `labels`; `gold` is the right one.
+    Choice { labels: Vec<String>, gold: usize },
+}
+
+impl Target {
+    /// The text whose log-likelihood and next-token distributions are measured.
+    pub fn gold_text(&self) -> &str {
+        match self {
+            Target::Answer(answers) => answers.first().map_or("", String::as_str),
+            Target::Choice { labels, gold } => &labels[*gold],
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub id: String,
+    pub contexts: Vec<String>,
+    pub question: String,
+    pub target: Target,
+    /// Where the evidence sits, for the report (gold paragraph index, needle depth).
+    pub note: Option<String>,
+}
+
+/// The number a task is judged by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// SQuAD token F1 of the generated answer.
+    F1,
+    /// Whether the generated answer contains the gold one.
+    Contains,
+    /// Whether the most likely label is the gold one.
+    Accuracy,
+}
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::F1 => "F1",
+            Metric::Contains => "answer contains",
+            Metric::Accuracy => "accuracy",
+        }
+    }
+}
+
+/// The examples of one run, with the system text they are asked under.
+#[derive(Debug, Clone)]
+pub struct TaskSet {
+    pub name: String,
+    pub family: Family,
+    pub metric: Metric,
+    pub system: String,
+    pub examples: Vec<Example>,
+}
+
+/// Which examples a run draws.
+#[derive(Debug, Clone, Copy)]
+pub struct Draw {
+    pub split: Split,
+    /// Examples (questions) in the run.
+    pub n: usize,
+    /// Contexts per question: documents (gold included), haystack pieces or demonstrations.
+    pub contexts: usize,
+    pub seed: u64,
+}
+
+/// The examples of `task` for `draw`, reading data from `dir`.
+pub fn load(task: &Task, dir: &Path, draw: Draw) -> Result<TaskSet> {
+    if draw.contexts == 0 {
+        return Err(EvalError::Setting(
+            "--contexts must be at least 1".to_string(),
+        ));
+    }
+    match task {
+        Task::Squad => squad(&data::squad(dir)?, draw),
+        Task::Needle => needle(&data::essays(dir)?, draw),
+        Task::Sentiment => {
+            let system =
+                "Classify the sentiment of the last movie review as positive or negative, \
+                          following the labelled examples. Reply with one word.";
+            let set = classification(
+                &data::polarity(dir)?,
+                draw,
+                "Review",
+                "Sentiment",
+                [1000, 500],
+            )?;
+            Ok(TaskSet {
+                name: task.name(),
+                system: system.into(),
+                ..set
+            })
+        }
+        Task::Intent => {
+            let system =
+                "Predict the intent of the last utterance, following the labelled examples. \
+                          The possible intents are: add_to_playlist, book_restaurant, get_weather, \
+                          play_music, search_screening_event, search_creative_work, and rate_book.";
+            let set = classification(
+                &data::intents(dir)?,
+                draw,
+                "Utterance",
+                "Intent",
+                [200, 100],
+            )?;
+            Ok(TaskSet {
+                name: task.name(),
+                system: system.into(),
+                ..set
+            })
+        }
+        Task::File(path) => from_file(path, draw),
+    }
+}
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// SQuAD split by article: a quarter of the articles are dev, the rest test.
+fn squad(articles: &[data::Article], draw: Draw) -> Result<TaskSet> {
+    let mut order: Vec<usize> = (0..articles.len()).collect();
+    order.shuffle(&mut rng(SPLIT_SEED));
+    let dev = order.len() / 4;
+    let chosen = match draw.split {
+        Split::Dev => &order[..dev],
+        Split::Test => &order[dev..],
+    };
+    // (article, paragraph, question) of the split.
+    let mut questions: Vec<(usize, usize, usize)> = chosen
+        .iter()
+        .flat_map(|&a| {
+            articles[a]
+                .paragraphs
+                .iter()
+                .enumerate()
+                .flat_map(move |(p, para)| (0..para.qas.len()).map(move |q| (a, p, q)))
+        })
+        .collect();
+    let mut rng = rng(draw.seed);
+    questions.shuffle(&mut rng);
+    let other_paragraphs = |article: usize| -> Vec<(usize, usize)> {
+        chosen
+            .iter()
+            .filter(|&&a| a != article)
+            .flat_map(|&a| (0..articles[a].paragraphs.len()).map(move |p| (a, p)))
+            .collect()
+    };
+    let examples = questions
+        .into_iter()
+        .take(draw.n)
+        .map(|(a, p, q)| {
+            let para = &articles[a].paragraphs[p];
+            let qa = &para.qas[q];
+            let pool = other_paragraphs(a);
+            let mut contexts: Vec<String> = pool
+                .choose_multiple(&mut rng, draw.contexts - 1)
+                .map(|&(a, p)| articles[a].paragraphs[p].context.clone())
+                .collect();
+            let gold_at = rng.gen_range(0..=contexts.len());
+            contexts.insert(gold_at, para.context.clone());
+            Example {
+                id: qa.id.clone(),
+                contexts,
+                question: qa.question.clone(),
+                target: Target::Answer(qa.answers.iter().map(|x| x.text.clone()).collect()),
+                note: Some(format!("gold document {gold_at}")),
+            }
+        })
+        .collect();
+    Ok(TaskSet {
+        name: "squad".into(),
+        family: Family::Rag,
+        metric: Metric::F1,
+        system: "Answer the question with a few words copied from the documents.".into(),
+        examples,
+    })
+}
+
+/// Cities whose (made-up) vault codes are the needles.
+const CITIES: [&str; 24] = [
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Lima",
+    "Hanoi",
+    "Dublin",
+    "Quito",
+    "Tbilisi",
+    "Perth",
+    "Montreal",
+    "Seville",
+    "Krakow",
+    "Osaka",
+    "Accra",
+    "Bergen",
+    "Valparaiso",
+    "Tallinn",
+    "Cusco",
+    "Porto",
+    "Zagreb",
+    "Leipzig",
+    "Manila",
+    "Dakar",
+    "Reykjavik",
+];
+
+/// The needle task: the essays of the split, shuffled by the seed, cut into contexts of
+/// [`HAYSTACK_WORDS`] words; each example hides one vault code in them.
+fn needle(essays: &[(String, String)], draw: Draw) -> Result<TaskSet> {
+    let mut order: Vec<usize> = (0..essays.len()).collect();
+    order.shuffle(&mut rng(SPLIT_SEED));
+    let dev = order.len() / 3;
+    let mut chosen = match draw.split {
+        Split::Dev => order[..dev].to_vec(),
+        Split::Test => order[dev..].to_vec(),
+    };
+    let mut rng = rng(draw.seed);
+    chosen.shuffle(&mut rng);
+    let words: Vec<&str> = chosen
+        .iter()
+        .flat_map(|&i| essays[i].1.split(' '))
+        .take(draw.contexts * HAYSTACK_WORDS)
+        .collect();
+    if words.len() < draw.contexts * HAYSTACK_WORDS {
+        return Err(EvalError::Setting(format!(
+            "the {} essays hold {} words, too few for {} contexts of {HAYSTACK_WORDS} words; ask for fewer --contexts",
+            draw.split.name(),
+            words.len(),
+            draw.contexts
+        )));
+    }
+    let examples = (0..draw.n)
+        .map(|i| {
+            let city = CITIES[rng.gen_range(0..CITIES.len())];
+            let code = rng.gen_range(1000..10000).to_string();
+            let depth = (i % 5) as f64 / 4.0;
+            let mut contexts: Vec<Vec<&str>> =
+                words.chunks(HAYSTACK_WORDS).map(<[&str]>::to_vec).collect();
+            let at = ((depth * words.len() as f64) as usize).min(words.len() - 1);
+            let (piece, mut offset) = (at / HAYSTACK_WORDS, at % HAYSTACK_WORDS);
+            let piece_words = &mut contexts[piece];
+            // Put the needle between sentences: after the next word that ends one.
+            while offset < piece_words.len()
+                && offset > 0
+                && !piece_words[offset - 1].ends_with('.')
+            {
+                offset += 1;
+            }
+            let sentence = format!("The secret code of the {city} vault is {code}.");
+            piece_words.insert(offset.min(piece_words.len()), &sentence);
+            Example {
+                id: format!("needle-{i}"),
+                contexts: contexts.iter().map(|w| w.join(" ")).collect(),
+                question: format!("What is the secret code of the {city} vault?"),
+                target: Target::Answer(vec![code]),
+                note: Some(format!("depth {depth:.2}, context {piece}")),
+            }
+        })
+        .collect();
+    Ok(TaskSet {
+        name: "needle".into(),
+        family: Family::Rag,
+        metric: Metric::Contains,
+        system: "Answer the question from the documents.".into(),
+        examples,
+    })
+}
+
+/// An ICL task over labelled texts: the shuffled data holds `[test, dev]` examples first,
+/// the rest is the pool demonstrations are drawn from. The demonstrations are the first
+/// `contexts` of the pool shuffled by the seed, so a run with more contexts keeps those of
+/// a run with fewer.
+fn classification(
+    data: &[Labelled],
+    draw: Draw,
+    input_name: &str,
+    label_name: &str,
+    [test, dev]: [usize; 2],
+) -> Result<TaskSet> {
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.shuffle(&mut rng(SPLIT_SEED));
+    let (split, pool) = order.split_at(test + dev);
+    let questions = match draw.split {
+        Split::Test => &split[..test],
+        Split::Dev => &split[test..],
+    };
+    if draw.contexts > pool.len() {
+        return Err(EvalError::Setting(format!(
+            "the demonstration pool has {} examples; ask for at most that many --contexts",
+            pool.len()
+        )));
+    }
+    let mut labels: Vec<String> = data.iter().map(|d| d.label.clone()).collect();
+    labels.sort();
+    labels.dedup();
+    let mut rng = rng(draw.seed);
+    let mut pool = pool.to_vec();
+    pool.shuffle(&mut rng);
+    let demonstrations: Vec<String> = pool[..draw.contexts]
+        .iter()
+        .map(|&i| {
+            format!(
+                "{input_name}: {}\n{label_name}: {}",
+                data[i].text, data[i].label
+            )
+        })
+        .collect();
+    let mut questions = questions.to_vec();
+    questions.shuffle(&mut rng);
+    let examples = questions
+        .into_iter()
+        .take(draw.n)
+        .map(|i| Example {
+            id: format!("{}-{i}", label_name.to_lowercase()),
+            contexts: demonstrations.clone(),
+            question: format!("{input_name}: {}\n{label_name}:", data[i].text),
+            target: Target::Choice {
+                gold: labels.iter().position(|l| *l == data[i].label).unwrap_or(0),
+                labels: labels.clone(),
+            },
+            note: None,
+        })
+        .collect();
+    Ok(TaskSet {
+        name: String::new(),
+        family: Family::Icl,
+        metric: Metric::Accuracy,
+        system: String::new(),
+        examples,
+    })
+}
+
+/// A task written by hand:
+/// `{"system": "...", "examples": [{"id": "...", "contexts": ["..."], "question": "...",
+/// "answers": ["..."]}]}`, where a choice example gives `"labels": [...]` and `"gold": i`
+/// instead of `"answers"`. A run keeps the first `contexts` contexts of each example.
+#[derive(Debug, Deserialize)]
+pub struct TaskFile {
+    pub system: String,
+    pub examples: Vec<FileExample>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FileExample {
+    pub id: String,
+    pub contexts: Vec<String>,
+    pub question: String,
+    #[serde(default)]
+    pub answers: Vec<String>,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub gold: usize,
+}
+
+fn from_file(path: &Path, draw: Draw) -> Result<TaskSet> {
+    let bad = |reason: String| EvalError::BadTaskFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let file: TaskFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut family = None;
+    let mut examples = Vec::new();
+    for e in file.examples.into_iter().take(draw.n) {
+        let (target, this) = match (e.answers.is_empty(), e.labels.is_empty()) {
+            (false, true) => (Target::Answer(e.answers), Family::Rag),
+            (true, false) if e.gold < e.labels.len() => (
+                Target::Choice {
+                    labels: e.labels,
+                    gold: e.gold,
+                },
+                Family::Icl,
+            ),
+            _ => {
+                return Err(bad(format!(
+                    "example `{}` needs either `answers` or `labels` with `gold` inside them",
+                    e.id
+                )))
+            }
+        };
+        if *family.get_or_insert(this) != this {
+            return Err(bad(
+                "mixes answer and choice examples; keep one kind per file".into(),
+            ));
+        }
+        let mut contexts = e.contexts;
+        contexts.truncate(draw.contexts);
+        examples.push(Example {
+            id: e.id,
+            contexts,
+            question: e.question,
+            target,
+            note: None,
+        });
+    }
+    let family = family.unwrap_or(Family::Rag);
+    Ok(TaskSet {
+        name: Task::File(path.to_path_buf()).name(),
+        family,
+        metric: match family {
+            Family::Rag => Metric::F1,
+            Family::Icl => Metric::Accuracy,
+        },
+        system: file.system,
+        examples,
+    })
+}
