@@ -273,8 +273,23 @@ fn two_servers_share_registered_contexts_through_redis() {
         .map(|c| json!({"id": c["id"]}))
         .collect();
     let on_first = answer(first.post("/v1/chat/completions", &question(json!(by_id))));
-    let on_second = answer(second.post("/v1/chat/completions", &question(json!(by_id))));
+    let reply: Value = second
+        .post("/v1/chat/completions", &question(json!(by_id)))
+        .json()
+        .unwrap();
+    let on_second = reply["choices"][0]["message"]["content"].as_str().unwrap();
     assert_eq!(on_first, on_second);
+    // Every document's tokens were reused, none read again (the prefix was new there).
+    let document_tokens: u64 = registered["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        reply["usage"]["prompt_tokens_details"]["cached_tokens"],
+        document_tokens
+    );
     // The second server read each context from Redis and encoded none of them.
     assert_eq!(second.metric(r#"ape_store_hits_total{tier="redis"}"#), 3.0);
     assert_eq!(

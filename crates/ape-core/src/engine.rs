@@ -399,6 +399,12 @@ impl Engine {
 
     /// Keys and values of `prefix`, computed on first use and kept.
     pub fn prefix_kv(&self, prefix: &[u32]) -> Result<Arc<KvCache>> {
+        Ok(self.find_prefix_kv(prefix)?.0)
+    }
+
+    /// [`Engine::prefix_kv`], and how many of its tokens were kept from an earlier
+    /// request (all or none).
+    fn find_prefix_kv(&self, prefix: &[u32]) -> Result<(Arc<KvCache>, usize)> {
         let window = self.model.config.context_length;
         if prefix.len() >= window {
             return Err(Error::ContextOverflow {
@@ -413,7 +419,7 @@ impl Engine {
                 let entry = kept.remove(i);
                 let kv = entry.1.clone();
                 kept.push(entry);
-                return Ok(kv);
+                return Ok((kv, prefix.len()));
             }
         }
         let mut cache = self.model.new_cache(prefix.len());
@@ -422,7 +428,7 @@ impl Engine {
         }
         let kv = Arc::new(cache);
         self.keep(prefix.to_vec(), kv.clone());
-        Ok(kv)
+        Ok((kv, 0))
     }
 
     /// Encode each context independently after `prefix` (its keys and values, from
@@ -480,6 +486,20 @@ impl Engine {
         contexts: &[&[u32]],
         cancel: &Cancel,
     ) -> Result<Vec<Arc<KvCache>>> {
+        Ok(self
+            .find_contexts_kv(prefix, prefix_kv, contexts, cancel)?
+            .0)
+    }
+
+    /// [`Engine::contexts_kv`], and how many of the contexts' tokens were not encoded
+    /// here (found in the store, or named twice).
+    fn find_contexts_kv(
+        &self,
+        prefix: &[u32],
+        prefix_kv: &KvCache,
+        contexts: &[&[u32]],
+        cancel: &Cancel,
+    ) -> Result<(Vec<Arc<KvCache>>, usize)> {
         let mut found: Vec<Option<Arc<KvCache>>> = match &self.store {
             Some(store) => contexts.iter().map(|c| store.get(prefix, c)).collect(),
             None => vec![None; contexts.len()],
@@ -505,7 +525,9 @@ impl Engine {
                 found[i] = found[first_of[contexts[i]]].clone();
             }
         }
-        Ok(found.into_iter().flatten().collect())
+        let encoded: usize = to_encode.iter().map(|c| c.len()).sum();
+        let total: usize = contexts.iter().map(|c| c.len()).sum();
+        Ok((found.into_iter().flatten().collect(), total - encoded))
     }
 
     /// Answer `prompt` in `mode`, streaming text to `on_text`. The time to first token
@@ -527,9 +549,10 @@ impl Engine {
         };
         let max_tokens = self.check_window(prompt, mode, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
-        let prefix = self.prefix_kv(&prompt.prefix)?;
+        let (prefix, prefix_found) = self.find_prefix_kv(&prompt.prefix)?;
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
-        let encoded = self.contexts_kv(&prompt.prefix, &prefix, &contexts, &options.cancel)?;
+        let (encoded, contexts_found) =
+            self.find_contexts_kv(&prompt.prefix, &prefix, &contexts, &options.cancel)?;
         let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
@@ -539,7 +562,10 @@ impl Engine {
             history: prompt.sequential_tokens(),
             start,
         };
-        self.answer_over(&prefix, &encoded, &prompt.query, factors, decoding, on_text)
+        let mut generation =
+            self.answer_over(&prefix, &encoded, &prompt.query, factors, decoding, on_text)?;
+        generation.cached_tokens = prefix_found + contexts_found;
+        Ok(generation)
     }
 
     /// Answer `query` over contexts already encoded after `prefix` (as by
@@ -612,7 +638,7 @@ impl Engine {
         let total = prompt.total_tokens();
         let max_tokens = self.check_window(prompt, Mode::Sequential, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
-        let prefix = self.prefix_kv(&prompt.prefix)?;
+        let (prefix, prefix_found) = self.find_prefix_kv(&prompt.prefix)?;
         let mut cache = prefix.copy_with_capacity(total + max_tokens);
         let tokens = prompt.sequential_tokens();
         let logits = prefill(
@@ -629,11 +655,13 @@ impl Engine {
             history: tokens,
             start,
         };
-        decoding.run(
+        let mut generation = decoding.run(
             logits,
             |token| self.model.forward(&[token], &mut cache),
             on_text,
-        )
+        )?;
+        generation.cached_tokens = prefix_found;
+        Ok(generation)
     }
 
     /// How many new tokens `prompt` may have in `mode` (`max_tokens`, or up to the end of

@@ -236,11 +236,7 @@ fn a_long_document_is_cut_into_contexts_at_line_breaks() {
         .encode(&format!("{}\n\n", long.trim_end()), true)
         .unwrap();
     let chunks = e.document_contexts(&long).unwrap();
-    assert!(
-        chunks.len() > whole.len() / 256,
-        "{} chunks",
-        chunks.len()
-    );
+    assert!(chunks.len() > whole.len() / 256, "{} chunks", chunks.len());
     assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= 256));
     assert_eq!(chunks.concat(), whole);
     for chunk in &chunks[..chunks.len() - 1] {
