@@ -93,7 +93,7 @@ impl Metrics {
                 .expect("valid counter"),
             cached_prompt_tokens: IntCounter::new(
                 "ape_cached_prompt_tokens_total",
-                "Prompt tokens whose keys and values were reused from an earlier chat turn.",
+                "Prompt tokens not read again: a kept prefix, stored documents, an earlier turn.",
             )
             .expect("valid counter"),
             generated_tokens: IntCounter::new(
