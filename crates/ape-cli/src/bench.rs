@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use ape_core::attention::KvCache;
 use ape_core::engine::{Engine, Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
-use ape_core::generate::{prefill, GenerateOptions};
+use ape_core::generate::{prefill, Cancel, GenerateOptions};
 use ape_core::gguf::Gguf;
 use ape_core::model::Model;
 use ape_store::{Codec, DiskTier, Entry, KvDtype, RedisTier, Store, Tier};
@@ -35,12 +35,16 @@ enum TtftCommand {
     /// Loading stored contexts from disk and Redis against encoding them again, and time
     /// to first token with every document stored on disk.
     Store(StoreBenchArgs),
+    /// A bounded load test against a running `ape serve`: many clients at once, every
+    /// answer checked, latency percentiles.
+    Serve(crate::load::LoadArgs),
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.ttft {
         Some(TtftCommand::Ttft(ttft)) => run_ttft(ttft),
         Some(TtftCommand::Store(store)) => run_store(store),
+        Some(TtftCommand::Serve(load)) => crate::load::run(load),
         None => run_runtime(args.runtime),
     }
 }
@@ -84,7 +88,7 @@ fn run_runtime(args: RuntimeArgs) -> Result<()> {
         let rates = repeat(args.repeats, || {
             let mut cache = model.new_cache(n);
             let start = Instant::now();
-            prefill(&model, &tokens, &mut cache)?;
+            prefill(&model, &tokens, &mut cache, &Cancel::default())?;
             Ok(n as f64 / start.elapsed().as_secs_f64())
         })?;
         println!(
@@ -97,7 +101,7 @@ fn run_runtime(args: RuntimeArgs) -> Result<()> {
         let rates = repeat(args.repeats, || {
             let mut cache = model.new_cache(args.depth + args.decode);
             if !context.is_empty() {
-                prefill(&model, &context, &mut cache)?;
+                prefill(&model, &context, &mut cache, &Cancel::default())?;
             }
             let mut token = 0;
             let start = Instant::now();
@@ -307,7 +311,7 @@ fn run_store(args: StoreBenchArgs) -> Result<()> {
     ));
     let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
     let stored = engine.with_store(store.clone());
-    stored.contexts_kv(&prompt.prefix, &prefix, &contexts)?;
+    stored.contexts_kv(&prompt.prefix, &prefix, &contexts, &Cancel::default())?;
     let options = GenerateOptions {
         max_tokens: Some(1),
         ..GenerateOptions::default()

@@ -1,8 +1,11 @@
-//! `ape`: generate text with a GGUF model, measure its speed, and install the models.
+//! `ape`: generate text with a GGUF model, serve it over HTTP, measure its speed, and
+//! install the models.
 
 mod bench;
 mod eval;
+mod load;
 mod pull;
+mod serve;
 mod store;
 
 use std::io::Write;
@@ -12,7 +15,9 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use ape_core::engine::{Engine, Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
+use ape_core::engine::{
+    Engine, Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE, DEFAULT_CHUNK_TOKENS,
+};
 use ape_core::generate::GenerateOptions;
 use ape_core::sampler::SamplingParams;
 
@@ -38,6 +43,8 @@ enum Command {
     Encode(store::EncodeArgs),
     /// Inspect and trim the context store.
     Cache(store::CacheArgs),
+    /// Serve an OpenAI-compatible HTTP API with documents, streaming and metrics.
+    Serve(serve::ServeArgs),
     /// Measure prefill and decode speed, or time to first token over many contexts.
     Bench(bench::BenchArgs),
     /// Measure accuracy: sequential vs parallel vs APE on RAG and ICL tasks.
@@ -61,7 +68,18 @@ enum ModelCommand {
 struct ModelArg {
     /// GGUF model file.
     #[arg(long, short, default_value_os_t = pull::default_model_path())]
-    model: PathBuf,
+    pub model: PathBuf,
+    /// Documents longer than this many tokens are cut into several contexts.
+    #[arg(long, default_value_t = DEFAULT_CHUNK_TOKENS)]
+    chunk_tokens: usize,
+}
+
+impl ModelArg {
+    fn load(&self) -> Result<Engine> {
+        let engine = Engine::load(&self.model)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        Ok(engine.with_chunk_tokens(self.chunk_tokens)?)
+    }
 }
 
 #[derive(Args)]
@@ -177,6 +195,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Encode(args) => store::encode(args),
         Command::Cache(args) => store::cache(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Model { command } => match command {
@@ -189,10 +208,6 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn load_engine(model: &Path) -> Result<Engine> {
-    Engine::load(model).with_context(|| format!("loading {}", model.display()))
-}
-
 fn generate(args: GenerateArgs) -> Result<()> {
     let documents = read_documents(&args.context, args.contexts_dir.as_deref())?;
     let mode = Mode::from_name(&args.mode, args.ape_temperature, args.ape_scale)?;
@@ -201,7 +216,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         "nothing to answer: give --prompt TEXT for a chat, or --query TEXT with --context FILE \
          or --contexts-dir DIR to ask over documents"
     );
-    let engine = load_engine(&args.model.model)?;
+    let engine = args.model.load()?;
     // A plain chat has no contexts to look up, so it does not pay for opening the store.
     let store = match args.prompt {
         Some(_) => None,
@@ -215,6 +230,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         max_tokens: Some(args.max_tokens),
         stop: args.stop,
         sampling: args.sampling.params(),
+        ..GenerateOptions::default()
     };
     let mut stdout = std::io::stdout().lock();
     let print = |text: &str| {

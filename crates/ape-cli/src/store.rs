@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ape_core::engine::{ContextStore, Engine};
+use ape_core::generate::Cancel;
 use ape_store::{Codec, DiskTier, Fingerprint, Key, KvDtype, MemoryTier, RedisTier, Store, Tier};
 
 /// Bytes of decoded contexts a process keeps in memory.
@@ -68,10 +69,18 @@ impl StoreArgs {
         if self.no_cache {
             return Ok(None);
         }
+        self.open_with_memory(engine, model_path).map(Some)
+    }
+
+    /// [`StoreArgs::open`], but with `--no-cache` a store in memory only, for a server
+    /// whose registered contexts must live somewhere.
+    pub fn open_with_memory(&self, engine: &Engine, model_path: &Path) -> Result<Arc<Store>> {
         let codec = Codec::for_model(model_path, &engine.model.config, self.kv_dtype)?;
         let mut tiers: Vec<Box<dyn Tier>> = vec![Box::new(MemoryTier::new(MEMORY_TIER_BYTES))];
-        tiers.extend(self.tiers(codec)?);
-        Ok(Some(Arc::new(Store::new(codec, tiers))))
+        if !self.no_cache {
+            tiers.extend(self.tiers(codec)?);
+        }
+        Ok(Arc::new(Store::new(codec, tiers)))
     }
 }
 
@@ -80,7 +89,7 @@ fn parse_dtype(name: &str) -> Result<KvDtype, String> {
 }
 
 /// `500`, `64K`, `500M`, `20G`: bytes, with binary multiples.
-fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let (digits, shift) = match text.char_indices().last() {
         Some((at, 'K' | 'k')) => (&text[..at], 10),
@@ -97,9 +106,8 @@ fn parse_size(text: &str) -> Result<u64, String> {
 
 #[derive(Args)]
 pub struct EncodeArgs {
-    /// GGUF model file.
-    #[arg(long, short, default_value_os_t = crate::pull::default_model_path())]
-    model: PathBuf,
+    #[command(flatten)]
+    model: crate::ModelArg,
     /// Documents: text files, or folders whose files are each one document.
     #[arg(required = true, value_name = "FILES|DIR")]
     paths: Vec<PathBuf>,
@@ -125,35 +133,39 @@ pub fn encode(args: EncodeArgs) -> Result<()> {
         }
     }
     let documents = crate::read_files(&files)?;
-    let engine = crate::load_engine(&args.model)?;
+    let engine = args.model.load()?;
     let store = args
         .store
-        .open(&engine, &args.model)?
+        .open(&engine, &args.model.model)?
         .expect("a store is open");
     let engine = engine.with_store(store.clone());
-    let prompt = engine.split_chat(args.system.as_deref(), &documents, "")?;
-    let prefix = engine.prefix_kv(&prompt.prefix)?;
+    let prefix = engine
+        .split_chat(args.system.as_deref(), &[] as &[&str], "")?
+        .prefix;
+    let prefix_kv = engine.prefix_kv(&prefix)?;
 
-    let bar = ProgressBar::new(prompt.contexts.len() as u64).with_style(
+    let bar = ProgressBar::new(documents.len() as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} documents, {msg} [{elapsed} < {eta}]")
             .expect("the template is valid"),
     );
     let start = Instant::now();
     let (mut stored, mut present, mut tokens) = (0, 0, 0);
-    for (context, file) in prompt.contexts.iter().zip(&files) {
+    for (document, file) in documents.iter().zip(&files) {
         bar.set_message(file.display().to_string());
-        if store.get(&prompt.prefix, context).is_some() {
-            present += 1;
-        } else {
-            engine.contexts_kv(&prompt.prefix, &prefix, &[context])?;
-            stored += 1;
-            tokens += context.len();
+        for context in engine.document_contexts(document)? {
+            if store.get(&prefix, &context).is_some() {
+                present += 1;
+            } else {
+                engine.contexts_kv(&prefix, &prefix_kv, &[&context], &Cancel::default())?;
+                stored += 1;
+                tokens += context.len();
+            }
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
     println!(
-        "{stored} documents encoded and stored ({tokens} tokens in {:.1} s), {present} already stored",
+        "{stored} contexts encoded and stored ({tokens} tokens in {:.1} s), {present} already stored",
         start.elapsed().as_secs_f64()
     );
     Ok(())

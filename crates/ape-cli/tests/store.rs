@@ -2,29 +2,12 @@
 //! the same whether contexts come from the disk, from Redis or from a fresh encoding;
 //! two processes can fill one store at once; damaged entries are re-encoded.
 
-use std::net::TcpListener;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Output, Stdio};
 
-fn model() -> PathBuf {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct-q4_1.gguf");
-    assert!(
-        path.exists(),
-        "run `ape model pull` (or `bash scripts/test.sh`) first"
-    );
-    path
-}
-
-fn ape(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ape"));
-    command
-        .args(["--threads", "2"])
-        .args(args)
-        .env_remove("APE_CACHE_DIR");
-    command
-}
+use common::{ape, model, RedisServer};
 
 fn run(args: &[&str]) -> Output {
     let out = ape(args).output().expect("ape runs");
@@ -75,43 +58,6 @@ fn ask(docs: &Path, store: &[&str]) -> Output {
 
 fn entries(cache: &Path) -> usize {
     std::fs::read_dir(cache.join("entries")).map_or(0, |d| d.count())
-}
-
-/// A `redis-server` on a free loopback port for the length of a test.
-struct RedisServer {
-    child: Child,
-    url: String,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is not installed: run `bash scripts/test.sh`, which installs it with apt-get");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        RedisServer {
-            child,
-            url: format!("redis://127.0.0.1:{port}/"),
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -101,10 +101,15 @@ impl KvCache {
 
     /// A copy of this cache's filled positions with room for `capacity` in all.
     pub fn copy_with_capacity(&self, capacity: usize) -> KvCache {
-        assert!(capacity >= self.len);
+        self.copy_prefix(self.len, capacity)
+    }
+
+    /// A copy of the first `len` filled positions with room for `capacity` in all.
+    pub fn copy_prefix(&self, len: usize, capacity: usize) -> KvCache {
+        assert!(len <= self.len && capacity >= len);
         let mut copy = KvCache::new(self.layers.len(), self.kv_heads, self.head_dim, capacity);
-        copy.len = self.len;
-        let n = self.len * self.head_dim;
+        copy.len = len;
+        let n = len * self.head_dim;
         for (to, from) in copy.layers.iter_mut().zip(&self.layers) {
             for g in 0..self.kv_heads {
                 let (src, dst) = (

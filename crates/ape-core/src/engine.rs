@@ -9,8 +9,10 @@
 //!   and scale (both 1 for `parallel`).
 //!
 //! The prefix's keys and values are computed once per distinct prefix and kept for the
-//! life of the engine (the few most recent ones).
+//! life of the engine (the few most recent ones); so are whole conversations after plain
+//! generation, whose next turn then reads only its new tokens.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -18,7 +20,7 @@ use std::time::Instant;
 use crate::attention::{ApeFactors, KvCache};
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
-use crate::generate::{generate, prefill, Decoding, GenerateOptions, Generation};
+use crate::generate::{prefill, Cancel, Decoding, GenerateOptions, Generation};
 use crate::gguf::Gguf;
 use crate::model::Model;
 use crate::sampler::Sampler;
@@ -29,12 +31,20 @@ pub const DEFAULT_APE_TEMPERATURE: f32 = 0.9;
 /// APE's scaling factor when none is given (the paper's default).
 pub const DEFAULT_APE_SCALE: f32 = 0.9;
 
-/// Distinct prefixes whose keys and values are kept.
-const KEPT_PREFIXES: usize = 8;
+/// Prompts (prefixes, and whole conversations after plain generation) whose keys and
+/// values are kept for later requests that start the same way.
+const KEPT_PROMPTS: usize = 8;
+/// Most bytes of kept keys and values; the least recently used go first.
+const KEPT_BYTES: usize = 1 << 30;
 
 /// Context tokens encoded in one batch: enough rows for an efficient GEMM, few enough to
 /// bound the activations held at once. A longer context is encoded alone.
 const CONTEXT_BATCH_TOKENS: usize = 512;
+
+/// Longest context by default: documents longer than this are cut into several contexts,
+/// so that a document longer than the window can still be asked about, and the query,
+/// which starts after the longest context, keeps room in the window.
+pub const DEFAULT_CHUNK_TOKENS: usize = 2048;
 
 /// Separates a document from what follows it in the user's turn.
 const DOCUMENT_SEPARATOR: &str = "\n\n";
@@ -140,9 +150,13 @@ pub struct Engine {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
-    /// Keys and values of recently used prefixes, most recent last.
-    prefixes: Mutex<Vec<(Vec<u32>, Arc<KvCache>)>>,
+    /// Keys and values of recent prompts with their tokens, most recently used last.
+    kept: Mutex<Vec<(Vec<u32>, Arc<KvCache>)>>,
     store: Option<Arc<dyn ContextStore>>,
+    /// Longest context, in tokens: longer documents are cut into several.
+    chunk_tokens: usize,
+    /// Whether plain generation reuses and keeps conversations' keys and values.
+    reuse_prompts: bool,
 }
 
 impl Engine {
@@ -152,9 +166,33 @@ impl Engine {
             model: Model::load(&gguf)?,
             tokenizer: Tokenizer::from_gguf(&gguf)?,
             template: ChatTemplate::from_gguf(&gguf)?,
-            prefixes: Mutex::new(Vec::new()),
+            kept: Mutex::new(Vec::new()),
             store: None,
+            chunk_tokens: DEFAULT_CHUNK_TOKENS,
+            reuse_prompts: false,
         })
+    }
+
+    /// Let plain generation reuse the keys and values of the longest start a prompt shares
+    /// with a kept one, and keep each exchange for the next turn: a conversation's next
+    /// turn reads only its new tokens. Reused keys and values were computed in other
+    /// batches than a fresh read would use, so logits can differ at float-rounding level
+    /// (as with llama.cpp's prompt cache); off by default so that a prompt always gives
+    /// the same answer.
+    pub fn with_prompt_reuse(mut self) -> Self {
+        self.reuse_prompts = true;
+        self
+    }
+
+    /// Cut documents longer than `tokens` into several contexts (at least 16 tokens).
+    pub fn with_chunk_tokens(mut self, tokens: usize) -> Result<Self> {
+        if tokens < 16 {
+            return Err(Error::ApeSetting(format!(
+                "a document chunk must allow at least 16 tokens, got {tokens}"
+            )));
+        }
+        self.chunk_tokens = tokens;
+        Ok(self)
     }
 
     /// Look contexts up in `store` before encoding them, and keep what is encoded there.
@@ -166,8 +204,9 @@ impl Engine {
     /// Token ids of a chat with an optional system message and one user turn, ending with
     /// the assistant header so that the model's answer comes next.
     pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
-        let text = self.template.render(&chat(system, user), true)?;
-        self.encode_prompt(&text)
+        let mut messages: Vec<Message> = system.map(Message::system).into_iter().collect();
+        messages.push(Message::user(user));
+        self.conversation_prompt(&messages)
     }
 
     /// Token ids of raw prompt text, special tokens parsed, BOS added if the model wants it.
@@ -180,14 +219,97 @@ impl Engine {
         Ok(ids)
     }
 
-    /// Plain generation from prompt tokens, with no contexts.
+    /// Plain generation from prompt tokens, with no contexts. With
+    /// [`Engine::with_prompt_reuse`], the keys and values of the longest start this prompt
+    /// shares with a kept one (a previous turn of the same conversation, say) are reused,
+    /// and the whole exchange is kept for the next turn.
     pub fn generate(
         &self,
         prompt: &[u32],
         options: &GenerateOptions,
         on_text: impl FnMut(&str),
     ) -> Result<Generation> {
-        generate(&self.model, &self.tokenizer, prompt, options, on_text)
+        let start = Instant::now();
+        if prompt.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let whole = Prompt {
+            prefix: prompt.to_vec(),
+            contexts: Vec::new(),
+            query: Vec::new(),
+        };
+        let max_tokens = self.check_window(&whole, Mode::Sequential, options.max_tokens)?;
+        let sampler = Sampler::new(options.sampling.clone())?;
+        let capacity = prompt.len() + max_tokens;
+        let (mut cache, cached) = match self.reuse_prompts {
+            true => self.resume(prompt, capacity),
+            false => (self.model.new_cache(capacity), 0),
+        };
+        let logits = prefill(&self.model, &prompt[cached..], &mut cache, &options.cancel)?;
+        let decoding = Decoding {
+            tokenizer: &self.tokenizer,
+            options,
+            sampler,
+            max_tokens,
+            history: whole.prefix,
+            start,
+        };
+        let mut generation = decoding.run(
+            logits,
+            |token| self.model.forward(&[token], &mut cache),
+            on_text,
+        )?;
+        generation.cached_tokens = cached;
+        if self.reuse_prompts {
+            let mut tokens = prompt.to_vec();
+            tokens.extend(&generation.tokens);
+            tokens.truncate(cache.len());
+            self.keep(
+                tokens,
+                Arc::new(cache.copy_prefix(cache.len(), cache.len())),
+            );
+        }
+        Ok(generation)
+    }
+
+    /// A cache holding the keys and values of the longest start `prompt` shares with a
+    /// kept prompt (at most all but its last token, whose logits are needed), with room
+    /// for `capacity` positions; and how many positions it holds.
+    fn resume(&self, prompt: &[u32], capacity: usize) -> (KvCache, usize) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = |tokens: &[u32]| {
+            let n = tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count();
+            n.min(prompt.len() - 1)
+        };
+        let best = kept
+            .iter()
+            .enumerate()
+            .map(|(i, (tokens, _))| (shared(tokens), i))
+            .max();
+        match best {
+            Some((n, i)) if n > 0 => {
+                let entry = kept.remove(i);
+                let cache = entry.1.copy_prefix(n, capacity);
+                kept.push(entry);
+                (cache, n)
+            }
+            _ => (self.model.new_cache(capacity), 0),
+        }
+    }
+
+    /// Keep `kv`, the keys and values of `tokens`, for later requests.
+    fn keep(&self, tokens: Vec<u32>, kv: Arc<KvCache>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|(other, _)| *other != tokens);
+        kept.push((tokens, kv));
+        let mut bytes: usize = kept.iter().map(|(_, kv)| kv.bytes()).sum();
+        while kept.len() > 1 && (kept.len() > KEPT_PROMPTS || bytes > KEPT_BYTES) {
+            bytes -= kept.remove(0).1.bytes();
+        }
     }
 
     /// Split one chat turn (optional system text, documents, question) the way the chat
@@ -202,8 +324,23 @@ impl Engine {
         documents: &[impl AsRef<str>],
         question: &str,
     ) -> Result<Prompt> {
+        let turns: Vec<Message> = system.map(Message::system).into_iter().collect();
+        self.split_conversation(&turns, documents, question)
+    }
+
+    /// [`Engine::split_chat`] for a conversation: `turns` (system, user and assistant
+    /// messages) come before the user turn that holds the documents and the question, and
+    /// belong to the prefix.
+    pub fn split_conversation(
+        &self,
+        turns: &[Message],
+        documents: &[impl AsRef<str>],
+        question: &str,
+    ) -> Result<Prompt> {
         const MARK: &str = "APEUSERTURNMARK";
-        let text = self.template.render(&chat(system, MARK), true)?;
+        let mut messages = turns.to_vec();
+        messages.push(Message::user(MARK));
+        let text = self.template.render(&messages, true)?;
         let at = text.find(MARK).ok_or_else(|| {
             Error::Template(
                 "the chat template does not copy the user's message into the prompt verbatim, \
@@ -212,15 +349,10 @@ impl Engine {
             )
         })?;
         let (head, tail) = (&text[..at], &text[at + MARK.len()..]);
-        let contexts = documents
-            .iter()
-            .map(|d| {
-                self.tokenizer.encode(
-                    &format!("{}{DOCUMENT_SEPARATOR}", d.as_ref().trim_end()),
-                    true,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut contexts = Vec::with_capacity(documents.len());
+        for document in documents {
+            contexts.extend(self.document_contexts(document.as_ref())?);
+        }
         Ok(Prompt {
             prefix: self.encode_prompt(head)?,
             contexts,
@@ -228,8 +360,51 @@ impl Engine {
         })
     }
 
+    /// The contexts one document becomes: its text, trailing space trimmed, then a blank
+    /// line separating it from what follows, as tokens; cut into pieces of at most the
+    /// chunk size (see [`Engine::with_chunk_tokens`]) when longer, each cut after a line
+    /// break where one falls in the last quarter of the piece. Joined in order, the pieces
+    /// are the whole document's tokens.
+    pub fn document_contexts(&self, document: &str) -> Result<Vec<Vec<u32>>> {
+        let tokens = self.tokenizer.encode(
+            &format!("{}{DOCUMENT_SEPARATOR}", document.trim_end()),
+            true,
+        )?;
+        let limit = self.chunk_tokens;
+        let mut chunks = Vec::with_capacity(tokens.len().div_ceil(limit));
+        let mut rest = &tokens[..];
+        while rest.len() > limit {
+            let ends_line = |&at: &usize| {
+                self.tokenizer
+                    .decode(&rest[at - 1..at])
+                    .is_ok_and(|text| text.ends_with('\n'))
+            };
+            let cut = (limit - limit / 4..=limit)
+                .rev()
+                .find(ends_line)
+                .unwrap_or(limit);
+            chunks.push(rest[..cut].to_vec());
+            rest = &rest[cut..];
+        }
+        chunks.push(rest.to_vec());
+        Ok(chunks)
+    }
+
+    /// Token ids of a whole conversation, ending with the assistant header so that the
+    /// model's answer comes next.
+    pub fn conversation_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        self.encode_prompt(&text)
+    }
+
     /// Keys and values of `prefix`, computed on first use and kept.
     pub fn prefix_kv(&self, prefix: &[u32]) -> Result<Arc<KvCache>> {
+        Ok(self.find_prefix_kv(prefix)?.0)
+    }
+
+    /// [`Engine::prefix_kv`], and how many of its tokens were kept from an earlier
+    /// request (all or none).
+    fn find_prefix_kv(&self, prefix: &[u32]) -> Result<(Arc<KvCache>, usize)> {
         let window = self.model.config.context_length;
         if prefix.len() >= window {
             return Err(Error::ContextOverflow {
@@ -239,30 +414,36 @@ impl Engine {
             });
         }
         {
-            let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(i) = kept.iter().position(|(tokens, _)| tokens == prefix) {
                 let entry = kept.remove(i);
                 let kv = entry.1.clone();
                 kept.push(entry);
-                return Ok(kv);
+                return Ok((kv, prefix.len()));
             }
         }
         let mut cache = self.model.new_cache(prefix.len());
         if !prefix.is_empty() {
-            prefill(&self.model, prefix, &mut cache)?;
+            prefill(&self.model, prefix, &mut cache, &Cancel::default())?;
         }
         let kv = Arc::new(cache);
-        let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-        kept.push((prefix.to_vec(), kv.clone()));
-        if kept.len() > KEPT_PREFIXES {
-            kept.remove(0);
-        }
-        Ok(kv)
+        self.keep(prefix.to_vec(), kv.clone());
+        Ok((kv, 0))
     }
 
     /// Encode each context independently after `prefix` (its keys and values, from
     /// [`Engine::prefix_kv`]), short ones batched together.
     pub fn encode_contexts(&self, prefix: &KvCache, contexts: &[&[u32]]) -> Result<Vec<KvCache>> {
+        self.encode_batches(prefix, contexts, &Cancel::default())
+    }
+
+    /// [`Engine::encode_contexts`], checking `cancel` before each batch.
+    fn encode_batches(
+        &self,
+        prefix: &KvCache,
+        contexts: &[&[u32]],
+        cancel: &Cancel,
+    ) -> Result<Vec<KvCache>> {
         let window = self.model.config.context_length;
         if let Some(longest) = contexts.iter().map(|c| c.len()).max() {
             if prefix.len() + longest > window {
@@ -280,6 +461,7 @@ impl Engine {
         let mut batch_tokens = 0;
         for &context in contexts {
             if !batch.is_empty() && batch_tokens + context.len() > CONTEXT_BATCH_TOKENS {
+                cancel.check()?;
                 encoded.extend(self.model.encode_contexts(prefix, &batch));
                 batch.clear();
                 batch_tokens = 0;
@@ -288,6 +470,7 @@ impl Engine {
             batch_tokens += context.len();
         }
         if !batch.is_empty() {
+            cancel.check()?;
             encoded.extend(self.model.encode_contexts(prefix, &batch));
         }
         Ok(encoded)
@@ -295,24 +478,41 @@ impl Engine {
 
     /// The keys and values of each context after `prefix` (whose own keys and values are
     /// `prefix_kv`): from the store where it has them, the others encoded (in batches) and
-    /// handed to the store.
+    /// handed to the store. `cancel` is checked before each batch that is encoded.
     pub fn contexts_kv(
         &self,
         prefix: &[u32],
         prefix_kv: &KvCache,
         contexts: &[&[u32]],
+        cancel: &Cancel,
     ) -> Result<Vec<Arc<KvCache>>> {
+        Ok(self
+            .find_contexts_kv(prefix, prefix_kv, contexts, cancel)?
+            .0)
+    }
+
+    /// [`Engine::contexts_kv`], and how many of the contexts' tokens were not encoded
+    /// here (found in the store, or named twice).
+    fn find_contexts_kv(
+        &self,
+        prefix: &[u32],
+        prefix_kv: &KvCache,
+        contexts: &[&[u32]],
+        cancel: &Cancel,
+    ) -> Result<(Vec<Arc<KvCache>>, usize)> {
         let mut found: Vec<Option<Arc<KvCache>>> = match &self.store {
             Some(store) => contexts.iter().map(|c| store.get(prefix, c)).collect(),
             None => vec![None; contexts.len()],
         };
+        // A document named twice in one request is encoded once.
+        let mut first_of: HashMap<&[u32], usize> = HashMap::new();
         let missing: Vec<usize> = (0..contexts.len())
-            .filter(|&i| found[i].is_none())
+            .filter(|&i| found[i].is_none() && *first_of.entry(contexts[i]).or_insert(i) == i)
             .collect();
         let to_encode: Vec<&[u32]> = missing.iter().map(|&i| contexts[i]).collect();
         for (i, kv) in missing
             .into_iter()
-            .zip(self.encode_contexts(prefix_kv, &to_encode)?)
+            .zip(self.encode_batches(prefix_kv, &to_encode, cancel)?)
         {
             let kv = Arc::new(kv);
             if let Some(store) = &self.store {
@@ -320,7 +520,14 @@ impl Engine {
             }
             found[i] = Some(kv);
         }
-        Ok(found.into_iter().flatten().collect())
+        for i in 0..contexts.len() {
+            if found[i].is_none() {
+                found[i] = found[first_of[contexts[i]]].clone();
+            }
+        }
+        let encoded: usize = to_encode.iter().map(|c| c.len()).sum();
+        let total: usize = contexts.iter().map(|c| c.len()).sum();
+        Ok((found.into_iter().flatten().collect(), total - encoded))
     }
 
     /// Answer `prompt` in `mode`, streaming text to `on_text`. The time to first token
@@ -340,16 +547,12 @@ impl Engine {
         let Some(factors) = mode.factors() else {
             return self.answer_sequentially(prompt, options, start, on_text);
         };
-        let max_tokens = self.ape_window_check(
-            prompt.prefix.len(),
-            prompt.longest_context(),
-            prompt.query.len(),
-            options.max_tokens,
-        )?;
+        let max_tokens = self.check_window(prompt, mode, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
-        let prefix = self.prefix_kv(&prompt.prefix)?;
+        let (prefix, prefix_found) = self.find_prefix_kv(&prompt.prefix)?;
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
-        let encoded = self.contexts_kv(&prompt.prefix, &prefix, &contexts)?;
+        let (encoded, contexts_found) =
+            self.find_contexts_kv(&prompt.prefix, &prefix, &contexts, &options.cancel)?;
         let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
@@ -359,7 +562,10 @@ impl Engine {
             history: prompt.sequential_tokens(),
             start,
         };
-        self.answer_over(&prefix, &encoded, &prompt.query, factors, decoding, on_text)
+        let mut generation =
+            self.answer_over(&prefix, &encoded, &prompt.query, factors, decoding, on_text)?;
+        generation.cached_tokens = prefix_found + contexts_found;
+        Ok(generation)
     }
 
     /// Answer `query` over contexts already encoded after `prefix` (as by
@@ -412,6 +618,7 @@ impl Engine {
         let mut cache = prefix.copy_with_capacity(prefix.len() + query.len() + decoding.max_tokens);
         let mut logits = Vec::new();
         for chunk in query.chunks(crate::generate::PREFILL_CHUNK) {
+            decoding.options.cancel.check()?;
             logits = model.forward_ape(chunk, &mut cache, contexts, factors);
         }
         decoding.run(
@@ -428,21 +635,18 @@ impl Engine {
         start: Instant,
         on_text: impl FnMut(&str),
     ) -> Result<Generation> {
-        let window = self.model.config.context_length;
         let total = prompt.total_tokens();
-        let max_tokens = options.max_tokens.unwrap_or(window.saturating_sub(total));
-        if total + max_tokens > window {
-            return Err(Error::ContextOverflow {
-                tokens: total,
-                max_new: max_tokens,
-                window,
-            });
-        }
+        let max_tokens = self.check_window(prompt, Mode::Sequential, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
-        let prefix = self.prefix_kv(&prompt.prefix)?;
+        let (prefix, prefix_found) = self.find_prefix_kv(&prompt.prefix)?;
         let mut cache = prefix.copy_with_capacity(total + max_tokens);
         let tokens = prompt.sequential_tokens();
-        let logits = prefill(&self.model, &tokens[prompt.prefix.len()..], &mut cache)?;
+        let logits = prefill(
+            &self.model,
+            &tokens[prompt.prefix.len()..],
+            &mut cache,
+            &options.cancel,
+        )?;
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
             options,
@@ -451,11 +655,42 @@ impl Engine {
             history: tokens,
             start,
         };
-        decoding.run(
+        let mut generation = decoding.run(
             logits,
             |token| self.model.forward(&[token], &mut cache),
             on_text,
-        )
+        )?;
+        generation.cached_tokens = prefix_found;
+        Ok(generation)
+    }
+
+    /// How many new tokens `prompt` may have in `mode` (`max_tokens`, or up to the end of
+    /// the window when it is `None`); an error naming each part when they do not fit.
+    pub fn check_window(
+        &self,
+        prompt: &Prompt,
+        mode: Mode,
+        max_tokens: Option<usize>,
+    ) -> Result<usize> {
+        if mode.factors().is_some() {
+            return self.ape_window_check(
+                prompt.prefix.len(),
+                prompt.longest_context(),
+                prompt.query.len(),
+                max_tokens,
+            );
+        }
+        let window = self.model.config.context_length;
+        let total = prompt.total_tokens();
+        let max_new = max_tokens.unwrap_or(window.saturating_sub(total));
+        if total.saturating_add(max_new) > window {
+            return Err(Error::ContextOverflow {
+                tokens: total,
+                max_new,
+                window,
+            });
+        }
+        Ok(max_new)
     }
 
     /// The token limit of an APE request, checked against the window: the query side
@@ -470,7 +705,7 @@ impl Engine {
         let window = self.model.config.context_length;
         let used = prefix + longest + query;
         let max_new = max_tokens.unwrap_or(window.saturating_sub(used));
-        if used + max_new > window {
+        if used.saturating_add(max_new) > window {
             return Err(Error::ApeWindowOverflow {
                 prefix,
                 longest,
@@ -500,19 +735,12 @@ impl Engine {
         let longest_continuation = continuations.iter().map(|c| c.len()).max().unwrap_or(0);
         let prefix = self.prefix_kv(&prompt.prefix)?;
         let Some(factors) = mode.factors() else {
-            let window = self.model.config.context_length;
+            self.check_window(prompt, mode, Some(longest_continuation))?;
             let total = prompt.total_tokens();
-            if total + longest_continuation > window {
-                return Err(Error::ContextOverflow {
-                    tokens: total,
-                    max_new: longest_continuation,
-                    window,
-                });
-            }
             let mut cache = prefix.copy_with_capacity(total + longest_continuation);
             let contexts = prompt.contexts.concat();
             if !contexts.is_empty() {
-                prefill(&self.model, &contexts, &mut cache)?;
+                prefill(&self.model, &contexts, &mut cache, &Cancel::default())?;
             }
             return Ok(score_continuations(
                 &prompt.query,
@@ -522,7 +750,7 @@ impl Engine {
             ));
         };
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
-        let encoded = self.contexts_kv(&prompt.prefix, &prefix, &contexts)?;
+        let encoded = self.contexts_kv(&prompt.prefix, &prefix, &contexts, &Cancel::default())?;
         let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
         self.score_encoded(&prefix, &encoded, &prompt.query, factors, continuations)
     }
@@ -594,13 +822,4 @@ fn score_continuations(
             rows
         })
         .collect()
-}
-
-fn chat(system: Option<&str>, user: &str) -> Vec<Message> {
-    let mut messages = Vec::new();
-    if let Some(system) = system {
-        messages.push(Message::system(system));
-    }
-    messages.push(Message::user(user));
-    messages
 }

@@ -57,6 +57,8 @@ pub enum Error {
     Sampling(String),
     #[error("empty prompt: there is nothing to generate from")]
     EmptyPrompt,
+    #[error("the request was cancelled before it finished")]
+    Cancelled,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

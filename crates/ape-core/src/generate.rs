@@ -1,6 +1,8 @@
 //! The generation loop: prefill the prompt, then sample one token at a time until an
 //! end-of-generation token, a stop string or the token limit, streaming text as it is made.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::attention::KvCache;
@@ -19,6 +21,37 @@ pub struct GenerateOptions {
     /// Generation ends before the first occurrence of any of these strings.
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
+    /// Lets another thread stop the request; checked between prompt chunks and tokens.
+    pub cancel: Cancel,
+}
+
+/// A flag another thread raises to stop a request (a client that went away, a deadline
+/// that passed). The request then ends with [`Error::Cancelled`] at its next checkpoint:
+/// after the current batch of prompt tokens or the current new token.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Self {
+        Cancel::default()
+    }
+
+    /// Ask every request holding a clone of this flag to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// `Err(Error::Cancelled)` once the flag is raised.
+    pub fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +70,9 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values were reused from an earlier request rather
+    /// than computed.
+    pub cached_tokens: usize,
     /// Time from the start of the call to the first sampled token.
     pub time_to_first_token: Duration,
     /// Time spent after the first token.
@@ -44,13 +80,19 @@ pub struct Generation {
 }
 
 /// Run `prompt` through `model` in chunks of [`PREFILL_CHUNK`] tokens, appending to `cache`;
-/// returns the logits after the last prompt token.
-pub fn prefill(model: &Model, prompt: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+/// returns the logits after the last prompt token. `cancel` is checked before each chunk.
+pub fn prefill(
+    model: &Model,
+    prompt: &[u32],
+    cache: &mut KvCache,
+    cancel: &Cancel,
+) -> Result<Vec<f32>> {
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
     let mut logits = Vec::new();
     for chunk in prompt.chunks(PREFILL_CHUNK) {
+        cancel.check()?;
         logits = model.forward(chunk, cache);
     }
     Ok(logits)
@@ -73,7 +115,7 @@ pub fn generate(
     let max_tokens = options
         .max_tokens
         .unwrap_or(window.saturating_sub(prompt.len()));
-    if prompt.len() + max_tokens > window {
+    if prompt.len().saturating_add(max_tokens) > window {
         return Err(Error::ContextOverflow {
             tokens: prompt.len(),
             max_new: max_tokens,
@@ -82,7 +124,7 @@ pub fn generate(
     }
     let sampler = Sampler::new(options.sampling.clone())?;
     let mut cache = model.new_cache(prompt.len() + max_tokens);
-    let logits = prefill(model, prompt, &mut cache)?;
+    let logits = prefill(model, prompt, &mut cache, &options.cancel)?;
     let decoding = Decoding {
         tokenizer,
         options,
@@ -123,6 +165,7 @@ impl Decoding<'_> {
         let mut first_token_at = None;
         let mut finish_reason = FinishReason::Length;
         while tokens.len() < self.max_tokens {
+            self.options.cancel.check()?;
             let token = self.sampler.sample(&mut logits, &self.history);
             first_token_at.get_or_insert_with(|| self.start.elapsed());
             if self.tokenizer.is_eog(token) {
@@ -154,6 +197,7 @@ impl Decoding<'_> {
             tokens,
             finish_reason,
             prompt_tokens,
+            cached_tokens: 0,
             time_to_first_token,
             decode_time: self.start.elapsed() - time_to_first_token,
         })

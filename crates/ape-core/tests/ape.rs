@@ -223,6 +223,63 @@ fn the_order_of_contexts_does_not_matter() {
 }
 
 #[test]
+fn a_long_document_is_cut_into_contexts_at_line_breaks() {
+    let e = Engine::load(common::model_path(common::SMOLLM2))
+        .unwrap()
+        .with_chunk_tokens(256)
+        .unwrap();
+    let long: String = (0..120)
+        .map(|i| format!("Entry {i}: the lighthouse keeper logged a calm sea.\n"))
+        .collect();
+    let whole = e
+        .tokenizer
+        .encode(&format!("{}\n\n", long.trim_end()), true)
+        .unwrap();
+    let chunks = e.document_contexts(&long).unwrap();
+    assert!(chunks.len() > whole.len() / 256, "{} chunks", chunks.len());
+    assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= 256));
+    assert_eq!(chunks.concat(), whole);
+    for chunk in &chunks[..chunks.len() - 1] {
+        let last = e.tokenizer.decode(&chunk[chunk.len() - 1..]).unwrap();
+        assert!(last.ends_with('\n'), "a cut after {last:?}");
+    }
+
+    let prompt = e
+        .split_chat(
+            None,
+            &[long.as_str(), "A short note."],
+            "What did the keeper log?",
+        )
+        .unwrap();
+    assert_eq!(prompt.contexts.len(), chunks.len() + 1);
+    assert_eq!(prompt.contexts[..chunks.len()], chunks[..]);
+    let options = GenerateOptions {
+        max_tokens: Some(4),
+        ..GenerateOptions::default()
+    };
+    let answer = e
+        .answer(&prompt, Mode::ape(0.9, 0.9).unwrap(), &options, |_| {})
+        .unwrap();
+    assert!(!answer.tokens.is_empty());
+    assert!(e.with_chunk_tokens(8).is_err());
+}
+
+#[test]
+fn a_document_named_twice_in_a_request_is_encoded_once() {
+    let e = engine();
+    let prompt = e.split_chat(None, &documents(), "?").unwrap();
+    let prefix = e.prefix_kv(&prompt.prefix).unwrap();
+    let (a, b) = (&prompt.contexts[0][..], &prompt.contexts[1][..]);
+    let kv = e
+        .contexts_kv(&prompt.prefix, &prefix, &[a, b, a], &Default::default())
+        .unwrap();
+    assert_eq!(kv.len(), 3);
+    assert!(std::sync::Arc::ptr_eq(&kv[0], &kv[2]));
+    assert!(!std::sync::Arc::ptr_eq(&kv[0], &kv[1]));
+    assert_eq!((kv[0].len(), kv[1].len()), (a.len(), b.len()));
+}
+
+#[test]
 fn a_context_encodes_identically_alone_and_in_a_batch() {
     let e = engine();
     let prompt = e.split_chat(None, &documents(), "?").unwrap();

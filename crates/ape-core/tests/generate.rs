@@ -5,6 +5,7 @@ mod common;
 
 use std::sync::OnceLock;
 
+use ape_core::chat::Message;
 use ape_core::engine::Engine;
 use ape_core::generate::{FinishReason, GenerateOptions};
 use ape_core::gguf::Gguf;
@@ -78,7 +79,9 @@ fn prefill_in_chunks_matches_one_forward() {
     let mut whole_cache = e.model.new_cache(prompt.len());
     let whole = e.model.forward(&prompt, &mut whole_cache);
     let mut chunked_cache = e.model.new_cache(prompt.len());
-    let chunked = ape_core::generate::prefill(&e.model, &prompt, &mut chunked_cache).unwrap();
+    let chunked =
+        ape_core::generate::prefill(&e.model, &prompt, &mut chunked_cache, &Default::default())
+            .unwrap();
     assert!(max_abs_diff(&whole, &chunked) < 2e-2);
 }
 
@@ -215,4 +218,39 @@ fn unsupported_architecture_and_tensor_types_are_named() {
     std::fs::write(&not_gguf, b"hello world, not a model").unwrap();
     assert!(matches!(Gguf::open(&not_gguf), Err(Error::BadGguf { .. })));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn with_prompt_reuse_a_conversation_reads_only_its_new_tokens() {
+    let e = Engine::load(common::model_path(common::SMOLLM2))
+        .unwrap()
+        .with_prompt_reuse();
+    let question = "Name three animals that live in the sea, and say which is the largest.";
+    let first = e.chat_prompt(None, question).unwrap();
+    let reply = e.generate(&first, &greedy(12), |_| {}).unwrap();
+    assert_eq!(reply.cached_tokens, 0);
+
+    let next_turn = e
+        .conversation_prompt(&[
+            Message::user(question),
+            Message::assistant(reply.text.clone()),
+            Message::user("Which of them is the smallest?"),
+        ])
+        .unwrap();
+    assert!(next_turn.starts_with(&first));
+    let continued = e.generate(&next_turn, &greedy(12), |_| {}).unwrap();
+    assert!(
+        continued.cached_tokens >= first.len() && continued.cached_tokens < next_turn.len(),
+        "{} of {} tokens reused",
+        continued.cached_tokens,
+        next_turn.len()
+    );
+    // The same prompt again is read from its kept keys and values but its last token.
+    let again = e.generate(&next_turn, &greedy(12), |_| {}).unwrap();
+    assert_eq!(again.cached_tokens, next_turn.len() - 1);
+
+    // Reading everything afresh gives the same answer.
+    let fresh = engine().generate(&next_turn, &greedy(12), |_| {}).unwrap();
+    assert_eq!(fresh.cached_tokens, 0);
+    assert_eq!(continued.text, fresh.text);
 }

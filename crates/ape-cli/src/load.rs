@@ -1,0 +1,286 @@
+//! `ape bench serve`: a bounded load test against a running `ape serve`.
+//!
+//! Registers the documents, takes each question's greedy answer once as the reference,
+//! then has many clients ask the questions at once (documents by id on even requests, by
+//! text on odd ones). Every response must be the reference answer or a clean 429 refusal;
+//! a refused request is retried after the wait the server asks for. Anything else counts
+//! as wrong or failed. Reports latency percentiles, from each request's first try.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use reqwest::blocking::Client;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const QUESTIONS: &[&str] = &[
+    "Where does Alice keep her bicycle?",
+    "Summarise the documents in one sentence.",
+    "Which region grew the most?",
+    "What time does the library open?",
+];
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Clients sending requests at the same time.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Requests in all.
+    #[arg(long, default_value_t = 200)]
+    requests: usize,
+    /// Tokens per answer.
+    #[arg(long, default_value_t = 8)]
+    max_tokens: usize,
+    /// Documents to ask over, one per file.
+    #[arg(long, default_value = "examples/documents")]
+    documents_dir: PathBuf,
+    /// Times a refused request is retried, after the wait its `Retry-After` asks for.
+    #[arg(long, default_value_t = 30)]
+    retries: usize,
+    /// Print the summary as one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How one request ended.
+enum Outcome {
+    /// The reference answer, this long after the first try, after this many refusals.
+    Answered(Duration, usize),
+    /// Still refused after every retry.
+    Refused,
+    Wrong(String),
+    Failed(String),
+}
+
+pub fn run(args: LoadArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.clients > 0 && args.requests > 0,
+        "--clients and --requests must be at least 1"
+    );
+    let documents = crate::read_files(&crate::read_folder(&args.documents_dir)?)?;
+    let client = Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .context("could not build the HTTP client")?;
+    let base = args.url.trim_end_matches('/');
+    let ids = register(&client, base, &documents)?;
+    let by_id: Vec<Value> = ids.iter().map(|id| json!({ "id": id })).collect();
+    let by_text: Vec<Value> = documents.iter().map(|d| json!(d)).collect();
+    let body = |question: &str, documents: &[Value]| {
+        json!({
+            "messages": [{"role": "user", "content": question}],
+            "documents": documents,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+        })
+    };
+    let reference = QUESTIONS
+        .iter()
+        .map(|q| match ask(&client, base, &body(q, &by_id))? {
+            Reply::Answer(answer) => Ok(answer),
+            Reply::Refused(_) => bail!("the server refused a request while idle"),
+            Reply::Other(status, text) => {
+                bail!("the reference request failed with {status}: {text}")
+            }
+        })
+        .collect::<Result<Vec<String>>>()?;
+
+    let next = AtomicUsize::new(0);
+    let outcomes = Mutex::new(Vec::with_capacity(args.requests));
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..args.clients {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= args.requests {
+                    break;
+                }
+                let documents = if i.is_multiple_of(2) {
+                    &by_id
+                } else {
+                    &by_text
+                };
+                let question = i % QUESTIONS.len();
+                let sent = Instant::now();
+                let mut refusals = 0;
+                let outcome = loop {
+                    break match ask(&client, base, &body(QUESTIONS[question], documents)) {
+                        Ok(Reply::Answer(answer)) if answer == reference[question] => {
+                            Outcome::Answered(sent.elapsed(), refusals)
+                        }
+                        Ok(Reply::Answer(answer)) => Outcome::Wrong(format!(
+                            "request {i}: `{answer}` instead of `{}`",
+                            reference[question]
+                        )),
+                        Ok(Reply::Refused(wait)) if refusals < args.retries => {
+                            refusals += 1;
+                            std::thread::sleep(wait);
+                            continue;
+                        }
+                        Ok(Reply::Refused(_)) => Outcome::Refused,
+                        Ok(Reply::Other(status, text)) => {
+                            Outcome::Failed(format!("request {i}: {status} {text}"))
+                        }
+                        Err(e) => Outcome::Failed(format!("request {i}: {e:#}")),
+                    };
+                };
+                outcomes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(outcome);
+            });
+        }
+    });
+    let wall = start.elapsed();
+    let outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
+    report(&args, &outcomes, wall);
+    Ok(())
+}
+
+/// Register `documents` with `POST /v1/contexts`; their ids.
+fn register(client: &Client, base: &str, documents: &[String]) -> Result<Vec<String>> {
+    let response = client
+        .post(format!("{base}/v1/contexts"))
+        .json(&json!({ "documents": documents }))
+        .send()
+        .with_context(|| format!("cannot reach the server at {base}; is `ape serve` running?"))?;
+    let status = response.status();
+    let body: Value = response.json().context("the server's reply is not JSON")?;
+    anyhow::ensure!(
+        status.is_success(),
+        "registering the documents failed: {body}"
+    );
+    body["data"]
+        .as_array()
+        .context("no `data` in the reply")?
+        .iter()
+        .map(|d| {
+            d["id"]
+                .as_str()
+                .map(str::to_owned)
+                .context("a context without an id")
+        })
+        .collect()
+}
+
+/// What the server said to one request.
+enum Reply {
+    Answer(String),
+    /// 429 with `Retry-After` and OpenAI's error object: wait this long.
+    Refused(Duration),
+    Other(StatusCode, String),
+}
+
+/// One chat completion.
+fn ask(client: &Client, base: &str, body: &Value) -> Result<Reply> {
+    let response = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()?;
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let reply: Value = response.json().context("the reply is not JSON")?;
+    Ok(match (status, retry_after) {
+        (StatusCode::OK, _) => Reply::Answer(
+            reply["choices"][0]["message"]["content"]
+                .as_str()
+                .with_context(|| format!("a 200 reply without an answer: {reply}"))?
+                .to_owned(),
+        ),
+        (StatusCode::TOO_MANY_REQUESTS, Some(seconds)) if reply["error"]["message"].is_string() => {
+            Reply::Refused(Duration::from_secs(seconds))
+        }
+        _ => Reply::Other(status, reply.to_string()),
+    })
+}
+
+fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
+    let mut latencies: Vec<f64> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Answered(latency, _) => Some(latency.as_secs_f64()),
+            _ => None,
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let refused = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Refused))
+        .count();
+    let refusals: usize = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Answered(_, refusals) => *refusals,
+            Outcome::Refused => args.retries + 1,
+            _ => 0,
+        })
+        .sum();
+    let problems: Vec<&str> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Wrong(why) | Outcome::Failed(why) => Some(why.as_str()),
+            _ => None,
+        })
+        .collect();
+    let wrong = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Wrong(_)))
+        .count();
+    let percentile = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
+        latencies[rank.clamp(1, latencies.len()) - 1]
+    };
+    let summary = json!({
+        "requests": outcomes.len(),
+        "answered": latencies.len(),
+        "refused": refused,
+        "refusals": refusals,
+        "wrong": wrong,
+        "failed": problems.len() - wrong,
+        "problems": problems,
+        "clients": args.clients,
+        "wall_seconds": wall.as_secs_f64(),
+        "answers_per_second": latencies.len() as f64 / wall.as_secs_f64(),
+        "latency_p50": percentile(50.0),
+        "latency_p90": percentile(90.0),
+        "latency_p99": percentile(99.0),
+        "latency_max": latencies.last().copied().unwrap_or(f64::NAN),
+    });
+    if args.json {
+        println!("{summary}");
+        return;
+    }
+    println!("| clients | requests | answered | 429s on the way | given up | wrong | failed | answers/s | p50 | p90 | p99 | max |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} s | {:.2} s | {:.2} s | {:.2} s |",
+        args.clients,
+        outcomes.len(),
+        latencies.len(),
+        refusals,
+        refused,
+        wrong,
+        problems.len() - wrong,
+        summary["answers_per_second"].as_f64().unwrap_or(f64::NAN),
+        percentile(50.0),
+        percentile(90.0),
+        percentile(99.0),
+        summary["latency_max"].as_f64().unwrap_or(f64::NAN),
+    );
+    for problem in problems {
+        println!("- {problem}");
+    }
+}

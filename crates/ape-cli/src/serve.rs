@@ -1,0 +1,73 @@
+//! `ape serve`: the OpenAI-compatible HTTP server (see the `ape-server` crate).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use ape_server::ServerConfig;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: crate::ModelArg,
+    /// Address to listen on; 0.0.0.0 to accept other machines.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on; 0 picks a free one (printed at start).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests running the model at once.
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    /// Requests waiting for a slot; beyond this, new ones are refused with 429.
+    #[arg(long, default_value_t = 32)]
+    queue: usize,
+    /// Seconds a request may run before it is stopped and answered 504.
+    #[arg(long, default_value_t = 300)]
+    request_timeout: u64,
+    /// Largest request body accepted (e.g. 512K, 16M); larger ones are answered 413.
+    #[arg(long, default_value = "16M", value_parser = crate::store::parse_size)]
+    max_body: u64,
+    /// Read every chat from scratch instead of reusing the keys and values of the start
+    /// it shares with a recent one (the conversation so far).
+    #[arg(long)]
+    no_prompt_reuse: bool,
+    #[command(flatten)]
+    store: crate::store::StoreArgs,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    anyhow::ensure!(
+        args.request_timeout > 0,
+        "--request-timeout must be at least 1 second"
+    );
+    let path = &args.model.model;
+    let mut engine = args.model.load()?;
+    if !args.no_prompt_reuse {
+        engine = engine.with_prompt_reuse();
+    }
+    let store = args.store.open_with_memory(&engine, path)?;
+    let engine = Arc::new(engine.with_store(store.clone()));
+    let model_id = path
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "ape".to_string());
+    let config = ServerConfig {
+        address: SocketAddr::new(args.host, args.port),
+        concurrency: args.concurrency,
+        max_waiting: args.queue,
+        request_timeout: Duration::from_secs(args.request_timeout),
+        max_body_bytes: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the server's async runtime")?;
+    runtime
+        .block_on(ape_server::serve(engine, store, model_id, config))
+        .with_context(|| format!("serving on {}:{}", args.host, args.port))
+}

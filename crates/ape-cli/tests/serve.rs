@@ -1,0 +1,439 @@
+//! `ape serve` as clients meet it: the official `openai` Python client, raw HTTP with bad
+//! input, two replicas sharing one Redis, a bounded load test, and clients that leave or
+//! run out of time. Everything runs over loopback against the real model.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{ape, RedisServer, Server};
+use serde_json::{json, Value};
+
+const MODEL_ID: &str = "smollm2-135m-instruct-q4_1";
+
+fn documents() -> Value {
+    json!([
+        "Alice keeps her bicycle in the green shed behind the school.",
+        "Bob's car is parked in the underground garage on Elm Street.",
+        "The school library opens at eight in the morning.",
+    ])
+}
+
+fn question(documents: Value) -> Value {
+    json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Where does Alice keep her bicycle?"}],
+        "documents": documents,
+        "max_tokens": 16,
+        "temperature": 0,
+    })
+}
+
+/// The answer text of a 200 chat completion.
+fn answer(response: reqwest::blocking::Response) -> String {
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().unwrap();
+    body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Status and body of an error response, checked to be OpenAI's error object.
+fn error(response: reqwest::blocking::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().expect("errors are JSON");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert!(body["error"]["type"].is_string(), "{body}");
+    (status, body["error"].clone())
+}
+
+/// A Python with the `openai` package: `$APE_TEST_PYTHON` (set by scripts/test.sh), else
+/// `python3`.
+fn python() -> String {
+    let python = std::env::var("APE_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let found = Command::new(&python)
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "`{python}` cannot import `openai`: run `bash scripts/test.sh`, which installs it, or \
+         set APE_TEST_PYTHON to a Python that has it"
+    );
+    python
+}
+
+#[test]
+fn the_openai_python_client_works_against_ape_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&["--cache-dir", dir.path().to_str().unwrap()]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+    let out = Command::new(python())
+        .args([script, &server.url, MODEL_ID])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the openai client checks failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // What the Python client got is what a plain HTTP request gets.
+    assert_eq!(
+        seen["answer"].as_str().unwrap(),
+        answer(server.post("/v1/chat/completions", &question(documents())))
+    );
+    assert!(!seen["plain"].as_str().unwrap().is_empty());
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&[
+        "--cache-dir",
+        dir.path().to_str().unwrap(),
+        "--max-body",
+        "4K",
+    ]);
+    let client = reqwest::blocking::Client::new();
+    let raw = |body: &str| {
+        client
+            .post(format!("{}/v1/chat/completions", server.url))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .unwrap()
+    };
+    let (status, e) = error(raw("{\"messages\": ["));
+    assert_eq!(status, 400, "{e}");
+    let (status, e) = error(raw(
+        r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}"#,
+    ));
+    assert_eq!(status, 400);
+    assert!(e["message"].as_str().unwrap().contains("max_tokens"), "{e}");
+
+    let with = |change: &dyn Fn(&mut Value)| {
+        let mut body = question(documents());
+        change(&mut body);
+        error(server.post("/v1/chat/completions", &body))
+    };
+    let (status, e) = with(&|b| b["ape"] = json!({"temperature": -0.5}));
+    assert_eq!((status, e["param"].as_str()), (400, Some("ape")), "{e}");
+    let (status, e) = with(&|b| b["ape"] = json!({"mode": "telepathy"}));
+    assert_eq!(status, 400, "{e}");
+    for too_many in [json!(100_000), json!(u64::MAX)] {
+        let (status, e) = with(&|b| b["max_tokens"] = too_many.clone());
+        assert_eq!(
+            (status, e["code"].as_str()),
+            (400, Some("context_length_exceeded")),
+            "{e}"
+        );
+        let (status, e) = with(&|b| {
+            b["max_tokens"] = too_many.clone();
+            b.as_object_mut().unwrap().remove("documents");
+        });
+        assert_eq!(
+            (status, e["code"].as_str()),
+            (400, Some("context_length_exceeded")),
+            "{e}"
+        );
+    }
+    let (status, e) = with(&|b| b["documents"] = json!([{"id": "f".repeat(64)}]));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (404, Some("context_not_found")),
+        "{e}"
+    );
+    let (status, e) = with(&|b| b["documents"] = json!([{"id": "not-an-id"}]));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (400, Some("invalid_context_id")),
+        "{e}"
+    );
+    let (status, e) = with(&|b| b["documents"] = json!(["x".repeat(8000)]));
+    assert_eq!(status, 413, "{e}");
+    let (status, _) = with(&|b| b["n"] = json!(3));
+    assert_eq!(status, 400);
+    let (status, _) = with(&|b| b["model"] = json!("gpt-4"));
+    assert_eq!(status, 404);
+    let (status, _) = error(server.get("/v1/contexts/".to_string().as_str()));
+    assert_eq!(status, 404);
+    let (status, _) = error(server.post("/v1/contexts", &json!({"documents": []})));
+    assert_eq!(status, 400);
+
+    // Still serving, and every refusal above was counted.
+    assert!(!answer(server.post("/v1/chat/completions", &question(documents()))).is_empty());
+    let health: Value = server.get("/health").json().unwrap();
+    assert_eq!(health["status"], "ok");
+    assert!(
+        server.metric(r#"ape_requests_total{route="/v1/chat/completions",status="400"}"#) >= 7.0
+    );
+}
+
+#[test]
+fn registered_contexts_can_be_read_used_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&[
+        "--cache-dir",
+        dir.path().to_str().unwrap(),
+        "--chunk-tokens",
+        "64",
+    ]);
+    // A document longer than the chunk size is registered as several contexts.
+    let long: String = (0..20)
+        .map(|i| format!("Ferry {i} leaves the north pier at half past the hour.\n"))
+        .collect();
+    let mut with_long = documents();
+    with_long.as_array_mut().unwrap().push(json!(long));
+    let split: Value = server
+        .post("/v1/contexts", &json!({"documents": with_long}))
+        .json()
+        .unwrap();
+    let parts: Vec<&Value> = split["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["document"] == 3)
+        .collect();
+    assert!(parts.len() >= 3, "{split}");
+    assert!(parts.iter().all(|c| c["tokens"].as_u64().unwrap() <= 64));
+
+    let registered = server.post("/v1/contexts", &json!({"documents": documents()}));
+    assert_eq!(registered.status(), 201);
+    let registered: Value = registered.json().unwrap();
+    assert_eq!(split["data"][0]["cached"], false);
+    let ids: Vec<&str> = registered["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(registered["data"][0]["cached"], true);
+    let again: Value = server
+        .post("/v1/contexts", &json!({"documents": documents()}))
+        .json()
+        .unwrap();
+    assert_eq!(again["data"][2]["id"], ids[2]);
+    assert_eq!(again["data"][2]["cached"], true);
+
+    let listed: Value = server.get("/v1/contexts").json().unwrap();
+    let listed_ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed_ids.len(), split["data"].as_array().unwrap().len());
+    assert!(ids.iter().all(|id| listed_ids.contains(id)));
+    let shown: Value = server
+        .get(&format!("/v1/contexts/{}", ids[0]))
+        .json()
+        .unwrap();
+    assert_eq!(shown["tokens"], registered["data"][0]["tokens"]);
+
+    let by_id: Vec<Value> = ids.iter().map(|id| json!({ "id": id })).collect();
+    assert_eq!(
+        answer(server.post("/v1/chat/completions", &question(json!(by_id)))),
+        answer(server.post("/v1/chat/completions", &question(documents())))
+    );
+
+    let deleted = reqwest::blocking::Client::new()
+        .delete(format!("{}/v1/contexts/{}", server.url, ids[0]))
+        .send()
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    let (status, _) = error(server.get(&format!("/v1/contexts/{}", ids[0])));
+    assert_eq!(status, 404);
+    let (status, _) = error(server.post("/v1/chat/completions", &question(json!(by_id))));
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn two_servers_share_registered_contexts_through_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let cache = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let (first_dir, second_dir) = (cache("first"), cache("second"));
+    let first = Server::start(&["--cache-dir", &first_dir, "--redis", &redis.url]);
+    let second = Server::start(&["--cache-dir", &second_dir, "--redis", &redis.url]);
+
+    let registered: Value = first
+        .post("/v1/contexts", &json!({"documents": documents()}))
+        .json()
+        .unwrap();
+    let by_id: Vec<Value> = registered["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| json!({"id": c["id"]}))
+        .collect();
+    let on_first = answer(first.post("/v1/chat/completions", &question(json!(by_id))));
+    let reply: Value = second
+        .post("/v1/chat/completions", &question(json!(by_id)))
+        .json()
+        .unwrap();
+    let on_second = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(on_first, on_second);
+    // Every document's tokens were reused, none read again (the prefix was new there).
+    let document_tokens: u64 = registered["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        reply["usage"]["prompt_tokens_details"]["cached_tokens"],
+        document_tokens
+    );
+    // The second server read each context from Redis and encoded none of them.
+    assert_eq!(second.metric(r#"ape_store_hits_total{tier="redis"}"#), 3.0);
+    assert_eq!(
+        second.metric(r#"ape_store_misses_total{tier="redis"}"#),
+        0.0
+    );
+    // By text, the same documents are memory hits there now.
+    assert_eq!(
+        answer(second.post("/v1/chat/completions", &question(documents()))),
+        on_first
+    );
+    assert_eq!(
+        second.metric(r#"ape_store_misses_total{tier="redis"}"#),
+        0.0
+    );
+}
+
+#[test]
+fn a_bounded_load_is_answered_or_cleanly_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&[
+        "--cache-dir",
+        dir.path().to_str().unwrap(),
+        "--concurrency",
+        "2",
+        "--queue",
+        "8",
+    ]);
+    let docs = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/documents");
+    let out = ape(&[
+        "bench",
+        "serve",
+        "--url",
+        &server.url,
+        "--clients",
+        "32",
+        "--requests",
+        "200",
+        "--documents-dir",
+        docs,
+        "--json",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["requests"], 200, "{summary}");
+    assert_eq!(summary["wrong"], 0, "{summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    let answered = summary["answered"].as_u64().unwrap();
+    let given_up = summary["refused"].as_u64().unwrap();
+    assert_eq!(answered + given_up, 200, "{summary}");
+    assert!(answered > 0, "{summary}");
+    // 32 clients against 2 slots and 8 places in the queue: some were turned away, and
+    // the server counted exactly the refusals the clients saw.
+    let refusals = summary["refusals"].as_f64().unwrap();
+    assert!(refusals > 0.0, "{summary}");
+    assert_eq!(server.metric("ape_requests_refused_total"), refusals);
+    assert_eq!(server.metric("ape_queue_depth"), 0.0);
+}
+
+/// A request that reads a long prompt: many documents in sequential mode.
+fn slow_request(stream: bool) -> Value {
+    let document = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(40);
+    json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Summarise."}],
+        "documents": vec![document; 12],
+        "ape": {"mode": "sequential"},
+        "max_tokens": 64,
+        "temperature": 0,
+        "stream": stream,
+    })
+}
+
+/// POST `body` to the chat route on a connection of its own, left open for the caller to
+/// read from or drop.
+fn send(server: &Server, body: &Value) -> TcpStream {
+    let address = server.url.trim_start_matches("http://");
+    let mut socket = TcpStream::connect(address).unwrap();
+    let body = body.to_string();
+    write!(
+        socket,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    socket
+}
+
+/// Wait until `/metrics` shows `sample` at `value`.
+fn wait_for(server: &Server, sample: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric(sample) != value {
+        assert!(
+            Instant::now() < deadline,
+            "{sample} never reached {value}:\n{}",
+            server.get("/metrics").text().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_request_past_its_time_limit_is_stopped_with_504() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&[
+        "--cache-dir",
+        dir.path().to_str().unwrap(),
+        "--request-timeout",
+        "2",
+    ]);
+    // The prompt alone takes longer than 2 s to read.
+    let (status, e) = error(server.post("/v1/chat/completions", &slow_request(false)));
+    assert_eq!((status, e["code"].as_str()), (504, Some("timeout")), "{e}");
+    assert_eq!(server.metric("ape_requests_timed_out_total"), 1.0);
+    wait_for(&server, "ape_running_requests", 0.0);
+    assert!(!answer(server.post("/v1/chat/completions", &question(documents()))).is_empty());
+}
+
+#[test]
+fn clients_that_leave_stop_their_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&["--cache-dir", dir.path().to_str().unwrap()]);
+    // A client that gives up on a plain request once it is running.
+    let waiting = send(&server, &slow_request(false));
+    wait_for(&server, "ape_running_requests", 1.0);
+    drop(waiting);
+    wait_for(&server, "ape_requests_cancelled_total", 1.0);
+    wait_for(&server, "ape_running_requests", 0.0);
+
+    // A client that closes a stream after its first event.
+    let mut streaming = send(&server, &slow_request(true));
+    let mut first = [0u8; 64];
+    let read = streaming.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..read]).starts_with("HTTP/1.1 200"));
+    drop(streaming);
+    wait_for(&server, "ape_requests_cancelled_total", 2.0);
+    wait_for(&server, "ape_running_requests", 0.0);
+
+    // The slots are free again: a short request is answered at once.
+    assert!(!answer(server.post("/v1/chat/completions", &question(documents()))).is_empty());
+}

@@ -1,0 +1,549 @@
+//! The HTTP routes: OpenAI's chat and text completions (plain or streamed as server-sent
+//! events), the model list, ape's context registry, health and metrics.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ape_core::engine::Engine;
+use ape_core::generate::{Cancel, FinishReason, GenerateOptions, Generation};
+use ape_store::Store;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::api::{
+    context_key, parse, stored_context, ChatRequest, CommonFields, CompletionRequest, Prepared,
+    RegisterContexts, Work,
+};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::scheduler::{CancelOnDrop, Scheduler};
+
+/// What every handler shares: the model, loaded once, and the server's machinery.
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub store: Arc<Store>,
+    pub scheduler: Scheduler,
+    pub metrics: Arc<Metrics>,
+    /// The name clients pass as `model`.
+    pub model_id: String,
+    pub started: Instant,
+}
+
+type Shared = Arc<AppState>;
+
+pub fn router(state: Shared, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/contexts", post(register_contexts).get(list_contexts))
+        .route(
+            "/v1/contexts/{id}",
+            get(show_context).delete(delete_context),
+        )
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such route; see README for the API") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that HTTP method",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), record))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// Count every response by route and status, and time it.
+async fn record(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .finished(&route, response.status().as_u16(), start.elapsed());
+    response
+}
+
+/// Run `work` on the blocking pool: tokenizing and store reads stay off the async threads.
+async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        tracing::error!("request preparation failed: {e}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the server log",
+        )
+    })?
+}
+
+async fn chat_completions(
+    State(state): State<Shared>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let (request, common): (ChatRequest, CommonFields) = (parse(&body)?, parse(&body)?);
+    let prepared = {
+        let state = state.clone();
+        off_thread(move || {
+            let (engine, store) = (&state.engine, &state.store);
+            request.prepare(&common, engine, store, &state.model_id, Cancel::new())
+        })
+        .await?
+    };
+    respond(state, prepared, Kind::Chat).await
+}
+
+async fn completions(
+    State(state): State<Shared>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let (request, common): (CompletionRequest, CommonFields) = (parse(&body)?, parse(&body)?);
+    let prepared = {
+        let state = state.clone();
+        off_thread(move || request.prepare(&common, &state.engine, &state.model_id, Cancel::new()))
+            .await?
+    };
+    respond(state, prepared, Kind::Text).await
+}
+
+/// Chat completion or text completion: the two differ only in their JSON.
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// The identity every object of one response carries.
+#[derive(Clone)]
+struct Envelope {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Envelope {
+    fn new(kind: Kind, model: &str) -> Self {
+        let tag = match kind {
+            Kind::Chat => "chatcmpl",
+            Kind::Text => "cmpl",
+        };
+        Envelope {
+            kind,
+            id: format!("{tag}-{:032x}", rand::random::<u128>()),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model: model.to_owned(),
+        }
+    }
+
+    fn object(&self, choices: Value, chunk: bool) -> Value {
+        let object = match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        };
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": choices,
+        })
+    }
+
+    /// The whole answer, for a request that does not stream.
+    fn complete(&self, generation: &Generation) -> Value {
+        let finish_reason = finish_reason(generation.finish_reason);
+        let choice = match self.kind {
+            Kind::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": generation.text},
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+            Kind::Text => json!({
+                "index": 0,
+                "text": generation.text,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+        };
+        let mut object = self.object(json!([choice]), false);
+        object["usage"] = usage(generation);
+        object
+    }
+
+    /// A streamed piece: `text` so far unsent, and the finish reason on the last one.
+    fn chunk(&self, text: Option<&str>, finish_reason: Option<&str>) -> Event {
+        let choice = match self.kind {
+            Kind::Chat => {
+                let delta = match text {
+                    Some(text) => json!({"content": text}),
+                    None if finish_reason.is_none() => json!({"role": "assistant", "content": ""}),
+                    None => json!({}),
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason})
+            }
+            Kind::Text => json!({
+                "index": 0,
+                "text": text.unwrap_or(""),
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+        };
+        Event::default().data(self.object(json!([choice]), true).to_string())
+    }
+
+    /// The closing usage chunk `stream_options.include_usage` asks for.
+    fn usage_chunk(&self, generation: &Generation) -> Event {
+        let mut object = self.object(json!([]), true);
+        object["usage"] = usage(generation);
+        Event::default().data(object.to_string())
+    }
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::EndOfText | FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage(generation: &Generation) -> Value {
+    json!({
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.tokens.len(),
+        "total_tokens": generation.prompt_tokens + generation.tokens.len(),
+        "prompt_tokens_details": {"cached_tokens": generation.cached_tokens},
+    })
+}
+
+/// Run the model for `work`, sending text to `on_text` as it is made.
+fn execute(
+    engine: &Engine,
+    metrics: &Metrics,
+    work: &Work,
+    options: &GenerateOptions,
+    on_text: impl FnMut(&str),
+) -> Result<Generation, ApiError> {
+    let generation = match work {
+        Work::Plain(tokens) => engine.generate(tokens, options, on_text),
+        Work::Answer(prompt, mode) => engine.answer(prompt, *mode, options, on_text),
+    }?;
+    metrics.generated(&generation);
+    Ok(generation)
+}
+
+/// Wait for a generation slot, then answer in one JSON object or as a stream of events.
+async fn respond(state: Shared, prepared: Prepared, kind: Kind) -> Result<Response, ApiError> {
+    let slot = state.scheduler.admit().await?;
+    let Prepared {
+        work,
+        options,
+        stream,
+        include_usage,
+    } = prepared;
+    let cancel = options.cancel.clone();
+    // Dropped, with this future or the stream below, when the client disconnects.
+    let on_disconnect = CancelOnDrop(cancel.clone());
+    let envelope = Envelope::new(kind, &state.model_id);
+    if !stream {
+        let worker = state.clone();
+        let generation = state
+            .scheduler
+            .run(slot, cancel, move || {
+                execute(&worker.engine, &worker.metrics, &work, &options, |_| {})
+            })
+            .await?;
+        drop(on_disconnect);
+        return Ok(Json(envelope.complete(&generation)).into_response());
+    }
+    let (events, received) = mpsc::unbounded_channel();
+    if let Kind::Chat = kind {
+        let _ = events.send(envelope.chunk(None, None));
+    }
+    tokio::spawn(async move {
+        let text_events = events.clone();
+        let pieces = envelope.clone();
+        let worker = state.clone();
+        let outcome = state
+            .scheduler
+            .run(slot, cancel, move || {
+                execute(&worker.engine, &worker.metrics, &work, &options, |text| {
+                    if !text.is_empty() {
+                        let _ = text_events.send(pieces.chunk(Some(text), None));
+                    }
+                })
+            })
+            .await;
+        match outcome {
+            Ok(generation) => {
+                let reason = finish_reason(generation.finish_reason);
+                let _ = events.send(envelope.chunk(None, Some(reason)));
+                if include_usage {
+                    let _ = events.send(envelope.usage_chunk(&generation));
+                }
+            }
+            Err(error) => {
+                let _ = events.send(Event::default().data(error.body().to_string()));
+            }
+        }
+        let _ = events.send(Event::default().data("[DONE]"));
+    });
+    let stream = UnboundedReceiverStream::new(received).map(move |event| {
+        let _ = &on_disconnect;
+        Ok::<_, Infallible>(event)
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn models(State(state): State<Shared>) -> Json<Value> {
+    let created = SystemTime::now()
+        .checked_sub(state.started.elapsed())
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "ape",
+            "context_length": state.engine.model.config.context_length,
+        }],
+    }))
+}
+
+/// Encode documents after the prefix of a chat (with the given system message, if any)
+/// and keep them in the store; returns each context's id and the document it belongs to
+/// (a long document is several contexts).
+async fn register_contexts(
+    State(state): State<Shared>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let request: RegisterContexts = parse(&body)?;
+    if request.documents.is_empty() {
+        return Err(
+            ApiError::bad_request("`documents` is empty; send at least one").param("documents"),
+        );
+    }
+    // Each document's contexts (one, or several for a long one), after the chat prefix.
+    let (prefix, contexts) = {
+        let state = state.clone();
+        off_thread(move || {
+            let engine = &state.engine;
+            let turns: Vec<_> = request
+                .system
+                .map(ape_core::chat::Message::system)
+                .into_iter()
+                .collect();
+            let prefix = engine
+                .split_conversation(&turns, &[] as &[&str], "")?
+                .prefix;
+            let mut contexts = Vec::new();
+            for (document, text) in request.documents.iter().enumerate() {
+                for context in engine.document_contexts(text)? {
+                    contexts.push((document, context));
+                }
+            }
+            let window = engine.model.config.context_length;
+            if let Some(longest) = contexts.iter().map(|(_, c)| c.len()).max() {
+                if prefix.len() + longest >= window {
+                    return Err(ApiError::from(ape_core::Error::ApeWindowOverflow {
+                        prefix: prefix.len(),
+                        longest,
+                        query: 1,
+                        max_new: 0,
+                        window,
+                    })
+                    .param("documents"));
+                }
+            }
+            Ok((prefix, contexts))
+        })
+        .await?
+    };
+    let slot = state.scheduler.admit().await?;
+    let cancel = Cancel::new();
+    let on_disconnect = CancelOnDrop(cancel.clone());
+    let worker = state.clone();
+    let registered = state
+        .scheduler
+        .run(slot, cancel.clone(), move || {
+            let (engine, store) = (&worker.engine, &worker.store);
+            let keys: Vec<_> = contexts
+                .iter()
+                .map(|(_, context)| store.codec.key(&prefix, context))
+                .collect();
+            let cached: Vec<bool> = keys.iter().map(|key| store.lookup(key).is_some()).collect();
+            let missing: Vec<&[u32]> = contexts
+                .iter()
+                .zip(&cached)
+                .filter(|(_, &cached)| !cached)
+                .map(|((_, context), _)| context.as_slice())
+                .collect();
+            if !missing.is_empty() {
+                let prefix_kv = engine.prefix_kv(&prefix)?;
+                engine.contexts_kv(&prefix, &prefix_kv, &missing, &cancel)?;
+            }
+            let data: Vec<Value> = keys
+                .iter()
+                .zip(&contexts)
+                .zip(&cached)
+                .map(|((key, (document, context)), cached)| {
+                    json!({
+                        "id": key.to_hex(),
+                        "object": "context",
+                        "document": document,
+                        "tokens": context.len(),
+                        "prefix_tokens": prefix.len(),
+                        "cached": cached,
+                    })
+                })
+                .collect();
+            Ok(data)
+        })
+        .await?;
+    drop(on_disconnect);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"object": "list", "data": registered})),
+    )
+        .into_response())
+}
+
+/// Every stored context, in every tier: id, size, and which tiers hold it.
+async fn list_contexts(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
+    off_thread(move || {
+        let mut found: Vec<(ape_store::Listed, Vec<&'static str>)> = Vec::new();
+        for tier in state.store.tiers() {
+            let listed = tier.list().map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("could not list the {} tier: {e}", tier.name()),
+                )
+            })?;
+            for entry in listed {
+                match found.iter_mut().find(|(known, _)| known.key == entry.key) {
+                    Some((known, tiers)) => {
+                        known.tokens = known.tokens.or(entry.tokens);
+                        tiers.push(tier.name());
+                    }
+                    None => found.push((entry, vec![tier.name()])),
+                }
+            }
+        }
+        let data: Vec<Value> = found
+            .iter()
+            .map(|(entry, tiers)| {
+                json!({
+                    "id": entry.key.to_hex(),
+                    "object": "context",
+                    "tokens": entry.tokens,
+                    "bytes": entry.bytes,
+                    "tiers": tiers,
+                })
+            })
+            .collect();
+        Ok(Json(json!({"object": "list", "data": data})))
+    })
+    .await
+}
+
+async fn show_context(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    off_thread(move || {
+        let entry = stored_context(&state.store, &id)?;
+        Ok(Json(json!({
+            "id": id,
+            "object": "context",
+            "tokens": entry.tokens.len(),
+            "prefix_tokens": entry.prefix_len,
+            "bytes": entry.memory_bytes(),
+        })))
+    })
+    .await
+}
+
+async fn delete_context(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    off_thread(move || {
+        let key = context_key(&id)?;
+        let mut removed = false;
+        for tier in state.store.tiers() {
+            removed |= tier.remove(&key).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "could not delete context `{id}` from the {} tier: {e}",
+                        tier.name()
+                    ),
+                )
+            })?;
+        }
+        if !removed {
+            return Err(
+                ApiError::not_found(format!("no stored context `{id}`")).code("context_not_found")
+            );
+        }
+        Ok(Json(
+            json!({"id": id, "object": "context.deleted", "deleted": true}),
+        ))
+    })
+    .await
+}
+
+async fn health(State(state): State<Shared>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "model": state.model_id,
+        "running": state.scheduler.running(),
+        "waiting": state.scheduler.waiting(),
+    }))
+}
+
+async fn metrics(State(state): State<Shared>) -> Response {
+    let text = state.metrics.render(
+        state.scheduler.waiting(),
+        state.scheduler.running(),
+        &state.store,
+        state.started.elapsed(),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

@@ -1,0 +1,166 @@
+//! Admission and execution of model work.
+//!
+//! At most `concurrency` requests run the model at once; up to `max_waiting` more wait
+//! their turn in arrival order, and beyond that a request is refused at once with 429 and
+//! a `Retry-After`. Work runs on the blocking thread pool (the model itself fans out over
+//! rayon), and stops at its next checkpoint when its client goes away or its time is up.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ape_core::generate::Cancel;
+use axum::http::StatusCode;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{ApiError, CLIENT_CLOSED_REQUEST};
+use crate::metrics::Metrics;
+
+pub struct Scheduler {
+    slots: Arc<Semaphore>,
+    concurrency: usize,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// A request's right to run the model; the slot frees when it is dropped.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Stops a request's model work when dropped before the work ends: the handler future or
+/// response stream that owns it is dropped when the client disconnects.
+pub struct CancelOnDrop(pub Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Keeps the count of waiting requests right even when a waiting client gives up.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Scheduler {
+    pub fn new(
+        concurrency: usize,
+        max_waiting: usize,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Scheduler {
+            slots: Arc::new(Semaphore::new(concurrency)),
+            concurrency,
+            waiting: AtomicUsize::new(0),
+            max_waiting,
+            timeout,
+            metrics,
+        }
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    pub fn running(&self) -> usize {
+        self.concurrency - self.slots.available_permits()
+    }
+
+    /// A slot now, or after the requests ahead in the queue; 429 when the queue is full.
+    pub async fn admit(&self) -> Result<Slot, ApiError> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(Slot { _permit: permit });
+        }
+        let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        if ahead >= self.max_waiting {
+            self.metrics.refused.inc();
+            return Err(ApiError::busy(self.retry_after(ahead)));
+        }
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+        Ok(Slot { _permit: permit })
+    }
+
+    /// A guess at when a slot will be free: the queue ahead drained at the recent
+    /// request rate of every slot.
+    fn retry_after(&self, ahead: usize) -> u64 {
+        let mean = self.metrics.mean_generation_seconds().unwrap_or(1.0);
+        let seconds = mean * (ahead + 1) as f64 / self.concurrency as f64;
+        seconds.ceil().clamp(1.0, 60.0) as u64
+    }
+
+    /// Run `work` on the blocking pool while holding `slot`. `cancel` is raised when the
+    /// request's time limit passes; the work is expected to check it and stop with a 499
+    /// error. Returns what the work returned, or 504 when it stopped for the time limit.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        slot: Slot,
+        cancel: Cancel,
+        work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let timer = {
+            let (cancel, timed_out, limit) = (cancel.clone(), timed_out.clone(), self.timeout);
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                timed_out.store(true, Ordering::SeqCst);
+                cancel.cancel();
+            })
+        };
+        let stop_timer = timer.abort_handle();
+        let (metrics, timed_out_flag) = (self.metrics.clone(), timed_out.clone());
+        // Counted here rather than after the await: when the client has gone away, the
+        // future awaiting this work has been dropped.
+        let outcome = tokio::task::spawn_blocking(move || {
+            let result = work();
+            drop(slot);
+            stop_timer.abort();
+            let cancelled = matches!(&result, Err(e) if e.status == CLIENT_CLOSED_REQUEST);
+            if cancelled && !timed_out_flag.load(Ordering::SeqCst) {
+                metrics.cancelled.inc();
+            }
+            result
+        })
+        .await;
+        let result = outcome.map_err(|e| {
+            tracing::error!("model work failed: {e}");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the model work for this request failed unexpectedly; see the server log",
+            )
+        })?;
+        match result {
+            Err(e) if e.status == CLIENT_CLOSED_REQUEST && timed_out.load(Ordering::SeqCst) => {
+                self.metrics.timed_out.inc();
+                Err(self.timeout_error())
+            }
+            result => result,
+        }
+    }
+
+    pub fn timeout_error(&self) -> ApiError {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the request took longer than the server's limit of {} s; ask for fewer \
+                 tokens or fewer documents, or start the server with a larger \
+                 --request-timeout",
+                self.timeout.as_secs()
+            ),
+        )
+        .code("timeout")
+    }
+}
