@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 
 use ape_core::attention::KvCache;
+use ape_core::chat::Message;
 use ape_core::engine::{Engine, Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
 use ape_core::generate::{prefill, Cancel, GenerateOptions};
 use ape_core::gguf::Gguf;
@@ -38,6 +39,9 @@ enum TtftCommand {
     /// A bounded load test against a running `ape serve`: many clients at once, every
     /// answer checked, latency percentiles.
     Serve(crate::load::LoadArgs),
+    /// Time to first token of a conversation's second turn, with the first turn's keys
+    /// and values reused (as `ape serve` does) and read afresh.
+    Turns(TurnsArgs),
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -45,6 +49,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(TtftCommand::Ttft(ttft)) => run_ttft(ttft),
         Some(TtftCommand::Store(store)) => run_store(store),
         Some(TtftCommand::Serve(load)) => crate::load::run(load),
+        Some(TtftCommand::Turns(turns)) => run_turns(turns),
         None => run_runtime(args.runtime),
     }
 }
@@ -442,6 +447,64 @@ fn peak_resident_bytes() -> u64 {
             Some(kib * 1024)
         })
         .unwrap_or(0)
+}
+
+#[derive(Args)]
+struct TurnsArgs {
+    /// GGUF model file.
+    #[arg(long, short, default_value_os_t = crate::pull::default_model_path())]
+    model: PathBuf,
+    /// Tokens in the first turn's user message (about).
+    #[arg(long, default_value_t = 3000)]
+    first: usize,
+    /// Runs per measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+fn run_turns(args: TurnsArgs) -> Result<()> {
+    let load =
+        || Engine::load(&args.model).with_context(|| format!("loading {}", args.model.display()));
+    let fresh = load()?;
+    const LINE: &str =
+        "The harbour master records every ship that enters the bay, its cargo and its crew. ";
+    let line_tokens = fresh.tokenizer.encode(LINE, false)?.len().max(1);
+    let long = LINE.repeat(args.first.div_ceil(line_tokens));
+    let question = format!("{long}\nWhich records does the harbour master keep?");
+    let first = fresh.chat_prompt(None, &question)?;
+    let options = |max_tokens| GenerateOptions {
+        max_tokens: Some(max_tokens),
+        ..GenerateOptions::default()
+    };
+    let reply = fresh.generate(&first, &options(16), |_| {})?;
+    let second = fresh.conversation_prompt(&[
+        Message::user(question),
+        Message::assistant(reply.text),
+        Message::user("Answer in one word."),
+    ])?;
+    // Each run starts from an engine that has seen only the first turn.
+    let mut cached = 0;
+    let with_reuse = median(repeat(args.repeats, || {
+        let reusing = load()?.with_prompt_reuse();
+        reusing.generate(&first, &options(16), |_| {})?;
+        let generation = reusing.generate(&second, &options(1), |_| {})?;
+        cached = generation.cached_tokens;
+        Ok(generation.time_to_first_token.as_secs_f64())
+    })?);
+    let afresh = median(repeat(args.repeats, || {
+        Ok(fresh
+            .generate(&second, &options(1), |_| {})?
+            .time_to_first_token
+            .as_secs_f64())
+    })?);
+    println!("| second-turn prompt tokens | reused | TTFT reusing | TTFT afresh | speed-up |");
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| {} | {cached} | {with_reuse:.3} s | {afresh:.3} s | {:.0}x |",
+        second.len(),
+        afresh / with_reuse
+    );
+    Ok(())
 }
 
 fn repeat(times: usize, mut run: impl FnMut() -> Result<f64>) -> Result<Vec<f64>> {
