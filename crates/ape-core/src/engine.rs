@@ -241,11 +241,10 @@ impl Engine {
         let max_tokens = self.check_window(&whole, Mode::Sequential, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
         let capacity = prompt.len() + max_tokens;
-        let (mut cache, cached) = match self.reuse_prompts {
+        let (cache, cached) = match self.reuse_prompts {
             true => self.resume(prompt, capacity),
             false => (self.model.new_cache(capacity), 0),
         };
-        let logits = prefill(&self.model, &prompt[cached..], &mut cache, &options.cancel)?;
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
             options,
@@ -254,11 +253,7 @@ impl Engine {
             history: whole.prefix,
             start,
         };
-        let mut generation = decoding.run(
-            logits,
-            |token| self.model.forward(&[token], &mut cache),
-            on_text,
-        )?;
+        let (mut generation, cache) = self.read_and_generate(cache, cached, decoding, on_text)?;
         generation.cached_tokens = cached;
         if self.reuse_prompts {
             let mut tokens = prompt.to_vec();
@@ -639,29 +634,38 @@ impl Engine {
         let max_tokens = self.check_window(prompt, Mode::Sequential, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
         let (prefix, prefix_found) = self.find_prefix_kv(&prompt.prefix)?;
-        let mut cache = prefix.copy_with_capacity(total + max_tokens);
-        let tokens = prompt.sequential_tokens();
-        let logits = prefill(
-            &self.model,
-            &tokens[prompt.prefix.len()..],
-            &mut cache,
-            &options.cancel,
-        )?;
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
             options,
             sampler,
             max_tokens,
-            history: tokens,
+            history: prompt.sequential_tokens(),
             start,
         };
-        let mut generation = decoding.run(
+        let cache = prefix.copy_with_capacity(total + max_tokens);
+        let (mut generation, _) =
+            self.read_and_generate(cache, prompt.prefix.len(), decoding, on_text)?;
+        generation.cached_tokens = prefix_found;
+        Ok(generation)
+    }
+
+    /// Read the prompt (`decoding.history`) from position `read` on into `cache`, which
+    /// holds the positions before, then generate; the finished cache comes back too.
+    fn read_and_generate(
+        &self,
+        mut cache: KvCache,
+        read: usize,
+        decoding: Decoding<'_>,
+        on_text: impl FnMut(&str),
+    ) -> Result<(Generation, KvCache)> {
+        let prompt = &decoding.history[read..];
+        let logits = prefill(&self.model, prompt, &mut cache, &decoding.options.cancel)?;
+        let generation = decoding.run(
             logits,
             |token| self.model.forward(&[token], &mut cache),
             on_text,
         )?;
-        generation.cached_tokens = prefix_found;
-        Ok(generation)
+        Ok((generation, cache))
     }
 
     /// How many new tokens `prompt` may have in `mode` (`max_tokens`, or up to the end of

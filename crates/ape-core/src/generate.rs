@@ -98,44 +98,6 @@ pub fn prefill(
     Ok(logits)
 }
 
-/// Generate a continuation of `prompt`, calling `on_text` with each piece of text as soon as
-/// it is final (text that might turn out to start a stop string is held back until it is not).
-pub fn generate(
-    model: &Model,
-    tokenizer: &Tokenizer,
-    prompt: &[u32],
-    options: &GenerateOptions,
-    on_text: impl FnMut(&str),
-) -> Result<Generation> {
-    let start = Instant::now();
-    if prompt.is_empty() {
-        return Err(Error::EmptyPrompt);
-    }
-    let window = model.config.context_length;
-    let max_tokens = options
-        .max_tokens
-        .unwrap_or(window.saturating_sub(prompt.len()));
-    if prompt.len().saturating_add(max_tokens) > window {
-        return Err(Error::ContextOverflow {
-            tokens: prompt.len(),
-            max_new: max_tokens,
-            window,
-        });
-    }
-    let sampler = Sampler::new(options.sampling.clone())?;
-    let mut cache = model.new_cache(prompt.len() + max_tokens);
-    let logits = prefill(model, prompt, &mut cache, &options.cancel)?;
-    let decoding = Decoding {
-        tokenizer,
-        options,
-        sampler,
-        max_tokens,
-        history: prompt.to_vec(),
-        start,
-    };
-    decoding.run(logits, |token| model.forward(&[token], &mut cache), on_text)
-}
-
 /// Everything the token-by-token loop needs once the prompt has been read.
 pub(crate) struct Decoding<'a> {
     pub tokenizer: &'a Tokenizer,
