@@ -173,7 +173,7 @@ impl Content {
 impl CommonFields {
     /// Check the fields against what ape supports and the served model; the options they
     /// ask for.
-    fn options(&self, served_model: &str, cancel: Cancel) -> Result<GenerateOptions, ApiError> {
+    fn options(&self, served_model: &str) -> Result<GenerateOptions, ApiError> {
         if let Some(model) = &self.model {
             if model != served_model {
                 return Err(ApiError::not_found(format!(
@@ -225,7 +225,7 @@ impl CommonFields {
             max_tokens,
             stop,
             sampling,
-            cancel,
+            cancel: Cancel::new(),
         })
     }
 
@@ -252,9 +252,8 @@ impl ChatRequest {
         engine: &Engine,
         store: &Store,
         served_model: &str,
-        cancel: Cancel,
     ) -> Result<Prepared, ApiError> {
-        let options = common.options(served_model, cancel)?;
+        let options = common.options(served_model)?;
         let messages = self
             .messages
             .iter()
@@ -363,9 +362,8 @@ impl CompletionRequest {
         common: &CommonFields,
         engine: &Engine,
         served_model: &str,
-        cancel: Cancel,
     ) -> Result<Prepared, ApiError> {
-        let options = common.options(served_model, cancel)?;
+        let options = common.options(served_model)?;
         let text = match &self.prompt {
             PromptText::One(text) => text,
             PromptText::Many(list) if list.len() == 1 => &list[0],

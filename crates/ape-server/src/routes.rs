@@ -104,7 +104,7 @@ async fn chat_completions(
         let state = state.clone();
         off_thread(move || {
             let (engine, store) = (&state.engine, &state.store);
-            request.prepare(&common, engine, store, &state.model_id, Cancel::new())
+            request.prepare(&common, engine, store, &state.model_id)
         })
         .await?
     };
@@ -119,8 +119,7 @@ async fn completions(
     let (request, common): (CompletionRequest, CommonFields) = (parse(&body)?, parse(&body)?);
     let prepared = {
         let state = state.clone();
-        off_thread(move || request.prepare(&common, &state.engine, &state.model_id, Cancel::new()))
-            .await?
+        off_thread(move || request.prepare(&common, &state.engine, &state.model_id)).await?
     };
     respond(state, prepared, Kind::Text).await
 }
