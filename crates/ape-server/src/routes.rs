@@ -370,19 +370,6 @@ async fn register_contexts(
                     contexts.push((document, context));
                 }
             }
-            let window = engine.model.config.context_length;
-            if let Some(longest) = contexts.iter().map(|(_, c)| c.len()).max() {
-                if prefix.len() + longest >= window {
-                    return Err(ApiError::from(ape_core::Error::ApeWindowOverflow {
-                        prefix: prefix.len(),
-                        longest,
-                        query: 1,
-                        max_new: 0,
-                        window,
-                    })
-                    .param("documents"));
-                }
-            }
             Ok((prefix, contexts))
         })
         .await?
