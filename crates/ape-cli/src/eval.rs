@@ -31,6 +31,10 @@ pub struct EvalArgs {
     /// Questions per run.
     #[arg(long, default_value_t = 50)]
     n: usize,
+    /// ICL tasks: sets of demonstrations drawn, each with its own --n questions, so a
+    /// result does not hang on one lucky or unlucky set.
+    #[arg(long, default_value_t = 1)]
+    draws: usize,
     /// Picks the questions, demonstrations and distractors within the split.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -106,6 +110,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             split,
             n: args.n,
             contexts,
+            draws: args.draws,
             seed: args.seed,
         };
         sets.push((contexts, ape_eval::tasks::load(&task, &args.data, draw)?));

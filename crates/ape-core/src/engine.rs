@@ -344,6 +344,20 @@ impl Engine {
             )
         })?;
         let (head, tail) = (&text[..at], &text[at + MARK.len()..]);
+        self.split_text(head, documents, &format!("{question}{tail}"))
+    }
+
+    /// A prompt without a chat template, split like [`Engine::split_chat`]: the prefix is
+    /// `head` (after BOS, if the model wants one), each document followed by a blank line is
+    /// a context, and the query is `question`, whose continuation is the answer. This is
+    /// the few-shot layout of base models, where a demonstration's label continues its own
+    /// text ("Review: ...\nSentiment: positive") and the query ends where the label goes.
+    pub fn split_text(
+        &self,
+        head: &str,
+        documents: &[impl AsRef<str>],
+        question: &str,
+    ) -> Result<Prompt> {
         let mut contexts = Vec::with_capacity(documents.len());
         for document in documents {
             contexts.extend(self.document_contexts(document.as_ref())?);
@@ -351,7 +365,7 @@ impl Engine {
         Ok(Prompt {
             prefix: self.encode_prompt(head)?,
             contexts,
-            query: self.tokenizer.encode(&format!("{question}{tail}"), true)?,
+            query: self.tokenizer.encode(question, true)?,
         })
     }
 

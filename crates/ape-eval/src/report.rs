@@ -32,6 +32,12 @@ pub struct Summary {
     pub contains: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<f64>,
+    /// The standard error of `metric` (its spread over the examples, over the square root
+    /// of their number).
+    pub metric_stderr: Option<f64>,
+    /// Label tasks: the share of examples where this setting chose sequential's label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agrees_with_sequential: Option<f64>,
     /// This setting's metric over sequential's.
     pub ratio_to_sequential: Option<f64>,
     pub gold_logprob: Option<f64>,
@@ -74,9 +80,24 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
+/// The standard error of the mean of `values`; none for fewer than two.
+fn standard_error(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let values: Vec<f64> = values.collect();
+    let n = values.len() as f64;
+    let mean = mean(values.iter().copied())?;
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (values.len() > 1).then(|| (variance / n).sqrt())
+}
+
 /// The summaries of every setting over `examples`.
 pub fn summarize(examples: &[ExampleResult], settings: &[Setting], metric: Metric) -> Vec<Summary> {
     let column = |i: usize| examples.iter().map(move |e| &e.outcomes[i]);
+    let sequential_at = settings.iter().position(|s| s.mode == Mode::Sequential);
+    let metric_of = move |o: &Outcome| match metric {
+        Metric::F1 => o.f1,
+        Metric::Contains => o.contains,
+        Metric::Accuracy => o.accuracy,
+    };
     let mut summaries: Vec<Summary> = settings
         .iter()
         .enumerate()
@@ -90,6 +111,16 @@ pub fn summarize(examples: &[ExampleResult], settings: &[Setting], metric: Metri
             );
             Summary {
                 setting: setting.label.clone(),
+                metric_stderr: standard_error(column(i).filter_map(metric_of)),
+                agrees_with_sequential: match (metric, sequential_at) {
+                    (Metric::Accuracy, Some(reference)) => mean(examples.iter().filter_map(|e| {
+                        let (this, sequential) = (&e.outcomes[i], &e.outcomes[reference]);
+                        Some(f64::from(u8::from(
+                            this.prediction.as_ref()? == sequential.prediction.as_ref()?,
+                        )))
+                    })),
+                    _ => None,
+                },
                 examples: column(i).filter(|o| o.unavailable.is_none()).count(),
                 unavailable: column(i).filter(|o| o.unavailable.is_some()).count(),
                 metric: match metric {
@@ -107,10 +138,7 @@ pub fn summarize(examples: &[ExampleResult], settings: &[Setting], metric: Metri
             }
         })
         .collect();
-    let sequential = settings
-        .iter()
-        .position(|s| s.mode == Mode::Sequential)
-        .and_then(|i| summaries[i].metric);
+    let sequential = sequential_at.and_then(|i| summaries[i].metric);
     for s in &mut summaries {
         s.ratio_to_sequential = match (s.metric, sequential) {
             (Some(m), Some(seq)) if seq > 0.0 => Some(m / seq),
@@ -210,9 +238,9 @@ impl Report {
                 self.task, self.model, self.split, self.seed, run.contexts
             );
             let columns = if self.metric == Metric::Accuracy {
-                "accuracy |"
+                "accuracy | ± | same label as sequential |".to_string()
             } else {
-                "EM | F1 | contains |"
+                format!("EM | F1 | contains | ± ({metric}) |")
             };
             let rule = "---:|".repeat(columns.matches('|').count());
             let _ = writeln!(
@@ -224,13 +252,19 @@ impl Report {
                     continue;
                 }
                 let scores = if self.metric == Metric::Accuracy {
-                    format!("{} |", availability(s, pct(s.accuracy)))
-                } else {
                     format!(
                         "{} | {} | {} |",
+                        availability(s, pct(s.accuracy)),
+                        pct(s.metric_stderr),
+                        pct(s.agrees_with_sequential)
+                    )
+                } else {
+                    format!(
+                        "{} | {} | {} | {} |",
                         availability(s, pct(s.exact_match)),
                         pct(s.f1),
-                        pct(s.contains)
+                        pct(s.contains),
+                        pct(s.metric_stderr)
                     )
                 };
                 let _ = writeln!(

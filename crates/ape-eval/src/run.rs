@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::metrics::{contains_answer, exact_match, f1, log_likelihood, mean_kl};
 use crate::store::RunStore;
-use crate::tasks::{Example, Target, TaskSet};
+use crate::tasks::{Example, Format, Target, TaskSet};
 
 /// Encoded contexts kept at most (then dropped and encoded again as needed).
 const STORE_BUDGET: usize = 6 << 30;
@@ -130,7 +130,16 @@ impl Evaluator {
         settings: &[Setting],
     ) -> Result<ExampleResult> {
         let engine = &self.engine;
-        let prompt = engine.split_chat(Some(&set.system), &example.contexts, &example.question)?;
+        let prompt = match set.format {
+            Format::Chat => {
+                engine.split_chat(Some(&set.system), &example.contexts, &example.question)?
+            }
+            Format::Text => engine.split_text(
+                &format!("{}\n\n", set.system),
+                &example.contexts,
+                &example.question,
+            )?,
+        };
         // Sequential reading with the contexts folded into the prefix: the same tokens in
         // the same causal pass, but the engine keeps the prefix's keys and values, so the
         // demonstrations shared by an ICL run's questions are read once.
@@ -140,19 +149,14 @@ impl Evaluator {
             contexts: Vec::new(),
             query: prompt.query.clone(),
         };
-        let (continuations, gold) = match &example.target {
-            Target::Answer(answers) => {
-                let text = answers.first().map_or("", String::as_str);
-                (vec![engine.tokenizer.encode(text, false)?], 0)
-            }
-            Target::Choice { labels, gold } => (
-                labels
-                    .iter()
-                    .map(|l| engine.tokenizer.encode(l, false))
-                    .collect::<ape_core::Result<Vec<_>>>()?,
-                *gold,
-            ),
+        let (answers, gold) = match &example.target {
+            Target::Answer(answers) => (&answers[..answers.len().min(1)], 0),
+            Target::Choice { labels, gold } => (&labels[..], *gold),
         };
+        let continuations = answers
+            .iter()
+            .map(|a| engine.tokenizer.encode(&set.format.continuation(a), false))
+            .collect::<ape_core::Result<Vec<_>>>()?;
         let continuations: Vec<&[u32]> = continuations.iter().map(Vec::as_slice).collect();
         let score = |mode: Mode| {
             let read = if mode == Mode::Sequential {

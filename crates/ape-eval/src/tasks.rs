@@ -47,6 +47,31 @@ pub enum Family {
     Icl,
 }
 
+/// How a task's prompt is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// The model's chat template: the system text, then a user turn of the contexts and
+    /// the question; the answer is the assistant's reply.
+    #[default]
+    Chat,
+    /// Plain text, as a base model reads few-shot examples: the system text and a blank
+    /// line, the contexts, then the question, which the answer continues after a space
+    /// ("Review: ...\nSentiment:" + " positive"). Every demonstration's label continues
+    /// its own text the same way, so the question reads like one more demonstration.
+    Text,
+}
+
+impl Format {
+    /// The text the model is scored on for the answer or label `answer`.
+    pub fn continuation(self, answer: &str) -> String {
+        match self {
+            Format::Chat => answer.to_string(),
+            Format::Text => format!(" {answer}"),
+        }
+    }
+}
+
 impl Task {
     pub fn from_name(name: &str) -> Result<Task> {
         match name {
@@ -157,6 +182,7 @@ pub struct TaskSet {
     pub name: String,
     pub family: Family,
     pub metric: Metric,
+    pub format: Format,
     pub system: String,
     pub examples: Vec<Example>,
 }
@@ -169,6 +195,9 @@ pub struct Draw {
     pub n: usize,
     /// Contexts per question: documents (gold included), haystack pieces or demonstrations.
     pub contexts: usize,
+    /// Sets of demonstrations (ICL tasks), each with its own `n` questions. RAG tasks draw
+    /// distractors per question already and take 1.
+    pub draws: usize,
     pub seed: u64,
 }
 
@@ -179,13 +208,21 @@ pub fn load(task: &Task, dir: &Path, draw: Draw) -> Result<TaskSet> {
             "--contexts must be at least 1".to_string(),
         ));
     }
+    if draw.draws == 0 {
+        return Err(EvalError::Setting("--draws must be at least 1".to_string()));
+    }
+    if draw.draws > 1 && !matches!(task, Task::Sentiment | Task::Intent) {
+        return Err(EvalError::Setting(format!(
+            "--draws is for the ICL tasks (sentiment, intent), whose demonstrations are shared by \
+             a run's questions; {} draws its contexts per question, so raise --n instead",
+            task.name()
+        )));
+    }
     match task {
         Task::Squad => squad(&data::squad(dir)?, draw),
         Task::Needle => needle(&data::essays(dir)?, draw),
         Task::Sentiment => {
-            let system =
-                "Classify the sentiment of the last movie review as positive or negative, \
-                          following the labelled examples. Reply with one word.";
+            let head = "Movie reviews, each labelled with its sentiment: positive or negative.";
             let set = classification(
                 &data::polarity(dir)?,
                 draw,
@@ -195,15 +232,14 @@ pub fn load(task: &Task, dir: &Path, draw: Draw) -> Result<TaskSet> {
             )?;
             Ok(TaskSet {
                 name: task.name(),
-                system: system.into(),
+                system: head.into(),
                 ..set
             })
         }
         Task::Intent => {
-            let system =
-                "Predict the intent of the last utterance, following the labelled examples. \
-                          The possible intents are: add_to_playlist, book_restaurant, get_weather, \
-                          play_music, search_screening_event, search_creative_work, and rate_book.";
+            let head = "Requests to a voice assistant, each labelled with its intent: \
+                        add_to_playlist, book_restaurant, get_weather, play_music, \
+                        search_screening_event, search_creative_work or rate_book.";
             let set = classification(
                 &data::intents(dir)?,
                 draw,
@@ -213,7 +249,7 @@ pub fn load(task: &Task, dir: &Path, draw: Draw) -> Result<TaskSet> {
             )?;
             Ok(TaskSet {
                 name: task.name(),
-                system: system.into(),
+                system: head.into(),
                 ..set
             })
         }
@@ -280,6 +316,7 @@ fn squad(articles: &[data::Article], draw: Draw) -> Result<TaskSet> {
         name: "squad".into(),
         family: Family::Rag,
         metric: Metric::F1,
+        format: Format::Chat,
         system: "Answer the question with a few words copied from the documents.".into(),
         examples,
     })
@@ -370,15 +407,17 @@ fn needle(essays: &[(String, String)], draw: Draw) -> Result<TaskSet> {
         name: "needle".into(),
         family: Family::Rag,
         metric: Metric::Contains,
+        format: Format::Chat,
         system: "Answer the question from the documents.".into(),
         examples,
     })
 }
 
-/// An ICL task over labelled texts: the shuffled data holds `[test, dev]` examples first,
-/// the rest is the pool demonstrations are drawn from. The demonstrations are the first
-/// `contexts` of the pool shuffled by the seed, so a run with more contexts keeps those of
-/// a run with fewer.
+/// An ICL task over labelled texts, laid out as plain text (see [`Format::Text`]): the
+/// shuffled data holds `[test, dev]` examples first, the rest is the pool demonstrations
+/// are drawn from. Each of the `draws` sets of demonstrations is the first `contexts` of
+/// the pool shuffled anew, so a run with more contexts keeps those of a run with fewer,
+/// and has its own `n` questions, none asked twice in a run.
 fn classification(
     data: &[Labelled],
     draw: Draw,
@@ -399,27 +438,35 @@ fn classification(
             pool.len()
         )));
     }
+    if draw.n * draw.draws > questions.len() {
+        return Err(EvalError::Setting(format!(
+            "the {} split has {} questions, fewer than --n {} times --draws {}; ask for fewer",
+            draw.split.name(),
+            questions.len(),
+            draw.n,
+            draw.draws
+        )));
+    }
     let mut labels: Vec<String> = data.iter().map(|d| d.label.clone()).collect();
     labels.sort();
     labels.dedup();
     let mut rng = rng(draw.seed);
-    let mut pool = pool.to_vec();
-    pool.shuffle(&mut rng);
-    let demonstrations: Vec<String> = pool[..draw.contexts]
-        .iter()
-        .map(|&i| {
-            format!(
-                "{input_name}: {}\n{label_name}: {}",
-                data[i].text, data[i].label
-            )
-        })
-        .collect();
     let mut questions = questions.to_vec();
     questions.shuffle(&mut rng);
-    let examples = questions
-        .into_iter()
-        .take(draw.n)
-        .map(|i| Example {
+    let mut pool = pool.to_vec();
+    let mut examples = Vec::with_capacity(draw.n * draw.draws);
+    for (set, asked) in questions.chunks(draw.n).take(draw.draws).enumerate() {
+        pool.shuffle(&mut rng);
+        let demonstrations: Vec<String> = pool[..draw.contexts]
+            .iter()
+            .map(|&i| {
+                format!(
+                    "{input_name}: {}\n{label_name}: {}",
+                    data[i].text, data[i].label
+                )
+            })
+            .collect();
+        examples.extend(asked.iter().map(|&i| Example {
             id: format!("{}-{i}", label_name.to_lowercase()),
             contexts: demonstrations.clone(),
             question: format!("{input_name}: {}\n{label_name}:", data[i].text),
@@ -427,13 +474,14 @@ fn classification(
                 gold: labels.iter().position(|l| *l == data[i].label).unwrap_or(0),
                 labels: labels.clone(),
             },
-            note: None,
-        })
-        .collect();
+            note: Some(format!("demonstration set {set}")),
+        }));
+    }
     Ok(TaskSet {
         name: String::new(),
         family: Family::Icl,
         metric: Metric::Accuracy,
+        format: Format::Text,
         system: String::new(),
         examples,
     })
@@ -443,9 +491,12 @@ fn classification(
 /// `{"system": "...", "examples": [{"id": "...", "contexts": ["..."], "question": "...",
 /// "answers": ["..."]}]}`, where a choice example gives `"labels": [...]` and `"gold": i`
 /// instead of `"answers"`. A run keeps the first `contexts` contexts of each example.
+/// `"format": "text"` lays the prompt out as plain text instead of a chat (see [`Format`]).
 #[derive(Debug, Deserialize)]
 pub struct TaskFile {
     pub system: String,
+    #[serde(default)]
+    pub format: Format,
     pub examples: Vec<FileExample>,
 }
 
@@ -511,7 +562,63 @@ fn from_file(path: &Path, draw: Draw) -> Result<TaskSet> {
             Family::Rag => Metric::F1,
             Family::Icl => Metric::Accuracy,
         },
+        format: file.format,
         system: file.system,
         examples,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labelled(n: usize) -> Vec<Labelled> {
+        (0..n)
+            .map(|i| Labelled {
+                text: format!("text {i}"),
+                label: ["no", "yes"][i % 2].to_string(),
+            })
+            .collect()
+    }
+
+    fn draw(contexts: usize, n: usize, draws: usize) -> Draw {
+        Draw {
+            split: Split::Test,
+            n,
+            contexts,
+            draws,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn each_demonstration_set_has_its_own_questions_and_grows_by_keeping_the_smaller() {
+        let data = labelled(400);
+        let small = classification(&data, draw(4, 10, 3), "Text", "Label", [60, 20]).unwrap();
+        let large = classification(&data, draw(16, 10, 3), "Text", "Label", [60, 20]).unwrap();
+        assert_eq!(small.examples.len(), 30);
+        let mut ids: Vec<&str> = small.examples.iter().map(|e| e.id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 30, "no question is asked twice in a run");
+        let sets: Vec<&Vec<String>> = small.examples.chunks(10).map(|c| &c[0].contexts).collect();
+        assert!(sets[0] != sets[1] && sets[1] != sets[2]);
+        for (s, l) in small.examples.iter().zip(&large.examples) {
+            assert_eq!(s.id, l.id);
+            assert_eq!(s.contexts[..], l.contexts[..4]);
+            assert!(s.question.ends_with("\nLabel:"));
+        }
+        assert_eq!(small.format, Format::Text);
+        assert_eq!(small.format.continuation("yes"), " yes");
+        assert!(sets[0][0].starts_with("Text: ") && sets[0][0].contains("\nLabel: "));
+    }
+
+    #[test]
+    fn asking_for_more_questions_than_the_split_holds_says_so() {
+        let err =
+            classification(&labelled(400), draw(4, 25, 3), "Text", "Label", [60, 20]).unwrap_err();
+        assert!(err.to_string().contains("--draws 3"), "{err}");
+        let err = load(&Task::Squad, Path::new("unused"), draw(4, 10, 2)).unwrap_err();
+        assert!(err.to_string().contains("raise --n"), "{err}");
+    }
 }

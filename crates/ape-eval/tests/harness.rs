@@ -43,6 +43,7 @@ fn run(task: &Task, contexts: usize, settings: &[Setting]) -> Vec<ExampleResult>
         split: Split::Test,
         n: 100,
         contexts,
+        draws: 1,
         seed: 1,
     };
     let set = tasks::load(task, Path::new("unused"), draw).unwrap();
@@ -109,9 +110,12 @@ fn label_choice_scores_the_hand_checked_set_and_reports_it() {
             .map(|e| e.outcomes[i].prediction.clone().unwrap())
             .collect()
     };
-    // Checked by hand: sequentially, SmolLM2 gives "positive" the higher likelihood
-    // after every one of the four reviews, so it is right on the two positive ones only.
-    assert_eq!(predictions(0), ["positive"; 4]);
+    // Checked by hand: laid out as plain text, where the label continues the review's own
+    // lines, SmolLM2 labels each of the four reviews right when reading sequentially.
+    assert_eq!(
+        predictions(0),
+        ["positive", "negative", "positive", "negative"]
+    );
     assert!(examples
         .iter()
         .all(|e| e.outcomes[0].kl_vs_sequential == Some(0.0)));
@@ -139,7 +143,9 @@ fn label_choice_scores_the_hand_checked_set_and_reports_it() {
     report.add_run(4, examples.clone(), &settings);
     report.add_run(2, run(&task, 2, &settings), &settings);
     let sequential = &report.runs[0].summaries[0];
-    assert_eq!(sequential.accuracy, Some(0.5));
+    assert_eq!(sequential.accuracy, Some(1.0));
+    assert_eq!(sequential.agrees_with_sequential, Some(1.0));
+    assert_eq!(sequential.metric_stderr, Some(0.0));
     assert_eq!(sequential.ratio_to_sequential, Some(1.0));
     let choice = report
         .sweep_choice
@@ -148,7 +154,7 @@ fn label_choice_scores_the_hand_checked_set_and_reports_it() {
     assert_eq!((choice.temperature, choice.scale), (1.0, 1.0));
     let markdown = report.markdown();
     assert!(
-        markdown.contains("| sequential | 50.0% | 100% |"),
+        markdown.contains("| sequential | 100.0% | 0.0% | 100.0% | 100% |"),
         "{markdown}"
     );
 
@@ -170,6 +176,7 @@ fn missing_data_points_at_the_setup_script() {
         split: Split::Dev,
         n: 1,
         contexts: 2,
+        draws: 1,
         seed: 1,
     };
     for task in [Task::Squad, Task::Needle, Task::Sentiment, Task::Intent] {
