@@ -254,6 +254,61 @@ fn registered_contexts_can_be_read_used_and_deleted() {
 }
 
 #[test]
+fn text_completions_read_few_shot_demonstrations_as_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&["--cache-dir", dir.path().to_str().unwrap()]);
+    let demonstrations = json!([
+        "Review: a warm, funny and beautifully acted film.\nSentiment: positive",
+        "Review: dull, slow and far too long.\nSentiment: negative",
+        "Review: one of the best films of the year.\nSentiment: positive",
+        "Review: the plot makes no sense and the jokes fall flat.\nSentiment: negative",
+    ]);
+    let prefix = "Movie reviews, each labelled with its sentiment: positive or negative.\n\n";
+    let label = |review: &str, mode: &str| -> (String, Value) {
+        let response = server.post(
+            "/v1/completions",
+            &json!({
+                "prefix": prefix,
+                "documents": demonstrations,
+                "prompt": format!("Review: {review}\nSentiment:"),
+                "max_tokens": 1,
+                "temperature": 0,
+                "ape": {"mode": mode},
+            }),
+        );
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().unwrap();
+        let text = body["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .to_owned();
+        (text, body["usage"].clone())
+    };
+    for mode in ["sequential", "parallel", "ape"] {
+        let (liked, _) = label("a wonderful, moving story that I loved.", mode);
+        let (disliked, usage) = label("a boring, lifeless mess that wasted my evening.", mode);
+        assert_eq!(
+            (liked.as_str(), disliked.as_str()),
+            ("positive", "negative"),
+            "{mode}"
+        );
+        // The second question finds the demonstrations the first one encoded.
+        if mode != "sequential" {
+            let demonstrations_and_prefix = usage["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap();
+            assert!(demonstrations_and_prefix > 40, "{usage}");
+        }
+    }
+    let (status, e) = error(server.post(
+        "/v1/completions",
+        &json!({"prompt": "Review: fine.\nSentiment:", "prefix": prefix}),
+    ));
+    assert_eq!((status, e["param"].as_str()), (400, Some("prefix")), "{e}");
+}
+
+#[test]
 fn two_servers_share_registered_contexts_through_redis() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start();

@@ -1,9 +1,14 @@
 //! The request bodies the server accepts, and how each becomes model work.
 //!
-//! Fields follow OpenAI's API. ape adds two to chat completions:
+//! Fields follow OpenAI's API. ape adds two to chat and text completions:
 //! - `documents`: the texts (or ids of contexts stored with `POST /v1/contexts`) to answer
 //!   from; each is one context, encoded once and kept in the context store;
 //! - `ape`: `{"mode": "ape" | "parallel" | "sequential", "temperature", "scale"}`.
+//!
+//! and to text completions a third, `prefix`: the text before the documents that every
+//! one of them is encoded after (an instruction, say). The prompt follows the documents,
+//! so few-shot prompts work as base models read them: demonstrations as documents, the
+//! prompt ending where the next label goes.
 //!
 //! Fields OpenAI defines that ape does not implement are refused when set to anything but
 //! their neutral value, rather than silently ignored.
@@ -118,6 +123,10 @@ pub struct ApeOptions {
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: PromptText,
+    #[serde(default)]
+    pub documents: Vec<DocumentRef>,
+    pub prefix: Option<String>,
+    pub ape: Option<ApeOptions>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,12 +272,7 @@ impl ChatRequest {
             return Err(ApiError::bad_request("messages must not be empty").param("messages"));
         };
         let work = if self.documents.is_empty() {
-            if self.ape.is_some() {
-                return Err(ApiError::bad_request(
-                    "`ape` settings need `documents` to apply to; add documents or leave `ape` out",
-                )
-                .param("ape"));
-            }
+            refuse_without_documents("ape", self.ape.is_some())?;
             plain(engine, engine.conversation_prompt(&messages)?, &options)?
         } else {
             if last.role != "user" {
@@ -277,16 +281,16 @@ impl ChatRequest {
                 )
                 .param("messages"));
             }
-            let mode = self.mode()?;
             let turns = &messages[..messages.len() - 1];
-            let mut prompt = engine.split_conversation(turns, &[] as &[&str], &last.content)?;
-            for document in &self.documents {
-                prompt
-                    .contexts
-                    .extend(document_contexts(engine, store, document)?);
-            }
-            engine.check_window(&prompt, mode, options.max_tokens)?;
-            Work::Answer(prompt, mode)
+            let prompt = engine.split_conversation(turns, &[] as &[&str], &last.content)?;
+            answer(
+                engine,
+                store,
+                prompt,
+                &self.documents,
+                self.ape.as_ref(),
+                &options,
+            )?
         };
         Ok(Prepared {
             work,
@@ -295,16 +299,42 @@ impl ChatRequest {
             include_usage: common.include_usage(),
         })
     }
+}
 
-    fn mode(&self) -> Result<Mode, ApiError> {
-        let ape = self.ape.as_ref();
-        let name = ape.and_then(|a| a.mode.as_deref()).unwrap_or("ape");
-        let temperature = ape
-            .and_then(|a| a.temperature)
-            .unwrap_or(DEFAULT_APE_TEMPERATURE);
-        let scale = ape.and_then(|a| a.scale).unwrap_or(DEFAULT_APE_SCALE);
-        Ok(Mode::from_name(name, temperature, scale)?)
+/// 400 for a field (`ape`, `prefix`) set on a request without documents.
+fn refuse_without_documents(field: &'static str, set: bool) -> Result<(), ApiError> {
+    if set {
+        return Err(ApiError::bad_request(format!(
+            "`{field}` needs `documents` to apply to; add documents or leave `{field}` out"
+        ))
+        .param(field));
     }
+    Ok(())
+}
+
+/// `prompt` (prefix and query, no contexts yet) answered over `documents` in the mode
+/// `ape` asks for, once it is known to fit the window.
+fn answer(
+    engine: &Engine,
+    store: &Store,
+    mut prompt: Prompt,
+    documents: &[DocumentRef],
+    ape: Option<&ApeOptions>,
+    options: &GenerateOptions,
+) -> Result<Work, ApiError> {
+    let name = ape.and_then(|a| a.mode.as_deref()).unwrap_or("ape");
+    let temperature = ape
+        .and_then(|a| a.temperature)
+        .unwrap_or(DEFAULT_APE_TEMPERATURE);
+    let scale = ape.and_then(|a| a.scale).unwrap_or(DEFAULT_APE_SCALE);
+    let mode = Mode::from_name(name, temperature, scale)?;
+    for document in documents {
+        prompt
+            .contexts
+            .extend(document_contexts(engine, store, document)?);
+    }
+    engine.check_window(&prompt, mode, options.max_tokens)?;
+    Ok(Work::Answer(prompt, mode))
 }
 
 /// Plain generation from `tokens`, once they are known to fit the window.
@@ -361,6 +391,7 @@ impl CompletionRequest {
         &self,
         common: &CommonFields,
         engine: &Engine,
+        store: &Store,
         served_model: &str,
     ) -> Result<Prepared, ApiError> {
         let options = common.options(served_model)?;
@@ -374,12 +405,27 @@ impl CompletionRequest {
                 ))
             }
         };
-        let tokens = engine.encode_prompt(text)?;
-        if tokens.is_empty() {
+        if text.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
         }
+        let work = if self.documents.is_empty() {
+            refuse_without_documents("ape", self.ape.is_some())?;
+            refuse_without_documents("prefix", self.prefix.is_some())?;
+            plain(engine, engine.encode_prompt(text)?, &options)?
+        } else {
+            let prefix = self.prefix.as_deref().unwrap_or_default();
+            let prompt = engine.split_text(prefix, &[] as &[&str], text)?;
+            answer(
+                engine,
+                store,
+                prompt,
+                &self.documents,
+                self.ape.as_ref(),
+                &options,
+            )?
+        };
         Ok(Prepared {
-            work: plain(engine, tokens, &options)?,
+            work,
             options,
             stream: common.stream,
             include_usage: common.include_usage(),

@@ -119,7 +119,11 @@ async fn completions(
     let (request, common): (CompletionRequest, CommonFields) = (parse(&body)?, parse(&body)?);
     let prepared = {
         let state = state.clone();
-        off_thread(move || request.prepare(&common, &state.engine, &state.model_id)).await?
+        off_thread(move || {
+            let (engine, store) = (&state.engine, &state.store);
+            request.prepare(&common, engine, store, &state.model_id)
+        })
+        .await?
     };
     respond(state, prepared, Kind::Text).await
 }
