@@ -9,9 +9,10 @@
 //!   from other articles, one context each, the gold one at a random place.
 //! - `needle` (RAG): Paul Graham essays cut into contexts, one made-up fact (the needle)
 //!   inserted at a depth that cycles through 0, 1/4, 1/2, 3/4 and 1 of the haystack.
-//! - `sentiment`, `intent` (ICL): demonstrations, one per context, the same for every
-//!   question of a run (so each is encoded once); the answer is the label with the
-//!   highest log-likelihood.
+//! - `sentiment`, `intent` (ICL): demonstrations, one per context, laid out as plain text
+//!   so that each label continues its demonstration's lines; a run draws one or more sets
+//!   of them, each shared by its own questions (so each is encoded once); the answer is
+//!   the label with the highest log-likelihood as the question's continuation.
 //! - `file:PATH`: examples written by hand in JSON (see [`TaskFile`]).
 
 use std::path::{Path, PathBuf};
