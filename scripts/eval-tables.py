@@ -50,7 +50,7 @@ for m in MODELS:
     for family, rows in cells.items():
         if not rows: continue
         seq, par, ape9, ch = (mean([r[i] for r in rows]) for i in range(4))
-        summary.append(f"| {NAMES[m]} | {family} ({len(rows)} cells) | {rat(ape9/seq)} / {rat(ch/seq)} ({chosen_by_family[family]}) | {rat(par/seq)} | {pts(ape9, par)} / {pts(ch, par)} | {'98%, +3.6' if family == 'RAG' else '93%, +7.9'} |")
+        summary.append(f"| {NAMES[m]} | {family} ({len(rows)} cell{'s' if len(rows) > 1 else ''}) | {rat(ape9/seq)} / {rat(ch/seq)} ({chosen_by_family[family]}) | {rat(par/seq)} | {pts(ape9, par)} / {pts(ch, par)} | {'98%, +3.6' if family == 'RAG' else '93%, +7.9'} |")
 
 print("\nAgainst the paper: means over the cells sequential can read (squad for RAG; sentiment and intent at every k for ICL)\n")
 print("| model | family | APE ÷ seq (0.9 / chosen) | parallel ÷ seq | APE − parallel, points (0.9 / chosen) | paper |")
