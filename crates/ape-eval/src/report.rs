@@ -83,10 +83,13 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
 /// The standard error of the mean of `values`; none for fewer than two.
 fn standard_error(values: impl Iterator<Item = f64>) -> Option<f64> {
     let values: Vec<f64> = values.collect();
+    if values.len() < 2 {
+        return None;
+    }
     let n = values.len() as f64;
-    let mean = mean(values.iter().copied())?;
+    let mean = values.iter().sum::<f64>() / n;
     let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    (values.len() > 1).then(|| (variance / n).sqrt())
+    Some((variance / n).sqrt())
 }
 
 /// The summaries of every setting over `examples`.
@@ -123,11 +126,7 @@ pub fn summarize(examples: &[ExampleResult], settings: &[Setting], metric: Metri
                 },
                 examples: column(i).filter(|o| o.unavailable.is_none()).count(),
                 unavailable: column(i).filter(|o| o.unavailable.is_some()).count(),
-                metric: match metric {
-                    Metric::F1 => f1,
-                    Metric::Contains => contains,
-                    Metric::Accuracy => accuracy,
-                },
+                metric: mean(column(i).filter_map(metric_of)),
                 exact_match,
                 f1,
                 contains,

@@ -252,10 +252,20 @@ fn unsupported(param: &'static str, what: &str) -> ApiError {
     .param(param)
 }
 
-impl ChatRequest {
-    /// Tokenize the conversation and documents (reading stored ones from `store`) and
-    /// check the request fits the model's window.
-    pub fn prepare(
+/// A completion request's own fields, which become model work once tokenized (stored
+/// documents read from `store`) and checked against the model's window.
+pub trait Completion: DeserializeOwned + Send + 'static {
+    fn prepare(
+        &self,
+        common: &CommonFields,
+        engine: &Engine,
+        store: &Store,
+        served_model: &str,
+    ) -> Result<Prepared, ApiError>;
+}
+
+impl Completion for ChatRequest {
+    fn prepare(
         &self,
         common: &CommonFields,
         engine: &Engine,
@@ -386,8 +396,8 @@ pub fn stored_context(store: &Store, id: &str) -> Result<ape_store::Entry, ApiEr
     })
 }
 
-impl CompletionRequest {
-    pub fn prepare(
+impl Completion for CompletionRequest {
+    fn prepare(
         &self,
         common: &CommonFields,
         engine: &Engine,

@@ -22,8 +22,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::api::{
-    context_key, parse, stored_context, ChatRequest, CommonFields, CompletionRequest, Prepared,
-    RegisterContexts, Work,
+    context_key, parse, stored_context, ChatRequest, CommonFields, Completion, CompletionRequest,
+    Prepared, RegisterContexts, Work,
 };
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -98,25 +98,24 @@ async fn chat_completions(
     State(state): State<Shared>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body?;
-    let (request, common): (ChatRequest, CommonFields) = (parse(&body)?, parse(&body)?);
-    let prepared = {
-        let state = state.clone();
-        off_thread(move || {
-            let (engine, store) = (&state.engine, &state.store);
-            request.prepare(&common, engine, store, &state.model_id)
-        })
-        .await?
-    };
-    respond(state, prepared, Kind::Chat).await
+    complete::<ChatRequest>(state, body, Kind::Chat).await
 }
 
 async fn completions(
     State(state): State<Shared>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    complete::<CompletionRequest>(state, body, Kind::Text).await
+}
+
+/// Read a completion request of either kind, prepare it off the async threads, answer it.
+async fn complete<R: Completion>(
+    state: Shared,
+    body: Result<Json<Value>, JsonRejection>,
+    kind: Kind,
+) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    let (request, common): (CompletionRequest, CommonFields) = (parse(&body)?, parse(&body)?);
+    let (request, common): (R, CommonFields) = (parse(&body)?, parse(&body)?);
     let prepared = {
         let state = state.clone();
         off_thread(move || {
@@ -125,7 +124,7 @@ async fn completions(
         })
         .await?
     };
-    respond(state, prepared, Kind::Text).await
+    respond(state, prepared, kind).await
 }
 
 /// Chat completion or text completion: the two differ only in their JSON.
