@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use ape_core::engine::{Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
+use ape_core::engine::{Mode, Recompute, Selection, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
 use ape_eval::{Draw, Evaluator, Report, Setting, Split, Task};
 
 #[derive(Args)]
@@ -19,7 +19,8 @@ pub struct EvalArgs {
     #[arg(long)]
     task: String,
     /// Settings to compare: sequential, parallel, ape (with --ape-temperature and
-    /// --ape-scale), or ape:T:S for APE with its own factors (repeatable in the list).
+    /// --ape-scale), or ape:T:S for APE with its own factors (repeatable in the list);
+    /// every APE setting is run at each share of --recompute.
     #[arg(long, value_delimiter = ',', default_value = "sequential,parallel,ape")]
     modes: Vec<String>,
     /// APE's attention temperature for the `ape` mode.
@@ -28,6 +29,13 @@ pub struct EvalArgs {
     /// APE's scaling factor for the `ape` mode.
     #[arg(long, default_value_t = DEFAULT_APE_SCALE)]
     ape_scale: f32,
+    /// Shares of the context tokens APE recomputes (0 to 1), each a setting of its own.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    recompute: Vec<f32>,
+    /// Which context tokens are recomputed: attended (those the query attends to most) or
+    /// first (the first tokens of each context).
+    #[arg(long, default_value = "attended")]
+    selection: String,
     /// Questions per run.
     #[arg(long, default_value_t = 50)]
     n: usize,
@@ -72,16 +80,20 @@ pub fn run(args: EvalArgs) -> Result<()> {
         !args.contexts.is_empty(),
         "--contexts needs at least one number"
     );
+    let selection = Selection::from_name(&args.selection)?;
     let mut settings = Vec::new();
     for name in &args.modes {
         let mode = parse_mode(name.trim(), args.ape_temperature, args.ape_scale)?;
-        let mut setting = Setting::of(mode);
-        if let Mode::Ape(f) = mode {
-            setting.label = format!("ape T={} S={}", f.temperature, f.scale);
-        }
-        // The same factors asked for twice (ape and ape:T:S) are read once.
-        if !settings.contains(&setting) {
-            settings.push(setting);
+        let shares = match mode {
+            Mode::Ape { .. } => &args.recompute[..],
+            _ => &[0.0],
+        };
+        for &share in shares {
+            let setting = Setting::of(mode.with_recompute(Recompute::new(share, selection)?)?);
+            // The same factors asked for twice (ape and ape:T:S) are read once.
+            if !settings.contains(&setting) {
+                settings.push(setting);
+            }
         }
     }
     if args.sweep {

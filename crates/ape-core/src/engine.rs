@@ -56,12 +56,17 @@ pub enum Mode {
     Sequential,
     /// Contexts encoded independently, plain attention over them (T = S = 1).
     Parallel,
-    /// Contexts encoded independently, APE attention with the given factors.
-    Ape(ApeFactors),
+    /// Contexts encoded independently, APE attention with the given factors, after a
+    /// share of the context tokens is recomputed (see [`Recompute`]).
+    Ape {
+        factors: ApeFactors,
+        recompute: Recompute,
+    },
 }
 
 impl Mode {
-    /// APE with temperature `temperature` and scale `scale`, both finite and positive.
+    /// APE with temperature `temperature` and scale `scale`, both finite and positive,
+    /// and nothing recomputed.
     pub fn ape(temperature: f32, scale: f32) -> Result<Mode> {
         for (name, value) in [("temperature", temperature), ("scale", scale)] {
             if !(value.is_finite() && value > 0.0) {
@@ -70,7 +75,10 @@ impl Mode {
                 )));
             }
         }
-        Ok(Mode::Ape(ApeFactors { temperature, scale }))
+        Ok(Mode::Ape {
+            factors: ApeFactors { temperature, scale },
+            recompute: Recompute::NONE,
+        })
     }
 
     /// The mode called `name` (`sequential`, `parallel` or `ape`); the factors are used
@@ -84,11 +92,28 @@ impl Mode {
         }
     }
 
+    /// This mode with `recompute`; only `ape` recomputes (for plain parallel encoding
+    /// with recomputation, ask for `ape` with both factors 1).
+    pub fn with_recompute(self, recompute: Recompute) -> Result<Mode> {
+        match self {
+            Mode::Ape { factors, .. } => Ok(Mode::Ape {
+                factors,
+                recompute,
+            }),
+            _ if recompute.share == 0.0 => Ok(self),
+            other => Err(Error::ApeSetting(format!(
+                "recomputing context tokens applies to mode ape, not {}; for plain parallel \
+                 encoding with recomputation ask for ape with temperature 1 and scale 1",
+                other.name()
+            ))),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Mode::Sequential => "sequential",
             Mode::Parallel => "parallel",
-            Mode::Ape(_) => "ape",
+            Mode::Ape { .. } => "ape",
         }
     }
 
@@ -100,8 +125,86 @@ impl Mode {
                 temperature: 1.0,
                 scale: 1.0,
             }),
-            Mode::Ape(factors) => Some(factors),
+            Mode::Ape { factors, .. } => Some(factors),
         }
+    }
+
+    /// The share of context tokens this mode recomputes.
+    pub fn recompute(&self) -> Recompute {
+        match *self {
+            Mode::Ape { recompute, .. } => recompute,
+            _ => Recompute::NONE,
+        }
+    }
+}
+
+/// Which context tokens APE recomputes before the query reads them, and how many.
+///
+/// Parallel encoding leaves every context token with keys and values computed as if no
+/// other context existed. Recomputing a share of them repairs that: the contexts are laid
+/// out one after another after the prefix, at the positions sequential reading gives them
+/// (each key rotated to its new position), and the chosen tokens are run through the
+/// model again, layer by layer, attending to the prefix and to every earlier context
+/// token (the other chosen ones with their new keys and values). The query then reads the
+/// chosen tokens like the prefix, and APE's temperature and scale apply to the rest,
+/// which still have not seen each other. Recomputing every token is sequential reading;
+/// recomputing none is APE as it is, at reused positions.
+///
+/// Laying the contexts out in order needs them to fit the window: a request whose
+/// contexts do not is read with APE alone, and reports no recomputed token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Recompute {
+    /// Share of the context tokens recomputed, from 0 to 1.
+    pub share: f32,
+    pub selection: Selection,
+}
+
+/// How the tokens to recompute are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// The first tokens of every context (EPIC's choice): the share of each context's
+    /// tokens, from its start.
+    First,
+    /// The context tokens the query attends to most, when it reads the contexts in order
+    /// without recomputation: weights summed over the query's tokens, heads and layers.
+    /// Ties go to the earlier token.
+    Attended,
+}
+
+impl Selection {
+    pub fn from_name(name: &str) -> Result<Selection> {
+        match name {
+            "first" => Ok(Selection::First),
+            "attended" => Ok(Selection::Attended),
+            other => Err(Error::ApeSetting(format!(
+                "unknown recompute selection `{other}`; choose first or attended"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Selection::First => "first",
+            Selection::Attended => "attended",
+        }
+    }
+}
+
+impl Recompute {
+    /// Nothing recomputed: APE as the paper defines it.
+    pub const NONE: Recompute = Recompute {
+        share: 0.0,
+        selection: Selection::Attended,
+    };
+
+    /// Recompute `share` (0 to 1) of the context tokens, chosen by `selection`.
+    pub fn new(share: f32, selection: Selection) -> Result<Recompute> {
+        if !(0.0..=1.0).contains(&share) {
+            return Err(Error::ApeSetting(format!(
+                "the share of context tokens to recompute must be between 0 and 1, got {share}"
+            )));
+        }
+        Ok(Recompute { share, selection })
     }
 }
 
@@ -133,6 +236,16 @@ impl Prompt {
     fn longest_context(&self) -> usize {
         self.contexts.iter().map(Vec::len).max().unwrap_or(0)
     }
+}
+
+/// A request's keys and values after recomputation, in the two groups APE's query side
+/// reads: `own`, the prefix and the recomputed context tokens, read like the prefix; and
+/// `rest`, the context tokens left as they were encoded, read with APE's temperature and
+/// scale. The query side's positions start after both, where sequential reading puts them.
+struct Repaired {
+    own: KvCache,
+    rest: KvCache,
+    recomputed: usize,
 }
 
 /// Keeps encoded contexts between requests, and between processes if it wants: the
@@ -563,6 +676,19 @@ impl Engine {
         let (encoded, contexts_found) =
             self.find_contexts_kv(&prompt.prefix, &prefix, &contexts, &options.cancel)?;
         let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
+        let room = prompt.query.len() + max_tokens;
+        let repaired = self.repair(
+            prompt,
+            &prefix,
+            &encoded,
+            mode.recompute(),
+            room,
+            &options.cancel,
+        )?;
+        let (own, contexts) = match &repaired {
+            Some(repaired) => (&repaired.own, vec![&repaired.rest]),
+            None => (prefix.as_ref(), encoded),
+        };
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
             options,
@@ -572,9 +698,68 @@ impl Engine {
             start,
         };
         let mut generation =
-            self.answer_over(&prefix, &encoded, &prompt.query, factors, decoding, on_text)?;
+            self.answer_over(own, &contexts, &prompt.query, factors, decoding, on_text)?;
         generation.cached_tokens = prefix_found + contexts_found;
+        generation.recomputed_tokens = repaired.map_or(0, |r| r.recomputed);
         Ok(generation)
+    }
+
+    /// Recompute the share of `prompt`'s context tokens that `recompute` asks for, over
+    /// their keys and values `contexts` (encoded after `prefix`), leaving `room` positions
+    /// for the query side; `None` when nothing is to be recomputed, or when the contexts
+    /// laid out in order would not leave that room in the window. See [`Recompute`].
+    /// `cancel` is checked before each chunk of recomputed tokens.
+    fn repair(
+        &self,
+        prompt: &Prompt,
+        prefix: &KvCache,
+        contexts: &[&KvCache],
+        recompute: Recompute,
+        room: usize,
+        cancel: &Cancel,
+    ) -> Result<Option<Repaired>> {
+        let p = prefix.len();
+        let total: usize = contexts.iter().map(|c| c.len()).sum();
+        let fits = p + total + room <= self.model.config.context_length;
+        if recompute.share == 0.0 || total == 0 || !fits {
+            return Ok(None);
+        }
+        let mut cache = self.model.lay_out_in_order(prefix, contexts, p + total + room);
+        let share_of = |n: usize| ((recompute.share * n as f32).ceil() as usize).min(n);
+        let chosen: Vec<usize> = match recompute.selection {
+            Selection::First => {
+                let mut chosen = Vec::new();
+                let mut start = p;
+                for context in contexts {
+                    chosen.extend(start..start + share_of(context.len()));
+                    start += context.len();
+                }
+                chosen
+            }
+            Selection::Attended => {
+                let received = self.model.attention_received(&prompt.query, &mut cache);
+                let mut ranked: Vec<usize> = (p..p + total).collect();
+                ranked.sort_by(|&a, &b| received[b].total_cmp(&received[a]).then(a.cmp(&b)));
+                ranked.truncate(share_of(total));
+                ranked.sort_unstable();
+                ranked
+            }
+        };
+        let tokens = prompt.sequential_tokens();
+        for positions in chosen.chunks(crate::generate::PREFILL_CHUNK) {
+            cancel.check()?;
+            let chunk: Vec<u32> = positions.iter().map(|&at| tokens[at]).collect();
+            self.model.recompute(&chunk, positions, &mut cache);
+        }
+        let mut is_chosen = vec![false; p + total];
+        chosen.iter().for_each(|&at| is_chosen[at] = true);
+        let own: Vec<usize> = (0..p).chain(chosen.iter().copied()).collect();
+        let rest: Vec<usize> = (p..p + total).filter(|&at| !is_chosen[at]).collect();
+        Ok(Some(Repaired {
+            own: cache.gather(&own, own.len()),
+            rest: cache.gather(&rest, rest.len()),
+            recomputed: chosen.len(),
+        }))
     }
 
     /// Answer `query` over contexts already encoded after `prefix` (as by
@@ -768,9 +953,20 @@ impl Engine {
             ));
         };
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
-        let encoded = self.contexts_kv(&prompt.prefix, &prefix, &contexts, &Cancel::default())?;
+        let cancel = Cancel::default();
+        let encoded = self.contexts_kv(&prompt.prefix, &prefix, &contexts, &cancel)?;
         let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
-        self.score_encoded(&prefix, &encoded, &prompt.query, factors, continuations)
+        let room = prompt.query.len() + longest_continuation;
+        match self.repair(prompt, &prefix, &encoded, mode.recompute(), room, &cancel)? {
+            Some(repaired) => self.score_encoded(
+                &repaired.own,
+                &[&repaired.rest],
+                &prompt.query,
+                factors,
+                continuations,
+            ),
+            None => self.score_encoded(&prefix, &encoded, &prompt.query, factors, continuations),
+        }
     }
 
     /// [`Engine::score`] over contexts already encoded after `prefix`, read with APE

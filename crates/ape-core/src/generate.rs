@@ -73,6 +73,9 @@ pub struct Generation {
     /// Prompt tokens whose keys and values were reused from an earlier request rather
     /// than computed.
     pub cached_tokens: usize,
+    /// Context tokens whose keys and values were recomputed after the contexts were
+    /// loaded (see [`crate::engine::Recompute`]).
+    pub recomputed_tokens: usize,
     /// Time from the start of the call to the first sampled token.
     pub time_to_first_token: Duration,
     /// Time spent after the first token.
@@ -160,6 +163,7 @@ impl Decoding<'_> {
             finish_reason,
             prompt_tokens,
             cached_tokens: 0,
+            recomputed_tokens: 0,
             time_to_first_token,
             decode_time: self.start.elapsed() - time_to_first_token,
         })

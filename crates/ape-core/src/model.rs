@@ -6,11 +6,14 @@
 
 use rayon::prelude::*;
 
-use crate::attention::{ape_attention, causal_attention, context_attention, ApeFactors, KvCache};
+use crate::attention::{
+    ape_attention, causal_attention, context_attention, in_place_attention, ApeFactors, KvCache,
+};
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, TensorInfo, Value};
 use crate::kernels::{
-    matmul, matmul_gemm, matvec, rms_norm, silu_mul, Matrix, Rope, RopeAngles, RopeStyle,
+    dot_f16, matmul, matmul_gemm, matvec, rms_norm, silu_mul, Matrix, Rope, RopeAngles,
+    RopeStyle,
 };
 use crate::quant::dequantize;
 
@@ -382,6 +385,87 @@ impl Model {
         );
         cache.advance(n);
         x
+    }
+
+    /// The prefix followed by the contexts one after another, as sequential reading lays
+    /// them out, in a cache with room for `capacity` positions: each context's keys are
+    /// rotated forward by the lengths of the contexts before it, so that every key stays
+    /// consistent with its new position. The values and the tokens' states are those of
+    /// parallel encoding: no context has seen another.
+    pub fn lay_out_in_order(
+        &self,
+        prefix: &KvCache,
+        contexts: &[&KvCache],
+        capacity: usize,
+    ) -> KvCache {
+        let mut cache = prefix.copy_with_capacity(capacity);
+        let mut offset = 0;
+        for context in contexts {
+            let angles = self.rope.angles(std::iter::once(offset));
+            cache.append_mapped(context, |key| self.rope.apply(key, &angles, 0));
+            offset += context.len();
+        }
+        cache
+    }
+
+    /// Recompute, layer by layer, the keys and values of `tokens`, which sit at `positions`
+    /// (increasing, all filled) of `cache`: each attends causally to every position up to
+    /// its own, where the other recomputed tokens hold their new keys and values and the
+    /// rest keep theirs. Over a cache laid out by [`Model::lay_out_in_order`], recomputing
+    /// every context token is sequential reading of the contexts.
+    pub fn recompute(&self, tokens: &[u32], positions: &[usize], cache: &mut KvCache) {
+        let heads = self.config.heads;
+        self.run_layers(
+            tokens,
+            positions.iter().copied(),
+            matmul,
+            |layer, q, k, v, out| {
+                cache.overwrite(layer, positions, k, v);
+                in_place_attention(q, heads, cache, positions, layer, out);
+            },
+        );
+    }
+
+    /// How much attention `query`, read causally after everything `cache` holds, gives each
+    /// of its positions: softmax weights summed over the query's tokens, every head and
+    /// every layer. `cache` keeps what it held; it needs room for the query.
+    pub fn attention_received(&self, query: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        let c = &self.config;
+        let (d, held) = (c.head_dim, cache.len());
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut received = vec![0f32; held];
+        self.run_layers(query, held.., matmul, |layer, q, k, v, out| {
+            cache.write(layer, k, v);
+            causal_attention(q, c.heads, cache, layer, out);
+            let per_row: Vec<Vec<f32>> = (0..query.len() * c.heads)
+                .into_par_iter()
+                .map(|row| {
+                    let (t, h) = (row / c.heads, row % c.heads);
+                    let (keys, _) = cache.head_upto(layer, h / group, held + t + 1);
+                    let q = &q[row * d..(row + 1) * d];
+                    let mut weights: Vec<f32> = keys
+                        .chunks_exact(d)
+                        .map(|k| dot_f16(k, q) * scale)
+                        .collect();
+                    let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for w in weights.iter_mut() {
+                        *w = (*w - max).exp();
+                        sum += *w;
+                    }
+                    weights.truncate(held);
+                    weights.iter_mut().for_each(|w| *w /= sum);
+                    weights
+                })
+                .collect();
+            for weights in per_row {
+                for (r, w) in received.iter_mut().zip(weights) {
+                    *r += w;
+                }
+            }
+        });
+        received
     }
 
     /// The transformer layers over `tokens` at `positions`, with `attend(layer, q, k, v,

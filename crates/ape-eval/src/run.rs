@@ -28,10 +28,21 @@ pub struct Setting {
 }
 
 impl Setting {
-    /// The setting of `mode`, labelled with the mode's name.
+    /// The setting of `mode`, labelled with the mode's name, and for APE with its
+    /// factors and the share it recomputes (when it does).
     pub fn of(mode: Mode) -> Setting {
+        let label = match mode {
+            Mode::Ape { factors, recompute } => {
+                let mut label = format!("ape T={} S={}", factors.temperature, factors.scale);
+                if recompute.share > 0.0 {
+                    label += &format!(" r={} {}", recompute.share, recompute.selection.name());
+                }
+                label
+            }
+            _ => mode.name().to_string(),
+        };
         Setting {
-            label: mode.name().to_string(),
+            label,
             mode,
             in_sweep: false,
         }
