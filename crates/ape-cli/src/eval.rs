@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use ape_core::engine::{Mode, Recompute, Selection, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
+use ape_core::engine::{Mode, Recompute, Selection};
 use ape_eval::{Draw, Evaluator, Report, Setting, Split, Task};
 
 #[derive(Args)]
@@ -23,19 +23,22 @@ pub struct EvalArgs {
     /// every APE setting is run at each share of --recompute.
     #[arg(long, value_delimiter = ',', default_value = "sequential,parallel,ape")]
     modes: Vec<String>,
-    /// APE's attention temperature for the `ape` mode.
-    #[arg(long, default_value_t = DEFAULT_APE_TEMPERATURE)]
-    ape_temperature: f32,
-    /// APE's scaling factor for the `ape` mode.
-    #[arg(long, default_value_t = DEFAULT_APE_SCALE)]
-    ape_scale: f32,
-    /// Shares of the context tokens APE recomputes (0 to 1), each a setting of its own.
-    #[arg(long, value_delimiter = ',', default_value = "0")]
-    recompute: Vec<f32>,
+    /// APE's attention temperature for the `ape` mode; by default the model's calibrated
+    /// one (`ape calibrate`), else 0.9.
+    #[arg(long)]
+    ape_temperature: Option<f32>,
+    /// APE's scaling factor for the `ape` mode; by default the model's calibrated one,
+    /// else 0.9.
+    #[arg(long)]
+    ape_scale: Option<f32>,
+    /// Shares of the context tokens APE recomputes (0 to 1), each a setting of its own; by
+    /// default the model's calibrated share, else 0.
+    #[arg(long, value_delimiter = ',')]
+    recompute: Option<Vec<f32>>,
     /// Which context tokens are recomputed: attended (those the query attends to most) or
-    /// first (the first tokens of each context).
-    #[arg(long, default_value = "attended")]
-    selection: String,
+    /// first (the first tokens of each context); by default the calibrated choice.
+    #[arg(long)]
+    selection: Option<String>,
     /// Questions per run.
     #[arg(long, default_value_t = 50)]
     n: usize,
@@ -80,12 +83,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
         !args.contexts.is_empty(),
         "--contexts needs at least one number"
     );
-    let selection = Selection::from_name(&args.selection)?;
+    let defaults = crate::calibrate::defaults_for(&args.model.model);
+    let selection = match &args.selection {
+        Some(name) => Selection::from_name(name)?,
+        None => defaults.recompute.selection,
+    };
+    let temperature = args.ape_temperature.unwrap_or(defaults.factors.temperature);
+    let scale = args.ape_scale.unwrap_or(defaults.factors.scale);
+    let shares = args
+        .recompute
+        .clone()
+        .unwrap_or(vec![defaults.recompute.share]);
     let mut settings = Vec::new();
     for name in &args.modes {
-        let mode = parse_mode(name.trim(), args.ape_temperature, args.ape_scale)?;
+        let mode = parse_mode(name.trim(), temperature, scale)?;
         let shares = match mode {
-            Mode::Ape { .. } => &args.recompute[..],
+            Mode::Ape { .. } => &shares[..],
             _ => &[0.0],
         };
         for &share in shares {

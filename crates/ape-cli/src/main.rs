@@ -2,6 +2,7 @@
 //! install the models.
 
 mod bench;
+mod calibrate;
 mod eval;
 mod load;
 mod pull;
@@ -15,9 +16,7 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use ape_core::engine::{
-    Engine, Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE, DEFAULT_CHUNK_TOKENS,
-};
+use ape_core::engine::{Engine, DEFAULT_CHUNK_TOKENS};
 use ape_core::generate::GenerateOptions;
 use ape_core::sampler::SamplingParams;
 
@@ -49,6 +48,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Measure accuracy: sequential vs parallel vs APE on RAG and ICL tasks.
     Eval(eval::EvalArgs),
+    /// Choose APE's factors and recompute share for a model, kept beside it as defaults.
+    Calibrate(calibrate::CalibrateArgs),
     /// Manage model files.
     Model {
         #[command(subcommand)]
@@ -75,10 +76,14 @@ struct ModelArg {
 }
 
 impl ModelArg {
+    /// The engine, with the model's calibrated APE settings (`ape calibrate`) as its
+    /// defaults where there are sound ones.
     fn load(&self) -> Result<Engine> {
         let engine = Engine::load(&self.model)
             .with_context(|| format!("loading {}", self.model.display()))?;
-        Ok(engine.with_chunk_tokens(self.chunk_tokens)?)
+        Ok(engine
+            .with_chunk_tokens(self.chunk_tokens)?
+            .with_ape_defaults(calibrate::defaults_for(&self.model)))
     }
 }
 
@@ -103,12 +108,19 @@ struct GenerateArgs {
     /// (all of them in one prompt, the accuracy reference).
     #[arg(long, default_value = "ape", value_parser = ["ape", "parallel", "sequential"])]
     mode: String,
-    /// APE's attention temperature on the documents (below 1 sharpens).
-    #[arg(long, default_value_t = DEFAULT_APE_TEMPERATURE)]
-    ape_temperature: f32,
-    /// APE's scaling factor on the attention given to the documents.
-    #[arg(long, default_value_t = DEFAULT_APE_SCALE)]
-    ape_scale: f32,
+    /// APE's attention temperature on the documents (below 1 sharpens); by default the
+    /// model's calibrated one (`ape calibrate`), else 0.9.
+    #[arg(long)]
+    ape_temperature: Option<f32>,
+    /// APE's scaling factor on the attention given to the documents; by default the
+    /// model's calibrated one, else 0.9.
+    #[arg(long)]
+    ape_scale: Option<f32>,
+    /// Share of the document tokens (0 to 1) recomputed over the other documents before
+    /// the question reads them; 1 reads like sequential. By default the model's
+    /// calibrated share, else 0.
+    #[arg(long)]
+    recompute: Option<f32>,
     /// A system message placed before it.
     #[arg(long)]
     system: Option<String>,
@@ -198,6 +210,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Model { command } => match command {
             ModelCommand::Pull(args) => pull::run(args),
             ModelCommand::List => {
@@ -210,13 +223,18 @@ fn run(cli: Cli) -> Result<()> {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let documents = read_documents(&args.context, args.contexts_dir.as_deref())?;
-    let mode = Mode::from_name(&args.mode, args.ape_temperature, args.ape_scale)?;
     anyhow::ensure!(
         args.prompt.is_some() || args.query.is_some(),
         "nothing to answer: give --prompt TEXT for a chat, or --query TEXT with --context FILE \
          or --contexts-dir DIR to ask over documents"
     );
     let engine = args.model.load()?;
+    let mode = engine.ape_defaults().mode(
+        Some(&args.mode),
+        args.ape_temperature,
+        args.ape_scale,
+        args.recompute,
+    )?;
     // A plain chat has no contexts to look up, so it does not pay for opening the store.
     let store = match args.prompt {
         Some(_) => None,
@@ -255,8 +273,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
     if args.stats {
         let decoded = generation.tokens.len().saturating_sub(1);
         eprintln!(
-            "prompt {} tokens, generated {} tokens ({:?}); first token after {:.1} ms; decode {:.1} tokens/s",
+            "prompt {} tokens ({} recomputed), generated {} tokens ({:?}); first token after {:.1} ms; decode {:.1} tokens/s",
             generation.prompt_tokens,
+            generation.recomputed_tokens,
             generation.tokens.len(),
             generation.finish_reason,
             generation.time_to_first_token.as_secs_f64() * 1e3,

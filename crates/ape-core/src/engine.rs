@@ -96,10 +96,7 @@ impl Mode {
     /// with recomputation, ask for `ape` with both factors 1).
     pub fn with_recompute(self, recompute: Recompute) -> Result<Mode> {
         match self {
-            Mode::Ape { factors, .. } => Ok(Mode::Ape {
-                factors,
-                recompute,
-            }),
+            Mode::Ape { factors, .. } => Ok(Mode::Ape { factors, recompute }),
             _ if recompute.share == 0.0 => Ok(self),
             other => Err(Error::ApeSetting(format!(
                 "recomputing context tokens applies to mode ape, not {}; for plain parallel \
@@ -208,6 +205,52 @@ impl Recompute {
     }
 }
 
+/// APE's settings where a request names none: the paper's factors and no recomputation,
+/// or what `ape calibrate` chose for the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ApeDefaults {
+    pub factors: ApeFactors,
+    pub recompute: Recompute,
+}
+
+impl Default for ApeDefaults {
+    fn default() -> Self {
+        ApeDefaults {
+            factors: ApeFactors {
+                temperature: DEFAULT_APE_TEMPERATURE,
+                scale: DEFAULT_APE_SCALE,
+            },
+            recompute: Recompute::NONE,
+        }
+    }
+}
+
+impl ApeDefaults {
+    /// The mode a request asks for by name (`ape` when `None`), each setting it leaves out
+    /// taken from these defaults; the one place the CLI, the server and the eval harness
+    /// turn a request's APE fields into a mode.
+    pub fn mode(
+        &self,
+        name: Option<&str>,
+        temperature: Option<f32>,
+        scale: Option<f32>,
+        recompute: Option<f32>,
+    ) -> Result<Mode> {
+        let mode = Mode::from_name(
+            name.unwrap_or("ape"),
+            temperature.unwrap_or(self.factors.temperature),
+            scale.unwrap_or(self.factors.scale),
+        )?;
+        match (mode, recompute) {
+            (Mode::Ape { .. }, None) => mode.with_recompute(self.recompute),
+            (_, None) => Ok(mode),
+            (_, Some(share)) => {
+                mode.with_recompute(Recompute::new(share, self.recompute.selection)?)
+            }
+        }
+    }
+}
+
 /// A request's tokens, split the way APE reads them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prompt {
@@ -270,6 +313,8 @@ pub struct Engine {
     chunk_tokens: usize,
     /// Whether plain generation reuses and keeps conversations' keys and values.
     reuse_prompts: bool,
+    /// APE's settings for requests that name none.
+    ape_defaults: ApeDefaults,
 }
 
 impl Engine {
@@ -283,7 +328,20 @@ impl Engine {
             store: None,
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
             reuse_prompts: false,
+            ape_defaults: ApeDefaults::default(),
         })
+    }
+
+    /// Read requests that leave APE's settings out with `defaults` (a model's calibrated
+    /// settings) instead of the paper's.
+    pub fn with_ape_defaults(mut self, defaults: ApeDefaults) -> Self {
+        self.ape_defaults = defaults;
+        self
+    }
+
+    /// APE's settings for requests that name none.
+    pub fn ape_defaults(&self) -> &ApeDefaults {
+        &self.ape_defaults
     }
 
     /// Let plain generation reuse the keys and values of the longest start a prompt shares
@@ -724,7 +782,9 @@ impl Engine {
         if recompute.share == 0.0 || total == 0 || !fits {
             return Ok(None);
         }
-        let mut cache = self.model.lay_out_in_order(prefix, contexts, p + total + room);
+        let mut cache = self
+            .model
+            .lay_out_in_order(prefix, contexts, p + total + room);
         let share_of = |n: usize| ((recompute.share * n as f32).ceil() as usize).min(n);
         let chosen: Vec<usize> = match recompute.selection {
             Selection::First => {

@@ -12,8 +12,7 @@ use crate::attention::{
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, TensorInfo, Value};
 use crate::kernels::{
-    dot_f16, matmul, matmul_gemm, matvec, rms_norm, silu_mul, Matrix, Rope, RopeAngles,
-    RopeStyle,
+    dot_f16, matmul, matmul_gemm, matvec, rms_norm, silu_mul, Matrix, Rope, RopeAngles, RopeStyle,
 };
 use crate::quant::dequantize;
 

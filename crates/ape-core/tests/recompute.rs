@@ -118,7 +118,10 @@ fn recomputing_everything_is_sequential_reading_on_both_models() {
         let want = rows(e, &prompt, Mode::Sequential, &answer);
         // APE's factors have nothing left to correct once every token has seen the
         // contexts before it.
-        for (selection, t, s) in [(Selection::Attended, 0.9, 0.9), (Selection::First, 0.5, 1.2)] {
+        for (selection, t, s) in [
+            (Selection::Attended, 0.9, 0.9),
+            (Selection::First, 0.5, 1.2),
+        ] {
             let got = rows(e, &prompt, ape(t, s, 1.0, selection), &answer);
             assert_eq!(got.len(), want.len());
             for (g, w) in got.iter().zip(&want) {
@@ -137,7 +140,12 @@ fn recomputing_a_share_counts_its_tokens_and_moves_towards_sequential() {
     let sequential = rows(e, &prompt, Mode::Sequential, &answer);
     let mean_kl = |mode: Mode| {
         let got = rows(e, &prompt, mode, &answer);
-        sequential.iter().zip(&got).map(|(p, q)| kl(p, q)).sum::<f64>() / got.len() as f64
+        sequential
+            .iter()
+            .zip(&got)
+            .map(|(p, q)| kl(p, q))
+            .sum::<f64>()
+            / got.len() as f64
     };
     let none = mean_kl(Mode::Parallel);
     let half = mean_kl(ape(1.0, 1.0, 0.5, Selection::Attended));
@@ -152,7 +160,10 @@ fn recomputing_a_share_counts_its_tokens_and_moves_towards_sequential() {
         ..Default::default()
     };
     for (selection, want) in [
-        (Selection::Attended, (0.3 * context_tokens as f32).ceil() as usize),
+        (
+            Selection::Attended,
+            (0.3 * context_tokens as f32).ceil() as usize,
+        ),
         (
             Selection::First,
             prompt

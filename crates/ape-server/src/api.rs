@@ -3,7 +3,8 @@
 //! Fields follow OpenAI's API. ape adds two to chat and text completions:
 //! - `documents`: the texts (or ids of contexts stored with `POST /v1/contexts`) to answer
 //!   from; each is one context, encoded once and kept in the context store;
-//! - `ape`: `{"mode": "ape" | "parallel" | "sequential", "temperature", "scale"}`.
+//! - `ape`: `{"mode": "ape" | "parallel" | "sequential", "temperature", "scale",
+//!   "recompute"}`, each left out taken from the engine's APE defaults.
 //!
 //! and to text completions a third, `prefix`: the text before the documents that every
 //! one of them is encoded after (an instruction, say). The prompt follows the documents,
@@ -14,7 +15,7 @@
 //! their neutral value, rather than silently ignored.
 
 use ape_core::chat::Message;
-use ape_core::engine::{Engine, Mode, Prompt, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
+use ape_core::engine::{Engine, Mode, Prompt};
 use ape_core::generate::{Cancel, GenerateOptions};
 use ape_core::sampler::SamplingParams;
 use ape_store::{Key, Store};
@@ -118,6 +119,8 @@ pub struct ApeOptions {
     pub mode: Option<String>,
     pub temperature: Option<f32>,
     pub scale: Option<f32>,
+    /// Share of the context tokens to recompute (0 to 1).
+    pub recompute: Option<f32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -332,12 +335,12 @@ fn answer(
     ape: Option<&ApeOptions>,
     options: &GenerateOptions,
 ) -> Result<Work, ApiError> {
-    let name = ape.and_then(|a| a.mode.as_deref()).unwrap_or("ape");
-    let temperature = ape
-        .and_then(|a| a.temperature)
-        .unwrap_or(DEFAULT_APE_TEMPERATURE);
-    let scale = ape.and_then(|a| a.scale).unwrap_or(DEFAULT_APE_SCALE);
-    let mode = Mode::from_name(name, temperature, scale)?;
+    let mode = engine.ape_defaults().mode(
+        ape.and_then(|a| a.mode.as_deref()),
+        ape.and_then(|a| a.temperature),
+        ape.and_then(|a| a.scale),
+        ape.and_then(|a| a.recompute),
+    )?;
     for document in documents {
         prompt
             .contexts

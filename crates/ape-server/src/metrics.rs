@@ -30,6 +30,7 @@ pub struct Metrics {
     pub decode_tokens_per_second: Histogram,
     pub prompt_tokens: IntCounter,
     pub cached_prompt_tokens: IntCounter,
+    pub recomputed_tokens: IntCounter,
     pub generated_tokens: IntCounter,
     pub refused: IntCounter,
     pub cancelled: IntCounter,
@@ -96,6 +97,11 @@ impl Metrics {
                 "Prompt tokens not read again: a kept prefix, stored documents, an earlier turn.",
             )
             .expect("valid counter"),
+            recomputed_tokens: IntCounter::new(
+                "ape_recomputed_tokens_total",
+                "Context tokens whose keys and values were recomputed over the other contexts.",
+            )
+            .expect("valid counter"),
             generated_tokens: IntCounter::new(
                 "ape_generated_tokens_total",
                 "Tokens generated.",
@@ -150,6 +156,7 @@ impl Metrics {
             Box::new(metrics.decode_tokens_per_second.clone()),
             Box::new(metrics.prompt_tokens.clone()),
             Box::new(metrics.cached_prompt_tokens.clone()),
+            Box::new(metrics.recomputed_tokens.clone()),
             Box::new(metrics.generated_tokens.clone()),
             Box::new(metrics.refused.clone()),
             Box::new(metrics.cancelled.clone()),
@@ -175,6 +182,8 @@ impl Metrics {
         self.prompt_tokens.inc_by(generation.prompt_tokens as u64);
         self.cached_prompt_tokens
             .inc_by(generation.cached_tokens as u64);
+        self.recomputed_tokens
+            .inc_by(generation.recomputed_tokens as u64);
         self.generated_tokens.inc_by(generation.tokens.len() as u64);
         let first = generation.time_to_first_token.as_secs_f64();
         self.time_to_first_token.observe(first);

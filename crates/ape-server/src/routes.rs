@@ -238,7 +238,10 @@ fn usage(generation: &Generation) -> Value {
         "prompt_tokens": generation.prompt_tokens,
         "completion_tokens": generation.tokens.len(),
         "total_tokens": generation.prompt_tokens + generation.tokens.len(),
-        "prompt_tokens_details": {"cached_tokens": generation.cached_tokens},
+        "prompt_tokens_details": {
+            "cached_tokens": generation.cached_tokens,
+            "recomputed_tokens": generation.recomputed_tokens,
+        },
     })
 }
 

@@ -1,0 +1,324 @@
+//! `ape calibrate`: choose APE's temperature, scale and default recompute share for a
+//! model without labels, and keep them beside the model, where `generate`, `serve` and
+//! `eval` read them as their defaults.
+//!
+//! The sample is a set of questions over several documents. Each is answered greedily by
+//! sequential reading, and every point of the grid is scored on that answer's tokens: the
+//! mean KL divergence of sequential's next-token distributions from the point's. No gold
+//! answer is read. At each recompute share the factors with the least KL win; the default
+//! share is the largest one the grid has within `--max-recompute`, because recomputing
+//! more always reads closer to sequential but costs time to first token in proportion.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use ape_core::engine::{ApeDefaults, Engine, Mode, Prompt, Recompute, Selection};
+use ape_core::generate::GenerateOptions;
+use ape_eval::metrics::mean_kl;
+use ape_eval::{Draw, Evaluator, Split, Task};
+
+/// Bytes at the start of the model file whose digest tells one file from another: the
+/// header, the metadata and the first tensors.
+const FINGERPRINT_BYTES: u64 = 16 << 20;
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    model: crate::ModelArg,
+    /// A folder of documents (one per file) to ask about. Without it the sample is SQuAD's
+    /// dev split (paragraphs and questions; `scripts/eval-data.sh` installs it), whose
+    /// gold answers are not read.
+    #[arg(long)]
+    documents: Option<PathBuf>,
+    /// The folder `scripts/eval-data.sh` installs the data into.
+    #[arg(long, default_value = "data")]
+    data: PathBuf,
+    /// Questions in the sample.
+    #[arg(long, default_value_t = 16)]
+    n: usize,
+    /// Documents per question.
+    #[arg(long, default_value_t = 5)]
+    contexts: usize,
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,1.0")]
+    temperatures: Vec<f32>,
+    #[arg(long, value_delimiter = ',', default_value = "0.8,0.9,1.0")]
+    scales: Vec<f32>,
+    /// Recompute shares tried.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.05,0.1,0.15,0.3")]
+    recompute: Vec<f32>,
+    /// The most the default share may be: time to first token grows with it.
+    #[arg(long, default_value_t = 0.1)]
+    max_recompute: f32,
+    /// Which context tokens are recomputed: attended or first.
+    #[arg(long, default_value = "attended")]
+    selection: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// What `ape calibrate` chose for one model file, kept beside it as `<model>.ape.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Calibration {
+    /// Which file this is for: its size and the BLAKE3 digest of its first bytes.
+    model_bytes: u64,
+    model_digest: String,
+    temperature: f32,
+    scale: f32,
+    recompute: f32,
+    selection: String,
+    /// Mean KL from sequential at the chosen point, and the sample it was measured on.
+    kl: f64,
+    sample: String,
+    /// The best factors at every share tried.
+    by_share: Vec<Point>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Point {
+    recompute: f32,
+    temperature: f32,
+    scale: f32,
+    kl: f64,
+}
+
+/// Where the calibration of `model` is kept: `x.gguf` has `x.ape.json`.
+fn calibration_path(model: &Path) -> PathBuf {
+    model.with_extension("ape.json")
+}
+
+/// Size and digest of the start of `model`, which a calibration must match.
+fn fingerprint(model: &Path) -> Result<(u64, String)> {
+    let file = std::fs::File::open(model)
+        .with_context(|| format!("cannot read the model file {}", model.display()))?;
+    let bytes = file.metadata()?.len();
+    let mut head = Vec::new();
+    file.take(FINGERPRINT_BYTES).read_to_end(&mut head)?;
+    Ok((bytes, blake3::hash(&head).to_hex().to_string()))
+}
+
+/// The APE defaults for `model`: its calibration where there is a sound one beside it,
+/// else the paper's. A damaged or stale file is reported on stderr and left alone.
+pub fn defaults_for(model: &Path) -> ApeDefaults {
+    let path = calibration_path(model);
+    if !path.exists() {
+        return ApeDefaults::default();
+    }
+    match read_calibration(model, &path) {
+        Ok(defaults) => defaults,
+        Err(e) => {
+            eprintln!(
+                "warning: ignoring the calibration {}: {e:#}; using the paper's defaults \
+                 (T 0.9, S 0.9, nothing recomputed). Run `ape calibrate` to write a new one",
+                path.display()
+            );
+            ApeDefaults::default()
+        }
+    }
+}
+
+fn read_calibration(model: &Path, path: &Path) -> Result<ApeDefaults> {
+    let text = std::fs::read_to_string(path).context("cannot read it")?;
+    let calibration: Calibration =
+        serde_json::from_str(&text).context("it is not a calibration file")?;
+    let (bytes, digest) = fingerprint(model)?;
+    anyhow::ensure!(
+        calibration.model_bytes == bytes && calibration.model_digest == digest,
+        "it was written for another model file"
+    );
+    let mode = Mode::ape(calibration.temperature, calibration.scale)?;
+    let recompute = Recompute::new(
+        calibration.recompute,
+        Selection::from_name(&calibration.selection)?,
+    )?;
+    Ok(ApeDefaults {
+        factors: mode.factors().expect("APE has factors"),
+        recompute,
+    })
+}
+
+pub fn run(args: CalibrateArgs) -> Result<()> {
+    anyhow::ensure!(args.n > 0, "--n must be at least 1");
+    anyhow::ensure!(
+        args.recompute.iter().any(|&r| r <= args.max_recompute),
+        "no share of --recompute is within --max-recompute {}",
+        args.max_recompute
+    );
+    let selection = Selection::from_name(&args.selection)?;
+    let model = &args.model.model;
+    let evaluator =
+        Evaluator::load(model).with_context(|| format!("loading {}", model.display()))?;
+    let engine = evaluator.engine();
+    let (prompts, sample) = match &args.documents {
+        Some(dir) => (
+            questions_over(engine, dir, args.n, args.contexts, args.seed)?,
+            format!("{} questions over {}", args.n, dir.display()),
+        ),
+        None => {
+            let draw = Draw {
+                split: Split::Dev,
+                n: args.n,
+                contexts: args.contexts,
+                draws: 1,
+                seed: args.seed,
+            };
+            let set = ape_eval::tasks::load(&Task::from_name("squad")?, &args.data, draw)?;
+            let prompts = set
+                .examples
+                .iter()
+                .map(|e| engine.split_chat(Some(&set.system), &e.contexts, &e.question))
+                .collect::<ape_core::Result<Vec<_>>>()?;
+            (
+                prompts,
+                format!(
+                    "{} SQuAD dev questions, {} documents each",
+                    args.n, args.contexts
+                ),
+            )
+        }
+    };
+
+    let mut grid = Vec::new();
+    for &recompute in &args.recompute {
+        for &temperature in &args.temperatures {
+            for &scale in &args.scales {
+                let mode = Mode::ape(temperature, scale)?
+                    .with_recompute(Recompute::new(recompute, selection)?)?;
+                grid.push((recompute, temperature, scale, mode));
+            }
+        }
+    }
+    let progress = ProgressBar::new((prompts.len() * grid.len()) as u64).with_style(
+        ProgressStyle::with_template("calibrating [{elapsed_precise}] {wide_bar} {pos}/{len}")
+            .expect("the progress template is valid"),
+    );
+    let mut kl_sums = vec![0f64; grid.len()];
+    let mut read = 0;
+    for prompt in &prompts {
+        let Some(answer) = sequential_answer(engine, prompt)? else {
+            progress.inc(grid.len() as u64);
+            continue;
+        };
+        let reference = engine
+            .score(prompt, Mode::Sequential, &[&answer])?
+            .remove(0);
+        for ((.., mode), sum) in grid.iter().zip(&mut kl_sums) {
+            let rows = engine.score(prompt, *mode, &[&answer])?.remove(0);
+            *sum += mean_kl(&reference, &rows);
+            progress.inc(1);
+        }
+        read += 1;
+    }
+    progress.finish_and_clear();
+    anyhow::ensure!(read > 0, "no question of the sample could be answered");
+
+    let mut by_share: Vec<Point> = Vec::new();
+    for (&(recompute, temperature, scale, _), sum) in grid.iter().zip(&kl_sums) {
+        let point = Point {
+            recompute,
+            temperature,
+            scale,
+            kl: sum / read as f64,
+        };
+        match by_share.iter_mut().find(|p| p.recompute == recompute) {
+            Some(best) if point.kl < best.kl => *best = point,
+            Some(_) => {}
+            None => by_share.push(point),
+        }
+    }
+    println!("| recompute | best T | best S | mean KL from sequential |");
+    println!("|---:|---:|---:|---:|");
+    for p in &by_share {
+        println!(
+            "| {} | {} | {} | {:.4} |",
+            p.recompute, p.temperature, p.scale, p.kl
+        );
+    }
+    let chosen = by_share
+        .iter()
+        .filter(|p| p.recompute <= args.max_recompute)
+        .max_by(|a, b| a.recompute.total_cmp(&b.recompute))
+        .expect("checked above")
+        .clone();
+    let (model_bytes, model_digest) = fingerprint(model)?;
+    let calibration = Calibration {
+        model_bytes,
+        model_digest,
+        temperature: chosen.temperature,
+        scale: chosen.scale,
+        recompute: chosen.recompute,
+        selection: selection.name().to_string(),
+        kl: chosen.kl,
+        sample: format!("{sample} ({read} answered)"),
+        by_share,
+    };
+    let path = calibration_path(model);
+    std::fs::write(&path, serde_json::to_string_pretty(&calibration)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!(
+        "chose T {} S {} recompute {} ({}), mean KL {:.4}; wrote {}",
+        calibration.temperature,
+        calibration.scale,
+        calibration.recompute,
+        calibration.selection,
+        calibration.kl,
+        path.display()
+    );
+    Ok(())
+}
+
+/// Sequential reading's greedy answer to `prompt` (at most 16 tokens, up to a line
+/// break); `None` when it is empty.
+fn sequential_answer(engine: &Engine, prompt: &Prompt) -> Result<Option<Vec<u32>>> {
+    let options = GenerateOptions {
+        max_tokens: Some(16),
+        stop: vec!["\n".to_string()],
+        ..GenerateOptions::default()
+    };
+    let answer = engine.answer(prompt, Mode::Sequential, &options, |_| {})?;
+    Ok(Some(answer.tokens).filter(|t| !t.is_empty()))
+}
+
+/// `n` questions over the documents in `dir`, each over `contexts` of them drawn at
+/// random: it names the opening words of a sentence of one of them and asks what the
+/// documents say about it.
+fn questions_over(
+    engine: &Engine,
+    dir: &Path,
+    n: usize,
+    contexts: usize,
+    seed: u64,
+) -> Result<Vec<Prompt>> {
+    let documents = crate::read_documents(&[], Some(dir))?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut prompts = Vec::with_capacity(n);
+    for _ in 0..n {
+        let chosen: Vec<&String> = documents
+            .choose_multiple(&mut rng, contexts.min(documents.len()))
+            .collect();
+        let sentences: Vec<&str> = chosen
+            .choose(&mut rng)
+            .expect("at least one document")
+            .split(['.', '\n'])
+            .filter(|s| s.split_whitespace().count() >= 4)
+            .collect();
+        let Some(sentence) = sentences.choose(&mut rng) else {
+            continue;
+        };
+        let opening: Vec<&str> = sentence.split_whitespace().take(4).collect();
+        let question = format!("What do the documents say about \"{}\"?", opening.join(" "));
+        prompts.push(engine.split_chat(None, &chosen, &question)?);
+    }
+    anyhow::ensure!(
+        !prompts.is_empty(),
+        "the documents in {} have no sentence of four words or more to ask about",
+        dir.display()
+    );
+    Ok(prompts)
+}
