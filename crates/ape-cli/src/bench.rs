@@ -13,10 +13,13 @@ use std::sync::Arc;
 
 use ape_core::attention::KvCache;
 use ape_core::chat::Message;
-use ape_core::engine::{Engine, Mode, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE};
+use ape_core::engine::{
+    ContextStore, Engine, Mode, Recompute, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE,
+};
 use ape_core::generate::{prefill, Cancel, GenerateOptions};
 use ape_core::gguf::Gguf;
 use ape_core::model::Model;
+use ape_eval::store::RunStore;
 use ape_store::{Codec, DiskTier, Entry, KvDtype, RedisTier, Store, Tier};
 
 #[derive(Args)]
@@ -31,7 +34,7 @@ pub struct BenchArgs {
 #[derive(Subcommand)]
 enum TtftCommand {
     /// Time to first token over many contexts: sequential vs APE encoding them in the
-    /// request vs APE with them already encoded.
+    /// request vs APE with them already encoded, at several recompute shares.
     Ttft(TtftArgs),
     /// Loading stored contexts from disk and Redis against encoding them again, and time
     /// to first token with every document stored on disk.
@@ -138,6 +141,9 @@ struct TtftArgs {
     /// Tokens per context.
     #[arg(long, default_value_t = 512)]
     context_len: usize,
+    /// Shares of the context tokens recomputed, each timed with the contexts in memory.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.05, 0.15, 0.3])]
+    recompute: Vec<f32>,
     /// Runs per measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -148,26 +154,47 @@ const QUESTION: &str = "Which of the reports above mentions the largest number?"
 
 fn run_ttft(args: TtftArgs) -> Result<()> {
     anyhow::ensure!(args.context_len > 0, "--context-len must be at least 1");
-    let engine =
-        Engine::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let store = Arc::new(RunStore::new(usize::MAX));
+    let defaults = crate::calibrate::defaults_for(&args.model);
+    let engine = Engine::load(&args.model)
+        .with_context(|| format!("loading {}", args.model.display()))?
+        .with_store(store.clone());
     let window = engine.model.config.context_length;
     let vocab = engine.model.config.vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let no_documents: [&str; 0] = [];
     let base = engine.split_chat(None, &no_documents, QUESTION)?;
-    let prefix = engine.prefix_kv(&base.prefix)?;
     let options = GenerateOptions {
         max_tokens: Some(1),
         ..GenerateOptions::default()
     };
-    let ape = Mode::ape(DEFAULT_APE_TEMPERATURE, DEFAULT_APE_SCALE)?;
-    let factors = ape.factors().expect("APE has factors");
+    let ape = |share: f32| -> Result<Mode> {
+        Ok(Mode::Ape {
+            factors: defaults.factors,
+            recompute: Recompute::new(share, defaults.recompute.selection)?,
+        })
+    };
     let sequential_room = window - base.prefix.len() - base.query.len() - 1;
 
     println!(
-        "| context tokens | contexts | sequential TTFT (s) | APE, contexts encoded in the request (s) | APE, contexts in memory (s) | speedup in memory | speedup encoding | context KV (MiB) | peak RSS (MiB) |"
+        "APE T {} S {}, {} tokens recomputed; times to first token in seconds, speedups over sequential",
+        defaults.factors.temperature,
+        defaults.factors.scale,
+        defaults.recompute.selection.name()
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let in_memory: Vec<String> = args
+        .recompute
+        .iter()
+        .map(|r| format!("in memory, r = {r} | speedup"))
+        .collect();
+    println!(
+        "| context tokens | contexts | sequential | APE, encoded in the request | {} | context KV (MiB) | peak RSS (MiB) |",
+        in_memory.join(" | ")
+    );
+    println!(
+        "|---:|---:|---:|---:|{}---:|---:|",
+        "---:|---:|".repeat(args.recompute.len())
+    );
     for &asked in &args.total {
         let total = if asked <= window {
             asked.min(sequential_room)
@@ -183,39 +210,39 @@ fn run_ttft(args: TtftArgs) -> Result<()> {
                 .push((0..n).map(|_| rng.gen_range(0..vocab)).collect());
             left -= n;
         }
-        let ttft = |mode: Mode| -> Result<f64> {
+        let ttft = |mode: Mode, forget_contexts: bool| -> Result<f64> {
             let runs = repeat(args.repeats, || {
+                if forget_contexts {
+                    store.clear();
+                }
                 let generation = engine.answer(&prompt, mode, &options, |_| {})?;
                 Ok(generation.time_to_first_token.as_secs_f64())
             })?;
             Ok(median(runs))
         };
         let sequential = if total <= sequential_room {
-            Some(ttft(Mode::Sequential)?)
+            Some(ttft(Mode::Sequential, false)?)
         } else {
             None
         };
-        let encoding = ttft(ape)?;
+        let encoding = ttft(ape(0.0)?, true)?;
+        let speedup = |t: f64| sequential.map_or("-".into(), |s| format!("{:.1}x", s / t));
+        let mut cells = vec![format!("{encoding:.3}")];
+        for &share in &args.recompute {
+            let t = ttft(ape(share)?, false)?;
+            cells.push(format!("{t:.3} | {}", speedup(t)));
+        }
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
-        let encoded = engine.encode_contexts(&prefix, &contexts)?;
-        let refs: Vec<&KvCache> = encoded.iter().collect();
-        let in_memory = median(repeat(args.repeats, || {
-            let generation =
-                engine.answer_encoded(&prefix, &refs, &base.query, factors, &options, |_| {})?;
-            Ok(generation.time_to_first_token.as_secs_f64())
-        })?);
-        let kv_bytes: usize = encoded.iter().map(KvCache::bytes).sum();
-        let (sequential_text, in_memory_speedup, encoding_speedup) = match sequential {
-            Some(s) => (
-                format!("{s:.3}"),
-                format!("{:.1}x", s / in_memory),
-                format!("{:.1}x", s / encoding),
-            ),
-            None => ("beyond the window".into(), "-".into(), "-".into()),
-        };
+        let kv_bytes: usize = contexts
+            .iter()
+            .filter_map(|c| store.get(&prompt.prefix, c))
+            .map(|kv| kv.bytes())
+            .sum();
         println!(
-            "| {total} | {} | {sequential_text} | {encoding:.3} | {in_memory:.3} | {in_memory_speedup} | {encoding_speedup} | {:.0} | {:.0} |",
+            "| {total} | {} | {} | {} | {:.0} | {:.0} |",
             contexts.len(),
+            sequential.map_or("beyond the window".into(), |s| format!("{s:.3}")),
+            cells.join(" | "),
             kv_bytes as f64 / (1 << 20) as f64,
             peak_resident_bytes() as f64 / (1 << 20) as f64,
         );

@@ -125,6 +125,13 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_eq!((status, e["param"].as_str()), (400, Some("ape")), "{e}");
     let (status, e) = with(&|b| b["ape"] = json!({"mode": "telepathy"}));
     assert_eq!(status, 400, "{e}");
+    for recompute in [
+        json!({"recompute": 2}),
+        json!({"mode": "parallel", "recompute": 0.5}),
+    ] {
+        let (status, e) = with(&|b| b["ape"] = recompute.clone());
+        assert_eq!((status, e["param"].as_str()), (400, Some("ape")), "{e}");
+    }
     for too_many in [json!(100_000), json!(u64::MAX)] {
         let (status, e) = with(&|b| b["max_tokens"] = too_many.clone());
         assert_eq!(
@@ -167,6 +174,15 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
 
     // Still serving, and every refusal above was counted.
     assert!(!answer(server.post("/v1/chat/completions", &question(documents()))).is_empty());
+    // Recomputing every document token: the usage and the metrics say how many.
+    let mut body = question(documents());
+    body["ape"] = json!({"recompute": 1.0});
+    let reply: Value = server.post("/v1/chat/completions", &body).json().unwrap();
+    let recomputed = reply["usage"]["prompt_tokens_details"]["recomputed_tokens"]
+        .as_f64()
+        .unwrap_or_default();
+    assert!(recomputed > 0.0, "{reply}");
+    assert_eq!(server.metric("ape_recomputed_tokens_total"), recomputed);
     let health: Value = server.get("/health").json().unwrap();
     assert_eq!(health["status"], "ok");
     assert!(

@@ -1,0 +1,124 @@
+//! `ape calibrate` on the real model: it writes its choice beside the model, `generate`
+//! reads it back as its defaults, and a damaged or stale file is reported and ignored.
+
+mod common;
+
+use std::path::Path;
+
+use common::ape;
+use serde_json::Value;
+
+/// `ape generate --stats` over the example documents with `model`: its answer and what it
+/// printed on stderr.
+fn generate(model: &Path, cache: &Path) -> (String, String) {
+    let output = ape(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--contexts-dir",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/documents"),
+        "--query",
+        "Where does Alice keep her bicycle?",
+        "--max-tokens",
+        "8",
+        "--stats",
+    ])
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    (String::from_utf8_lossy(&output.stdout).into_owned(), stderr)
+}
+
+/// The number of recomputed tokens `generate --stats` reports.
+fn recomputed(stats: &str) -> usize {
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with("prompt "))
+        .expect(stats);
+    let (before, _) = line.split_once(" recomputed)").expect(stats);
+    before.rsplit('(').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_calibration_is_written_beside_the_model_and_read_back_as_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    // The model under another name, so that its calibration does not touch other tests.
+    let model = dir.path().join("model.gguf");
+    std::os::unix::fs::symlink(common::model(), &model).unwrap();
+    let cache = dir.path().join("cache");
+
+    let (uncalibrated, stats) = generate(&model, &cache);
+    assert_eq!(recomputed(&stats), 0, "{stats}");
+
+    let output = ape(&[
+        "calibrate",
+        "-m",
+        model.to_str().unwrap(),
+        "--documents",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/documents"),
+        "--n",
+        "2",
+        "--contexts",
+        "3",
+        "--temperatures",
+        "0.7,0.9",
+        "--scales",
+        "1.0",
+        "--recompute",
+        "0,0.1,0.5",
+        "--max-recompute",
+        "0.2",
+    ])
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = dir.path().join("model.ape.json");
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(
+        written["recompute"].as_f64(),
+        Some(0.1),
+        "the largest share within the limit: {written}"
+    );
+    assert_eq!(written["scale"].as_f64(), Some(1.0));
+    assert!([0.7, 0.9].contains(&written["temperature"].as_f64().unwrap()));
+    assert_eq!(written["by_share"].as_array().unwrap().len(), 3);
+    let kl = |i: usize| written["by_share"][i]["kl"].as_f64().unwrap();
+    assert!(
+        kl(2) < kl(0),
+        "recomputing half reads closer to sequential: {written}"
+    );
+
+    let (_, stats) = generate(&model, &cache);
+    assert!(
+        recomputed(&stats) > 0,
+        "the calibrated share is the default: {stats}"
+    );
+
+    for (damage, says) in [
+        ("{\"temperature\": ".to_string(), "not a calibration file"),
+        (
+            written
+                .to_string()
+                .replace(written["model_digest"].as_str().unwrap(), &"0".repeat(64)),
+            "another model file",
+        ),
+    ] {
+        std::fs::write(&path, damage).unwrap();
+        let (answer, stats) = generate(&model, &cache);
+        assert!(
+            stats.contains("warning: ignoring the calibration"),
+            "{stats}"
+        );
+        assert!(stats.contains(says), "{stats}");
+        assert_eq!(recomputed(&stats), 0, "the built-in defaults: {stats}");
+        assert_eq!(answer, uncalibrated);
+    }
+}
