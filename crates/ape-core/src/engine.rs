@@ -281,6 +281,10 @@ impl Prompt {
     }
 }
 
+/// What teacher-forced scoring gives: for each continuation, the logits of each of its
+/// tokens.
+pub type Scores = Vec<Vec<Vec<f32>>>;
+
 /// A request's keys and values after recomputation, in the two groups APE's query side
 /// reads: `own`, the prefix and the recomputed context tokens, read like the prefix; and
 /// `rest`, the context tokens left as they were encoded, read with APE's temperature and
@@ -986,47 +990,90 @@ impl Engine {
     /// distribution `continuation[i]` was drawn from, so there are as many rows as tokens.
     /// For log-likelihoods of answers and for comparing the modes' next-token
     /// distributions.
-    pub fn score(
+    pub fn score(&self, prompt: &Prompt, mode: Mode, continuations: &[&[u32]]) -> Result<Scores> {
+        let mut scores = self.score_modes(prompt, &[mode], continuations)?;
+        Ok(scores.remove(0))
+    }
+
+    /// [`Engine::score`] in each of `modes`: the contexts are encoded once, and recomputed
+    /// once for each share of them the modes ask for, whatever APE factors go with it (a
+    /// calibration's grid, say).
+    pub fn score_modes(
         &self,
         prompt: &Prompt,
-        mode: Mode,
+        modes: &[Mode],
         continuations: &[&[u32]],
-    ) -> Result<Vec<Vec<Vec<f32>>>> {
+    ) -> Result<Vec<Scores>> {
         if prompt.query.is_empty() {
             return Err(Error::EmptyQuery);
         }
         let longest_continuation = continuations.iter().map(|c| c.len()).max().unwrap_or(0);
         let prefix = self.prefix_kv(&prompt.prefix)?;
-        let Some(factors) = mode.factors() else {
-            self.check_window(prompt, mode, Some(longest_continuation))?;
-            let total = prompt.total_tokens();
-            let mut cache = prefix.copy_with_capacity(total + longest_continuation);
-            let contexts = prompt.contexts.concat();
-            if !contexts.is_empty() {
-                prefill(&self.model, &contexts, &mut cache, &Cancel::default())?;
-            }
-            return Ok(score_continuations(
-                &prompt.query,
-                continuations,
-                &mut cache,
-                |tokens, cache, rows| self.model.forward_rows(tokens, cache, rows),
-            ));
-        };
-        let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
         let cancel = Cancel::default();
-        let encoded = self.contexts_kv(&prompt.prefix, &prefix, &contexts, &cancel)?;
-        let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
-        let room = prompt.query.len() + longest_continuation;
-        match self.repair(prompt, &prefix, &encoded, mode.recompute(), room, &cancel)? {
-            Some(repaired) => self.score_encoded(
-                &repaired.own,
-                &[&repaired.rest],
-                &prompt.query,
-                factors,
-                continuations,
-            ),
-            None => self.score_encoded(&prefix, &encoded, &prompt.query, factors, continuations),
+        let mut encoded: Option<Vec<Arc<KvCache>>> = None;
+        let mut repaired: Vec<(Recompute, Option<Repaired>)> = Vec::new();
+        let mut scores = Vec::with_capacity(modes.len());
+        for &mode in modes {
+            let Some(factors) = mode.factors() else {
+                scores.push(self.score_sequentially(
+                    prompt,
+                    &prefix,
+                    longest_continuation,
+                    continuations,
+                )?);
+                continue;
+            };
+            if encoded.is_none() {
+                let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
+                encoded = Some(self.contexts_kv(&prompt.prefix, &prefix, &contexts, &cancel)?);
+            }
+            let encoded: Vec<&KvCache> = encoded.iter().flatten().map(Arc::as_ref).collect();
+            let recompute = mode.recompute();
+            let at = match repaired.iter().position(|(r, _)| *r == recompute) {
+                Some(at) => at,
+                None => {
+                    let room = prompt.query.len() + longest_continuation;
+                    let repair =
+                        self.repair(prompt, &prefix, &encoded, recompute, room, &cancel)?;
+                    repaired.push((recompute, repair));
+                    repaired.len() - 1
+                }
+            };
+            scores.push(match &repaired[at].1 {
+                Some(repaired) => self.score_encoded(
+                    &repaired.own,
+                    &[&repaired.rest],
+                    &prompt.query,
+                    factors,
+                    continuations,
+                )?,
+                None => {
+                    self.score_encoded(&prefix, &encoded, &prompt.query, factors, continuations)?
+                }
+            });
         }
+        Ok(scores)
+    }
+
+    fn score_sequentially(
+        &self,
+        prompt: &Prompt,
+        prefix: &KvCache,
+        longest_continuation: usize,
+        continuations: &[&[u32]],
+    ) -> Result<Scores> {
+        self.check_window(prompt, Mode::Sequential, Some(longest_continuation))?;
+        let mut cache = prefix.copy_with_capacity(prompt.total_tokens() + longest_continuation);
+        let contexts = prompt.contexts.concat();
+        if !contexts.is_empty() {
+            prefill(&self.model, &contexts, &mut cache, &Cancel::default())?;
+        }
+        Ok(score_continuations(
+            &prompt.query,
+            continuations,
+            &mut cache,
+            |tokens, cache, rows| self.model.forward_rows(tokens, cache, rows),
+        ))
     }
 
     /// [`Engine::score`] over contexts already encoded after `prefix`, read with APE
@@ -1038,7 +1085,7 @@ impl Engine {
         query: &[u32],
         factors: ApeFactors,
         continuations: &[&[u32]],
-    ) -> Result<Vec<Vec<Vec<f32>>>> {
+    ) -> Result<Scores> {
         if query.is_empty() {
             return Err(Error::EmptyQuery);
         }

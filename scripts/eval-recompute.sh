@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Reproduces the README's recompute figures: for each model, `ape calibrate` (dev split,
+# no labels; skipped where the model already has a calibration beside it), then the test
+# split read sequentially, in parallel and with APE at the calibrated T and S while
+# recomputing 0, 5, 15 and 30% of the context tokens, and the time to first token over
+# 8K stored context tokens at the same shares. Results go to eval-results/recompute/;
+# scripts/recompute-tables.py prints the tables and draws the accuracy-against-time curve.
+# MODELS, SQUAD_N, NEEDLE_N and TASKS (default "squad needle") pick what runs.
+# Needs the models (`ape model pull ...`) and the data (`bash scripts/eval-data.sh`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+APE=./target/release/ape
+OUT=eval-results/recompute
+MODELS="${MODELS:-qwen2.5-coder-0.5b-instruct-q4_k_m smollm2-135m-instruct-q4_1 qwen2.5-coder-1.5b-instruct-q4_k_m}"
+TASKS="${TASKS:-squad needle}"
+SQUAD_N="${SQUAD_N:-200}"
+NEEDLE_N="${NEEDLE_N:-60}"
+SHARES=0,0.05,0.15,0.3
+mkdir -p "$OUT"
+
+for model in $MODELS; do
+    m="models/$model.gguf"
+    [ -f "models/$model.ape.json" ] || $APE --threads 2 calibrate -m "$m"
+    cp "models/$model.ape.json" "$OUT/calibration-$model.json"
+    for task in $TASKS; do
+        case $task in
+            squad) n=$SQUAD_N contexts=5 ;;
+            needle) n=$NEEDLE_N contexts=8 ;;
+        esac
+        [ -f "$OUT/$task-$model-test.json" ] ||
+            $APE --threads 2 eval -m "$m" --task "$task" --split test --n "$n" \
+                --contexts "$contexts" --modes sequential,parallel,ape --recompute "$SHARES" \
+                --out "$OUT"
+    done
+    [ -f "$OUT/ttft-$model.md" ] ||
+        $APE --threads 2 bench ttft -m "$m" --total 8192 --repeats 1 --recompute "$SHARES" \
+            >"$OUT/ttft-$model.md"
+done

@@ -1,0 +1,99 @@
+"""Prints the README's recompute tables from what scripts/eval-recompute.sh writes, and draws
+accuracy (as a share of sequential's) against time to first token over 8K stored context
+tokens, one line per model and task, one point per recompute share:
+python3 scripts/recompute-tables.py [RESULTS_DIR]  (writes RESULTS_DIR/recompute.svg)."""
+import json, os, re, sys
+
+D = sys.argv[1] if len(sys.argv) > 1 else 'eval-results/recompute'
+MODELS = {
+    'smollm2-135m-instruct-q4_1': 'SmolLM2-135M',
+    'qwen2.5-coder-0.5b-instruct-q4_k_m': 'Qwen2.5-Coder-0.5B',
+    'qwen2.5-coder-1.5b-instruct-q4_k_m': 'Qwen2.5-Coder-1.5B',
+}
+METRIC = {'f1': 'F1', 'contains': 'contains'}
+
+
+def share(setting):
+    found = re.search(r' r=([0-9.]+)', setting)
+    return float(found.group(1)) if found else 0.0
+
+
+def ttft_by_share(model):
+    """Sequential's time and APE's at each share, from `ape bench ttft`'s table."""
+    path = f'{D}/ttft-{model}.md'
+    if not os.path.exists(path):
+        return None, {}
+    lines = [l for l in open(path) if l.startswith('|')]
+    head = [c.strip() for c in lines[0].strip('|\n').split('|')]
+    row = [c.strip() for c in lines[2].strip('|\n').split('|')]
+    times = {}
+    for name, cell in zip(head, row):
+        found = re.match(r'in memory, r = ([0-9.]+)', name)
+        if found:
+            times[float(found.group(1))] = float(cell)
+    return float(row[2]), times
+
+
+curves = []
+for model, name in MODELS.items():
+    sequential_time, times = ttft_by_share(model)
+    for task in ['squad', 'needle']:
+        path = f'{D}/{task}-{model}-test.json'
+        if not os.path.exists(path):
+            continue
+        report = json.load(open(path))
+        run = report['runs'][0]
+        rows = {s['setting']: s for s in run['summaries']}
+        seq, par = rows['sequential'], rows['parallel']
+        print(f"\n{name}, {task} ({len(run['examples'])} test questions, "
+              f"{run['contexts']} contexts, {METRIC[report['metric']]})\n")
+        print('| setting | metric | ± s.e. | ÷ sequential | KL from sequential | TTFT at 8K (s) | TTFT ÷ sequential |')
+        print('|---|---:|---:|---:|---:|---:|---:|')
+        points = []
+        for s in run['summaries']:
+            r = share(s['setting'])
+            ratio = s['ratio_to_sequential']
+            is_ape = s['setting'].startswith('ape')
+            t = times.get(r) if is_ape else (sequential_time if s['setting'] == 'sequential' else None)
+            speed = f'1/{sequential_time / t:.1f}' if t and sequential_time else '–'
+            print(f"| {s['setting']} | {100 * s['metric']:.1f} | {100 * s['metric_stderr']:.1f} | "
+                  f"{'–' if ratio is None else f'{100 * ratio:.0f}%'} | {s['kl_vs_sequential']:.3f} | "
+                  f"{'–' if t is None else f'{t:.2f}'} | {speed} |")
+            if is_ape and t is not None and ratio is not None:
+                points.append((t, 100 * ratio, r))
+        if points:
+            curves.append((f'{name}, {task}', sorted(points)))
+
+if curves:
+    W, H, L, B = 640, 400, 60, 50
+    xs = [p[0] for _, c in curves for p in c]
+    ys = [p[1] for _, c in curves for p in c] + [100]
+    x0, x1 = 0, max(xs) * 1.1
+    y0, y1 = min(ys) - 5, max(ys) + 5
+    X = lambda x: L + (x - x0) / (x1 - x0) * (W - L - 20)
+    Y = lambda y: H - B - (y - y0) / (y1 - y0) * (H - B - 20)
+    colours = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b']
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - 20}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="20" x2="{L}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{Y(100):.1f}" x2="{W - 20}" y2="{Y(100):.1f}" stroke="grey" stroke-dasharray="4"/>',
+           f'<text x="{W - 20}" y="{Y(100) - 4:.1f}" text-anchor="end" fill="grey">sequential</text>',
+           f'<text x="{(L + W) / 2}" y="{H - 12}" text-anchor="middle">time to first token over 8K stored context tokens (s)</text>',
+           f'<text x="15" y="{(H - B) / 2}" transform="rotate(-90 15 {(H - B) / 2})" text-anchor="middle">accuracy ÷ sequential (%)</text>']
+    for i in range(6):
+        x = x0 + (x1 - x0) * i / 5
+        y = y0 + (y1 - y0) * i / 5
+        out.append(f'<text x="{X(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:.1f}</text>')
+        out.append(f'<text x="{L - 6}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:.0f}</text>')
+    for i, (label, points) in enumerate(curves):
+        c = colours[i % len(colours)]
+        path = ' '.join(f'{X(t):.1f},{Y(a):.1f}' for t, a, _ in points)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{c}" stroke-width="2"/>')
+        for t, a, r in points:
+            out.append(f'<circle cx="{X(t):.1f}" cy="{Y(a):.1f}" r="3" fill="{c}"/>')
+            out.append(f'<text x="{X(t) + 5:.1f}" y="{Y(a) - 5:.1f}" fill="{c}" font-size="10">r={r:g}</text>')
+        out.append(f'<text x="{L + 10}" y="{30 + 16 * i}" fill="{c}">{label}</text>')
+    out.append('</svg>')
+    open(f'{D}/recompute.svg', 'w').write('\n'.join(out) + '\n')
+    print(f'\nwrote {D}/recompute.svg')
