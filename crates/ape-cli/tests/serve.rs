@@ -175,6 +175,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     // Still serving, and every refusal above was counted.
     assert!(!answer(server.post("/v1/chat/completions", &question(documents()))).is_empty());
     // Recomputing every document token: the usage and the metrics say how many.
+    let before = server.metric("ape_recomputed_tokens_total");
     let mut body = question(documents());
     body["ape"] = json!({"recompute": 1.0});
     let reply: Value = server.post("/v1/chat/completions", &body).json().unwrap();
@@ -182,7 +183,10 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         .as_f64()
         .unwrap_or_default();
     assert!(recomputed > 0.0, "{reply}");
-    assert_eq!(server.metric("ape_recomputed_tokens_total"), recomputed);
+    assert_eq!(
+        server.metric("ape_recomputed_tokens_total") - before,
+        recomputed
+    );
     let health: Value = server.get("/health").json().unwrap();
     assert_eq!(health["status"], "ok");
     assert!(
@@ -475,9 +479,10 @@ fn a_request_past_its_time_limit_is_stopped_with_504() {
         "--cache-dir",
         dir.path().to_str().unwrap(),
         "--request-timeout",
-        "2",
+        "6",
     ]);
-    // The prompt alone takes longer than 2 s to read.
+    // The prompt alone takes about 15 s to read on an idle machine; the question after it
+    // a fraction of a second, so the limit holds on a machine several times slower too.
     let (status, e) = error(server.post("/v1/chat/completions", &slow_request(false)));
     assert_eq!((status, e["code"].as_str()), (504, Some("timeout")), "{e}");
     assert_eq!(server.metric("ape_requests_timed_out_total"), 1.0);
