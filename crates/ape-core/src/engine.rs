@@ -6,7 +6,9 @@
 //!   reference);
 //! - `parallel` and `ape` encode each context on its own after the shared prefix, all at
 //!   the same positions, and let the query attend to all of them with APE's temperature
-//!   and scale (both 1 for `parallel`).
+//!   and scale (both 1 for `parallel`); `ape` may first recompute a share of the context
+//!   tokens over the contexts laid out in order ([`Recompute`]), which at the full share
+//!   is sequential reading.
 //!
 //! The prefix's keys and values are computed once per distinct prefix and kept for the
 //! life of the engine (the few most recent ones); so are whole conversations after plain
@@ -738,7 +740,9 @@ impl Engine {
         let (encoded, contexts_found) =
             self.find_contexts_kv(&prompt.prefix, &prefix, &contexts, &options.cancel)?;
         let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
-        let room = prompt.query.len() + max_tokens;
+        // Without a token limit, the answer may run to the end of the window from wherever
+        // the query side starts: recomputation moves that start later.
+        let room = prompt.query.len() + options.max_tokens.unwrap_or(1);
         let repaired = self.repair(
             prompt,
             &prefix,
@@ -747,9 +751,14 @@ impl Engine {
             room,
             &options.cancel,
         )?;
-        let (own, contexts) = match &repaired {
-            Some(repaired) => (&repaired.own, vec![&repaired.rest]),
-            None => (prefix.as_ref(), encoded),
+        let (own, contexts, max_tokens) = match &repaired {
+            Some(repaired) => {
+                let read = repaired.own.len() + repaired.rest.len() + prompt.query.len();
+                let window = self.model.config.context_length;
+                let max_tokens = options.max_tokens.unwrap_or(window - read);
+                (&repaired.own, vec![&repaired.rest], max_tokens)
+            }
+            None => (prefix.as_ref(), encoded, max_tokens),
         };
         let decoding = Decoding {
             tokenizer: &self.tokenizer,

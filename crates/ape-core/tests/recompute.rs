@@ -192,23 +192,32 @@ fn contexts_that_do_not_fit_in_order_are_read_with_ape_alone() {
     let prompt = prompt(e);
     let window = e.model.config.context_length;
     let longest = prompt.contexts.iter().map(Vec::len).max().unwrap();
+    let mode = ape(0.9, 0.9, 0.5, Selection::Attended);
+    let recomputed = |max_tokens: Option<usize>| {
+        // The answer's first sentence is enough; the token limit only sets the room.
+        let options = GenerateOptions {
+            max_tokens,
+            stop: vec![".".into(), "\n".into()],
+            ..Default::default()
+        };
+        e.answer(&prompt, mode, &options, |_| {})
+            .unwrap()
+            .recomputed_tokens
+    };
     // Room for the answer up to the end of the window at APE's positions leaves none for
     // the contexts laid out one after another.
-    let options = GenerateOptions {
-        max_tokens: Some(window - prompt.prefix.len() - longest - prompt.query.len()),
-        ..Default::default()
-    };
-    let mut options_short = options.clone();
-    options_short.max_tokens = Some(6);
-    let mode = ape(0.9, 0.9, 0.5, Selection::Attended);
-    let mut tokens = Vec::new();
-    for options in [&options, &options_short] {
-        // The answer's first sentence is enough; the token limit only sets the room.
-        let mut first_sentence = options.clone();
-        first_sentence.stop = vec![".".into(), "\n".into()];
-        let reply = e.answer(&prompt, mode, &first_sentence, |_| {}).unwrap();
-        tokens.push(reply.recomputed_tokens);
-    }
-    assert_eq!(tokens[0], 0, "nothing is recomputed beyond the window");
-    assert!(tokens[1] > 0, "within the window the share is recomputed");
+    let up_to_the_end = window - prompt.prefix.len() - longest - prompt.query.len();
+    assert_eq!(
+        recomputed(Some(up_to_the_end)),
+        0,
+        "nothing is recomputed beyond the window"
+    );
+    assert!(
+        recomputed(Some(6)) > 0,
+        "within the window the share is recomputed"
+    );
+    assert!(
+        recomputed(None) > 0,
+        "without a token limit, the answer may run to the end of the window after the contexts"
+    );
 }
