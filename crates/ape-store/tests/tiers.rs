@@ -279,7 +279,7 @@ impl RedisServer {
             .spawn()
             .expect("redis-server is not installed: run `bash scripts/test.sh`, which installs it with apt-get");
         let url = format!("redis://127.0.0.1:{port}/");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
