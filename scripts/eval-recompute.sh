@@ -6,7 +6,9 @@
 # 8K stored context tokens at the same shares. Results go to eval-results/recompute/;
 # scripts/recompute-tables.py prints the tables and draws the accuracy-against-time curve.
 # MODELS, SQUAD_N, NEEDLE_N and TASKS (default "squad needle") pick what runs.
-# Needs the models (`ape model pull ...`) and the data (`bash scripts/eval-data.sh`).
+# Needs ape built (`cargo build --release`), the models (`ape model pull ...`) and the data
+# (`bash scripts/eval-data.sh`). A calibration already beside a model is reused (ape warns
+# and falls back to the paper's defaults if it was written for another file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 APE=./target/release/ape
@@ -26,6 +28,7 @@ for model in $MODELS; do
         case $task in
             squad) n=$SQUAD_N contexts=5 ;;
             needle) n=$NEEDLE_N contexts=8 ;;
+            *) echo "unknown task $task (squad or needle)" >&2; exit 1 ;;
         esac
         [ -f "$OUT/$task-$model-test.json" ] ||
             $APE --threads 2 eval -m "$m" --task "$task" --split test --n "$n" \

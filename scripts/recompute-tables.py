@@ -23,15 +23,17 @@ def ttft_by_share(model):
     path = f'{D}/ttft-{model}.md'
     if not os.path.exists(path):
         return None, {}
-    lines = [l for l in open(path) if l.startswith('|')]
+    with open(path) as f:
+        lines = [l for l in f if l.startswith('|')]
     head = [c.strip() for c in lines[0].strip('|\n').split('|')]
     row = [c.strip() for c in lines[2].strip('|\n').split('|')]
     times = {}
     for name, cell in zip(head, row):
         found = re.match(r'in memory, r = ([0-9.]+)', name)
-        if found:
+        if found and cell != 'beyond the window':
             times[float(found.group(1))] = float(cell)
-    return float(row[2]), times
+    sequential = None if row[2] == 'beyond the window' else float(row[2])
+    return sequential, times
 
 
 curves = []
@@ -41,10 +43,9 @@ for model, name in MODELS.items():
         path = f'{D}/{task}-{model}-test.json'
         if not os.path.exists(path):
             continue
-        report = json.load(open(path))
+        with open(path) as f:
+            report = json.load(f)
         run = report['runs'][0]
-        rows = {s['setting']: s for s in run['summaries']}
-        seq, par = rows['sequential'], rows['parallel']
         print(f"\n{name}, {task} ({len(run['examples'])} test questions, "
               f"{run['contexts']} contexts, {METRIC[report['metric']]})\n")
         print('| setting | metric | ± s.e. | ÷ sequential | KL from sequential | TTFT at 8K (s) | TTFT ÷ sequential |')
@@ -95,5 +96,6 @@ if curves:
             out.append(f'<text x="{X(t) + 5:.1f}" y="{Y(a) - 5:.1f}" fill="{c}" font-size="10">r={r:g}</text>')
         out.append(f'<text x="{L + 10}" y="{30 + 16 * i}" fill="{c}">{label}</text>')
     out.append('</svg>')
-    open(f'{D}/recompute.svg', 'w').write('\n'.join(out) + '\n')
+    with open(f'{D}/recompute.svg', 'w') as f:
+        f.write('\n'.join(out) + '\n')
     print(f'\nwrote {D}/recompute.svg')

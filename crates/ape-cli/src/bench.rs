@@ -168,11 +168,10 @@ fn run_ttft(args: TtftArgs) -> Result<()> {
         max_tokens: Some(1),
         ..GenerateOptions::default()
     };
+    let factors = defaults.factors;
     let ape = |share: f32| -> Result<Mode> {
-        Ok(Mode::Ape {
-            factors: defaults.factors,
-            recompute: Recompute::new(share, defaults.recompute.selection)?,
-        })
+        Ok(Mode::ape(factors.temperature, factors.scale)?
+            .with_recompute(Recompute::new(share, defaults.recompute.selection)?)?)
     };
     let sequential_room = window - base.prefix.len() - base.query.len() - 1;
 
@@ -229,6 +228,11 @@ fn run_ttft(args: TtftArgs) -> Result<()> {
         let speedup = |t: f64| sequential.map_or("-".into(), |s| format!("{:.1}x", s / t));
         let mut cells = vec![format!("{encoding:.3}")];
         for &share in &args.recompute {
+            // Recomputing lays the contexts out in order, which needs them to fit the window.
+            if share > 0.0 && sequential.is_none() {
+                cells.push("beyond the window | -".into());
+                continue;
+            }
             let t = ttft(ape(share)?, false)?;
             cells.push(format!("{t:.3} | {}", speedup(t)));
         }

@@ -310,7 +310,7 @@ pub fn context_attention(
 /// `positions[i]` (increasing, all filled) of `cache`, whose row there already holds the
 /// token's new keys and values, and sees every position up to its own: the other rows
 /// keep whatever they hold. Writes `out`, shaped like `q`.
-pub fn in_place_attention(
+pub(crate) fn in_place_attention(
     q: &[f32],
     heads: usize,
     cache: &KvCache,

@@ -48,6 +48,10 @@ const CONTEXT_BATCH_TOKENS: usize = 512;
 /// which starts after the longest context, keeps room in the window.
 pub const DEFAULT_CHUNK_TOKENS: usize = 2048;
 
+/// Positions an answer without a token limit keeps at least, for its contexts to be
+/// recomputed (which moves the answer's start later in the window).
+const UNLIMITED_ANSWER_ROOM: usize = 256;
+
 /// Separates a document from what follows it in the user's turn.
 const DOCUMENT_SEPARATOR: &str = "\n\n";
 
@@ -149,8 +153,9 @@ impl Mode {
 /// which still have not seen each other. Recomputing every token is sequential reading;
 /// recomputing none is APE as it is, at reused positions.
 ///
-/// Laying the contexts out in order needs them to fit the window: a request whose
-/// contexts do not is read with APE alone, and reports no recomputed token.
+/// Laying the contexts out in order needs the prefix, every context, the query and the
+/// answer's token limit to fit the window together: a request for which they do not is
+/// read with APE alone, and reports no recomputed token.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Recompute {
     /// Share of the context tokens recomputed, from 0 to 1.
@@ -229,8 +234,8 @@ impl Default for ApeDefaults {
 
 impl ApeDefaults {
     /// The mode a request asks for by name (`ape` when `None`), each setting it leaves out
-    /// taken from these defaults; the one place the CLI, the server and the eval harness
-    /// turn a request's APE fields into a mode.
+    /// taken from these defaults: how `ape generate` and the server turn a request's APE
+    /// fields into a mode.
     pub fn mode(
         &self,
         name: Option<&str>,
@@ -741,8 +746,13 @@ impl Engine {
             self.find_contexts_kv(&prompt.prefix, &prefix, &contexts, &options.cancel)?;
         let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
         // Without a token limit, the answer may run to the end of the window from wherever
-        // the query side starts: recomputation moves that start later.
-        let room = prompt.query.len() + options.max_tokens.unwrap_or(1);
+        // the query side starts, which recomputation moves later: it is done only where the
+        // answer keeps room for at least `UNLIMITED_ANSWER_ROOM` tokens (or what APE alone
+        // would leave it, if less).
+        let answer_room = options
+            .max_tokens
+            .unwrap_or(max_tokens.min(UNLIMITED_ANSWER_ROOM));
+        let room = prompt.query.len() + answer_room;
         let repaired = self.repair(
             prompt,
             &prefix,
@@ -795,9 +805,10 @@ impl Engine {
         if recompute.share == 0.0 || total == 0 || !fits {
             return Ok(None);
         }
+        let query = prompt.query.len();
         let mut cache = self
             .model
-            .lay_out_in_order(prefix, contexts, p + total + room);
+            .lay_out_in_order(prefix, contexts, p + total + query);
         let share_of = |n: usize| ((recompute.share * n as f32).ceil() as usize).min(n);
         let chosen: Vec<usize> = match recompute.selection {
             Selection::First => {
@@ -810,6 +821,7 @@ impl Engine {
                 chosen
             }
             Selection::Attended => {
+                cancel.check()?;
                 let received = self.model.attention_received(&prompt.query, &mut cache);
                 let mut ranked: Vec<usize> = (p..p + total).collect();
                 ranked.sort_by(|&a, &b| received[b].total_cmp(&received[a]).then(a.cmp(&b)));
@@ -833,43 +845,6 @@ impl Engine {
             rest: cache.gather(&rest, rest.len()),
             recomputed: chosen.len(),
         }))
-    }
-
-    /// Answer `query` over contexts already encoded after `prefix` (as by
-    /// [`Engine::encode_contexts`]) with APE attention: no context is read again.
-    pub fn answer_encoded(
-        &self,
-        prefix: &KvCache,
-        contexts: &[&KvCache],
-        query: &[u32],
-        factors: ApeFactors,
-        options: &GenerateOptions,
-        on_text: impl FnMut(&str),
-    ) -> Result<Generation> {
-        let start = Instant::now();
-        if query.is_empty() {
-            return Err(Error::EmptyQuery);
-        }
-        Mode::ape(factors.temperature, factors.scale)?;
-        let lengths = contexts.iter().map(|c| c.len());
-        let max_tokens = self.ape_window_check(
-            prefix.len(),
-            lengths.clone().max().unwrap_or(0),
-            query.len(),
-            options.max_tokens,
-        )?;
-        let decoding = Decoding {
-            tokenizer: &self.tokenizer,
-            options,
-            sampler: Sampler::new(options.sampling.clone())?,
-            max_tokens,
-            history: query.to_vec(),
-            start,
-        };
-        let mut generation =
-            self.answer_over(prefix, contexts, query, factors, decoding, on_text)?;
-        generation.prompt_tokens = prefix.len() + lengths.sum::<usize>() + query.len();
-        Ok(generation)
     }
 
     fn answer_over(

@@ -71,7 +71,8 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
     /// Prompt tokens whose keys and values were reused from an earlier request rather
-    /// than computed.
+    /// than computed (stored contexts count here even where some of their tokens were then
+    /// recomputed).
     pub cached_tokens: usize,
     /// Context tokens whose keys and values were recomputed after the contexts were
     /// loaded (see [`crate::engine::Recompute`]).

@@ -144,6 +144,9 @@ pub struct Model {
     rope: Rope,
 }
 
+/// (Token, head) rows whose attention weights [`Model::attention_received`] holds at once.
+const ATTENTION_ROWS_PER_BLOCK: usize = 64;
+
 /// Reads tensors out of a GGUF file, checking names and shapes.
 struct Loader<'a> {
     gguf: &'a Gguf,
@@ -391,7 +394,7 @@ impl Model {
     /// rotated forward by the lengths of the contexts before it, so that every key stays
     /// consistent with its new position. The values and the tokens' states are those of
     /// parallel encoding: no context has seen another.
-    pub fn lay_out_in_order(
+    pub(crate) fn lay_out_in_order(
         &self,
         prefix: &KvCache,
         contexts: &[&KvCache],
@@ -412,7 +415,7 @@ impl Model {
     /// its own, where the other recomputed tokens hold their new keys and values and the
     /// rest keep theirs. Over a cache laid out by [`Model::lay_out_in_order`], recomputing
     /// every context token is sequential reading of the contexts.
-    pub fn recompute(&self, tokens: &[u32], positions: &[usize], cache: &mut KvCache) {
+    pub(crate) fn recompute(&self, tokens: &[u32], positions: &[usize], cache: &mut KvCache) {
         let heads = self.config.heads;
         self.run_layers(
             tokens,
@@ -428,7 +431,7 @@ impl Model {
     /// How much attention `query`, read causally after everything `cache` holds, gives each
     /// of its positions: softmax weights summed over the query's tokens, every head and
     /// every layer. `cache` keeps what it held; it needs room for the query.
-    pub fn attention_received(&self, query: &[u32], cache: &mut KvCache) -> Vec<f32> {
+    pub(crate) fn attention_received(&self, query: &[u32], cache: &mut KvCache) -> Vec<f32> {
         let c = &self.config;
         let (d, held) = (c.head_dim, cache.len());
         let group = c.heads / c.kv_heads;
@@ -437,30 +440,35 @@ impl Model {
         self.run_layers(query, held.., matmul, |layer, q, k, v, out| {
             cache.write(layer, k, v);
             causal_attention(q, c.heads, cache, layer, out);
-            let per_row: Vec<Vec<f32>> = (0..query.len() * c.heads)
-                .into_par_iter()
-                .map(|row| {
-                    let (t, h) = (row / c.heads, row % c.heads);
-                    let (keys, _) = cache.head_upto(layer, h / group, held + t + 1);
-                    let q = &q[row * d..(row + 1) * d];
-                    let mut weights: Vec<f32> = keys
-                        .chunks_exact(d)
-                        .map(|k| dot_f16(k, q) * scale)
-                        .collect();
-                    let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for w in weights.iter_mut() {
-                        *w = (*w - max).exp();
-                        sum += *w;
+            // A block of (token, head) rows at a time bounds the weights held at once; adding
+            // the blocks in order keeps the sum, and so the choice, the same on every run.
+            let rows: Vec<usize> = (0..query.len() * c.heads).collect();
+            for block in rows.chunks(ATTENTION_ROWS_PER_BLOCK) {
+                let weights: Vec<Vec<f32>> = block
+                    .par_iter()
+                    .map(|&row| {
+                        let (t, h) = (row / c.heads, row % c.heads);
+                        let (keys, _) = cache.head_upto(layer, h / group, held + t + 1);
+                        let q = &q[row * d..(row + 1) * d];
+                        let mut weights: Vec<f32> = keys
+                            .chunks_exact(d)
+                            .map(|k| dot_f16(k, q) * scale)
+                            .collect();
+                        let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0.0;
+                        for w in weights.iter_mut() {
+                            *w = (*w - max).exp();
+                            sum += *w;
+                        }
+                        weights.truncate(held);
+                        weights.iter_mut().for_each(|w| *w /= sum);
+                        weights
+                    })
+                    .collect();
+                for weights in weights {
+                    for (r, w) in received.iter_mut().zip(weights) {
+                        *r += w;
                     }
-                    weights.truncate(held);
-                    weights.iter_mut().for_each(|w| *w /= sum);
-                    weights
-                })
-                .collect();
-            for weights in per_row {
-                for (r, w) in received.iter_mut().zip(weights) {
-                    *r += w;
                 }
             }
         });

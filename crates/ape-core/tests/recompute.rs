@@ -221,3 +221,34 @@ fn contexts_that_do_not_fit_in_order_are_read_with_ape_alone() {
         "without a token limit, the answer may run to the end of the window after the contexts"
     );
 }
+
+#[test]
+fn a_document_named_twice_and_a_long_question_read_like_sequential_at_the_full_share() {
+    let e = smollm2();
+    let garden = "The community garden on Elm Street opens at dawn; its gate is green.";
+    let question = format!(
+        "{} Where does Alice keep her bicycle?",
+        "Please answer briefly and only from the documents above. ".repeat(60)
+    );
+    let prompt = e
+        .split_chat(
+            None,
+            &[
+                garden,
+                "Alice keeps her bicycle in the blue shed behind the bakery.",
+                garden,
+            ],
+            &question,
+        )
+        .unwrap();
+    assert!(
+        prompt.query.len() > 512,
+        "the question spans several chunks"
+    );
+    let answer = e.tokenizer.encode("In the blue shed.", false).unwrap();
+    let want = rows(e, &prompt, Mode::Sequential, &answer);
+    let got = rows(e, &prompt, ape(0.9, 0.9, 1.0, Selection::Attended), &answer);
+    for (g, w) in got.iter().zip(&want) {
+        assert_logits_agree(g, w);
+    }
+}
