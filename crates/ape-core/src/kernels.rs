@@ -7,26 +7,19 @@
 //! where each weight is read once per token.
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
-use crate::qdot::{dot_rows, prepare};
+use crate::qdot::{dot_rows, dot_rows_tokens, prepare, Prepared};
 use crate::quant::{dequantize, GgmlType};
 use rayon::prelude::*;
-use std::cell::RefCell;
-use std::sync::OnceLock;
 
 /// A weight matrix of `rows x cols`, one row per output feature, held exactly as the GGUF
-/// file stores it (quantized), which matrix-vector products read directly, and, once a
-/// batched product needs it, also as f16, which the GEMM widens to f32. Decoding is bound by
-/// the bytes it reads, prefill by arithmetic, and each copy serves the one it suits; the
-/// embedding and output matrices, only ever used a row or a vector at a time, never get
-/// the second copy.
+/// file stores it. Every product reads the quantized rows directly, whatever the number of
+/// tokens: one arithmetic for every token, and no second copy of the weights.
 pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     ty: GgmlType,
     quantized: Vec<u8>,
-    wide: OnceLock<Vec<f16>>,
 }
 
 impl Matrix {
@@ -38,23 +31,7 @@ impl Matrix {
             cols,
             ty,
             quantized: bytes.to_vec(),
-            wide: OnceLock::new(),
         }
-    }
-
-    /// The f16 copy for batched products, made on first use.
-    pub fn wide(&self) -> &[f16] {
-        self.wide.get_or_init(|| {
-            let mut wide = vec![f16::ZERO; self.rows * self.cols];
-            wide.par_chunks_mut(self.cols).enumerate().for_each_init(
-                || vec![0f32; self.cols],
-                |row, (r, dst)| {
-                    self.dequantize_row(r, row);
-                    dst.convert_from_f32_slice(row);
-                },
-            );
-            wide
-        })
     }
 
     pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
@@ -74,53 +51,57 @@ impl Matrix {
     }
 
     pub fn bytes(&self) -> usize {
-        self.quantized.len() + self.wide.get().map_or(0, |w| w.len() * 2)
+        self.quantized.len()
     }
 }
 
-/// Batches at most this large go through per-token dot products instead of a GEMM: the
-/// matrix conversion a GEMM needs costs more than it saves for so few tokens.
-const GEMM_MIN_TOKENS: usize = 8;
+/// Rows handed to one thread in a product: their bytes stay in the core's cache while
+/// every token of the batch meets them.
+const ROWS_PER_TASK: usize = 32;
 
-/// Rows handed to one thread in a matrix-vector product.
-const MATVEC_ROWS_PER_TASK: usize = 32;
-
-thread_local! {
-    static WEIGHT_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
+/// Tokens that meet a task's rows together: their quantized activations stay in the
+/// core's first-level cache while the rows are read.
+const TOKENS_PER_PASS: usize = 8;
 
 /// `out[n][r] = sum_k x[n][k] * w[r][k]` for `n` tokens: `x` is `n x w.cols`, `out` is
-/// `n x w.rows`, both row-major. A few tokens take per-token dot products on the quantized
-/// rows, more take [`matmul_gemm`].
+/// `n x w.rows`, both row-major. Each token's row is quantized on its own and each output
+/// is one call of the same dot-product kernel, so a token's result does not depend on the
+/// tokens computed with it.
 pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
     let n = x.len() / w.cols;
     assert_eq!(x.len(), n * w.cols);
     assert_eq!(out.len(), n * w.rows);
-    if n < GEMM_MIN_TOKENS {
-        for (xi, oi) in x.chunks_exact(w.cols).zip(out.chunks_exact_mut(w.rows)) {
-            matvec(xi, w, oi);
-        }
+    if n == 1 {
+        return matvec(x, w, out);
+    }
+    if w.cols == 0 {
+        out.fill(0.0);
         return;
     }
-    matmul_gemm(x, w, out);
-}
-
-/// The same product as [`matmul`], always as an f32 GEMM on the matrix's f16 copy, for
-/// any number of tokens: each output row then depends on its input row alone.
-pub fn matmul_gemm(x: &[f32], w: &Matrix, out: &mut [f32]) {
-    let n = x.len() / w.cols;
-    assert_eq!(x.len(), n * w.cols);
-    assert_eq!(out.len(), n * w.rows);
-    // Taken out rather than borrowed: while the parallel work below runs, this thread may
-    // steal a job of another forward pass that comes back here.
-    let mut wf = WEIGHT_F32.take();
-    let wide = w.wide();
-    wf.resize(wide.len(), 0.0);
-    wf.par_chunks_mut(w.cols * 64)
-        .zip(wide.par_chunks(w.cols * 64))
-        .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
-    gemm_nt(n, w.rows, w.cols, x, w.cols, &wf, w.cols, out, w.rows);
-    WEIGHT_F32.set(wf);
+    let tokens: Vec<Prepared> = x.par_chunks(w.cols).map(|x| prepare(w.ty, x)).collect();
+    let task_bytes = ROWS_PER_TASK * w.ty.row_bytes(w.cols);
+    let blocks: Vec<Vec<f32>> = w
+        .quantized
+        .par_chunks(task_bytes)
+        .map(|rows| {
+            let count = rows.len() / w.ty.row_bytes(w.cols);
+            let mut block = vec![0f32; n * count];
+            for (xs, out) in tokens
+                .chunks(TOKENS_PER_PASS)
+                .zip(block.chunks_mut(TOKENS_PER_PASS * count))
+            {
+                dot_rows_tokens(w.ty, rows, xs, out);
+            }
+            block
+        })
+        .collect();
+    for (b, block) in blocks.iter().enumerate() {
+        let count = block.len() / n;
+        for (t, values) in block.chunks_exact(count).enumerate() {
+            let at = t * w.rows + b * ROWS_PER_TASK;
+            out[at..at + count].copy_from_slice(values);
+        }
+    }
 }
 
 /// `c[i][j] = sum_k a[i][k] * b[j][k]`, the product of `a` (m x k) with the transpose of
@@ -248,8 +229,8 @@ pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
         return;
     }
     let x = prepare(w.ty, x);
-    let task_bytes = MATVEC_ROWS_PER_TASK * w.ty.row_bytes(w.cols);
-    out.par_chunks_mut(MATVEC_ROWS_PER_TASK)
+    let task_bytes = ROWS_PER_TASK * w.ty.row_bytes(w.cols);
+    out.par_chunks_mut(ROWS_PER_TASK)
         .zip(w.quantized.par_chunks(task_bytes))
         .for_each(|(out, rows)| dot_rows(w.ty, rows, &x, out));
 }

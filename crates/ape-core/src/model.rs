@@ -12,7 +12,7 @@ use crate::attention::{
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, TensorInfo, Value};
 use crate::kernels::{
-    dot_f16, matmul, matmul_gemm, matvec, rms_norm, silu_mul, Matrix, Rope, RopeAngles, RopeStyle,
+    dot_f16, matmul, matvec, rms_norm, silu_mul, Matrix, Rope, RopeAngles, RopeStyle,
 };
 use crate::quant::dequantize;
 
@@ -220,12 +220,6 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<Layer>>>()?;
-        // Make the batched-product copies now, so the first prompt does not pay for them.
-        layers.par_iter().for_each(|l| {
-            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
-                m.wide();
-            }
-        });
         let output = match gguf.tensor("output.weight") {
             Some(_) => Some(loader.matrix("output.weight", c.vocab_size, c.hidden)?),
             None => None,
@@ -282,7 +276,7 @@ impl Model {
         let n = tokens.len();
         assert!(cache.len() + n <= cache.capacity(), "KV cache overflow");
         let heads = self.config.heads;
-        let x = self.run_layers(tokens, cache.len().., matmul, |layer, q, k, v, out| {
+        let x = self.run_layers(tokens, cache.len().., |layer, q, k, v, out| {
             cache.write(layer, k, v);
             causal_attention(q, heads, cache, layer, out);
         });
@@ -294,9 +288,8 @@ impl Model {
     /// context takes positions `prefix.len()..` and attends to the prefix and to itself,
     /// never to another context. Returns each context's keys and values.
     ///
-    /// A context's result does not depend on the batch it is in: every product goes
-    /// through the same GEMM whatever the number of tokens, and attention splits work per
-    /// context.
+    /// A context's result does not depend on the batch it is in: no token's product
+    /// depends on the tokens around it, and attention splits work per context.
     pub fn encode_contexts(&self, prefix: &KvCache, contexts: &[&[u32]]) -> Vec<KvCache> {
         let c = &self.config;
         let mut encoded: Vec<KvCache> = contexts
@@ -317,7 +310,7 @@ impl Model {
             .iter()
             .flat_map(|t| prefix.len()..prefix.len() + t.len());
         let row = c.kv_heads * c.head_dim;
-        self.run_layers(&tokens, positions, matmul_gemm, |layer, q, k, v, out| {
+        self.run_layers(&tokens, positions, |layer, q, k, v, out| {
             for (own, r) in encoded.iter_mut().zip(&rows) {
                 own.write(
                     layer,
@@ -379,7 +372,6 @@ impl Model {
         let x = self.run_layers(
             tokens,
             cache.len() + longest..,
-            matmul,
             |layer, q, k, v, out| {
                 cache.write(layer, k, v);
                 ape_attention(q, heads, cache, contexts, factors, layer, out);
@@ -420,7 +412,6 @@ impl Model {
         self.run_layers(
             tokens,
             positions.iter().copied(),
-            matmul,
             |layer, q, k, v, out| {
                 cache.overwrite(layer, positions, k, v);
                 in_place_attention(q, heads, cache, positions, layer, out);
@@ -437,7 +428,7 @@ impl Model {
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         let mut received = vec![0f32; held];
-        self.run_layers(query, held.., matmul, |layer, q, k, v, out| {
+        self.run_layers(query, held.., |layer, q, k, v, out| {
             cache.write(layer, k, v);
             causal_attention(q, c.heads, cache, layer, out);
             // A block of (token, head) rows at a time bounds the weights held at once; adding
@@ -482,7 +473,6 @@ impl Model {
         &self,
         tokens: &[u32],
         positions: impl IntoIterator<Item = usize>,
-        product: fn(&[f32], &Matrix, &mut [f32]),
         attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
     ) -> Vec<f32> {
         assert!(!tokens.is_empty(), "forward needs at least one token");
@@ -490,14 +480,13 @@ impl Model {
         // From a worker thread, each of the ~240 parallel products of a decoded token is
         // split among the workers directly; called from outside the pool, each one would be
         // queued and this thread put to sleep until it is done.
-        rayon::scope(|_| self.run_layers_on_worker(tokens, &angles, product, attend))
+        rayon::scope(|_| self.run_layers_on_worker(tokens, &angles, attend))
     }
 
     fn run_layers_on_worker(
         &self,
         tokens: &[u32],
         angles: &RopeAngles,
-        product: fn(&[f32], &Matrix, &mut [f32]),
         mut attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]),
     ) -> Vec<f32> {
         let c = &self.config;
@@ -520,9 +509,9 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.attn_norm, c.rms_eps);
-            product(&h, &layer.wq, &mut q);
-            product(&h, &layer.wk, &mut k);
-            product(&h, &layer.wv, &mut v);
+            matmul(&h, &layer.wq, &mut q);
+            matmul(&h, &layer.wk, &mut k);
+            matmul(&h, &layer.wv, &mut v);
             if let Some([bq, bk, bv]) = &layer.qkv_bias {
                 add_bias(&mut q, bq);
                 add_bias(&mut k, bk);
@@ -535,15 +524,15 @@ impl Model {
                     .apply(&mut k[t * kv_dim..(t + 1) * kv_dim], angles, t);
             }
             attend(li, &q, &k, &v, &mut attn);
-            product(&attn, &layer.wo, &mut h);
+            matmul(&attn, &layer.wo, &mut h);
             add_in_place(&mut x, &h);
 
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.ffn_norm, c.rms_eps);
-            product(&h, &layer.w_gate, &mut gate);
-            product(&h, &layer.w_up, &mut up);
+            matmul(&h, &layer.w_gate, &mut gate);
+            matmul(&h, &layer.w_up, &mut up);
             silu_mul(&mut gate, &up);
-            product(&gate, &layer.w_down, &mut h);
+            matmul(&gate, &layer.w_down, &mut h);
             add_in_place(&mut x, &h);
         }
         x

@@ -149,43 +149,110 @@ impl Kernels {
     }
 }
 
+/// Tokens a tiled kernel takes at once: each block of a weight row is unpacked once for
+/// all of them.
+const TILE: usize = 4;
+
 /// `out[r]` is the dot product of row `r` of `rows` with `x`: `rows` holds `out.len()` rows
 /// of exactly `x.len()` elements of type `ty`, and `x` was prepared for `ty`.
 pub fn dot_rows(ty: GgmlType, rows: &[u8], x: &Prepared, out: &mut [f32]) {
-    dot_rows_with(Kernels::best(), ty, rows, x, out);
+    dot_rows_with(Kernels::best(), ty, rows, &[x], out);
 }
 
-fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], x: &Prepared, out: &mut [f32]) {
-    assert_eq!(x.len() % ty.block_len(), 0, "row is not whole blocks");
-    let row_bytes = ty.row_bytes(x.len());
-    assert_eq!(rows.len(), out.len() * row_bytes, "byte length mismatch");
-    assert_eq!(
-        is_dense(ty),
-        matches!(x, Prepared::Dense(_)),
-        "vector prepared for another type"
-    );
+/// `out[t * count + r]` is the dot product of row `r` of `rows` with `xs[t]`, where
+/// `count = out.len() / xs.len()` rows of `ty` fill `rows`. Every product is computed by
+/// the same sequence of operations as [`dot_rows`] with that vector alone: a tile of
+/// tokens shares the unpacking of the weights, never an accumulator.
+pub fn dot_rows_tokens(ty: GgmlType, rows: &[u8], xs: &[Prepared], out: &mut [f32]) {
+    let xs: Vec<&Prepared> = xs.iter().collect();
+    dot_rows_with(Kernels::best(), ty, rows, &xs, out);
+}
+
+fn dot_rows_with(
+    kernels: Kernels,
+    ty: GgmlType,
+    rows: &[u8],
+    xs: &[&Prepared],
+    out: &mut [f32],
+) {
+    let Some(first) = xs.first() else {
+        return;
+    };
+    let len = first.len();
+    assert_eq!(len % ty.block_len(), 0, "row is not whole blocks");
+    let row_bytes = ty.row_bytes(len);
+    let count = out.len() / xs.len();
+    assert_eq!(out.len(), count * xs.len());
+    assert_eq!(rows.len(), count * row_bytes, "byte length mismatch");
+    for x in xs {
+        assert_eq!(x.len(), len, "vectors of different lengths");
+        assert_eq!(
+            is_dense(ty),
+            matches!(x, Prepared::Dense(_)),
+            "vector prepared for another type"
+        );
+    }
     if row_bytes == 0 {
         out.fill(0.0);
         return;
     }
-    let rows = rows.chunks_exact(row_bytes).zip(out.iter_mut());
-    match (kernels, x) {
-        (Kernels::Portable, _) => rows.for_each(|(row, o)| *o = dot_row_scalar(ty, row, x)),
-        // Safety for the rest: `best` (or a test) checked that the CPU has the features the
-        // kernels are compiled for, and the asserts above the lengths they index by.
-        #[cfg(target_arch = "x86_64")]
-        (_, Prepared::Dense(x)) => unsafe {
-            rows.for_each(|(row, o)| *o = simd::dot_dense(ty, row, x))
-        },
-        #[cfg(target_arch = "x86_64")]
-        (Kernels::Avx2, Prepared::Quantized(v)) => unsafe {
-            rows.for_each(|(row, o)| *o = simd::dot_quantized(ty, row, v))
-        },
-        #[cfg(target_arch = "x86_64")]
-        (Kernels::Avx512, Prepared::Quantized(v)) => unsafe {
-            rows.for_each(|(row, o)| *o = simd::avx512::dot_quantized(ty, row, v))
-        },
+    let mut t = 0;
+    while t < xs.len() {
+        if xs.len() - t >= TILE {
+            let tile: [&Prepared; TILE] = std::array::from_fn(|i| xs[t + i]);
+            for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+                let products = dot_tile(kernels, ty, row, tile);
+                for (i, p) in products.into_iter().enumerate() {
+                    out[(t + i) * count + r] = p;
+                }
+            }
+            t += TILE;
+        } else {
+            for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+                out[t * count + r] = dot_tile(kernels, ty, row, [xs[t]])[0];
+            }
+            t += 1;
+        }
     }
+}
+
+/// The products of one row with `N` vectors, checked by the caller to be prepared for `ty`
+/// and as long as the row.
+fn dot_tile<const N: usize>(
+    kernels: Kernels,
+    ty: GgmlType,
+    row: &[u8],
+    xs: [&Prepared; N],
+) -> [f32; N] {
+    if kernels == Kernels::Portable {
+        return xs.map(|x| dot_row_scalar(ty, row, x));
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        fn quantized<'a>(x: &'a Prepared) -> Option<&'a QuantizedVector> {
+            match x {
+                Prepared::Quantized(v) => Some(v),
+                Prepared::Dense(_) => None,
+            }
+        }
+        // SAFETY: `best` (or a test) checked that the CPU has the features the kernels are
+        // compiled for, and the caller the lengths they index by.
+        unsafe {
+            let Some(vs) = xs.iter().map(|x| quantized(x)).collect::<Option<Vec<_>>>() else {
+                return xs.map(|x| match x {
+                    Prepared::Dense(x) => simd::dot_dense(ty, row, x),
+                    Prepared::Quantized(_) => unreachable!("checked by the caller"),
+                });
+            };
+            let vs: [&QuantizedVector; N] = std::array::from_fn(|i| vs[i]);
+            match kernels {
+                Kernels::Avx512 => simd::avx512::dot_quantized(ty, row, vs),
+                _ => simd::dot_quantized(ty, row, vs),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("only the portable kernels exist here")
 }
 
 /// Elements dequantized at a time by the portable path: a multiple of every block length.
@@ -258,16 +325,20 @@ mod simd {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_quantized(ty: GgmlType, row: &[u8], v: &QuantizedVector) -> f32 {
+    pub unsafe fn dot_quantized<const N: usize>(
+        ty: GgmlType,
+        row: &[u8],
+        vs: [&QuantizedVector; N],
+    ) -> [f32; N] {
         match ty {
-            GgmlType::Q4_0 => dot_q4_0(row, v),
-            GgmlType::Q4_1 => dot_q4_1(row, v),
-            GgmlType::Q5_0 => dot_q5_0(row, v),
-            GgmlType::Q5_1 => dot_q5_1(row, v),
-            GgmlType::Q8_0 => dot_q8_0(row, v),
-            GgmlType::Q4K => dot_q4_k(row, v),
-            GgmlType::Q5K => dot_q5_k(row, v),
-            GgmlType::Q6K => dot_q6_k(row, v),
+            GgmlType::Q4_0 => dot_q4_0(row, vs),
+            GgmlType::Q4_1 => dot_q4_1(row, vs),
+            GgmlType::Q5_0 => dot_q5_0(row, vs),
+            GgmlType::Q5_1 => dot_q5_1(row, vs),
+            GgmlType::Q8_0 => dot_q8_0(row, vs),
+            GgmlType::Q4K => dot_q4_k(row, vs),
+            GgmlType::Q5K => dot_q5_k(row, vs),
+            GgmlType::Q6K => dot_q6_k(row, vs),
             GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => unreachable!("dense row"),
         }
     }
@@ -311,11 +382,12 @@ mod simd {
         _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
     }
 
-    /// As `dot_unsigned` for signed `w`: `|w| * (x * sign(w))` is the same product.
+    /// As `dot_unsigned` for signed weights given as `|w|` and `w`: `|w| * (x * sign(w))`
+    /// is the same product.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_signed(w: __m256i, x: __m256i) -> __m256i {
-        let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    unsafe fn dot_signed(magnitude: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w));
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 
@@ -347,72 +419,77 @@ mod simd {
     /// Rows of 32-element blocks that start with an f16 scale `d`, then for formats with
     /// `has_min` an f16 offset `m`, and whose values are `d * w + m`; `weights` gives the
     /// 32 `w` of the block at a pointer as bytes, signed if `signed`, else below 128.
+    /// Each of the `N` vectors has accumulators of its own, updated in the same order
+    /// whatever `N` is.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_blocks32(
+    unsafe fn dot_blocks32<const N: usize>(
         row: &[u8],
-        v: &QuantizedVector,
+        vs: [&QuantizedVector; N],
         block_bytes: usize,
         has_min: bool,
         signed: bool,
         weights: impl Fn(*const u8) -> __m256i,
-    ) -> f32 {
-        let (row, qs) = (row.as_ptr(), v.qs.as_ptr());
-        // Two accumulators, for even and odd blocks, halve the chain of dependent FMAs.
-        let mut acc = [_mm256_setzero_ps(); 2];
+    ) -> [f32; N] {
+        let row = row.as_ptr();
+        // Two accumulators per vector, for even and odd blocks, halve the chain of
+        // dependent FMAs.
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
         // Lane 1 gathers m * sum(x).
-        let mut offsets = _mm_setzero_ps();
-        let mut block = |i: usize, acc: &mut __m256| {
+        let mut offsets = [_mm_setzero_ps(); N];
+        for i in 0..vs[0].d.len() {
+            let parity = i % 2;
             let b = row.add(block_bytes * i);
-            let (w, x) = (weights(b), load32(qs.add(QBLOCK * i)));
-            let p = if signed {
-                dot_signed(w, x)
-            } else {
-                dot_unsigned(w, x)
-            };
+            let w = weights(b);
+            let magnitude = _mm256_abs_epi8(w);
             let header = if has_min {
                 b.cast::<u32>().read_unaligned()
             } else {
                 b.cast::<u16>().read_unaligned().into()
             };
-            // (d, m) times (the vector block's scale, its sum).
-            let scales = _mm_mul_ps(
-                _mm_cvtph_ps(_mm_cvtsi32_si128(header as i32)),
-                _mm_unpacklo_ps(_mm_load_ss(&v.d[i]), _mm_load_ss(&v.s[i])),
-            );
-            *acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(p), *acc);
-            if has_min {
-                offsets = _mm_add_ps(offsets, scales);
+            let block_scales = _mm_cvtph_ps(_mm_cvtsi32_si128(header as i32));
+            for t in 0..N {
+                let v = vs[t];
+                let x = load32(v.qs.as_ptr().add(QBLOCK * i));
+                let p = if signed {
+                    dot_signed(magnitude, w, x)
+                } else {
+                    dot_unsigned(w, x)
+                };
+                // (d, m) times (the vector block's scale, its sum).
+                let scales = _mm_mul_ps(
+                    block_scales,
+                    _mm_unpacklo_ps(_mm_load_ss(&v.d[i]), _mm_load_ss(&v.s[i])),
+                );
+                let a = &mut acc[t][parity];
+                *a = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(p), *a);
+                if has_min {
+                    offsets[t] = _mm_add_ps(offsets[t], scales);
+                }
             }
-        };
-        let blocks = v.d.len();
-        for i in (0..blocks - blocks % 2).step_by(2) {
-            block(i, &mut acc[0]);
-            block(i + 1, &mut acc[1]);
         }
-        if blocks % 2 == 1 {
-            block(blocks - 1, &mut acc[0]);
-        }
-        hsum(_mm256_add_ps(acc[0], acc[1])) + _mm_cvtss_f32(_mm_movehdup_ps(offsets))
+        std::array::from_fn(|t| {
+            hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + _mm_cvtss_f32(_mm_movehdup_ps(offsets[t]))
+        })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4_0(row: &[u8], v: &QuantizedVector) -> f32 {
+    unsafe fn dot_q4_0<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
         let eight = _mm256_set1_epi8(8);
-        dot_blocks32(row, v, 18, false, true, |b| {
+        dot_blocks32(row, vs, 18, false, true, |b| {
             _mm256_sub_epi8(nibbles(b.add(2)), eight)
         })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4_1(row: &[u8], v: &QuantizedVector) -> f32 {
-        dot_blocks32(row, v, 20, true, false, |b| nibbles(b.add(4)))
+    unsafe fn dot_q4_1<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
+        dot_blocks32(row, vs, 20, true, false, |b| nibbles(b.add(4)))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q5_0(row: &[u8], v: &QuantizedVector) -> f32 {
+    unsafe fn dot_q5_0<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
         let high = _mm256_set1_epi8(0xf0_u8 as i8);
-        dot_blocks32(row, v, 22, false, true, |b| {
+        dot_blocks32(row, vs, 22, false, true, |b| {
             let set = bit_mask(b.add(2).cast::<u32>().read_unaligned());
             // q - 16 is the nibble where the fifth bit is set; where it is clear, the nibble
             // less 16, which as a byte is the nibble with the top four bits set.
@@ -421,17 +498,17 @@ mod simd {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q5_1(row: &[u8], v: &QuantizedVector) -> f32 {
+    unsafe fn dot_q5_1<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
         let fifth = _mm256_set1_epi8(0x10);
-        dot_blocks32(row, v, 24, true, false, |b| {
+        dot_blocks32(row, vs, 24, true, false, |b| {
             let set = bit_mask(b.add(4).cast::<u32>().read_unaligned());
             _mm256_or_si256(nibbles(b.add(8)), _mm256_and_si256(set, fifth))
         })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q8_0(row: &[u8], v: &QuantizedVector) -> f32 {
-        dot_blocks32(row, v, 34, false, true, |b| {
+    unsafe fn dot_q8_0<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
+        dot_blocks32(row, vs, 34, false, true, |b| {
             _mm256_loadu_si256(b.add(2).cast())
         })
     }
@@ -454,47 +531,59 @@ mod simd {
         )
     }
 
+    /// Per sub-block of a Q4_K / Q5_K block at `b`: `d * scale` as f32 (lanes 0..8, still
+    /// to be multiplied by each vector block's scale) and `dmin * min` (lanes 0..8).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn k_block_scales(b: *const u8) -> (__m256, __m256, __m256) {
+        let packed = k_scales_mins(b.add(4));
+        let scales = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(packed));
+        let mins = _mm256_mul_ps(
+            splat_f16(b.add(2)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(packed, 8))),
+        );
+        (splat_f16(b), scales, mins)
+    }
+
     /// Shared by Q4_K and Q5_K: `weights(b, group)` gives the 64 quants of group `group`
     /// (0..4) of the block at `b`, as the 32 of its even sub-block and the 32 of its odd one.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_k_blocks(
+    unsafe fn dot_k_blocks<const N: usize>(
         row: &[u8],
-        v: &QuantizedVector,
+        vs: [&QuantizedVector; N],
         block_bytes: usize,
         weights: impl Fn(*const u8, usize) -> (__m256i, __m256i),
-    ) -> f32 {
+    ) -> [f32; N] {
         // Even and odd sub-blocks accumulate apart to halve the dependency chain.
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut offsets = _mm256_setzero_ps();
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let mut offsets = [_mm256_setzero_ps(); N];
         for (i, b) in row.chunks_exact(block_bytes).enumerate() {
             let b = b.as_ptr();
-            let packed = k_scales_mins(b.add(4));
+            let (d, sub_scales, mins) = k_block_scales(b);
             // The eight sub-blocks are exactly the eight vector blocks under this block.
-            let (xd, xs) = (
-                _mm256_loadu_ps(v.d.as_ptr().add(8 * i)),
-                _mm256_loadu_ps(v.s.as_ptr().add(8 * i)),
-            );
-            let scales = _mm256_mul_ps(
-                _mm256_mul_ps(splat_f16(b), xd),
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(packed)),
-            );
-            let mins = _mm256_mul_ps(
-                splat_f16(b.add(2)),
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(packed, 8))),
-            );
-            offsets = _mm256_fmadd_ps(mins, xs, offsets);
-            let x = v.qs.as_ptr().add(256 * i);
+            let scales: [__m256; N] = std::array::from_fn(|t| {
+                let v = vs[t];
+                let xd = _mm256_loadu_ps(v.d.as_ptr().add(8 * i));
+                let xs = _mm256_loadu_ps(v.s.as_ptr().add(8 * i));
+                offsets[t] = _mm256_fmadd_ps(mins, xs, offsets[t]);
+                _mm256_mul_ps(_mm256_mul_ps(d, xd), sub_scales)
+            });
             for group in 0..4 {
                 let (even, odd) = weights(b, group);
-                for (j, (w, acc)) in [even, odd].into_iter().zip(&mut acc).enumerate() {
-                    let p = dot_unsigned(w, load32(x.add(64 * group + 32 * j)));
-                    let d = lane(scales, 2 * group + j);
-                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+                for (t, v) in vs.iter().enumerate() {
+                    let x = v.qs.as_ptr().add(256 * i + 64 * group);
+                    for (j, w) in [even, odd].into_iter().enumerate() {
+                        let p = dot_unsigned(w, load32(x.add(32 * j)));
+                        let d = lane(scales[t], 2 * group + j);
+                        acc[t][j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[t][j]);
+                    }
                 }
             }
         }
-        hsum(_mm256_sub_ps(_mm256_add_ps(acc[0], acc[1]), offsets))
+        std::array::from_fn(|t| {
+            hsum(_mm256_sub_ps(_mm256_add_ps(acc[t][0], acc[t][1]), offsets[t]))
+        })
     }
 
     /// Low nibbles of the 32 bytes at `qs` are one sub-block, high nibbles the next.
@@ -510,14 +599,14 @@ mod simd {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4_k(row: &[u8], v: &QuantizedVector) -> f32 {
-        dot_k_blocks(row, v, 144, |b, group| nibble_pair(b.add(16 + 32 * group)))
+    unsafe fn dot_q4_k<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
+        dot_k_blocks(row, vs, 144, |b, group| nibble_pair(b.add(16 + 32 * group)))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q5_k(row: &[u8], v: &QuantizedVector) -> f32 {
+    unsafe fn dot_q5_k<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
         let fifth = _mm256_set1_epi8(0x10);
-        dot_k_blocks(row, v, 176, |b, group| {
+        dot_k_blocks(row, vs, 176, |b, group| {
             let (even, odd) = nibble_pair(b.add(48 + 32 * group));
             // Byte l of qh holds the fifth bits of element l of every sub-block, bit s for
             // sub-block s; shifting it to bit 4 puts it in place. The 16-bit shifts carry bits
@@ -557,19 +646,17 @@ mod simd {
     };
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q6_k(row: &[u8], v: &QuantizedVector) -> f32 {
-        let mut acc = [_mm256_setzero_ps(); 2];
+    unsafe fn dot_q6_k<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
         let (four, two) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
         let bias = _mm256_set1_epi8(32);
         for (i, b) in row.chunks_exact(210).enumerate() {
             let b = b.as_ptr();
             // Per run of 32 elements: the block's d times the vector block's scale.
-            let scales = _mm256_mul_ps(
-                splat_f16(b.add(208)),
-                _mm256_loadu_ps(v.d.as_ptr().add(8 * i)),
-            );
+            let d = splat_f16(b.add(208));
+            let scales: [__m256; N] =
+                std::array::from_fn(|t| _mm256_mul_ps(d, _mm256_loadu_ps(vs[t].d.as_ptr().add(8 * i))));
             let sixteen = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192).cast()));
-            let x = v.qs.as_ptr().add(256 * i);
             for half in 0..2 {
                 let half_scales = if half == 0 {
                     _mm256_permute2x128_si256(sixteen, sixteen, 0x00)
@@ -595,16 +682,23 @@ mod simd {
                     let run = 4 * half + k;
                     let w =
                         _mm256_sub_epi8(_mm256_or_si256(low, _mm256_and_si256(high, two)), bias);
-                    let x = load32(x.add(32 * run));
-                    let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+                    let magnitude = _mm256_abs_epi8(w);
                     let pick = _mm256_loadu_si256(Q6_SCALE_PICK[k].as_ptr().cast());
-                    let p = _mm256_madd_epi16(pairs, _mm256_shuffle_epi8(half_scales, pick));
-                    acc[k % 2] =
-                        _mm256_fmadd_ps(lane(scales, run), _mm256_cvtepi32_ps(p), acc[k % 2]);
+                    let run_scales = _mm256_shuffle_epi8(half_scales, pick);
+                    for (t, v) in vs.iter().enumerate() {
+                        let x = load32(v.qs.as_ptr().add(256 * i + 32 * run));
+                        let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w));
+                        let p = _mm256_madd_epi16(pairs, run_scales);
+                        acc[t][k % 2] = _mm256_fmadd_ps(
+                            lane(scales[t], run),
+                            _mm256_cvtepi32_ps(p),
+                            acc[t][k % 2],
+                        );
+                    }
                 }
             }
         }
-        hsum(_mm256_add_ps(acc[0], acc[1]))
+        std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t][0], acc[t][1])))
     }
 
     /// Dense rows: `load` widens eight elements at a byte pointer to f32, `one` converts a
@@ -682,7 +776,7 @@ mod simd {
     /// computed the same way. The 32-element formats stay with the AVX2 kernels.
     pub mod avx512 {
         use super::super::{GgmlType, QuantizedVector};
-        use super::{hsum, k_scales_mins, splat_f16};
+        use super::{hsum, k_block_scales, splat_f16};
         use std::arch::x86_64::*;
 
         pub fn available() -> bool {
@@ -694,16 +788,20 @@ mod simd {
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        pub unsafe fn dot_quantized(ty: GgmlType, row: &[u8], v: &QuantizedVector) -> f32 {
+        pub unsafe fn dot_quantized<const N: usize>(
+            ty: GgmlType,
+            row: &[u8],
+            vs: [&QuantizedVector; N],
+        ) -> [f32; N] {
             match ty {
                 GgmlType::Q4K => {
-                    dot_k_blocks(row, v, 144, |b, group| nibble_pair(b.add(16 + 32 * group)))
+                    dot_k_blocks(row, vs, 144, |b, group| nibble_pair(b.add(16 + 32 * group)))
                 }
-                GgmlType::Q5K => dot_q5_k(row, v),
-                GgmlType::Q6K => dot_q6_k(row, v),
+                GgmlType::Q5K => dot_q5_k(row, vs),
+                GgmlType::Q6K => dot_q6_k(row, vs),
                 // Pairs of 32-element blocks did not beat the AVX2 kernels: two blocks'
                 // weights take more shuffles to gather into one register than they save.
-                _ => super::dot_quantized(ty, row, v),
+                _ => super::dot_quantized(ty, row, vs),
             }
         }
 
@@ -745,47 +843,44 @@ mod simd {
         /// (0..4) of the block at `b`, its even sub-block then its odd one.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        unsafe fn dot_k_blocks(
+        unsafe fn dot_k_blocks<const N: usize>(
             row: &[u8],
-            v: &QuantizedVector,
+            vs: [&QuantizedVector; N],
             block_bytes: usize,
             weights: impl Fn(*const u8, usize) -> __m512i,
-        ) -> f32 {
-            let mut acc = [_mm512_setzero_ps(); 2];
-            let mut offsets = _mm256_setzero_ps();
+        ) -> [f32; N] {
+            let mut acc = [[_mm512_setzero_ps(); 2]; N];
+            let mut offsets = [_mm256_setzero_ps(); N];
             for (i, b) in row.chunks_exact(block_bytes).enumerate() {
                 let b = b.as_ptr();
-                let packed = k_scales_mins(b.add(4));
+                let (d, sub_scales, mins) = k_block_scales(b);
                 // The eight sub-blocks are exactly the eight vector blocks under this block.
-                let (xd, xs) = (
-                    _mm256_loadu_ps(v.d.as_ptr().add(8 * i)),
-                    _mm256_loadu_ps(v.s.as_ptr().add(8 * i)),
-                );
-                let scales = _mm256_mul_ps(
-                    _mm256_mul_ps(splat_f16(b), xd),
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(packed)),
-                );
-                let scales = _mm512_castps256_ps512(scales);
-                let mins = _mm256_mul_ps(
-                    splat_f16(b.add(2)),
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(packed, 8))),
-                );
-                offsets = _mm256_fmadd_ps(mins, xs, offsets);
-                let x = v.qs.as_ptr().add(256 * i);
+                let scales: [__m512; N] = std::array::from_fn(|t| {
+                    let v = vs[t];
+                    let xd = _mm256_loadu_ps(v.d.as_ptr().add(8 * i));
+                    let xs = _mm256_loadu_ps(v.s.as_ptr().add(8 * i));
+                    offsets[t] = _mm256_fmadd_ps(mins, xs, offsets[t]);
+                    _mm512_castps256_ps512(_mm256_mul_ps(_mm256_mul_ps(d, xd), sub_scales))
+                });
                 for group in 0..4 {
-                    let x = _mm512_loadu_si512(x.add(64 * group).cast());
-                    let p = _mm512_cvtepi32_ps(dot64(weights(b, group), x, 0));
-                    let a = &mut acc[group % 2];
-                    *a = _mm512_fmadd_ps(pair_lanes(scales, group), p, *a);
+                    let w = weights(b, group);
+                    for (t, v) in vs.iter().enumerate() {
+                        let x = _mm512_loadu_si512(v.qs.as_ptr().add(256 * i + 64 * group).cast());
+                        let p = _mm512_cvtepi32_ps(dot64(w, x, 0));
+                        let a = &mut acc[t][group % 2];
+                        *a = _mm512_fmadd_ps(pair_lanes(scales[t], group), p, *a);
+                    }
                 }
             }
-            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - hsum(offsets)
+            std::array::from_fn(|t| {
+                _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) - hsum(offsets[t])
+            })
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        unsafe fn dot_q5_k(row: &[u8], v: &QuantizedVector) -> f32 {
+        unsafe fn dot_q5_k<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
             let fifth = _mm512_set1_epi8(0x10);
-            dot_k_blocks(row, v, 176, |b, group| {
+            dot_k_blocks(row, vs, 176, |b, group| {
                 // Byte l of qh holds the fifth bits of element l of every sub-block, bit s
                 // for sub-block s: shifted down by s in each half (the 16-bit shifts bring
                 // no other bit to bit 0 of a byte), then up to bit 4.
@@ -802,25 +897,29 @@ mod simd {
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        unsafe fn dot_q6_k(row: &[u8], v: &QuantizedVector) -> f32 {
-            let mut acc = [_mm512_setzero_ps(); 2];
+        unsafe fn dot_q6_k<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
+            let mut acc = [[_mm512_setzero_ps(); 2]; N];
             let (four, two) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
             // qh bits 0-1 and 2-3 moved to 4-5 for the first pair of runs of a half, bits 4-5
             // and 6-7 for the second.
             let up = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
             let down = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+            // Lane l of a pair of runs holds elements 4l..4l + 4: scale 2 * run + l / 4.
+            let quarter = _mm512_srli_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                2,
+            );
             for (i, b) in row.chunks_exact(210).enumerate() {
                 let b = b.as_ptr();
                 // Per run of 32 elements, the block's d times the vector block's scale; per
                 // 16 elements, the quants' own scale.
-                let runs = _mm256_mul_ps(
-                    splat_f16(b.add(208)),
-                    _mm256_loadu_ps(v.d.as_ptr().add(8 * i)),
-                );
-                let runs = _mm512_castps256_ps512(runs);
+                let d = splat_f16(b.add(208));
+                let runs: [__m512; N] = std::array::from_fn(|t| {
+                    let xd = _mm256_loadu_ps(vs[t].d.as_ptr().add(8 * i));
+                    _mm512_castps256_ps512(_mm256_mul_ps(d, xd))
+                });
                 let sixteens =
                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192).cast())));
-                let x = v.qs.as_ptr().add(256 * i);
                 for half in 0..2 {
                     // Low nibbles of ql[0..32] and ql[32..64] are runs 0 and 1 of the half,
                     // their high nibbles runs 2 and 3.
@@ -837,27 +936,18 @@ mod simd {
                     for (k, (low, high)) in pairs.into_iter().enumerate() {
                         let run = 4 * half + 2 * k;
                         let w = _mm512_or_si512(low, _mm512_and_si512(high, two));
-                        let xq = _mm512_loadu_si512(x.add(32 * run).cast());
-                        let p = _mm512_cvtepi32_ps(dot64(w, xq, 32));
-                        // Lane l holds elements 4l..4l + 4 of the two runs: scale 2 * run + l / 4.
-                        let index = _mm512_add_epi32(
-                            _mm512_set1_epi32(2 * run as i32),
-                            _mm512_srli_epi32(
-                                _mm512_setr_epi32(
-                                    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
-                                ),
-                                2,
-                            ),
-                        );
-                        let scales = _mm512_mul_ps(
-                            _mm512_permutexvar_ps(index, sixteens),
-                            pair_lanes(runs, run / 2),
-                        );
-                        acc[k] = _mm512_fmadd_ps(scales, p, acc[k]);
+                        let index = _mm512_add_epi32(_mm512_set1_epi32(2 * run as i32), quarter);
+                        let quant_scales = _mm512_permutexvar_ps(index, sixteens);
+                        for (t, v) in vs.iter().enumerate() {
+                            let xq = _mm512_loadu_si512(v.qs.as_ptr().add(256 * i + 32 * run).cast());
+                            let p = _mm512_cvtepi32_ps(dot64(w, xq, 32));
+                            let scales = _mm512_mul_ps(quant_scales, pair_lanes(runs[t], run / 2));
+                            acc[t][k] = _mm512_fmadd_ps(scales, p, acc[t][k]);
+                        }
                     }
                 }
             }
-            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+            std::array::from_fn(|t| _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])))
         }
     }
 }
