@@ -369,14 +369,10 @@ impl Model {
         assert!(cache.len() + n <= cache.capacity(), "KV cache overflow");
         let longest = contexts.iter().map(|c| c.len()).max().unwrap_or(0);
         let heads = self.config.heads;
-        let x = self.run_layers(
-            tokens,
-            cache.len() + longest..,
-            |layer, q, k, v, out| {
-                cache.write(layer, k, v);
-                ape_attention(q, heads, cache, contexts, factors, layer, out);
-            },
-        );
+        let x = self.run_layers(tokens, cache.len() + longest.., |layer, q, k, v, out| {
+            cache.write(layer, k, v);
+            ape_attention(q, heads, cache, contexts, factors, layer, out);
+        });
         cache.advance(n);
         x
     }
@@ -409,14 +405,10 @@ impl Model {
     /// every context token is sequential reading of the contexts.
     pub(crate) fn recompute(&self, tokens: &[u32], positions: &[usize], cache: &mut KvCache) {
         let heads = self.config.heads;
-        self.run_layers(
-            tokens,
-            positions.iter().copied(),
-            |layer, q, k, v, out| {
-                cache.overwrite(layer, positions, k, v);
-                in_place_attention(q, heads, cache, positions, layer, out);
-            },
-        );
+        self.run_layers(tokens, positions.iter().copied(), |layer, q, k, v, out| {
+            cache.overwrite(layer, positions, k, v);
+            in_place_attention(q, heads, cache, positions, layer, out);
+        });
     }
 
     /// How much attention `query`, read causally after everything `cache` holds, gives each

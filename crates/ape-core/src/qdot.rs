@@ -151,7 +151,7 @@ impl Kernels {
 
 /// Tokens a tiled kernel takes at once: each block of a weight row is unpacked once for
 /// all of them.
-const TILE: usize = 4;
+const TILE: usize = 8;
 
 /// `out[r]` is the dot product of row `r` of `rows` with `x`: `rows` holds `out.len()` rows
 /// of exactly `x.len()` elements of type `ty`, and `x` was prepared for `ty`.
@@ -184,75 +184,84 @@ fn dot_rows_with(
     let count = out.len() / xs.len();
     assert_eq!(out.len(), count * xs.len());
     assert_eq!(rows.len(), count * row_bytes, "byte length mismatch");
-    for x in xs {
-        assert_eq!(x.len(), len, "vectors of different lengths");
-        assert_eq!(
-            is_dense(ty),
-            matches!(x, Prepared::Dense(_)),
-            "vector prepared for another type"
-        );
-    }
+    let quantized: Vec<&QuantizedVector> = xs
+        .iter()
+        .filter_map(|x| match x {
+            Prepared::Quantized(v) => Some(v),
+            Prepared::Dense(_) => None,
+        })
+        .collect();
+    let all_dense = quantized.is_empty();
+    assert!(
+        xs.iter().all(|x| x.len() == len),
+        "vectors of different lengths"
+    );
+    assert!(
+        (all_dense && is_dense(ty)) || (quantized.len() == xs.len() && !is_dense(ty)),
+        "vector prepared for another type"
+    );
     if row_bytes == 0 {
         out.fill(0.0);
         return;
     }
-    let mut t = 0;
-    while t < xs.len() {
-        if xs.len() - t >= TILE {
-            let tile: [&Prepared; TILE] = std::array::from_fn(|i| xs[t + i]);
-            for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
-                let products = dot_tile(kernels, ty, row, tile);
-                for (i, p) in products.into_iter().enumerate() {
-                    out[(t + i) * count + r] = p;
+    let rows = || rows.chunks_exact(row_bytes).enumerate();
+    #[cfg(target_arch = "x86_64")]
+    if kernels != Kernels::Portable {
+        if all_dense {
+            for (t, x) in xs.iter().enumerate() {
+                let Prepared::Dense(x) = x else {
+                    unreachable!("checked above")
+                };
+                for (r, row) in rows() {
+                    // SAFETY: `best` (or a test) checked that the CPU has the features the
+                    // kernels are compiled for, and the asserts above the lengths.
+                    out[t * count + r] = unsafe { simd::dot_dense(ty, row, x) };
                 }
             }
-            t += TILE;
-        } else {
-            for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
-                out[t * count + r] = dot_tile(kernels, ty, row, [xs[t]])[0];
+            return;
+        }
+        let mut tiles = quantized.chunks_exact(TILE);
+        for (tile, at) in tiles.by_ref().zip((0..).step_by(TILE)) {
+            let tile: &[&QuantizedVector; TILE] = tile.try_into().expect("a whole tile");
+            for (r, row) in rows() {
+                // SAFETY: as above.
+                let products = unsafe { dot_quantized(kernels, ty, row, *tile) };
+                for (i, p) in products.into_iter().enumerate() {
+                    out[(at + i) * count + r] = p;
+                }
             }
-            t += 1;
+        }
+        let done = xs.len() - tiles.remainder().len();
+        for (t, v) in (done..).zip(tiles.remainder()) {
+            for (r, row) in rows() {
+                // SAFETY: as above.
+                out[t * count + r] = unsafe { dot_quantized(kernels, ty, row, [*v])[0] };
+            }
+        }
+        return;
+    }
+    for (t, x) in xs.iter().enumerate() {
+        for (r, row) in rows() {
+            out[t * count + r] = dot_row_scalar(ty, row, x);
         }
     }
 }
 
-/// The products of one row with `N` vectors, checked by the caller to be prepared for `ty`
-/// and as long as the row.
-fn dot_tile<const N: usize>(
+/// The products of one row with `N` quantized vectors on the kernels `kernels` names.
+///
+/// # Safety
+/// The CPU has the features of `kernels`, and the row and vectors are of one length.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_quantized<const N: usize>(
     kernels: Kernels,
     ty: GgmlType,
     row: &[u8],
-    xs: [&Prepared; N],
+    vs: [&QuantizedVector; N],
 ) -> [f32; N] {
-    if kernels == Kernels::Portable {
-        return xs.map(|x| dot_row_scalar(ty, row, x));
+    match kernels {
+        Kernels::Avx512 => simd::avx512::dot_quantized(ty, row, vs),
+        _ => simd::dot_quantized(ty, row, vs),
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        fn quantized<'a>(x: &'a Prepared) -> Option<&'a QuantizedVector> {
-            match x {
-                Prepared::Quantized(v) => Some(v),
-                Prepared::Dense(_) => None,
-            }
-        }
-        // SAFETY: `best` (or a test) checked that the CPU has the features the kernels are
-        // compiled for, and the caller the lengths they index by.
-        unsafe {
-            let Some(vs) = xs.iter().map(|x| quantized(x)).collect::<Option<Vec<_>>>() else {
-                return xs.map(|x| match x {
-                    Prepared::Dense(x) => simd::dot_dense(ty, row, x),
-                    Prepared::Quantized(_) => unreachable!("checked by the caller"),
-                });
-            };
-            let vs: [&QuantizedVector; N] = std::array::from_fn(|i| vs[i]);
-            match kernels {
-                Kernels::Avx512 => simd::avx512::dot_quantized(ty, row, vs),
-                _ => simd::dot_quantized(ty, row, vs),
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("only the portable kernels exist here")
 }
 
 /// Elements dequantized at a time by the portable path: a multiple of every block length.
@@ -432,13 +441,12 @@ mod simd {
         weights: impl Fn(*const u8) -> __m256i,
     ) -> [f32; N] {
         let row = row.as_ptr();
-        // Two accumulators per vector, for even and odd blocks, halve the chain of
-        // dependent FMAs.
-        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        // One accumulator per vector: a tile of several vectors has enough independent
+        // chains, and decoding is bound by reading the row.
+        let mut acc = [_mm256_setzero_ps(); N];
         // Lane 1 gathers m * sum(x).
         let mut offsets = [_mm_setzero_ps(); N];
         for i in 0..vs[0].d.len() {
-            let parity = i % 2;
             let b = row.add(block_bytes * i);
             let w = weights(b);
             let magnitude = _mm256_abs_epi8(w);
@@ -461,16 +469,14 @@ mod simd {
                     block_scales,
                     _mm_unpacklo_ps(_mm_load_ss(&v.d[i]), _mm_load_ss(&v.s[i])),
                 );
-                let a = &mut acc[t][parity];
-                *a = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(p), *a);
+                acc[t] =
+                    _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(p), acc[t]);
                 if has_min {
                     offsets[t] = _mm_add_ps(offsets[t], scales);
                 }
             }
         }
-        std::array::from_fn(|t| {
-            hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + _mm_cvtss_f32(_mm_movehdup_ps(offsets[t]))
-        })
+        std::array::from_fn(|t| hsum(acc[t]) + _mm_cvtss_f32(_mm_movehdup_ps(offsets[t])))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -555,8 +561,7 @@ mod simd {
         block_bytes: usize,
         weights: impl Fn(*const u8, usize) -> (__m256i, __m256i),
     ) -> [f32; N] {
-        // Even and odd sub-blocks accumulate apart to halve the dependency chain.
-        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let mut acc = [_mm256_setzero_ps(); N];
         let mut offsets = [_mm256_setzero_ps(); N];
         for (i, b) in row.chunks_exact(block_bytes).enumerate() {
             let b = b.as_ptr();
@@ -576,14 +581,12 @@ mod simd {
                     for (j, w) in [even, odd].into_iter().enumerate() {
                         let p = dot_unsigned(w, load32(x.add(32 * j)));
                         let d = lane(scales[t], 2 * group + j);
-                        acc[t][j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[t][j]);
+                        acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[t]);
                     }
                 }
             }
         }
-        std::array::from_fn(|t| {
-            hsum(_mm256_sub_ps(_mm256_add_ps(acc[t][0], acc[t][1]), offsets[t]))
-        })
+        std::array::from_fn(|t| hsum(_mm256_sub_ps(acc[t], offsets[t])))
     }
 
     /// Low nibbles of the 32 bytes at `qs` are one sub-block, high nibbles the next.
@@ -647,15 +650,16 @@ mod simd {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q6_k<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
-        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let mut acc = [_mm256_setzero_ps(); N];
         let (four, two) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
         let bias = _mm256_set1_epi8(32);
         for (i, b) in row.chunks_exact(210).enumerate() {
             let b = b.as_ptr();
             // Per run of 32 elements: the block's d times the vector block's scale.
             let d = splat_f16(b.add(208));
-            let scales: [__m256; N] =
-                std::array::from_fn(|t| _mm256_mul_ps(d, _mm256_loadu_ps(vs[t].d.as_ptr().add(8 * i))));
+            let scales: [__m256; N] = std::array::from_fn(|t| {
+                _mm256_mul_ps(d, _mm256_loadu_ps(vs[t].d.as_ptr().add(8 * i)))
+            });
             let sixteen = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192).cast()));
             for half in 0..2 {
                 let half_scales = if half == 0 {
@@ -689,16 +693,13 @@ mod simd {
                         let x = load32(v.qs.as_ptr().add(256 * i + 32 * run));
                         let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w));
                         let p = _mm256_madd_epi16(pairs, run_scales);
-                        acc[t][k % 2] = _mm256_fmadd_ps(
-                            lane(scales[t], run),
-                            _mm256_cvtepi32_ps(p),
-                            acc[t][k % 2],
-                        );
+                        acc[t] =
+                            _mm256_fmadd_ps(lane(scales[t], run), _mm256_cvtepi32_ps(p), acc[t]);
                     }
                 }
             }
         }
-        std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t][0], acc[t][1])))
+        acc.map(|a| hsum(a))
     }
 
     /// Dense rows: `load` widens eight elements at a byte pointer to f32, `one` converts a
@@ -770,13 +771,13 @@ mod simd {
         )
     }
 
-    /// AVX-512 kernels (with VNNI) for the K-quants: a 64-element group of a block fills one
-    /// 512-bit register, and `dpbusd` multiplies bytes and sums them in fours in one step.
-    /// It takes the weights unsigned, so Q6_K's fixed bias is taken off as `32 * sum(x)`,
-    /// computed the same way. The 32-element formats stay with the AVX2 kernels.
+    /// AVX-512 kernels (with VNNI): 64 elements of a row (a group of a K-quant block, or two
+    /// 32-element blocks) fill one 512-bit register, and `dpbusd` multiplies bytes and sums
+    /// them in fours in one step. It takes the weights unsigned, so fixed biases are taken
+    /// off through the vector's sums.
     pub mod avx512 {
-        use super::super::{GgmlType, QuantizedVector};
-        use super::{hsum, k_block_scales, splat_f16};
+        use super::super::{GgmlType, QuantizedVector, QBLOCK};
+        use super::{hsum, k_block_scales, nibbles, splat_f16};
         use std::arch::x86_64::*;
 
         pub fn available() -> bool {
@@ -799,10 +800,106 @@ mod simd {
                 }
                 GgmlType::Q5K => dot_q5_k(row, vs),
                 GgmlType::Q6K => dot_q6_k(row, vs),
-                // Pairs of 32-element blocks did not beat the AVX2 kernels: two blocks'
-                // weights take more shuffles to gather into one register than they save.
-                _ => super::dot_quantized(ty, row, vs),
+                GgmlType::Q4_0 => dot_pairs32(row, vs, 18, 8, false, |b| nibbles(b.add(2))),
+                GgmlType::Q4_1 => dot_pairs32(row, vs, 20, 0, true, |b| nibbles(b.add(4))),
+                GgmlType::Q5_0 => {
+                    dot_pairs32(row, vs, 22, 16, false, |b| fifth_bits(b.add(2), b.add(6)))
+                }
+                GgmlType::Q5_1 => {
+                    dot_pairs32(row, vs, 24, 0, true, |b| fifth_bits(b.add(4), b.add(8)))
+                }
+                // The signed bytes offset by 128 are unsigned.
+                GgmlType::Q8_0 => dot_pairs32(row, vs, 34, 128, false, |b| {
+                    _mm256_xor_si256(
+                        _mm256_loadu_si256(b.add(2).cast()),
+                        _mm256_set1_epi8(0x80_u8 as i8),
+                    )
+                }),
+                GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => unreachable!("dense row"),
             }
+        }
+
+        /// The 32 five-bit quants of a Q5_0 / Q5_1 block: nibbles at `qs`, fifth bits in the
+        /// 32-bit word at `qh`.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn fifth_bits(qh: *const u8, qs: *const u8) -> __m256i {
+            let fifth = _mm256_maskz_set1_epi8(qh.cast::<u32>().read_unaligned(), 0x10);
+            _mm256_or_si256(nibbles(qs), fifth)
+        }
+
+        /// Rows of 32-element blocks whose values are `d * (w - bias)`, plus an f16 offset `m`
+        /// after `d` for formats with `has_min`; `weights` gives the 32 `w` of the block at a
+        /// pointer as unsigned bytes. Two blocks fill one register, and `dpbusd` multiplies
+        /// and sums their bytes with the vector's in one step; the bias and the offset
+        /// come back per block as `(m - bias * d) * sum(x)`, from the vector's block sums.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn dot_pairs32<const N: usize>(
+            row: &[u8],
+            vs: [&QuantizedVector; N],
+            block_bytes: usize,
+            bias: u8,
+            has_min: bool,
+            weights: impl Fn(*const u8) -> __m256i,
+        ) -> [f32; N] {
+            let row = row.as_ptr();
+            let blocks = vs[0].d.len();
+            // One accumulator per vector: a tile of several vectors has enough independent
+            // chains, and decoding is bound by reading the row.
+            let mut acc = [_mm512_setzero_ps(); N];
+            let mut offsets = [_mm_setzero_ps(); N];
+            // Lanes 0..8 take the first of two scales, lanes 8..16 the second.
+            let halves = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(1), 1);
+            let scale = |b: *const u8| {
+                _mm_cvtph_ps(_mm_cvtsi32_si128(b.cast::<u16>().read_unaligned().into()))
+            };
+            for i in (0..blocks).step_by(2) {
+                let both = i + 1 < blocks;
+                let (b0, b1) = (row.add(block_bytes * i), row.add(block_bytes * (i + 1)));
+                let w = if both {
+                    _mm512_inserti64x4(_mm512_castsi256_si512(weights(b0)), weights(b1), 1)
+                } else {
+                    _mm512_castsi256_si512(weights(b0))
+                };
+                // (d0, d1) and (m0 - bias * d0, m1 - bias * d1) in the two low lanes.
+                let d1 = if both { scale(b1) } else { _mm_setzero_ps() };
+                let d = _mm_unpacklo_ps(scale(b0), d1);
+                let mut m = _mm_mul_ps(d, _mm_set1_ps(-(bias as f32)));
+                if has_min {
+                    let m1 = if both {
+                        scale(b1.add(2))
+                    } else {
+                        _mm_setzero_ps()
+                    };
+                    m = _mm_add_ps(m, _mm_unpacklo_ps(scale(b0.add(2)), m1));
+                }
+                let mask: u64 = if both { u64::MAX } else { u32::MAX.into() };
+                for t in 0..N {
+                    let v = vs[t];
+                    let x = _mm512_maskz_loadu_epi8(mask, v.qs.as_ptr().add(QBLOCK * i).cast());
+                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+                    let (xd, xs) = if both {
+                        (
+                            _mm_castpd_ps(_mm_load_sd(v.d.as_ptr().add(i).cast())),
+                            _mm_castpd_ps(_mm_load_sd(v.s.as_ptr().add(i).cast())),
+                        )
+                    } else {
+                        (_mm_load_ss(&v.d[i]), _mm_load_ss(&v.s[i]))
+                    };
+                    let scales =
+                        _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_mul_ps(d, xd)));
+                    acc[t] = _mm512_fmadd_ps(scales, _mm512_cvtepi32_ps(p), acc[t]);
+                    offsets[t] = _mm_fmadd_ps(m, xs, offsets[t]);
+                }
+            }
+            let mut out = [0f32; N];
+            for t in 0..N {
+                let o = offsets[t];
+                out[t] =
+                    _mm512_reduce_add_ps(acc[t]) + _mm_cvtss_f32(_mm_add_ss(o, _mm_movehdup_ps(o)));
+            }
+            out
         }
 
         /// Lanes 0..8 from lane `2 * pair` of a vector of eight, lanes 8..16 from the next.
@@ -849,7 +946,7 @@ mod simd {
             block_bytes: usize,
             weights: impl Fn(*const u8, usize) -> __m512i,
         ) -> [f32; N] {
-            let mut acc = [[_mm512_setzero_ps(); 2]; N];
+            let mut acc = [_mm512_setzero_ps(); N];
             let mut offsets = [_mm256_setzero_ps(); N];
             for (i, b) in row.chunks_exact(block_bytes).enumerate() {
                 let b = b.as_ptr();
@@ -867,14 +964,11 @@ mod simd {
                     for (t, v) in vs.iter().enumerate() {
                         let x = _mm512_loadu_si512(v.qs.as_ptr().add(256 * i + 64 * group).cast());
                         let p = _mm512_cvtepi32_ps(dot64(w, x, 0));
-                        let a = &mut acc[t][group % 2];
-                        *a = _mm512_fmadd_ps(pair_lanes(scales[t], group), p, *a);
+                        acc[t] = _mm512_fmadd_ps(pair_lanes(scales[t], group), p, acc[t]);
                     }
                 }
             }
-            std::array::from_fn(|t| {
-                _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) - hsum(offsets[t])
-            })
+            std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) - hsum(offsets[t]))
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -898,7 +992,7 @@ mod simd {
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
         unsafe fn dot_q6_k<const N: usize>(row: &[u8], vs: [&QuantizedVector; N]) -> [f32; N] {
-            let mut acc = [[_mm512_setzero_ps(); 2]; N];
+            let mut acc = [_mm512_setzero_ps(); N];
             let (four, two) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
             // qh bits 0-1 and 2-3 moved to 4-5 for the first pair of runs of a half, bits 4-5
             // and 6-7 for the second.
@@ -939,15 +1033,16 @@ mod simd {
                         let index = _mm512_add_epi32(_mm512_set1_epi32(2 * run as i32), quarter);
                         let quant_scales = _mm512_permutexvar_ps(index, sixteens);
                         for (t, v) in vs.iter().enumerate() {
-                            let xq = _mm512_loadu_si512(v.qs.as_ptr().add(256 * i + 32 * run).cast());
+                            let xq =
+                                _mm512_loadu_si512(v.qs.as_ptr().add(256 * i + 32 * run).cast());
                             let p = _mm512_cvtepi32_ps(dot64(w, xq, 32));
                             let scales = _mm512_mul_ps(quant_scales, pair_lanes(runs[t], run / 2));
-                            acc[t][k] = _mm512_fmadd_ps(scales, p, acc[t][k]);
+                            acc[t] = _mm512_fmadd_ps(scales, p, acc[t]);
                         }
                     }
                 }
             }
-            std::array::from_fn(|t| _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])))
+            acc.map(|a| _mm512_reduce_add_ps(a))
         }
     }
 }
@@ -1056,8 +1151,38 @@ mod tests {
 
     fn dot_row(kernels: Kernels, ty: GgmlType, row: &[u8], x: &Prepared) -> f32 {
         let mut out = [0.0];
-        dot_rows_with(kernels, ty, row, x, &mut out);
+        dot_rows_with(kernels, ty, row, &[x], &mut out);
         out[0]
+    }
+
+    /// A vector in a tile of several is multiplied exactly as alone: the same bits, on
+    /// every kernel set, for whole tiles and the tokens left over.
+    #[test]
+    fn a_vector_in_a_tile_gets_what_it_gets_alone() {
+        let mut rng = ChaCha8Rng::seed_from_u64(14);
+        for kernels in all_kernels() {
+            for ty in ALL_TYPES {
+                let (n, rows, tokens) = (512, 3, TILE + 3);
+                let matrix: Vec<u8> = (0..rows)
+                    .flat_map(|_| random_row(ty, n, &mut rng))
+                    .collect();
+                let xs: Vec<Vec<f32>> = (0..tokens).map(|_| random_vector(n, &mut rng)).collect();
+                let prepared: Vec<Prepared> = xs.iter().map(|x| prepare(ty, x)).collect();
+                let all: Vec<&Prepared> = prepared.iter().collect();
+                let mut together = vec![0.0; tokens * rows];
+                dot_rows_with(kernels, ty, &matrix, &all, &mut together);
+                for (t, x) in prepared.iter().enumerate() {
+                    let mut alone = vec![0.0; rows];
+                    dot_rows_with(kernels, ty, &matrix, &[x], &mut alone);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&together[t * rows..(t + 1) * rows]),
+                        bits(&alone),
+                        "{kernels:?} {ty:?} token {t}"
+                    );
+                }
+            }
+        }
     }
 
     /// Against the row and the vector the kernels actually multiply, they are exact up to
