@@ -168,13 +168,7 @@ pub fn dot_rows_tokens(ty: GgmlType, rows: &[u8], xs: &[Prepared], out: &mut [f3
     dot_rows_with(Kernels::best(), ty, rows, &xs, out);
 }
 
-fn dot_rows_with(
-    kernels: Kernels,
-    ty: GgmlType,
-    rows: &[u8],
-    xs: &[&Prepared],
-    out: &mut [f32],
-) {
+fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], xs: &[&Prepared], out: &mut [f32]) {
     let Some(first) = xs.first() else {
         return;
     };

@@ -17,7 +17,6 @@ use std::sync::OnceLock;
 use ape_core::attention::{ApeFactors, KvCache};
 use ape_core::engine::{Engine, Mode, Prompt};
 use ape_core::generate::GenerateOptions;
-use ape_core::kernels::matmul;
 use ape_core::sampler::argmax;
 use ape_core::Error;
 
@@ -192,11 +191,9 @@ fn several_contexts_with_unit_factors_equal_dense_attention_with_reused_position
     };
     let c = &e.model.config;
     let shape = (c.heads, c.kv_heads, c.head_dim);
-    let hidden = e
-        .model
-        .run_layers(&tokens, positions, matmul, |_, q, k, v, out| {
-            dense_attention(q, k, v, shape, &sees, out)
-        });
+    let hidden = e.model.run_layers(&tokens, positions, |_, q, k, v, out| {
+        dense_attention(q, k, v, shape, &sees, out)
+    });
     let want = e.model.logits(&hidden);
 
     let got = ape_logits(e, &prompt, UNIT);
