@@ -21,21 +21,16 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::kernels::{axpy_f16, dot_f16, exp_shifted_sum, gemm_nn, gemm_nt};
+/// Query rows one task holds, one per vector lane.
+const LANES: usize = 16;
 
-/// Query rows (token and head of one KV group) handled by one task.
-const ROW_BLOCK: usize = 64;
+/// Keys whose weights and weighted values are summed as one partial sum: the partial sums
+/// are added in key order, so how keys are split between tasks never changes a result.
+const CHUNK: usize = 256;
 
-/// Keys scored together: the most scores one task holds at once is `ROW_BLOCK * KEY_BLOCK`.
-const KEY_BLOCK: usize = 256;
-
-/// Blocks with fewer live rows than this score keys one dot product at a time; the f32
-/// conversion a GEMM needs costs more than it saves for so few.
-const GEMM_MIN_ROWS: usize = 8;
-
-/// The fewest keys worth a task of their own when one query's keys are split between
-/// threads.
-const MIN_CHUNK_KEYS: usize = 512;
+/// The fewest keys worth a task of their own when one block of rows' keys are split
+/// between threads.
+const MIN_SPLIT_KEYS: usize = 512;
 
 /// Keys and values of one layer for up to `capacity` positions.
 #[derive(Clone)]
@@ -408,14 +403,6 @@ impl<'a> Span<'a> {
     fn rows(&self, d: usize) -> usize {
         self.k.len() / d
     }
-
-    fn slice(&self, d: usize, rows: Range<usize>) -> Span<'a> {
-        let range = rows.start * d..rows.end * d;
-        Span {
-            k: &self.k[range.clone()],
-            v: &self.v[range],
-        }
-    }
 }
 
 /// The queries of some tokens of a batch over one set of keys.
@@ -457,64 +444,116 @@ struct Attended {
     lse: Vec<f32>,
 }
 
-/// A piece of work: one row block of one job's KV group, over one chunk of its keys.
+/// A piece of work: up to [`LANES`] query rows of one job's KV group over a run of its keys
+/// (all of them, or one of several runs when the rows alone leave threads idle).
 struct Task<'a> {
     job: usize,
     group: usize,
+    /// Rows of the group: row `r` is token `r / group_size` of the job, head `r % group_size`
+    /// of the group.
     rows: Range<usize>,
-    first_key: usize,
-    spans: Vec<Span<'a>>,
+    /// Indices into the job's key sequence; a run starts on a [`CHUNK`] boundary.
+    keys: Range<usize>,
+    /// Whether `keys` are all the keys the rows see.
+    whole: bool,
+    spans: &'a [Span<'a>],
 }
 
-/// Run the jobs: every (job, KV head, block of query rows, chunk of keys) is one task for
-/// the thread pool; chunks of the same rows are merged afterwards. Rows of KV head `g` are
-/// its query heads for each token in turn, so one pass over a block of keys serves them
-/// all (grouped-query attention reads each key once per row block, not once per head).
+/// One query row per lane.
+type Lanes = [f32; LANES];
+
+/// A task's rows, transposed into lanes: `q[i][l]` is element `i` of row `l`'s scaled
+/// query, and row `l` sees the first `seen[l]` keys of the job.
+struct RowLanes {
+    q: Vec<Lanes>,
+    seen: [usize; LANES],
+}
+
+/// The weighted sums of some rows over one [`CHUNK`] of keys, all relative to the rows'
+/// maximum score over every key they see.
+struct ChunkSums {
+    sum: Lanes,
+    /// `acc[i][l]`: element `i` of row `l`'s weighted value sum.
+    acc: Vec<Lanes>,
+}
+
+/// Where a task stands after scoring: done, or waiting for the maximum over its rows'
+/// other runs of keys.
+enum Scored {
+    Whole { max: Lanes, sums: ChunkSums },
+    Part { max: Lanes, scores: Vec<Lanes> },
+}
+
+/// Run the jobs. Each (job, KV group, block of up to [`LANES`] query rows) is one task for
+/// the thread pool, or several over runs of its keys when there are too few blocks to keep
+/// the threads busy (as in decoding); runs are joined afterwards.
+///
+/// A row's result is computed by the same arithmetic whatever the batch around it and
+/// however its keys are split: every score is one chain of multiply-adds over the head's
+/// elements, the softmax is taken against the row's maximum over all the keys it sees (an
+/// exact, order-free quantity), and weights and weighted values are summed per chunk of
+/// [`CHUNK`] keys in key order, the chunks then added in key order. Keys a row does not see
+/// contribute exact zeros.
 fn attend(q: &[f32], heads: usize, d: usize, jobs: Vec<Job<'_>>) -> Vec<Attended> {
     let Some(kv_heads) = jobs.first().map(|j| j.spans.len()) else {
         return Vec::new();
     };
-    let group = heads / kv_heads;
+    let group_size = heads / kv_heads;
     let threads = rayon::current_num_threads();
+    let units: usize = jobs
+        .iter()
+        .map(|j| (j.tokens.len() * group_size).div_ceil(LANES) * kv_heads)
+        .sum();
     let mut tasks = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
-        let rows = job.tokens.len() * group;
-        let blocks = rows.div_ceil(ROW_BLOCK);
+        let rows = job.tokens.len() * group_size;
         for (g, spans) in job.spans.iter().enumerate() {
-            let keys: usize = spans.iter().map(|s| s.rows(d)).sum();
-            // Split the keys only when the row blocks alone leave threads idle, as in
-            // decoding; the split depends on nothing but this job, so a job's result does
-            // not change with the company it keeps in a batch.
-            let parallel = blocks * kv_heads;
-            let chunks = if parallel >= 2 * threads {
-                1
-            } else {
-                (2 * threads)
-                    .div_ceil(parallel)
-                    .min(keys / MIN_CHUNK_KEYS)
-                    .max(1)
-            };
-            let pieces = split_keys(spans, d, chunks);
-            for b in 0..blocks {
-                let rows = b * ROW_BLOCK..((b + 1) * ROW_BLOCK).min(rows);
-                for (first_key, spans) in &pieces {
+            let total: usize = spans.iter().map(|s| s.rows(d)).sum();
+            for start in (0..rows).step_by(LANES) {
+                let block = start..(start + LANES).min(rows);
+                let last_token = (block.end - 1) / group_size;
+                let seen = job.visible.keys_seen_by(last_token).min(total);
+                let runs = if units >= 2 * threads {
+                    1
+                } else {
+                    (2 * threads)
+                        .div_ceil(units)
+                        .min(seen / MIN_SPLIT_KEYS)
+                        .max(1)
+                };
+                let per_run = seen.div_ceil(runs).next_multiple_of(CHUNK).max(CHUNK);
+                let mut first = 0;
+                loop {
+                    let keys = first..(first + per_run).min(seen);
                     tasks.push(Task {
                         job: j,
                         group: g,
-                        rows: rows.clone(),
-                        first_key: *first_key,
-                        spans: spans.clone(),
+                        rows: block.clone(),
+                        whole: keys.start == 0 && keys.end == seen,
+                        keys,
+                        spans,
                     });
+                    first += per_run;
+                    if first >= seen {
+                        break;
+                    }
                 }
             }
         }
     }
 
-    let partials: Vec<OnlineSoftmax> = tasks
+    let lanes: Vec<RowLanes> = tasks
+        .iter()
+        .map(|t| row_lanes(q, heads, d, group_size, &jobs[t.job], t))
+        .collect();
+    let scored: Vec<Scored> = tasks
         .par_iter()
-        .map(|task| run_task(q, heads, d, group, &jobs[task.job], task))
+        .zip(&lanes)
+        .map(|(task, rows)| score_task(d, task, rows))
         .collect();
 
+    // Runs of one block of rows are neighbours in `tasks`: take the maximum over them, then
+    // weigh each run against it, and add up every run's chunks in key order.
     let mut results: Vec<Attended> = jobs
         .iter()
         .map(|job| Attended {
@@ -524,238 +563,529 @@ fn attend(q: &[f32], heads: usize, d: usize, jobs: Vec<Job<'_>>) -> Vec<Attended
         .collect();
     let mut i = 0;
     while i < tasks.len() {
-        let mut state = partials[i].clone();
-        let mut next = i + 1;
-        while next < tasks.len()
-            && (tasks[next].job, tasks[next].group, tasks[next].rows.start)
+        let same_block = |k: usize| {
+            (tasks[k].job, tasks[k].group, tasks[k].rows.start)
                 == (tasks[i].job, tasks[i].group, tasks[i].rows.start)
-        {
-            state.merge(&partials[next]);
+        };
+        let mut next = i + 1;
+        while next < tasks.len() && same_block(next) {
             next += 1;
         }
+        let (max, sums) = match &scored[i] {
+            Scored::Whole { max, sums } if next == i + 1 => (*max, sums.clone_sums()),
+            _ => {
+                let mut max = [f32::NEG_INFINITY; LANES];
+                for s in &scored[i..next] {
+                    let Scored::Part { max: m, .. } = s else {
+                        unreachable!("a block split into runs has parts only")
+                    };
+                    for (a, b) in max.iter_mut().zip(m) {
+                        *a = a.max(*b);
+                    }
+                }
+                let parts: Vec<Vec<ChunkSums>> = (i..next)
+                    .into_par_iter()
+                    .map(|k| {
+                        let Scored::Part { scores, .. } = &scored[k] else {
+                            unreachable!("checked above")
+                        };
+                        weigh_run(d, &tasks[k], scores, &max)
+                    })
+                    .collect();
+                let mut total = ChunkSums::zero(d);
+                for chunk in parts.iter().flatten() {
+                    total.add(chunk);
+                }
+                (max, total)
+            }
+        };
         let task = &tasks[i];
         let result = &mut results[task.job];
-        for (local, r) in task.rows.clone().enumerate() {
-            let (t, h) = (r / group, task.group * group + r % group);
+        for (l, r) in task.rows.clone().enumerate() {
+            let (t, h) = (r / group_size, task.group * group_size + r % group_size);
             let at = t * heads + h;
-            result.lse[at] = state.finish(local, &mut result.out[at * d..(at + 1) * d]);
+            let out = &mut result.out[at * d..(at + 1) * d];
+            if sums.sum[l] == 0.0 {
+                out.fill(0.0);
+                continue;
+            }
+            let inverse = 1.0 / sums.sum[l];
+            for (o, a) in out.iter_mut().zip(&sums.acc) {
+                *o = a[l] * inverse;
+            }
+            result.lse[at] = max[l] + sums.sum[l].ln();
         }
         i = next;
     }
     results
 }
 
-/// Cut a head's spans into `parts` runs of about equal key counts, each with the index of
-/// its first key; always at least one run, so that rows with no keys still get a result.
-fn split_keys<'a>(spans: &[Span<'a>], d: usize, parts: usize) -> Vec<(usize, Vec<Span<'a>>)> {
-    let total: usize = spans.iter().map(|s| s.rows(d)).sum();
-    let per_part = total.div_ceil(parts).max(1);
-    let mut pieces = vec![(0, Vec::new())];
-    let mut filled = 0;
-    let mut key = 0;
-    for span in spans {
-        let mut at = 0;
-        while at < span.rows(d) {
-            if filled == per_part {
-                pieces.push((key, Vec::new()));
-                filled = 0;
-            }
-            let take = (per_part - filled).min(span.rows(d) - at);
-            pieces
-                .last_mut()
-                .unwrap()
-                .1
-                .push(span.slice(d, at..at + take));
-            at += take;
-            filled += take;
-            key += take;
-        }
-    }
-    pieces
-}
-
-fn run_task(
+/// The task's query rows, scaled and transposed into lanes (unused lanes hold zeros and
+/// see no key).
+fn row_lanes(
     q: &[f32],
     heads: usize,
     d: usize,
-    group: usize,
+    group_size: usize,
     job: &Job<'_>,
     task: &Task<'_>,
-) -> OnlineSoftmax {
-    let rows = task.rows.len();
-    let mut queries = vec![0f32; rows * d];
-    for (local, r) in task.rows.clone().enumerate() {
-        let t = job.tokens.start + r / group;
-        let h = task.group * group + r % group;
-        let from = &q[t * heads * d + h * d..][..d];
-        for (x, y) in queries[local * d..(local + 1) * d].iter_mut().zip(from) {
-            *x = y * job.score_scale;
+) -> RowLanes {
+    let mut lanes = RowLanes {
+        q: vec![[0.0; LANES]; d],
+        seen: [0; LANES],
+    };
+    for (l, r) in task.rows.clone().enumerate() {
+        let t = r / group_size;
+        let h = task.group * group_size + r % group_size;
+        let row = &q[(job.tokens.start + t) * heads * d + h * d..][..d];
+        for (lane, x) in lanes.q.iter_mut().zip(row) {
+            lane[l] = x * job.score_scale;
         }
+        lanes.seen[l] = job.visible.keys_seen_by(t);
     }
-    let visible = |local: usize| job.visible.keys_seen_by((task.rows.start + local) / group);
-    let mut state = OnlineSoftmax::new(rows, d);
-    let mut scratch = Scratch::default();
-    let mut key = task.first_key;
-    for span in &task.spans {
-        let len = span.rows(d);
-        for at in (0..len).step_by(KEY_BLOCK) {
-            let block = span.slice(d, at..(at + KEY_BLOCK).min(len));
-            let first = key + at;
-            let seen = |local: usize| visible(local).saturating_sub(first).min(block.rows(d));
-            state.absorb(&queries, &seen, block, &mut scratch);
-        }
-        key += len;
-    }
-    state
+    lanes
 }
 
-/// Buffers a task reuses from one key block to the next.
-#[derive(Default)]
-struct Scratch {
-    keys: Vec<f32>,
-    values: Vec<f32>,
-    scores: Vec<f32>,
+impl ChunkSums {
+    fn zero(d: usize) -> Self {
+        ChunkSums {
+            sum: [0.0; LANES],
+            acc: vec![[0.0; LANES]; d],
+        }
+    }
+
+    fn clone_sums(&self) -> Self {
+        ChunkSums {
+            sum: self.sum,
+            acc: self.acc.clone(),
+        }
+    }
+
+    fn add(&mut self, other: &ChunkSums) {
+        for (a, b) in self.sum.iter_mut().zip(&other.sum) {
+            *a += b;
+        }
+        for (a, b) in self.acc.iter_mut().zip(&other.acc) {
+            for (a, b) in a.iter_mut().zip(b) {
+                *a += b;
+            }
+        }
+    }
 }
 
-/// The running state of a softmax-weighted sum for some query rows: per row the largest
-/// score so far, the sum of `exp(score - max)` and the sum of those weights times values.
-#[derive(Clone)]
-struct OnlineSoftmax {
+/// Score a task's rows against its run of keys; a task with every key of its rows goes on
+/// to weigh them.
+fn score_task(d: usize, task: &Task<'_>, rows: &RowLanes) -> Scored {
+    let mut scores = vec![[0.0; LANES]; task.keys.len()];
+    let mut keys = Vec::new();
+    for (chunk, out) in (task.keys.start..task.keys.end)
+        .step_by(CHUNK)
+        .zip(scores.chunks_mut(CHUNK))
+    {
+        gather(task.spans, d, chunk..chunk + out.len(), |s| s.k, &mut keys);
+        lane_kernels::score(&rows.q, &keys, chunk, &rows.seen, out);
+    }
+    let mut max = [f32::NEG_INFINITY; LANES];
+    for s in &scores {
+        for (m, s) in max.iter_mut().zip(s) {
+            *m = m.max(*s);
+        }
+    }
+    if !task.whole {
+        return Scored::Part { max, scores };
+    }
+    let mut sums = ChunkSums::zero(d);
+    for chunk in weigh_run(d, task, &scores, &max) {
+        sums.add(&chunk);
+    }
+    Scored::Whole { max, sums }
+}
+
+/// The chunk sums of a task's run of keys against the rows' maximum over all their keys.
+fn weigh_run(d: usize, task: &Task<'_>, scores: &[Lanes], max: &Lanes) -> Vec<ChunkSums> {
+    let mut values = Vec::new();
+    let mut weights = Vec::new();
+    (task.keys.start..task.keys.end)
+        .step_by(CHUNK)
+        .zip(scores.chunks(CHUNK))
+        .map(|(chunk, scores)| {
+            gather(
+                task.spans,
+                d,
+                chunk..chunk + scores.len(),
+                |s| s.v,
+                &mut values,
+            );
+            weights.clear();
+            weights.extend_from_slice(scores);
+            let mut sums = ChunkSums::zero(d);
+            lane_kernels::weigh(&mut weights, max, &values, &mut sums.sum, &mut sums.acc);
+            sums
+        })
+        .collect()
+}
+
+/// Keys `range` of a job's key sequence (its spans one after another), each row of `d`
+/// taken from a span by `part` and widened to f32, into `out`.
+fn gather<'a>(
+    spans: &[Span<'a>],
     d: usize,
-    max: Vec<f32>,
-    sum: Vec<f32>,
-    acc: Vec<f32>,
+    range: Range<usize>,
+    part: impl Fn(&Span<'a>) -> &'a [f16],
+    out: &mut Vec<f32>,
+) {
+    out.resize(range.len() * d, 0.0);
+    let mut filled = 0;
+    let mut start = 0;
+    for span in spans {
+        let len = span.rows(d);
+        let (from, to) = (range.start.max(start), range.end.min(start + len));
+        if from < to {
+            let src = &part(span)[(from - start) * d..(to - start) * d];
+            src.convert_to_f32_slice(&mut out[filled..filled + src.len()]);
+            filled += src.len();
+        }
+        start += len;
+    }
+    assert_eq!(filled, out.len(), "keys outside the spans");
 }
 
-impl OnlineSoftmax {
-    fn new(rows: usize, d: usize) -> Self {
-        OnlineSoftmax {
-            d,
-            max: vec![f32::NEG_INFINITY; rows],
-            sum: vec![0.0; rows],
-            acc: vec![0.0; rows * d],
+/// The arithmetic of attention on lanes of query rows, written once in plain Rust and
+/// compiled for the best vector unit the CPU has. Every lane does the same operations in
+/// the same order as it would alone, so the instruction set changes speed, not results.
+mod lane_kernels {
+    use super::{Lanes, LANES};
+
+    /// Keys scored at once: independent chains of multiply-adds to keep the unit busy.
+    const KEY_TILE: usize = 8;
+
+    /// `out[j][l]`: the score of key `j` (rows of `d` in `keys`, key `first + j` of the
+    /// job) for row `l` of `q`, `-inf` where the row does not see it.
+    pub fn score(
+        q: &[Lanes],
+        keys: &[f32],
+        first: usize,
+        seen: &[usize; LANES],
+        out: &mut [Lanes],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::kernels::simd::avx512_available() {
+                // SAFETY: the CPU has the features the function is compiled for.
+                return unsafe { avx512::score(q, keys, first, seen, out) };
+            }
+            if crate::kernels::simd::available() {
+                // SAFETY: as above.
+                return unsafe { score_avx2(q, keys, first, seen, out) };
+            }
         }
+        score_body(q, keys, first, seen, out)
     }
 
-    /// Take in one block of keys: row `r` of `queries` (already scaled) sees the first
-    /// `seen(r)` of them, a count that never decreases with `r`.
-    fn absorb(
-        &mut self,
-        queries: &[f32],
-        seen: &dyn Fn(usize) -> usize,
-        block: Span<'_>,
-        scratch: &mut Scratch,
+    /// Turn `scores` into weights `exp(score - max)` in place and add, for each row, the
+    /// weights to `sum` and the weighted `values` (rows of `d`) to `acc`, key by key.
+    pub fn weigh(
+        scores: &mut [Lanes],
+        max: &Lanes,
+        values: &[f32],
+        sum: &mut Lanes,
+        acc: &mut [Lanes],
     ) {
-        let d = self.d;
-        let rows = self.max.len();
-        let first = (0..rows).find(|&r| seen(r) > 0).unwrap_or(rows);
-        let live = rows - first;
-        if live == 0 {
-            return;
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::kernels::simd::avx512_available() {
+                // SAFETY: the CPU has the features the function is compiled for.
+                return unsafe { avx512::weigh(scores, max, values, sum, acc) };
+            }
+            if crate::kernels::simd::available() {
+                // SAFETY: as above.
+                return unsafe { weigh_avx2(scores, max, values, sum, acc) };
+            }
         }
-        let keys = block.rows(d);
-        if live < GEMM_MIN_ROWS {
-            for r in first..rows {
-                let scores = &mut scratch.scores;
-                scores.clear();
-                let q_r = &queries[r * d..(r + 1) * d];
-                scores.extend(
-                    block.k[..seen(r) * d]
-                        .chunks_exact(d)
-                        .map(|k| dot_f16(k, q_r)),
-                );
-                let acc = &mut self.acc[r * d..(r + 1) * d];
-                let rescale = update_row(&mut self.max[r], &mut self.sum[r], scores);
-                acc.iter_mut().for_each(|a| *a *= rescale);
-                for (&p, v) in scores.iter().zip(block.v.chunks_exact(d)) {
-                    axpy_f16(acc, p, v);
+        weigh_body(scores, max, values, sum, acc)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn score_avx2(
+        q: &[Lanes],
+        keys: &[f32],
+        first: usize,
+        seen: &[usize; LANES],
+        out: &mut [Lanes],
+    ) {
+        score_body(q, keys, first, seen, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weigh_avx2(
+        scores: &mut [Lanes],
+        max: &Lanes,
+        values: &[f32],
+        sum: &mut Lanes,
+        acc: &mut [Lanes],
+    ) {
+        weigh_body(scores, max, values, sum, acc)
+    }
+
+    /// The same operations written with AVX-512 intrinsics, one row lane per vector lane:
+    /// the compiler does not keep the generic version's tiles in registers.
+    #[cfg(target_arch = "x86_64")]
+    mod avx512 {
+        use super::{Lanes, KEY_TILE, LANES, VALUE_TILE};
+        use std::arch::x86_64::*;
+
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        pub unsafe fn score(
+            q: &[Lanes],
+            keys: &[f32],
+            first: usize,
+            seen: &[usize; LANES],
+            out: &mut [Lanes],
+        ) {
+            let d = q.len();
+            assert_eq!(keys.len(), out.len() * d);
+            let seen: [u32; LANES] = seen.map(|s| s.min(u32::MAX as usize) as u32);
+            let seen = _mm512_loadu_si512(seen.as_ptr().cast());
+            let masked = |s: __m512, key: usize| {
+                let visible = _mm512_cmpgt_epu32_mask(seen, _mm512_set1_epi32(key as i32));
+                _mm512_mask_mov_ps(_mm512_set1_ps(f32::NEG_INFINITY), visible, s)
+            };
+            let (k, o) = (keys.as_ptr(), out.as_mut_ptr().cast::<f32>());
+            let n = out.len();
+            let mut at = 0;
+            while at + KEY_TILE <= n {
+                let mut s = [_mm512_setzero_ps(); KEY_TILE];
+                for (i, q) in q.iter().enumerate() {
+                    let q = _mm512_loadu_ps(q.as_ptr());
+                    for (t, s) in s.iter_mut().enumerate() {
+                        let key = _mm512_set1_ps(*k.add((at + t) * d + i));
+                        *s = _mm512_fmadd_ps(q, key, *s);
+                    }
+                }
+                for (t, s) in s.into_iter().enumerate() {
+                    _mm512_storeu_ps(o.add((at + t) * LANES), masked(s, first + at + t));
+                }
+                at += KEY_TILE;
+            }
+            while at < n {
+                let mut s = _mm512_setzero_ps();
+                for (i, q) in q.iter().enumerate() {
+                    let key = _mm512_set1_ps(*k.add(at * d + i));
+                    s = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr()), key, s);
+                }
+                _mm512_storeu_ps(o.add(at * LANES), masked(s, first + at));
+                at += 1;
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        pub unsafe fn weigh(
+            scores: &mut [Lanes],
+            max: &Lanes,
+            values: &[f32],
+            sum: &mut Lanes,
+            acc: &mut [Lanes],
+        ) {
+            let d = acc.len();
+            assert_eq!(values.len(), scores.len() * d);
+            let max = _mm512_loadu_ps(max.as_ptr());
+            let none = _mm512_cmp_ps_mask(max, _mm512_set1_ps(f32::NEG_INFINITY), _CMP_EQ_OQ);
+            let shift = _mm512_mask_mov_ps(max, none, _mm512_setzero_ps());
+            let mut total = _mm512_loadu_ps(sum.as_ptr());
+            for s in scores.iter_mut() {
+                let w = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s.as_ptr()), shift));
+                _mm512_storeu_ps(s.as_mut_ptr(), w);
+                total = _mm512_add_ps(total, w);
+            }
+            _mm512_storeu_ps(sum.as_mut_ptr(), total);
+            let v = values.as_ptr();
+            for (tile, acc) in (0..d).step_by(VALUE_TILE).zip(acc.chunks_mut(VALUE_TILE)) {
+                let width = acc.len();
+                let mut a = [_mm512_setzero_ps(); VALUE_TILE];
+                for (a, acc) in a.iter_mut().zip(acc.iter()) {
+                    *a = _mm512_loadu_ps(acc.as_ptr());
+                }
+                for (j, w) in scores.iter().enumerate() {
+                    let w = _mm512_loadu_ps(w.as_ptr());
+                    let row = v.add(j * d + tile);
+                    if width == VALUE_TILE {
+                        for (e, a) in a.iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(w, _mm512_set1_ps(*row.add(e)), *a);
+                        }
+                    } else {
+                        for (e, a) in a[..width].iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(w, _mm512_set1_ps(*row.add(e)), *a);
+                        }
+                    }
+                }
+                for (a, acc) in a.iter().zip(acc.iter_mut()) {
+                    _mm512_storeu_ps(acc.as_mut_ptr(), *a);
                 }
             }
-            return;
         }
 
-        scratch.keys.resize(keys * d, 0.0);
-        scratch.values.resize(keys * d, 0.0);
-        scratch.scores.resize(live * keys, 0.0);
-        block.k.convert_to_f32_slice(&mut scratch.keys);
-        block.v.convert_to_f32_slice(&mut scratch.values);
-        let scores = &mut scratch.scores;
-        gemm_nt(
-            live,
-            keys,
-            d,
-            &queries[first * d..],
-            d,
-            &scratch.keys,
-            d,
-            scores,
-            keys,
-        );
-        for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
-            let r = first + i;
-            let n = seen(r);
-            let rescale = update_row(&mut self.max[r], &mut self.sum[r], &mut row[..n]);
-            row[n..].fill(0.0);
-            self.acc[r * d..(r + 1) * d]
-                .iter_mut()
-                .for_each(|a| *a *= rescale);
-        }
-        gemm_nn(
-            live,
-            d,
-            keys,
-            scores,
-            keys,
-            &scratch.values,
-            d,
-            &mut self.acc[first * d..],
-            d,
-        );
-    }
-
-    /// Fold the other state (the same rows over other keys) into this one.
-    fn merge(&mut self, other: &OnlineSoftmax) {
-        let d = self.d;
-        for r in 0..self.max.len() {
-            let max = self.max[r].max(other.max[r]);
-            if max == f32::NEG_INFINITY {
-                continue;
+        /// The generic `exp_nonpositive`, lane for lane.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        unsafe fn exp_nonpositive(x: __m512) -> __m512 {
+            let underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0), _CMP_LT_OQ);
+            let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+            let n = _mm512_roundscale_ps(
+                _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+            let mut p = _mm512_set1_ps(1.987_569_1e-4);
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                1.666_666_5e-1,
+                5.0e-1,
+            ] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
             }
-            let (a, b) = ((self.max[r] - max).exp(), (other.max[r] - max).exp());
-            self.max[r] = max;
-            self.sum[r] = self.sum[r] * a + other.sum[r] * b;
-            for (x, y) in self.acc[r * d..(r + 1) * d]
-                .iter_mut()
-                .zip(&other.acc[r * d..(r + 1) * d])
-            {
-                *x = *x * a + y * b;
+            let y = _mm512_add_ps(
+                _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+                _mm512_set1_ps(1.0),
+            );
+            let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+                _mm512_cvtps_epi32(n),
+                _mm512_set1_epi32(127),
+            ));
+            let y = _mm512_mul_ps(y, _mm512_castsi512_ps(scale));
+            _mm512_mask_mov_ps(y, underflow, _mm512_setzero_ps())
+        }
+    }
+
+    #[inline(always)]
+    fn score_body(
+        q: &[Lanes],
+        keys: &[f32],
+        first: usize,
+        seen: &[usize; LANES],
+        out: &mut [Lanes],
+    ) {
+        let d = q.len();
+        assert_eq!(keys.len(), out.len() * d);
+        let mut tiles = keys.chunks_exact(KEY_TILE * d);
+        let mut at = 0;
+        for tile in tiles.by_ref() {
+            let mut s = [[0f32; LANES]; KEY_TILE];
+            for (i, q) in q.iter().enumerate() {
+                for (k, s) in s.iter_mut().enumerate() {
+                    let key = tile[k * d + i];
+                    for (s, q) in s.iter_mut().zip(q) {
+                        *s = q.mul_add(key, *s);
+                    }
+                }
+            }
+            for (k, s) in s.into_iter().enumerate() {
+                out[at + k] = masked(s, first + at + k, seen);
+            }
+            at += KEY_TILE;
+        }
+        for key in tiles.remainder().chunks_exact(d) {
+            let mut s = [0f32; LANES];
+            for (q, &key) in q.iter().zip(key) {
+                for (s, q) in s.iter_mut().zip(q) {
+                    *s = q.mul_add(key, *s);
+                }
+            }
+            out[at] = masked(s, first + at, seen);
+            at += 1;
+        }
+    }
+
+    #[inline(always)]
+    fn masked(s: Lanes, key: usize, seen: &[usize; LANES]) -> Lanes {
+        std::array::from_fn(|l| {
+            if key < seen[l] {
+                s[l]
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+    }
+
+    /// Value elements one pass keeps in registers for every lane.
+    const VALUE_TILE: usize = 16;
+
+    #[inline(always)]
+    fn weigh_body(
+        scores: &mut [Lanes],
+        max: &Lanes,
+        values: &[f32],
+        sum: &mut Lanes,
+        acc: &mut [Lanes],
+    ) {
+        let d = acc.len();
+        assert_eq!(values.len(), scores.len() * d);
+        // A row that sees no key has no maximum; its weights are all zero.
+        let shift: Lanes = std::array::from_fn(|l| {
+            if max[l] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                max[l]
+            }
+        });
+        for s in scores.iter_mut() {
+            for ((w, s), m) in s.iter_mut().zip(sum.iter_mut()).zip(&shift) {
+                *w = exp_nonpositive(*w - m);
+                *s += *w;
             }
         }
+        for (tile, acc) in (0..d).step_by(VALUE_TILE).zip(acc.chunks_mut(VALUE_TILE)) {
+            let width = acc.len();
+            let mut a = [[0f32; LANES]; VALUE_TILE];
+            a[..width].copy_from_slice(acc);
+            for (w, v) in scores.iter().zip(values.chunks_exact(d)) {
+                let v = &v[tile..tile + width];
+                for (a, &v) in a.iter_mut().zip(v) {
+                    for (a, w) in a.iter_mut().zip(w) {
+                        *a = w.mul_add(v, *a);
+                    }
+                }
+            }
+            acc.copy_from_slice(&a[..width]);
+        }
     }
 
-    /// Write row `r`'s normalised output and return its log-sum-exp.
-    fn finish(&self, r: usize, out: &mut [f32]) -> f32 {
-        if self.sum[r] == 0.0 {
-            out.fill(0.0);
-            return f32::NEG_INFINITY;
+    /// exp(x) for x <= 0 (or -inf), by range reduction to r in [-ln2/2, ln2/2] and a
+    /// degree-6 polynomial (relative error about 2e-7); inputs below -87 give 0.
+    #[inline(always)]
+    fn exp_nonpositive(x: f32) -> f32 {
+        let underflow = x < -87.0;
+        let x = x.max(-87.0);
+        let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+        let r = (-n).mul_add(0.693_145_75, x);
+        let r = (-n).mul_add(1.428_606_8e-6, r);
+        let mut p: f32 = 1.987_569_1e-4;
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5.0e-1,
+        ] {
+            p = p.mul_add(r, c);
         }
-        let inv = 1.0 / self.sum[r];
-        for (o, a) in out.iter_mut().zip(&self.acc[r * self.d..]) {
-            *o = a * inv;
+        let y = p.mul_add(r * r, r) + 1.0;
+        let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+        if underflow {
+            0.0
+        } else {
+            y * scale
         }
-        self.max[r] + self.sum[r].ln()
     }
-}
 
-/// Turn one row's new scores into weights relative to its updated maximum, add them to its
-/// sum, and return the factor its earlier weighted values must be multiplied by.
-fn update_row(max: &mut f32, sum: &mut f32, scores: &mut [f32]) -> f32 {
-    let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let new_max = max.max(block_max);
-    let rescale = (*max - new_max).exp();
-    *sum = *sum * rescale + exp_shifted_sum(scores, new_max);
-    *max = new_max;
-    rescale
+    #[cfg(test)]
+    pub fn exp_for_test(x: f32) -> f32 {
+        exp_nonpositive(x)
+    }
 }
 
 #[cfg(test)]

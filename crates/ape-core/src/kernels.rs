@@ -296,6 +296,11 @@ pub(crate) mod simd {
             && is_x86_feature_detected!("f16c")
     }
 
+    /// Whether it also has the 512-bit vectors of AVX-512F and VL.
+    pub fn avx512_available() -> bool {
+        available() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
