@@ -430,18 +430,25 @@ fn q8_cost(
         let run = |contexts: Vec<&KvCache>, forced: Option<&[u32]>| {
             let mut cache =
                 prefix.copy_with_capacity(prefix.len() + prompt.query.len() + Q8_ANSWER_TOKENS);
-            let mut logits =
-                engine
-                    .model
-                    .forward_ape(&prompt.query, &mut cache, &contexts, factors);
+            let mut logits = engine.model.forward_ape(
+                &prompt.query,
+                &mut cache,
+                prefix.len(),
+                &contexts,
+                factors,
+            );
             let mut steps = vec![logits.clone()];
             let mut tokens = Vec::new();
             for i in 0..Q8_ANSWER_TOKENS - 1 {
                 let token = forced.map_or_else(|| ape_core::sampler::argmax(&logits), |f| f[i]);
                 tokens.push(token);
-                logits = engine
-                    .model
-                    .forward_ape(&[token], &mut cache, &contexts, factors);
+                logits = engine.model.forward_ape(
+                    &[token],
+                    &mut cache,
+                    prefix.len(),
+                    &contexts,
+                    factors,
+                );
                 steps.push(logits.clone());
             }
             (steps, tokens)

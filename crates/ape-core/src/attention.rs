@@ -334,17 +334,31 @@ pub struct ApeFactors {
     pub scale: f32,
 }
 
+impl ApeFactors {
+    /// `T = S = 1`: one softmax over the prefix, the contexts and the query side.
+    pub const ONE_SOFTMAX: ApeFactors = ApeFactors {
+        temperature: 1.0,
+        scale: 1.0,
+    };
+}
+
 /// APE attention of `n` query-side tokens whose own keys and values are already in `cache`
-/// (after the prefix) at positions `cache.len()..+n`.
+/// at positions `cache.len()..+n`, after the shared prefix (its first `prefix_len`
+/// positions) and the query side so far.
 ///
 /// Each query attends causally to `cache` (group O: the prefix and the query side so far)
 /// and to every token of every context (group C) with its scores divided by the
 /// temperature; the two results are merged with weights `softmax([S*T*lse_C, lse_O])`. With
-/// `T = S = 1` this is exactly one softmax over both groups. Writes `out`, shaped like `q`.
+/// `T = S = 1` this is exactly one softmax over both groups, and it is computed as one:
+/// over the prefix, the contexts in order and the query side, the keys sequential reading
+/// has in its cache, so that one context read this way is sequential reading to the bit.
+/// Writes `out`, shaped like `q`.
+#[allow(clippy::too_many_arguments)]
 pub fn ape_attention(
     q: &[f32],
     heads: usize,
     cache: &KvCache,
+    prefix_len: usize,
     contexts: &[&KvCache],
     factors: ApeFactors,
     layer: usize,
@@ -353,6 +367,40 @@ pub fn ape_attention(
     let d = cache.head_dim;
     let n = q.len() / (heads * d);
     let score_scale = 1.0 / (d as f32).sqrt();
+    let context_spans = |g: usize| {
+        contexts.iter().map(move |c| {
+            let (k, v) = c.head(layer, g);
+            Span { k, v }
+        })
+    };
+    if factors == ApeFactors::ONE_SOFTMAX {
+        let in_order = Job {
+            tokens: 0..n,
+            spans: (0..cache.kv_heads)
+                .map(|g| {
+                    let (k, v) = cache.head_upto(layer, g, cache.len() + n);
+                    let at = prefix_len * d;
+                    let mut spans = vec![Span {
+                        k: &k[..at],
+                        v: &v[..at],
+                    }];
+                    spans.extend(context_spans(g));
+                    spans.push(Span {
+                        k: &k[at..],
+                        v: &v[at..],
+                    });
+                    spans
+                })
+                .collect(),
+            visible: Visible::Causal {
+                start: cache.len() + contexts.iter().map(|c| c.len()).sum::<usize>(),
+            },
+            score_scale,
+        };
+        let [done] = attend(q, heads, d, vec![in_order]).try_into().ok().unwrap();
+        out.copy_from_slice(&done.out);
+        return;
+    }
     let own = Job {
         tokens: 0..n,
         spans: cache.spans_upto(layer, cache.len() + n),
@@ -362,15 +410,7 @@ pub fn ape_attention(
     let in_contexts = Job {
         tokens: 0..n,
         spans: (0..cache.kv_heads)
-            .map(|g| {
-                contexts
-                    .iter()
-                    .map(|c| {
-                        let (k, v) = c.head(layer, g);
-                        Span { k, v }
-                    })
-                    .collect()
-            })
+            .map(|g| context_spans(g).collect())
             .collect(),
         visible: Visible::All,
         score_scale: score_scale / factors.temperature,
@@ -1263,7 +1303,7 @@ mod tests {
             let q = values(new * heads * d, seed + 3);
             let factors = ApeFactors { temperature, scale };
             let mut out = vec![0f32; q.len()];
-            ape_attention(&q, heads, &cache, &refs, factors, 0, &mut out);
+            ape_attention(&q, heads, &cache, prefix, &refs, factors, 0, &mut out);
             let want = dense_reference(&q, heads, &cache, &refs, factors);
             for (a, b) in out.iter().zip(&want) {
                 prop_assert!((a - b).abs() <= 1e-5, "{} vs {}", a, b);
@@ -1288,7 +1328,7 @@ mod tests {
             temperature: 1.0,
             scale: 1.0,
         };
-        ape_attention(&q, heads, &cache, &refs, unit, 0, &mut ape);
+        ape_attention(&q, heads, &cache, prefix, &refs, unit, 0, &mut ape);
 
         // The same keys laid out as one sequence: prefix, the contexts, then the queries,
         // with the queries seeing everything before them.
@@ -1314,7 +1354,51 @@ mod tests {
         joined.advance(total);
         let mut sequential = vec![0f32; q.len()];
         causal_attention(&q, heads, &joined, 0, &mut sequential);
-        assert_close(&ape, &sequential, 1e-5, "unit-factor APE vs one softmax");
+        assert_eq!(
+            ape, sequential,
+            "unit-factor APE is one softmax, to the bit"
+        );
+    }
+
+    /// A token attended with others (a prefill) or alone (decoding, where the keys are
+    /// split between threads) gets the same bits.
+    #[test]
+    fn a_token_is_attended_alike_alone_and_among_others() {
+        let (heads, kv_heads, d) = (14, 2, 64);
+        for (past, new) in [(0, 40), (3000, 20), (700, 33)] {
+            let full = cache_with(kv_heads, d, past, new, 5);
+            let q = values(new * heads * d, 6);
+            let mut together = vec![0f32; q.len()];
+            causal_attention(&q, heads, &full, 0, &mut together);
+            let row = heads * d;
+            for i in 0..new {
+                // The keys before token i, and its own written after them.
+                let mut alone_cache = full.copy_prefix(past, past + i + 1);
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                for p in past..past + i + 1 {
+                    for g in 0..kv_heads {
+                        let (keys, values) = full.head_upto(0, g, past + new);
+                        k.extend(keys[p * d..(p + 1) * d].iter().map(|x| x.to_f32()));
+                        v.extend(values[p * d..(p + 1) * d].iter().map(|x| x.to_f32()));
+                    }
+                }
+                alone_cache.write(0, &k, &v);
+                alone_cache.advance(i);
+                let mut alone = vec![0f32; row];
+                causal_attention(
+                    &q[i * row..(i + 1) * row],
+                    heads,
+                    &alone_cache,
+                    0,
+                    &mut alone,
+                );
+                assert_eq!(
+                    alone,
+                    together[i * row..(i + 1) * row],
+                    "past {past}, token {i}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -861,11 +861,11 @@ impl Engine {
         let mut logits = Vec::new();
         for chunk in query.chunks(crate::generate::PREFILL_CHUNK) {
             decoding.options.cancel.check()?;
-            logits = model.forward_ape(chunk, &mut cache, contexts, factors);
+            logits = model.forward_ape(chunk, &mut cache, prefix.len(), contexts, factors);
         }
         decoding.run(
             logits,
-            |token| model.forward_ape(&[token], &mut cache, contexts, factors),
+            |token| model.forward_ape(&[token], &mut cache, prefix.len(), contexts, factors),
             on_text,
         )
     }
@@ -1090,7 +1090,7 @@ impl Engine {
             &mut cache,
             |tokens, cache, rows| {
                 self.model
-                    .forward_ape_rows(tokens, cache, contexts, factors, rows)
+                    .forward_ape_rows(tokens, cache, prefix.len(), contexts, factors, rows)
             },
         ))
     }

@@ -328,18 +328,19 @@ impl Model {
     }
 
     /// Run query-side tokens with APE attention: they attend causally to `cache` (the
-    /// shared prefix and the query side so far), and to all of `contexts` (each encoded
-    /// after that same prefix) with APE's temperature and scale. Their positions follow the
-    /// longest context. Appends their keys and values to `cache` and returns the logits of
-    /// the last token.
+    /// shared prefix, its first `prefix_len` positions, and the query side so far), and to
+    /// all of `contexts` (each encoded after that same prefix) with APE's temperature and
+    /// scale. Their positions follow the longest context. Appends their keys and values to
+    /// `cache` and returns the logits of the last token.
     pub fn forward_ape(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
+        prefix_len: usize,
         contexts: &[&KvCache],
         factors: ApeFactors,
     ) -> Vec<f32> {
-        self.logits(&self.forward_ape_hidden(tokens, cache, contexts, factors))
+        self.logits(&self.forward_ape_hidden(tokens, cache, prefix_len, contexts, factors))
     }
 
     /// [`Model::forward_ape`], returning the logits of each of the last `rows` tokens (in
@@ -348,12 +349,13 @@ impl Model {
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
+        prefix_len: usize,
         contexts: &[&KvCache],
         factors: ApeFactors,
         rows: usize,
     ) -> Vec<Vec<f32>> {
         self.last_rows_logits(
-            &self.forward_ape_hidden(tokens, cache, contexts, factors),
+            &self.forward_ape_hidden(tokens, cache, prefix_len, contexts, factors),
             rows,
         )
     }
@@ -362,6 +364,7 @@ impl Model {
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
+        prefix_len: usize,
         contexts: &[&KvCache],
         factors: ApeFactors,
     ) -> Vec<f32> {
@@ -371,7 +374,7 @@ impl Model {
         let heads = self.config.heads;
         let x = self.run_layers(tokens, cache.len() + longest.., |layer, q, k, v, out| {
             cache.write(layer, k, v);
-            ape_attention(q, heads, cache, contexts, factors, layer, out);
+            ape_attention(q, heads, cache, prefix_len, contexts, factors, layer, out);
         });
         cache.advance(n);
         x

@@ -1,14 +1,15 @@
-//! APE's invariants on the real default model: with T = S = 1 it is exactly sequential
-//! encoding (one context) or one dense attention with reused positions (several); the order
-//! of contexts does not matter; a context encodes the same alone or in a batch; and a
+//! APE's invariants on the real model: with T = S = 1 and one context it is sequential
+//! encoding to the bit; with several it is one dense attention with reused positions; the
+//! order of contexts does not matter; a context encodes the same alone or in a batch; and a
 //! request may hold far more context tokens than the model's window.
 //!
-//! "Exactly" means to float tolerance inside the layers. The logits compared here also pass
-//! through the output projection, which (like llama.cpp) quantizes its input vector to 8
-//! bits; a float-level change in the last hidden state can move an element across a
-//! rounding step, so logit differences of up to about 0.25% of the logit range are
-//! expected where the layers agree to 1e-4. The tests allow 0.5% and require the same
-//! argmax.
+//! Where two computations are equal only up to the order of floating-point sums (a dense
+//! reference, contexts in another order), the logits are compared by distribution: every
+//! product (like llama.cpp's) quantizes its input vector to 8 bits, so a float-level
+//! change can move an element across a rounding step in any layer. Measured here, such
+//! pairs stay within a KL divergence of 0.007 nats (APE at its calibrated factors is
+//! 0.1 to 0.3 nats from sequential reading); the tests require the same argmax and at
+//! most 0.02.
 
 mod common;
 
@@ -30,32 +31,27 @@ fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| Engine::load(common::model_path(common::SMOLLM2)).expect("model loads"))
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+/// KL(softmax(p) || softmax(q)) in nats.
+fn kl(p: &[f32], q: &[f32]) -> f64 {
+    let log_sum_exp = |x: &[f32]| {
+        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+    };
+    let (lp, lq) = (log_sum_exp(p), log_sum_exp(q));
+    p.iter()
+        .zip(q)
+        .map(|(&a, &b)| {
+            let (la, lb) = (a as f64 - lp, b as f64 - lq);
+            la.exp() * (la - lb)
+        })
+        .sum()
 }
 
-fn range(xs: &[f32]) -> f32 {
-    let (lo, hi) = xs
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
-            (lo.min(x), hi.max(x))
-        });
-    hi - lo
-}
-
-/// Same argmax, and no logit further from `want` than 0.5% of its range (see the module
-/// comment for why not less).
+/// Same argmax, and the distributions within 0.02 nats (see the module comment).
 fn assert_logits_agree(got: &[f32], want: &[f32]) {
     assert_eq!(argmax(got), argmax(want));
-    let diff = max_abs_diff(got, want);
-    assert!(
-        diff < 5e-3 * range(want),
-        "max |diff| {diff} against a logit range of {}",
-        range(want)
-    );
+    let divergence = kl(want, got);
+    assert!(divergence < 0.02, "KL divergence {divergence} nats");
 }
 
 /// The logits after the query of `prompt`, read the APE way with `factors`.
@@ -69,7 +65,7 @@ fn ape_logits(e: &Engine, prompt: &Prompt, factors: ApeFactors) -> Vec<f32> {
     let refs: Vec<&KvCache> = encoded.iter().collect();
     let mut cache = prefix.copy_with_capacity(prefix.len() + prompt.query.len());
     e.model
-        .forward_ape(&prompt.query, &mut cache, &refs, factors)
+        .forward_ape(&prompt.query, &mut cache, prefix.len(), &refs, factors)
 }
 
 fn documents() -> Vec<String> {
@@ -108,7 +104,7 @@ fn one_context_with_unit_factors_equals_sequential_encoding() {
     let mut cache = e.model.new_cache(sequential.len());
     let want = e.model.forward(&sequential, &mut cache);
     let got = ape_logits(e, &prompt, UNIT);
-    assert_logits_agree(&got, &want);
+    assert_eq!(got, want, "one context at T = S = 1 is sequential reading to the bit");
 }
 
 /// Attention over every token of one batch, in f64 from f32 keys and values, with token

@@ -92,12 +92,14 @@ fn ape_rows_follow_the_query_and_continuations_do_not_see_each_other() {
     let factors = mode.factors().unwrap();
     let after_query = e
         .model
-        .forward_ape(&prompt.query, &mut cache, &refs, factors);
+        .forward_ape(&prompt.query, &mut cache, prefix.len(), &refs, factors);
     assert_logits_agree(&both[0][0], &after_query);
     // The last row follows the continuation's tokens fed one by one.
     let mut last = after_query;
     for &t in &a[..a.len() - 1] {
-        last = e.model.forward_ape(&[t], &mut cache, &refs, factors);
+        last = e
+            .model
+            .forward_ape(&[t], &mut cache, prefix.len(), &refs, factors);
     }
     assert_logits_agree(both[0].last().unwrap(), &last);
 }
