@@ -104,7 +104,10 @@ fn one_context_with_unit_factors_equals_sequential_encoding() {
     let mut cache = e.model.new_cache(sequential.len());
     let want = e.model.forward(&sequential, &mut cache);
     let got = ape_logits(e, &prompt, UNIT);
-    assert_eq!(got, want, "one context at T = S = 1 is sequential reading to the bit");
+    assert_eq!(
+        got, want,
+        "one context at T = S = 1 is sequential reading to the bit"
+    );
 }
 
 /// Attention over every token of one batch, in f64 from f32 keys and values, with token
