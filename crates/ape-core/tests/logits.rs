@@ -1,20 +1,19 @@
 //! Last-position logits agree with llama.cpp on the same GGUF files. The reference values
 //! come from llama-cpp-python (scripts/reference/make_logits_fixtures.py).
 //!
-//! Like llama.cpp, ape quantizes activations to 8 bits inside its matrix-vector products
-//! (decoding, short prompts, and the output projection of every prompt); longer prompts
-//! run their layers through an f32 GEMM, where llama.cpp still quantizes. The two therefore
-//! differ by a small amount, bounded here: top-1 identical, at least 9 of the top 10 shared,
-//! and the largest absolute difference under 6% of the logit range.
+//! Like llama.cpp, ape quantizes activations to 8 bits in every product with the weights,
+//! but its kernels add the blocks' products in another order. The two therefore differ by
+//! a small amount, bounded here: top-1 identical, at least 9 of the top 10 shared, and the
+//! largest absolute difference under 6% of the logit range.
 //!
 //! Where a reference's top two are closer than the 8-bit activation error (1.75 at most on
 //! these prompts, llama.cpp against its F32-weight run), top-1 is decided by that error
 //! rather than by the model (SmolLM2 `chat`, margin 0.09, and `long`, 0.19), and only has
 //! to be one of the two. So SmolLM2 has a second reference: llama.cpp on a copy of the
 //! model with every weight dequantized to F32 (scripts/reference/dequantize_to_f32.py),
-//! whose activations stay f32. Against it top-1 must agree on the same terms and the logits
-//! must be within 3% of the range (ape's 8-bit activations cost 2.15% at most, on the
-//! prompt short enough to run every layer through matrix-vector products).
+//! whose activations stay f32. Against it top-1 must agree on the same terms, and ape must
+//! be at most 1.5 times as far from it as llama.cpp's own quantized run is (the other
+//! summation order; measured: 0.63 to 1.25 times, largest on `plain`).
 
 mod common;
 
@@ -109,15 +108,22 @@ fn check_model(file: &str) {
                 .zip(&exact)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f32::max);
-            eprintln!("  against llama.cpp on F32 weights: max |diff| {exact_abs:.4}");
+            let llama_abs = want
+                .iter()
+                .zip(&exact)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            eprintln!(
+                "  against llama.cpp on F32 weights: max |diff| {exact_abs:.4} (llama.cpp's own: {llama_abs:.4})"
+            );
             check_top1(
                 top_got[0],
                 &exact,
                 &format!("{summary}; F32-weight reference disagrees"),
             );
             assert!(
-                exact_abs < 0.03 * range,
-                "{summary}; F32-weight max |diff| {exact_abs}"
+                exact_abs <= 1.5 * llama_abs,
+                "{summary}; F32-weight max |diff| {exact_abs}, llama.cpp's own {llama_abs}"
             );
         } else {
             assert!(
