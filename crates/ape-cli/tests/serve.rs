@@ -514,3 +514,94 @@ fn clients_that_leave_stop_their_generation() {
     // The slots are free again: a short request is answered at once.
     assert!(!answer(server.post("/v1/chat/completions", &question(documents()))).is_empty());
 }
+
+/// A varied set of greedy requests: plain chat, documents by text in each mode, a text
+/// completion, different lengths.
+fn greedy_requests() -> Vec<(&'static str, Value)> {
+    let chat = |content: &str, max_tokens: u64| {
+        json!({
+            "model": MODEL_ID,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        })
+    };
+    let with_documents = |mode: &str| {
+        let mut body = question(documents());
+        body["max_tokens"] = json!(40);
+        body["ape"] = json!({ "mode": mode });
+        body
+    };
+    vec![
+        ("/v1/chat/completions", chat("Say hello", 48)),
+        (
+            "/v1/chat/completions",
+            chat("Name three rivers of Europe.", 40),
+        ),
+        ("/v1/chat/completions", with_documents("ape")),
+        ("/v1/chat/completions", with_documents("sequential")),
+        ("/v1/chat/completions", with_documents("parallel")),
+        (
+            "/v1/completions",
+            json!({"model": MODEL_ID, "prompt": "The tide tables for the harbour", "max_tokens": 32, "temperature": 0}),
+        ),
+    ]
+}
+
+fn text_of(response: reqwest::blocking::Response) -> String {
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().unwrap();
+    let choice = &body["choices"][0];
+    choice["message"]["content"]
+        .as_str()
+        .or(choice["text"].as_str())
+        .unwrap()
+        .to_owned()
+}
+
+/// A greedy request answers the same whatever the server computed, cached or stored before
+/// it, whatever runs beside it, and after a restart.
+#[test]
+fn greedy_answers_do_not_depend_on_what_came_before_or_beside() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--cache-dir",
+        dir.path().to_str().unwrap(),
+        "--concurrency",
+        "3",
+    ];
+    let requests = greedy_requests();
+    let server = Server::start(&args);
+    // First answers: the prompts and documents are new to the server.
+    let first: Vec<String> = requests
+        .iter()
+        .map(|(path, body)| text_of(server.post(path, body)))
+        .collect();
+    // Again, now with the prompt's prefix and the documents cached or stored.
+    for ((path, body), want) in requests.iter().zip(&first) {
+        assert_eq!(&text_of(server.post(path, body)), want, "{body}");
+    }
+    // All at once, three at a time side by side, twice over.
+    let together: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = requests
+            .iter()
+            .chain(&requests)
+            .map(|(path, body)| scope.spawn(|| text_of(server.post(path, body))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, got) in together.iter().enumerate() {
+        assert_eq!(
+            got,
+            &first[i % requests.len()],
+            "{}",
+            requests[i % requests.len()].1
+        );
+    }
+    drop(server);
+    // A new process reading the documents back from the disk store.
+    let restarted = Server::start(&args);
+    for ((path, body), want) in requests.iter().zip(&first) {
+        assert_eq!(&text_of(restarted.post(path, body)), want, "{body}");
+    }
+}

@@ -1123,8 +1123,61 @@ mod lane_kernels {
     }
 
     #[cfg(test)]
-    pub fn exp_for_test(x: f32) -> f32 {
-        exp_nonpositive(x)
+    mod tests {
+        use super::*;
+
+        fn lanes(n: usize, seed: u32) -> Vec<Lanes> {
+            let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
+            (0..n)
+                .map(|_| {
+                    std::array::from_fn(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 17;
+                        s ^= s << 5;
+                        (s as f32 / u32::MAX as f32) * 4.0 - 2.0
+                    })
+                })
+                .collect()
+        }
+
+        #[test]
+        fn exp_matches_libm() {
+            for i in 0..1000 {
+                let x = -(i as f32) * 0.1;
+                let (got, want) = (exp_nonpositive(x), x.exp());
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.max(1e-30),
+                    "{x}: {got} vs {want}"
+                );
+            }
+            assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        }
+
+        /// The vector units the CPU has give the portable code's bits.
+        #[test]
+        fn every_instruction_set_gives_the_same_bits() {
+            let (d, keys) = (64, 37);
+            let q = lanes(d, 1);
+            let k: Vec<f32> = lanes(keys * d / LANES, 2).concat();
+            let v: Vec<f32> = lanes(keys * d / LANES, 3).concat();
+            let seen: [usize; LANES] = std::array::from_fn(|l| 20 + l);
+            let mut portable = vec![[0.0; LANES]; keys];
+            score_body(&q, &k, 10, &seen, &mut portable);
+            let max: Lanes = std::array::from_fn(|l| {
+                portable
+                    .iter()
+                    .map(|s| s[l])
+                    .fold(f32::NEG_INFINITY, f32::max)
+            });
+            let mut fast = vec![[0.0; LANES]; keys];
+            score(&q, &k, 10, &seen, &mut fast);
+            assert_eq!(fast, portable);
+            let (mut sum, mut acc) = ([0.0; LANES], vec![[0.0; LANES]; d]);
+            weigh_body(&mut portable, &max, &v, &mut sum, &mut acc);
+            let (mut fast_sum, mut fast_acc) = ([0.0; LANES], vec![[0.0; LANES]; d]);
+            weigh(&mut fast, &max, &v, &mut fast_sum, &mut fast_acc);
+            assert_eq!((fast, fast_sum, fast_acc), (portable, sum, acc));
+        }
     }
 }
 

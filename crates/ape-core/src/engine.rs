@@ -39,8 +39,8 @@ const KEPT_PROMPTS: usize = 8;
 /// Most bytes of kept keys and values; the least recently used go first.
 const KEPT_BYTES: usize = 1 << 30;
 
-/// Context tokens encoded in one batch: enough rows for an efficient GEMM, few enough to
-/// bound the activations held at once. A longer context is encoded alone.
+/// Context tokens encoded in one batch: enough tokens to share each read of the weights,
+/// few enough to bound the activations held at once. A longer context is encoded alone.
 const CONTEXT_BATCH_TOKENS: usize = 512;
 
 /// Longest context by default: documents longer than this are cut into several contexts,

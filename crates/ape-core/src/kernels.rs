@@ -1,10 +1,10 @@
-//! The numeric kernels of the forward pass: matrix products over f16 weights, RMS norm,
+//! The numeric kernels of the forward pass: products with the quantized weights, RMS norm,
 //! rotary embeddings and activations. Everything accumulates in f32.
 //!
-//! Weights are kept as f16 (half the bytes of f32, which is what decoding is bound by) and
-//! converted to f32 just before use: a whole matrix at a time for prefill, where one fast
-//! f32 GEMM then serves every token of the batch, and lane by lane in registers for decoding,
-//! where each weight is read once per token.
+//! The weights stay as the file stores them. Each token's activations are quantized to
+//! 8 bits on their own and meet the weight rows through integer dot products (`qdot`), a
+//! tile of tokens at a time in prefill and one token in decoding, with the same arithmetic
+//! for each: what a token computes never depends on the tokens computed with it.
 
 use half::f16;
 
@@ -104,122 +104,6 @@ pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
     }
 }
 
-/// `c[i][j] = sum_k a[i][k] * b[j][k]`, the product of `a` (m x k) with the transpose of
-/// `b` (n x k), all f32 and row-major with the given row strides; threads split it when it
-/// is big.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_nt(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_stride: usize,
-    b: &[f32],
-    b_stride: usize,
-    c: &mut [f32],
-    c_stride: usize,
-) {
-    assert!(n == 0 || k == 0 || b.len() >= (n - 1) * b_stride + k);
-    let parallelism = if m * n * k >= 1 << 20 && rayon::current_num_threads() > 1 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    gemm_strided(
-        m,
-        n,
-        k,
-        a,
-        a_stride,
-        b,
-        (b_stride, 1),
-        c,
-        c_stride,
-        false,
-        parallelism,
-    );
-}
-
-/// `c[i][j] += sum_k a[i][k] * b[k][j]`: `a` is m x k, `b` is k x n, row-major with strides;
-/// single-threaded (its callers already run one per thread).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_nn(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_stride: usize,
-    b: &[f32],
-    b_stride: usize,
-    c: &mut [f32],
-    c_stride: usize,
-) {
-    assert!(n == 0 || k == 0 || b.len() >= (k - 1) * b_stride + n);
-    gemm_strided(
-        m,
-        n,
-        k,
-        a,
-        a_stride,
-        b,
-        (1, b_stride),
-        c,
-        c_stride,
-        true,
-        gemm::Parallelism::None,
-    );
-}
-
-/// The one call into `gemm`: `b_strides` is (step between its columns, step between its
-/// rows) of the k x n right-hand side, so a transposed operand is just other strides;
-/// `accumulate` adds the product to `c` instead of overwriting it. The callers check that
-/// `b` holds every element those strides reach.
-#[allow(clippy::too_many_arguments)]
-fn gemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_stride: usize,
-    b: &[f32],
-    (b_col_step, b_row_step): (usize, usize),
-    c: &mut [f32],
-    c_stride: usize,
-    accumulate: bool,
-    parallelism: gemm::Parallelism,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(a.len() >= (m - 1) * a_stride + k);
-    assert!(c.len() >= (m - 1) * c_stride + n);
-    // Safety: the asserts here and in the callers keep every index the strides describe
-    // inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            c_stride as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            a_stride as isize,
-            b.as_ptr(),
-            b_col_step as isize,
-            b_row_step as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
 /// `out[r] = w[r] . x` for every row, read from the quantized rows, threads splitting them.
 pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
     assert_eq!(x.len(), w.cols);
@@ -246,19 +130,6 @@ pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(a, b)| a.to_f32() * b).sum()
 }
 
-/// `y += alpha * v` for f16 `v`.
-pub fn axpy_f16(y: &mut [f32], alpha: f32, v: &[f16]) {
-    assert_eq!(y.len(), v.len());
-    #[cfg(target_arch = "x86_64")]
-    if simd::available() {
-        // Safety: as in `dot_f16`.
-        return unsafe { simd::axpy_f16(y, alpha, v) };
-    }
-    for (y, v) in y.iter_mut().zip(v) {
-        *y += alpha * v.to_f32();
-    }
-}
-
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
@@ -267,21 +138,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         return unsafe { simd::dot_f32(a, b) };
     }
     a.iter().zip(b).map(|(a, b)| a * b).sum()
-}
-
-/// Replace each `x` by `exp(x - max)` and return their sum: the inner step of every softmax.
-pub fn exp_shifted_sum(xs: &mut [f32], max: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd::available() {
-        // Safety: as in `dot_f16`.
-        return unsafe { simd::exp_shifted_sum(xs, max) };
-    }
-    let mut sum = 0.0;
-    for x in xs.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    sum
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -372,74 +228,6 @@ pub(crate) mod simd {
             total += a[j] * b[j];
         }
         total
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn axpy_f16(y: &mut [f32], alpha: f32, v: &[f16]) {
-        let n = y.len();
-        let (py, pv) = (y.as_mut_ptr(), v.as_ptr());
-        let a = _mm256_set1_ps(alpha);
-        let mut i = 0;
-        while i + 8 <= n {
-            let acc = _mm256_fmadd_ps(a, load_f16(pv.add(i)), _mm256_loadu_ps(py.add(i)));
-            _mm256_storeu_ps(py.add(i), acc);
-            i += 8;
-        }
-        for j in i..n {
-            y[j] += alpha * v[j].to_f32();
-        }
-    }
-    /// exp(x) for x <= 0 by range reduction to r in [-ln2/2, ln2/2] and a degree-6
-    /// polynomial (relative error about 2e-7); inputs below -87 give 0.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn exp_nonpositive(x: __m256) -> __m256 {
-        let underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_LT_OQ);
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
-        let n = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            5.0e-1,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let r2 = _mm256_mul_ps(r, r);
-        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
-        let scale = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        let y = _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
-        _mm256_andnot_ps(underflow, y)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn exp_shifted_sum(xs: &mut [f32], max: f32) -> f32 {
-        let n = xs.len();
-        let p = xs.as_mut_ptr();
-        let m = _mm256_set1_ps(max);
-        let mut acc = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 8 <= n {
-            let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
-            _mm256_storeu_ps(p.add(i), e);
-            acc = _mm256_add_ps(acc, e);
-            i += 8;
-        }
-        let mut sum = hsum(acc);
-        for x in &mut xs[i..] {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        sum
     }
 }
 
@@ -566,26 +354,7 @@ mod tests {
             let a16: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
             let scalar: f32 = a16.iter().zip(&b).map(|(a, b)| a.to_f32() * b).sum();
             assert!((dot_f16(&a16, &b) - scalar).abs() < 1e-5, "len {len}");
-            let mut y = b.clone();
-            axpy_f16(&mut y, 0.5, &a16);
-            for i in 0..len {
-                assert!((y[i] - (b[i] + 0.5 * a16[i].to_f32())).abs() < 1e-6);
-            }
         }
-    }
-
-    #[test]
-    fn vector_exp_matches_libm() {
-        let mut xs: Vec<f32> = (0..1000).map(|i| -(i as f32) * 0.1 + 3.0).collect();
-        let expected: Vec<f32> = xs.iter().map(|x| (x - 3.0).exp()).collect();
-        let sum = exp_shifted_sum(&mut xs, 3.0);
-        for (got, want) in xs.iter().zip(&expected) {
-            assert!(
-                (got - want).abs() <= 1e-6 * want.max(1e-30),
-                "{got} vs {want}"
-            );
-        }
-        assert!((sum - expected.iter().sum::<f32>()).abs() < 1e-5);
     }
 
     #[test]
