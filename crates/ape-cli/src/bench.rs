@@ -126,6 +126,25 @@ fn run_runtime(args: RuntimeArgs) -> Result<()> {
             median(rates)
         );
     }
+    let longest = args
+        .prompt
+        .iter()
+        .copied()
+        .chain((args.decode > 0).then_some(args.depth + args.decode))
+        .max()
+        .unwrap_or(0);
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    let file = std::fs::metadata(&args.model).map_or(0, |m| m.len());
+    let kv = model.new_cache(longest).bytes() as u64;
+    let peak = peak_resident_bytes();
+    println!(
+        "\npeak resident memory {:.0} MiB: the file is {:.0} MiB and the largest KV cache \
+         ({longest} positions) {:.0} MiB, so {:+.1}% over their sum",
+        mib(peak),
+        mib(file),
+        mib(kv),
+        100.0 * (peak as f64 / (file + kv) as f64 - 1.0)
+    );
     Ok(())
 }
 

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
@@ -109,6 +111,21 @@ impl TensorInfo {
     }
 }
 
+/// A tensor's bytes inside the mapped file.
+#[derive(Clone)]
+pub struct TensorData {
+    map: Arc<Mmap>,
+    range: std::ops::Range<usize>,
+}
+
+impl std::ops::Deref for TensorData {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
+}
+
 /// An open GGUF file.
 pub struct Gguf {
     pub path: PathBuf,
@@ -117,7 +134,7 @@ pub struct Gguf {
     pub tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
     data_start: usize,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
 }
 
 impl Gguf {
@@ -227,7 +244,7 @@ impl Gguf {
             tensors,
             by_name,
             data_start,
-            mmap,
+            mmap: Arc::new(mmap),
         })
     }
 
@@ -243,6 +260,17 @@ impl Gguf {
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         let start = self.data_start + info.offset;
         &self.mmap[start..start + info.byte_len()]
+    }
+
+    /// A tensor's bytes, kept readable for as long as the returned value lives, without
+    /// copying them: the file's pages are read in as they are used, and shared with every
+    /// other process that maps the same file.
+    pub fn tensor_data(&self, info: &TensorInfo) -> TensorData {
+        let start = self.data_start + info.offset;
+        TensorData {
+            map: Arc::clone(&self.mmap),
+            range: start..start + info.byte_len(),
+        }
     }
 
     /// Fetch a required metadata value with a typed accessor, or explain what is missing.

@@ -8,36 +8,60 @@
 
 use half::f16;
 
+use crate::gguf::TensorData;
 use crate::qdot::{dot_rows, dot_rows_tokens, prepare, Prepared};
 use crate::quant::{dequantize, GgmlType};
 use rayon::prelude::*;
 
 /// A weight matrix of `rows x cols`, one row per output feature, held exactly as the GGUF
-/// file stores it. Every product reads the quantized rows directly, whatever the number of
-/// tokens: one arithmetic for every token, and no second copy of the weights.
+/// file stores it and read from the mapped file in place: the weights take no memory
+/// beyond the file's pages. Every product reads the quantized rows directly, whatever the
+/// number of tokens: one arithmetic for every token.
 pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     ty: GgmlType,
-    quantized: Vec<u8>,
+    quantized: WeightBytes,
+}
+
+/// Where a matrix's bytes live.
+enum WeightBytes {
+    Mapped(TensorData),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for WeightBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            WeightBytes::Mapped(data) => data,
+            WeightBytes::Owned(bytes) => bytes,
+        }
+    }
 }
 
 impl Matrix {
-    /// A matrix from its GGUF bytes (`rows` rows of `cols` elements of type `ty`).
-    pub fn new(rows: usize, cols: usize, ty: GgmlType, bytes: &[u8]) -> Self {
-        assert_eq!(bytes.len(), rows * ty.row_bytes(cols));
+    /// A matrix over a tensor of the mapped file (`rows` rows of `cols` elements of `ty`).
+    pub fn mapped(rows: usize, cols: usize, ty: GgmlType, data: TensorData) -> Self {
+        assert_eq!(data.len(), rows * ty.row_bytes(cols));
         Matrix {
             rows,
             cols,
             ty,
-            quantized: bytes.to_vec(),
+            quantized: WeightBytes::Mapped(data),
         }
     }
 
+    /// A matrix of f32 values held in memory.
     pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
         assert_eq!(values.len(), rows * cols);
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Matrix::new(rows, cols, GgmlType::F32, &bytes)
+        Matrix {
+            rows,
+            cols,
+            ty: GgmlType::F32,
+            quantized: WeightBytes::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        }
     }
 
     fn quantized_row(&self, r: usize) -> &[u8] {

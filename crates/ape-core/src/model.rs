@@ -176,11 +176,11 @@ impl Loader<'_> {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let info = self.info(name)?;
         check_shape(info, &[cols, rows])?;
-        Ok(Matrix::new(
+        Ok(Matrix::mapped(
             rows,
             cols,
             info.ggml_type,
-            self.gguf.tensor_bytes(info),
+            self.gguf.tensor_data(info),
         ))
     }
 }
