@@ -62,7 +62,7 @@ struct RuntimeArgs {
     /// GGUF model file.
     #[arg(long, short, default_value_os_t = crate::pull::default_model_path())]
     model: PathBuf,
-    /// Prompt lengths to time prefill at.
+    /// Prompt lengths to time prefill at (0: none, as llama-bench's `-p 0`).
     #[arg(long, value_delimiter = ',', default_values_t = [512, 2048])]
     prompt: Vec<usize>,
     /// Tokens to decode for the decode measurement (0 skips it).
@@ -91,7 +91,7 @@ fn run_runtime(args: RuntimeArgs) -> Result<()> {
         args.repeats
     );
     println!("|---|---|---|---|");
-    for &n in &args.prompt {
+    for &n in args.prompt.iter().filter(|&&n| n > 0) {
         let tokens = random_tokens(n);
         let rates = repeat(args.repeats, || {
             let mut cache = model.new_cache(n);
