@@ -144,7 +144,7 @@ impl Gguf {
             path: path.clone(),
             source,
         })?;
-        // Safety: the file is opened read-only; ape never writes model files, and a
+        // SAFETY: the file is opened read-only; ape never writes model files, and a
         // model file changing under a running process is outside what we can guard.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Open {
             path: path.clone(),

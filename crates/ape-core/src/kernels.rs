@@ -148,7 +148,7 @@ pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
-        // Safety: `available` checked the CPU features the function is compiled for.
+        // SAFETY: `available` checked the CPU features the function is compiled for.
         return unsafe { simd::dot_f16(a, b) };
     }
     a.iter().zip(b).map(|(a, b)| a.to_f32() * b).sum()
@@ -158,7 +158,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
-        // Safety: as in `dot_f16`.
+        // SAFETY: as in `dot_f16`.
         return unsafe { simd::dot_f32(a, b) };
     }
     a.iter().zip(b).map(|(a, b)| a * b).sum()

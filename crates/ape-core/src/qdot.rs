@@ -65,7 +65,7 @@ pub fn quantize(x: &[f32]) -> QuantizedVector {
     };
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
-        // Safety: `available` checked the CPU features, and `v` was sized for `x` above.
+        // SAFETY: `available` checked the CPU features, and `v` was sized for `x` above.
         unsafe { simd::quantize(x, &mut v) };
         return v;
     }

@@ -106,7 +106,7 @@ impl Tier for DiskTier {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io(&path, e)),
         };
-        // Safety: entries are never written in place (only renamed into place), so the
+        // SAFETY: entries are never written in place (only renamed into place), so the
         // mapped bytes do not change under us; a file replaced meanwhile stays mapped whole.
         let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| StoreError::io(&path, e))?;
         let entry = self.codec.decode(key, &bytes)?;
