@@ -12,12 +12,12 @@ use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 
 use ape_core::attention::KvCache;
-use ape_core::chat::Message;
+use ape_core::engine::chat::Message;
+use ape_core::engine::generate::{prefill, Cancel, GenerateOptions};
 use ape_core::engine::{
     ContextStore, Engine, Mode, Recompute, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE,
 };
-use ape_core::generate::{prefill, Cancel, GenerateOptions};
-use ape_core::gguf::Gguf;
+use ape_core::model::gguf::Gguf;
 use ape_core::model::Model;
 use ape_eval::store::RunStore;
 use ape_store::{Codec, DiskTier, Entry, KvDtype, RedisTier, Store, Tier};
@@ -115,7 +115,7 @@ fn run_runtime(args: RuntimeArgs) -> Result<()> {
             let start = Instant::now();
             for _ in 0..args.decode {
                 let logits = model.forward(&[token], &mut cache);
-                token = ape_core::sampler::argmax(&logits);
+                token = ape_core::engine::sampler::argmax(&logits);
             }
             Ok(args.decode as f64 / start.elapsed().as_secs_f64())
         })?;
@@ -459,7 +459,8 @@ fn q8_cost(
             let mut steps = vec![logits.clone()];
             let mut tokens = Vec::new();
             for i in 0..Q8_ANSWER_TOKENS - 1 {
-                let token = forced.map_or_else(|| ape_core::sampler::argmax(&logits), |f| f[i]);
+                let token =
+                    forced.map_or_else(|| ape_core::engine::sampler::argmax(&logits), |f| f[i]);
                 tokens.push(token);
                 logits = engine.model.forward_ape(
                     &[token],
@@ -476,7 +477,9 @@ fn q8_cost(
         let (got, _) = run(rounded.iter().map(Arc::as_ref).collect(), Some(&answer));
         for (p, q) in want.iter().zip(&got) {
             kl_sum += ape_eval::metrics::kl_divergence(p, q);
-            agree += usize::from(ape_core::sampler::argmax(p) == ape_core::sampler::argmax(q));
+            agree += usize::from(
+                ape_core::engine::sampler::argmax(p) == ape_core::engine::sampler::argmax(q),
+            );
             positions += 1;
         }
     }

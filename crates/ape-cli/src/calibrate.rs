@@ -20,8 +20,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use ape_core::engine::generate::GenerateOptions;
 use ape_core::engine::{ApeDefaults, Engine, Mode, Prompt, Recompute, Selection};
-use ape_core::generate::GenerateOptions;
 use ape_eval::metrics::mean_kl;
 use ape_eval::{Draw, Evaluator, Split, Task};
 

@@ -16,9 +16,9 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
+use ape_core::engine::generate::GenerateOptions;
+use ape_core::engine::sampler::SamplingParams;
 use ape_core::engine::{Engine, DEFAULT_CHUNK_TOKENS};
-use ape_core::generate::GenerateOptions;
-use ape_core::sampler::SamplingParams;
 
 #[derive(Parser)]
 #[command(

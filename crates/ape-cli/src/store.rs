@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use ape_core::engine::generate::Cancel;
 use ape_core::engine::{ContextStore, Engine};
-use ape_core::generate::Cancel;
 use ape_store::{Codec, DiskTier, Fingerprint, Key, KvDtype, MemoryTier, RedisTier, Store, Tier};
 
 /// Bytes of decoded contexts a process keeps in memory.

@@ -16,9 +16,9 @@ mod common;
 use std::sync::OnceLock;
 
 use ape_core::attention::{ApeFactors, KvCache};
+use ape_core::engine::generate::GenerateOptions;
+use ape_core::engine::sampler::argmax;
 use ape_core::engine::{Engine, Mode, Prompt};
-use ape_core::generate::GenerateOptions;
-use ape_core::sampler::argmax;
 use ape_core::Error;
 
 const UNIT: ApeFactors = ApeFactors {

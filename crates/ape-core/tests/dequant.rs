@@ -1,7 +1,7 @@
 //! Dequantization of every tensor type in the two test models matches gguf-py, the
 //! reference implementation shipped with llama.cpp (fixture: scripts/reference/make_dequant_fixtures.py).
 
-use ape_core::quant::{dequantize, GgmlType};
+use ape_core::kernels::quant::{dequantize, GgmlType};
 use serde::Deserialize;
 
 #[derive(Deserialize)]

@@ -5,10 +5,10 @@ mod common;
 
 use std::sync::OnceLock;
 
-use ape_core::chat::Message;
+use ape_core::engine::chat::Message;
+use ape_core::engine::generate::{FinishReason, GenerateOptions};
 use ape_core::engine::Engine;
-use ape_core::generate::{FinishReason, GenerateOptions};
-use ape_core::gguf::Gguf;
+use ape_core::model::gguf::Gguf;
 use ape_core::model::Model;
 use ape_core::Error;
 
@@ -56,13 +56,17 @@ fn prefill_in_chunks_matches_one_forward() {
     let e = engine();
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(80);
     let prompt = e.encode_prompt(&text).unwrap();
-    assert!(prompt.len() > ape_core::generate::PREFILL_CHUNK);
+    assert!(prompt.len() > ape_core::engine::generate::PREFILL_CHUNK);
     let mut whole_cache = e.model.new_cache(prompt.len());
     let whole = e.model.forward(&prompt, &mut whole_cache);
     let mut chunked_cache = e.model.new_cache(prompt.len());
-    let chunked =
-        ape_core::generate::prefill(&e.model, &prompt, &mut chunked_cache, &Default::default())
-            .unwrap();
+    let chunked = ape_core::engine::generate::prefill(
+        &e.model,
+        &prompt,
+        &mut chunked_cache,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(whole, chunked);
 }
 

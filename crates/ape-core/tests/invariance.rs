@@ -5,8 +5,8 @@
 mod common;
 
 use ape_core::attention::KvCache;
+use ape_core::engine::generate::GenerateOptions;
 use ape_core::engine::{Engine, Mode};
-use ape_core::generate::GenerateOptions;
 use ape_core::model::Model;
 
 /// Every key and value `cache` holds, as bits.

@@ -17,7 +17,7 @@
 
 mod common;
 
-use ape_core::gguf::Gguf;
+use ape_core::model::gguf::Gguf;
 use ape_core::model::Model;
 use serde::Deserialize;
 

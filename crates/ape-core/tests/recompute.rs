@@ -7,9 +7,9 @@ mod common;
 
 use std::sync::OnceLock;
 
+use ape_core::engine::generate::GenerateOptions;
+use ape_core::engine::sampler::argmax;
 use ape_core::engine::{Engine, Mode, Prompt, Recompute, Selection};
-use ape_core::generate::GenerateOptions;
-use ape_core::sampler::argmax;
 
 fn smollm2() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();

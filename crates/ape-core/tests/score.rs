@@ -5,8 +5,8 @@
 
 mod common;
 
+use ape_core::engine::sampler::argmax;
 use ape_core::engine::{Engine, Mode, Prompt};
-use ape_core::sampler::argmax;
 
 fn engine() -> Engine {
     Engine::load(common::model_path(common::SMOLLM2)).expect("model loads")

@@ -5,8 +5,8 @@ mod common;
 
 use std::sync::OnceLock;
 
-use ape_core::chat::{ChatTemplate, Message};
-use ape_core::gguf::Gguf;
+use ape_core::engine::chat::{ChatTemplate, Message};
+use ape_core::model::gguf::Gguf;
 use ape_core::tokenizer::Tokenizer;
 use serde::Deserialize;
 

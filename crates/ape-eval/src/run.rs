@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use ape_core::engine::generate::GenerateOptions;
 use ape_core::engine::{Engine, Mode, Prompt};
-use ape_core::generate::GenerateOptions;
 use indicatif::ProgressBar;
 use serde::Serialize;
 

@@ -14,10 +14,10 @@
 //! Fields OpenAI defines that ape does not implement are refused when set to anything but
 //! their neutral value, rather than silently ignored.
 
-use ape_core::chat::Message;
+use ape_core::engine::chat::Message;
+use ape_core::engine::generate::{Cancel, GenerateOptions};
+use ape_core::engine::sampler::SamplingParams;
 use ape_core::engine::{Engine, Mode, Prompt};
-use ape_core::generate::{Cancel, GenerateOptions};
-use ape_core::sampler::SamplingParams;
 use ape_store::{Key, Store};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ape_core::generate::Generation;
+use ape_core::engine::generate::Generation;
 use ape_store::Store;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,

@@ -5,8 +5,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use ape_core::engine::generate::{Cancel, FinishReason, GenerateOptions, Generation};
 use ape_core::engine::Engine;
-use ape_core::generate::{Cancel, FinishReason, GenerateOptions, Generation};
 use ape_store::Store;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
@@ -364,7 +364,7 @@ async fn register_contexts(
             let engine = &state.engine;
             let turns: Vec<_> = request
                 .system
-                .map(ape_core::chat::Message::system)
+                .map(ape_core::engine::chat::Message::system)
                 .into_iter()
                 .collect();
             let prefix = engine

@@ -14,18 +14,22 @@
 //! life of the engine (the few most recent ones); so are whole conversations after plain
 //! generation, whose next turn then reads only its new tokens.
 
+pub mod chat;
+pub mod generate;
+pub mod sampler;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::attention::{ApeFactors, KvCache};
-use crate::chat::{ChatTemplate, Message};
+use crate::engine::chat::{ChatTemplate, Message};
+use crate::engine::generate::{prefill, Cancel, Decoding, GenerateOptions, Generation};
+use crate::engine::sampler::Sampler;
 use crate::error::{Error, Result};
-use crate::generate::{prefill, Cancel, Decoding, GenerateOptions, Generation};
-use crate::gguf::Gguf;
+use crate::model::gguf::Gguf;
 use crate::model::Model;
-use crate::sampler::Sampler;
 use crate::tokenizer::Tokenizer;
 
 /// APE's temperature when none is given (the paper's default).
@@ -831,7 +835,7 @@ impl Engine {
             }
         };
         let tokens = prompt.sequential_tokens();
-        for positions in chosen.chunks(crate::generate::PREFILL_CHUNK) {
+        for positions in chosen.chunks(crate::engine::generate::PREFILL_CHUNK) {
             cancel.check()?;
             let chunk: Vec<u32> = positions.iter().map(|&at| tokens[at]).collect();
             self.model.recompute(&chunk, positions, &mut cache);
@@ -859,7 +863,7 @@ impl Engine {
         let model = &self.model;
         let mut cache = prefix.copy_with_capacity(prefix.len() + query.len() + decoding.max_tokens);
         let mut logits = Vec::new();
-        for chunk in query.chunks(crate::generate::PREFILL_CHUNK) {
+        for chunk in query.chunks(crate::engine::generate::PREFILL_CHUNK) {
             decoding.options.cancel.check()?;
             logits = model.forward_ape(chunk, &mut cache, prefix.len(), contexts, factors);
         }
@@ -1106,7 +1110,7 @@ fn score_continuations(
     mut forward: impl FnMut(&[u32], &mut KvCache, usize) -> Vec<Vec<f32>>,
 ) -> Vec<Vec<Vec<f32>>> {
     let mut after_query = Vec::new();
-    let chunks = query.chunks(crate::generate::PREFILL_CHUNK);
+    let chunks = query.chunks(crate::engine::generate::PREFILL_CHUNK);
     let last_chunk = chunks.len() - 1;
     for (i, chunk) in chunks.enumerate() {
         after_query = forward(chunk, cache, usize::from(i == last_chunk));
@@ -1119,7 +1123,7 @@ fn score_continuations(
             let mut rows = Vec::with_capacity(continuation.len());
             if let Some((_, fed)) = continuation.split_last() {
                 rows.push(after_query.clone());
-                for chunk in fed.chunks(crate::generate::PREFILL_CHUNK) {
+                for chunk in fed.chunks(crate::engine::generate::PREFILL_CHUNK) {
                     rows.extend(forward(chunk, cache, chunk.len()));
                 }
                 cache.truncate(read);

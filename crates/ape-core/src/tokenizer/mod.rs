@@ -14,7 +14,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{Error, Result};
-use crate::gguf::{Gguf, Value};
+use crate::model::gguf::{Gguf, Value};
 
 /// The GPT-2 pre-tokenizer regex, as llama.cpp writes it. The usual trailing `|\s+` is
 /// left out because a whitespace run it would match ends up as its own piece anyway:

@@ -1,4 +1,6 @@
-//! The decoder-only transformer of the `llama` and `qwen2` GGUF architectures.
+//! The decoder-only transformer of the `llama` and `qwen2` GGUF architectures, read top
+//! to bottom: `Model::run_layers` takes a token from its embedding row to its last hidden
+//! state, and `Model::logits` on to its logits.
 //!
 //! Both are the same network: RMS norm, grouped-query attention with RoPE, a SwiGLU MLP.
 //! `qwen2` adds biases to the Q, K and V projections and rotates the halves of each head
@@ -6,119 +8,14 @@
 
 use rayon::prelude::*;
 
+use super::config::{Architecture, Config};
+use super::gguf::{Gguf, TensorInfo};
 use crate::attention::{
     ape_attention, causal_attention, context_attention, in_place_attention, ApeFactors, KvCache,
 };
 use crate::error::{Error, Result};
-use crate::gguf::{Gguf, TensorInfo, Value};
-use crate::kernels::{
-    dot_f16, matmul, matvec, rms_norm, silu_mul, Matrix, Rope, RopeAngles, RopeStyle,
-};
-use crate::quant::dequantize;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    Llama,
-    Qwen2,
-}
-
-impl Architecture {
-    fn from_name(name: &str) -> Result<Self> {
-        match name {
-            "llama" => Ok(Architecture::Llama),
-            "qwen2" => Ok(Architecture::Qwen2),
-            other => Err(Error::UnsupportedArchitecture(other.to_string())),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Architecture::Llama => "llama",
-            Architecture::Qwen2 => "qwen2",
-        }
-    }
-}
-
-/// Hyper-parameters, read once from the GGUF metadata.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub architecture: Architecture,
-    pub vocab_size: usize,
-    pub hidden: usize,
-    pub ffn_hidden: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub rope_base: f32,
-    pub rms_eps: f32,
-    /// The window the model was trained for (`<arch>.context_length`).
-    pub context_length: usize,
-}
-
-impl Config {
-    pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
-        let arch_name = gguf.require("general.architecture", "string", Value::as_str)?;
-        let architecture = Architecture::from_name(arch_name)?;
-        let key = |k: &str| format!("{arch_name}.{k}");
-        let count = |k: &str| -> Result<usize> {
-            gguf.require(&key(k), "integer", Value::as_u64)
-                .map(|v| v as usize)
-        };
-        let hidden = count("embedding_length")?;
-        let heads = count("attention.head_count")?;
-        let kv_heads = gguf
-            .get(&key("attention.head_count_kv"))
-            .and_then(Value::as_u64)
-            .map_or(heads, |v| v as usize);
-        let head_dim = gguf
-            .get(&key("rope.dimension_count"))
-            .and_then(Value::as_u64)
-            .map_or(hidden / heads, |v| v as usize);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim * heads != hidden {
-            return Err(Error::BadGguf {
-                path: gguf.path.clone(),
-                reason: format!(
-                    "inconsistent attention shape: {heads} heads, {kv_heads} KV heads, \
-                     head size {head_dim}, hidden size {hidden}"
-                ),
-            });
-        }
-        let vocab_size = match gguf.get(&key("vocab_size")).and_then(Value::as_u64) {
-            Some(v) => v as usize,
-            None => gguf
-                .require("tokenizer.ggml.tokens", "string array", Value::as_array)?
-                .len(),
-        };
-        Ok(Config {
-            architecture,
-            vocab_size,
-            hidden,
-            ffn_hidden: count("feed_forward_length")?,
-            layers: count("block_count")?,
-            heads,
-            kv_heads,
-            head_dim,
-            rope_base: gguf
-                .get(&key("rope.freq_base"))
-                .and_then(Value::as_f64)
-                .unwrap_or(10_000.0) as f32,
-            rms_eps: gguf.require(
-                &key("attention.layer_norm_rms_epsilon"),
-                "float",
-                Value::as_f64,
-            )? as f32,
-            context_length: count("context_length")?,
-        })
-    }
-
-    fn rope_style(&self) -> RopeStyle {
-        match self.architecture {
-            Architecture::Llama => RopeStyle::Adjacent,
-            Architecture::Qwen2 => RopeStyle::Halves,
-        }
-    }
-}
+use crate::kernels::quant::dequantize;
+use crate::kernels::{dot_f16, matmul, matvec, rms_norm, silu_mul, Matrix, Rope, RopeAngles};
 
 struct Layer {
     attn_norm: Vec<f32>,

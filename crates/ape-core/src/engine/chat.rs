@@ -8,7 +8,7 @@ use minijinja::{context, Environment, ErrorKind, State, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::gguf::{self, Gguf};
+use crate::model::gguf::{self, Gguf};
 
 const TEMPLATE_KEY: &str = "tokenizer.chat_template";
 const TEMPLATE_NAME: &str = "chat_template";

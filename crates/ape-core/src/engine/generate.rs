@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::attention::KvCache;
+use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 /// Prompt tokens run through the model in one forward call; bounds activation memory.

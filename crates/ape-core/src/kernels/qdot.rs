@@ -26,7 +26,7 @@
 //! AVX2 kernel, and the K-quants an AVX-512 one (with VNNI) that CPUs having it use; other
 //! CPUs dequantize a chunk at a time and multiply.
 
-use crate::quant::{dequantize, GgmlType};
+use crate::kernels::quant::{dequantize, GgmlType};
 
 /// Elements per block of a quantized vector.
 const QBLOCK: usize = 32;
@@ -295,8 +295,8 @@ mod simd {
     use super::{GgmlType, QuantizedVector, QBLOCK};
     use std::arch::x86_64::*;
 
-    pub use crate::kernels::simd::available;
-    use crate::kernels::simd::hsum;
+    pub use crate::kernels::dense::simd::available;
+    use crate::kernels::dense::simd::hsum;
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn quantize(x: &[f32], v: &mut QuantizedVector) {

@@ -1,0 +1,187 @@
+//! The numeric kernels of the forward pass: products with the quantized weights (here, on
+//! the formats of `quant` through the dot products of `qdot`), dense dot products, RMS
+//! norm, rotary embeddings and activations. Everything accumulates in f32.
+//!
+//! The weights stay as the file stores them. Each token's activations are quantized to
+//! 8 bits on their own and meet the weight rows through integer dot products (`qdot`), a
+//! tile of tokens at a time in prefill and one token in decoding, with the same arithmetic
+//! for each: what a token computes never depends on the tokens computed with it.
+
+mod activation;
+pub(crate) mod dense;
+mod norm;
+pub(crate) mod qdot;
+pub mod quant;
+mod rope;
+
+pub use activation::silu_mul;
+pub use dense::{dot, dot_f16};
+pub use norm::rms_norm;
+pub use rope::{Rope, RopeAngles, RopeStyle};
+
+use rayon::prelude::*;
+
+use crate::model::gguf::TensorData;
+use qdot::{dot_rows, dot_rows_tokens, prepare, Prepared};
+use quant::{dequantize, GgmlType};
+
+/// A weight matrix of `rows x cols`, one row per output feature, held exactly as the GGUF
+/// file stores it and read from the mapped file in place: the weights take no memory
+/// beyond the file's pages. Every product reads the quantized rows directly, whatever the
+/// number of tokens: one arithmetic for every token.
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    ty: GgmlType,
+    quantized: WeightBytes,
+}
+
+/// Where a matrix's bytes live.
+enum WeightBytes {
+    Mapped(TensorData),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for WeightBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            WeightBytes::Mapped(data) => data,
+            WeightBytes::Owned(bytes) => bytes,
+        }
+    }
+}
+
+impl Matrix {
+    /// A matrix over a tensor of the mapped file (`rows` rows of `cols` elements of `ty`).
+    pub fn mapped(rows: usize, cols: usize, ty: GgmlType, data: TensorData) -> Self {
+        assert_eq!(data.len(), rows * ty.row_bytes(cols));
+        Matrix {
+            rows,
+            cols,
+            ty,
+            quantized: WeightBytes::Mapped(data),
+        }
+    }
+
+    /// A matrix of f32 values held in memory.
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
+        assert_eq!(values.len(), rows * cols);
+        Matrix {
+            rows,
+            cols,
+            ty: GgmlType::F32,
+            quantized: WeightBytes::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        }
+    }
+
+    fn quantized_row(&self, r: usize) -> &[u8] {
+        let len = self.ty.row_bytes(self.cols);
+        &self.quantized[r * len..(r + 1) * len]
+    }
+
+    /// Row `r` exactly as stored, widened to f32 (an embedding lookup).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        dequantize(self.ty, self.quantized_row(r), out);
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.quantized.len()
+    }
+}
+
+/// Rows handed to one thread in a product: their bytes stay in the core's cache while
+/// every token of the batch meets them.
+const ROWS_PER_TASK: usize = 32;
+
+/// Tokens that meet a task's rows together: their quantized activations stay in the
+/// core's first-level cache while the rows are read.
+const TOKENS_PER_PASS: usize = 8;
+
+/// `out[n][r] = sum_k x[n][k] * w[r][k]` for `n` tokens: `x` is `n x w.cols`, `out` is
+/// `n x w.rows`, both row-major. Each token's row is quantized on its own and each output
+/// is one call of the same dot-product kernel, so a token's result does not depend on the
+/// tokens computed with it.
+pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
+    let n = x.len() / w.cols;
+    assert_eq!(x.len(), n * w.cols);
+    assert_eq!(out.len(), n * w.rows);
+    if n == 1 {
+        return matvec(x, w, out);
+    }
+    if w.cols == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let tokens: Vec<Prepared> = x.par_chunks(w.cols).map(|x| prepare(w.ty, x)).collect();
+    let task_bytes = ROWS_PER_TASK * w.ty.row_bytes(w.cols);
+    let blocks: Vec<Vec<f32>> = w
+        .quantized
+        .par_chunks(task_bytes)
+        .map(|rows| {
+            let count = rows.len() / w.ty.row_bytes(w.cols);
+            let mut block = vec![0f32; n * count];
+            for (xs, out) in tokens
+                .chunks(TOKENS_PER_PASS)
+                .zip(block.chunks_mut(TOKENS_PER_PASS * count))
+            {
+                dot_rows_tokens(w.ty, rows, xs, out);
+            }
+            block
+        })
+        .collect();
+    for (b, block) in blocks.iter().enumerate() {
+        let count = block.len() / n;
+        for (t, values) in block.chunks_exact(count).enumerate() {
+            let at = t * w.rows + b * ROWS_PER_TASK;
+            out[at..at + count].copy_from_slice(values);
+        }
+    }
+}
+
+/// `out[r] = w[r] . x` for every row, read from the quantized rows, threads splitting them.
+pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
+    assert_eq!(x.len(), w.cols);
+    assert_eq!(out.len(), w.rows);
+    if w.cols == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let x = prepare(w.ty, x);
+    let task_bytes = ROWS_PER_TASK * w.ty.row_bytes(w.cols);
+    out.par_chunks_mut(ROWS_PER_TASK)
+        .zip(w.quantized.par_chunks(task_bytes))
+        .for_each(|(out, rows)| dot_rows(w.ty, rows, &x, out));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_token_in_a_batch_gets_what_it_gets_alone() {
+        let (rows, cols, n) = (70, 96, 19);
+        let w = Matrix::from_f32(rows, cols, &pseudo_random(rows * cols, 1));
+        let x = pseudo_random(n * cols, 2);
+        let mut batched = vec![0.0; n * rows];
+        matmul(&x, &w, &mut batched);
+        for t in 0..n {
+            let mut single = vec![0.0; rows];
+            matmul(&x[t * cols..(t + 1) * cols], &w, &mut single);
+            assert_eq!(single, batched[t * rows..(t + 1) * rows], "token {t}");
+        }
+    }
+}
