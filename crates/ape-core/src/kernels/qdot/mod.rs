@@ -1,0 +1,561 @@
+//! Dot products of GGUF-quantized weight rows with an activation vector, read straight from
+//! the quantized bytes.
+//!
+//! Decoding reads every weight once per token, so its speed is set first by how many bytes
+//! the weights take (a 4-bit row is a quarter of the f16 one) and then by the arithmetic
+//! spent per weight. To keep that arithmetic small, a vector multiplied with quantized rows
+//! is itself quantized once per matrix-vector product (`prepare`), as llama.cpp does: to
+//! signed 8-bit values in blocks of 32, each block with an f32 scale `d = max|x| / 127`.
+//! A block of the row then meets a block of the vector as one integer dot product of
+//! 32 byte pairs, scaled once in f32. The result is exact for the quantized vector up to
+//! f32 rounding; quantizing costs each element at most `d / 2`.
+//!
+//! The 32-element vector blocks line up with every weight format's blocks (Q4_0 to Q8_0)
+//! and sub-blocks (Q4_K, Q5_K; Q6_K's 16-element scales pair up inside them), so every
+//! product of a weight scale with a vector scale is per 32 elements.
+//!
+//! Formats whose values are `d * q + m` (Q4_1, Q5_1, and Q4_K and Q5_K with their
+//! per-sub-block mins) are computed as `d * sum(q * x) + m * sum(x)`, with the sum of each
+//! vector block kept with its scale. The fixed biases of Q4_0, Q5_0 and Q6_K (`-8`,
+//! `-16`, `-32`) and Q8_0's sign are instead kept in the weight bytes, which become signed:
+//! the byte multiply needs one unsigned operand, so the weight's sign moves onto the vector
+//! byte and its magnitude is used (the AVX-512 Q6_K kernel subtracts `32 * sum(x)`
+//! instead, in integers).
+//!
+//! F32, F16 and BF16 rows are multiplied with the f32 vector as it is. Every type has an
+//! AVX2 kernel, and the K-quants an AVX-512 one (with VNNI) that CPUs having it use; other
+//! CPUs dequantize a chunk at a time and multiply.
+
+use crate::kernels::quant::{dequantize, GgmlType};
+
+/// Elements per block of a quantized vector.
+const QBLOCK: usize = 32;
+
+/// A vector quantized to 8 bits for products with quantized rows.
+pub struct QuantizedVector {
+    /// One quant per element, in `-127..=127`.
+    qs: Vec<i8>,
+    /// Per 32-element block, its scale: element `i` is `qs[i] * d[i / 32]`.
+    d: Vec<f32>,
+    /// Per block, the sum of its dequantized elements, for the formats with offsets.
+    s: Vec<f32>,
+}
+
+impl QuantizedVector {
+    fn len(&self) -> usize {
+        self.qs.len()
+    }
+
+    /// Elements `start..start + out.len()` dequantized.
+    fn dequantize_range(&self, start: usize, out: &mut [f32]) {
+        for (i, o) in (start..).zip(out) {
+            *o = self.qs[i] as f32 * self.d[i / QBLOCK];
+        }
+    }
+}
+
+/// Quantizes `x` (a multiple of 32 elements long) to 8 bits per element, rounding to nearest.
+pub fn quantize(x: &[f32]) -> QuantizedVector {
+    assert_eq!(x.len() % QBLOCK, 0, "length is not a multiple of 32");
+    let blocks = x.len() / QBLOCK;
+    let mut v = QuantizedVector {
+        qs: vec![0; x.len()],
+        d: vec![0.0; blocks],
+        s: vec![0.0; blocks],
+    };
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: `available` checked the CPU features, and `v` was sized for `x` above.
+        unsafe { avx2::quantize(x, &mut v) };
+        return v;
+    }
+    quantize_scalar(x, &mut v);
+    v
+}
+
+/// The portable `quantize`, into a vector sized for `x`.
+fn quantize_scalar(x: &[f32], v: &mut QuantizedVector) {
+    for (((x, q), d), s) in x
+        .chunks_exact(QBLOCK)
+        .zip(v.qs.chunks_exact_mut(QBLOCK))
+        .zip(&mut v.d)
+        .zip(&mut v.s)
+    {
+        let amax = x.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let inverse = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        *d = amax / 127.0;
+        let mut sum = 0;
+        for (q, x) in q.iter_mut().zip(x) {
+            *q = (x * inverse).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        *s = *d * sum as f32;
+    }
+}
+
+/// An activation vector in the form `dot_row` multiplies with rows of one type.
+pub enum Prepared<'a> {
+    /// For F32, F16 and BF16 rows: the vector as it is.
+    Dense(&'a [f32]),
+    /// For every quantized type.
+    Quantized(QuantizedVector),
+}
+
+impl Prepared<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Prepared::Dense(x) => x.len(),
+            Prepared::Quantized(v) => v.len(),
+        }
+    }
+}
+
+fn is_dense(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16)
+}
+
+/// `x` prepared once for any number of `dot_rows` calls with rows of type `ty`.
+pub fn prepare(ty: GgmlType, x: &[f32]) -> Prepared<'_> {
+    if is_dense(ty) {
+        Prepared::Dense(x)
+    } else {
+        Prepared::Quantized(quantize(x))
+    }
+}
+
+/// The kernels a CPU can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernels {
+    /// The fastest this CPU runs.
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx512::available() {
+                return Kernels::Avx512;
+            }
+            if avx2::available() {
+                return Kernels::Avx2;
+            }
+        }
+        Kernels::Portable
+    }
+}
+
+/// Tokens a tiled kernel takes at once: each block of a weight row is unpacked once for
+/// all of them.
+const TILE: usize = 8;
+
+/// `out[r]` is the dot product of row `r` of `rows` with `x`: `rows` holds `out.len()` rows
+/// of exactly `x.len()` elements of type `ty`, and `x` was prepared for `ty`.
+pub fn dot_rows(ty: GgmlType, rows: &[u8], x: &Prepared, out: &mut [f32]) {
+    dot_rows_with(Kernels::best(), ty, rows, &[x], out);
+}
+
+/// `out[t * count + r]` is the dot product of row `r` of `rows` with `xs[t]`, where
+/// `count = out.len() / xs.len()` rows of `ty` fill `rows`. Every product is computed by
+/// the same sequence of operations as [`dot_rows`] with that vector alone: a tile of
+/// tokens shares the unpacking of the weights, never an accumulator.
+pub fn dot_rows_tokens(ty: GgmlType, rows: &[u8], xs: &[Prepared], out: &mut [f32]) {
+    let xs: Vec<&Prepared> = xs.iter().collect();
+    dot_rows_with(Kernels::best(), ty, rows, &xs, out);
+}
+
+fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], xs: &[&Prepared], out: &mut [f32]) {
+    let Some(first) = xs.first() else {
+        return;
+    };
+    let len = first.len();
+    assert_eq!(len % ty.block_len(), 0, "row is not whole blocks");
+    let row_bytes = ty.row_bytes(len);
+    let count = out.len() / xs.len();
+    assert_eq!(out.len(), count * xs.len());
+    assert_eq!(rows.len(), count * row_bytes, "byte length mismatch");
+    let quantized: Vec<&QuantizedVector> = xs
+        .iter()
+        .filter_map(|x| match x {
+            Prepared::Quantized(v) => Some(v),
+            Prepared::Dense(_) => None,
+        })
+        .collect();
+    let all_dense = quantized.is_empty();
+    assert!(
+        xs.iter().all(|x| x.len() == len),
+        "vectors of different lengths"
+    );
+    assert!(
+        (all_dense && is_dense(ty)) || (quantized.len() == xs.len() && !is_dense(ty)),
+        "vector prepared for another type"
+    );
+    if row_bytes == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let rows = || rows.chunks_exact(row_bytes).enumerate();
+    #[cfg(target_arch = "x86_64")]
+    if kernels != Kernels::Portable {
+        if all_dense {
+            for (t, x) in xs.iter().enumerate() {
+                let Prepared::Dense(x) = x else {
+                    unreachable!("checked above")
+                };
+                for (r, row) in rows() {
+                    // SAFETY: `best` (or a test) checked that the CPU has the features the
+                    // kernels are compiled for, and the asserts above the lengths.
+                    out[t * count + r] = unsafe { avx2::dot_dense(ty, row, x) };
+                }
+            }
+            return;
+        }
+        let mut tiles = quantized.chunks_exact(TILE);
+        for (tile, at) in tiles.by_ref().zip((0..).step_by(TILE)) {
+            let tile: &[&QuantizedVector; TILE] = tile.try_into().expect("a whole tile");
+            for (r, row) in rows() {
+                // SAFETY: as above.
+                let products = unsafe { dot_quantized(kernels, ty, row, *tile) };
+                for (i, p) in products.into_iter().enumerate() {
+                    out[(at + i) * count + r] = p;
+                }
+            }
+        }
+        let done = xs.len() - tiles.remainder().len();
+        for (t, v) in (done..).zip(tiles.remainder()) {
+            for (r, row) in rows() {
+                // SAFETY: as above.
+                out[t * count + r] = unsafe { dot_quantized(kernels, ty, row, [*v])[0] };
+            }
+        }
+        return;
+    }
+    for (t, x) in xs.iter().enumerate() {
+        for (r, row) in rows() {
+            out[t * count + r] = dot_row_scalar(ty, row, x);
+        }
+    }
+}
+
+/// The products of one row with `N` quantized vectors on the kernels `kernels` names.
+///
+/// # Safety
+/// The CPU has the features of `kernels`, and the row and vectors are of one length.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_quantized<const N: usize>(
+    kernels: Kernels,
+    ty: GgmlType,
+    row: &[u8],
+    vs: [&QuantizedVector; N],
+) -> [f32; N] {
+    match kernels {
+        Kernels::Avx512 => avx512::dot_quantized(ty, row, vs),
+        _ => avx2::dot_quantized(ty, row, vs),
+    }
+}
+
+/// Elements dequantized at a time by the portable path: a multiple of every block length.
+const SCALAR_CHUNK: usize = 256;
+
+/// The portable path: dequantize a chunk of the row (and of `x`, if quantized) at a time
+/// onto the stack and multiply.
+fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &Prepared) -> f32 {
+    let (mut w, mut xs) = ([0f32; SCALAR_CHUNK], [0f32; SCALAR_CHUNK]);
+    let mut total = 0.0;
+    for (chunk, bytes) in row.chunks(ty.row_bytes(SCALAR_CHUNK)).enumerate() {
+        let (start, n) = (
+            chunk * SCALAR_CHUNK,
+            bytes.len() / ty.block_bytes() * ty.block_len(),
+        );
+        let w = &mut w[..n];
+        dequantize(ty, bytes, w);
+        let xs = match x {
+            Prepared::Dense(x) => &x[start..start + n],
+            Prepared::Quantized(v) => {
+                v.dequantize_range(start, &mut xs[..n]);
+                &xs[..n]
+            }
+        };
+        total += w.iter().zip(xs).map(|(w, x)| w * x).sum::<f32>();
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    const ALL_TYPES: [GgmlType; 11] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Bf16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    /// Byte offsets of the f16 scale fields in a block: random bytes there could be huge,
+    /// infinite or NaN, anywhere else they are valid quants.
+    fn scale_offsets(ty: GgmlType) -> &'static [usize] {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q6K => &[208],
+            GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => &[],
+        }
+    }
+
+    fn random_row(ty: GgmlType, n: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
+        let mut row = vec![0u8; ty.row_bytes(n)];
+        for block in row.chunks_exact_mut(ty.block_bytes()) {
+            let value: f32 = rng.gen_range(-1.0..1.0);
+            match ty {
+                GgmlType::F32 => block.copy_from_slice(&value.to_le_bytes()),
+                GgmlType::F16 => block.copy_from_slice(&f16::from_f32(value).to_le_bytes()),
+                GgmlType::Bf16 => block.copy_from_slice(&bf16::from_f32(value).to_le_bytes()),
+                _ => {
+                    rng.fill(block);
+                    for &at in scale_offsets(ty) {
+                        let scale = f16::from_f32(rng.gen_range(0.01..0.1));
+                        block[at..at + 2].copy_from_slice(&scale.to_le_bytes());
+                    }
+                }
+            }
+        }
+        row
+    }
+
+    /// A vector with a mean away from zero, as real activations have: it exercises the
+    /// offset terms and would expose a bias cancelling against sum(x).
+    fn random_vector(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0..1.5)).collect()
+    }
+
+    /// What `dot_row` multiplies the row with: `x` itself, or its quantized values.
+    fn effective(x: &Prepared) -> Vec<f32> {
+        match x {
+            Prepared::Dense(x) => x.to_vec(),
+            Prepared::Quantized(v) => {
+                let mut out = vec![0f32; v.len()];
+                v.dequantize_range(0, &mut out);
+                out
+            }
+        }
+    }
+
+    /// The dot product of the dequantized row with `x` in f64, and the sum of the terms'
+    /// magnitudes, which bounds the rounding error of any summation order.
+    fn reference(ty: GgmlType, row: &[u8], x: &[f32]) -> (f64, f64) {
+        let mut w = vec![0f32; x.len()];
+        dequantize(ty, row, &mut w);
+        let terms = w.iter().zip(x).map(|(&w, &x)| w as f64 * x as f64);
+        (terms.clone().sum(), terms.map(f64::abs).sum())
+    }
+
+    fn lengths(ty: GgmlType) -> &'static [usize] {
+        match ty.block_len() {
+            256 => &[256, 512, 4864],
+            32 => &[32, 64, 96, 256, 576, 896, 4864],
+            _ => &[1, 7, 32, 40, 256, 896, 4864],
+        }
+    }
+
+    /// Every kernel set this CPU runs.
+    fn all_kernels() -> Vec<Kernels> {
+        let mut all = vec![Kernels::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2::available() {
+                all.push(Kernels::Avx2);
+            }
+            if avx512::available() {
+                all.push(Kernels::Avx512);
+            }
+        }
+        all
+    }
+
+    fn dot_row(kernels: Kernels, ty: GgmlType, row: &[u8], x: &Prepared) -> f32 {
+        let mut out = [0.0];
+        dot_rows_with(kernels, ty, row, &[x], &mut out);
+        out[0]
+    }
+
+    /// A vector in a tile of several is multiplied exactly as alone: the same bits, on
+    /// every kernel set, for whole tiles and the tokens left over.
+    #[test]
+    fn a_vector_in_a_tile_gets_what_it_gets_alone() {
+        let mut rng = ChaCha8Rng::seed_from_u64(14);
+        for kernels in all_kernels() {
+            for ty in ALL_TYPES {
+                let (n, rows, tokens) = (512, 3, TILE + 3);
+                let matrix: Vec<u8> = (0..rows)
+                    .flat_map(|_| random_row(ty, n, &mut rng))
+                    .collect();
+                let xs: Vec<Vec<f32>> = (0..tokens).map(|_| random_vector(n, &mut rng)).collect();
+                let prepared: Vec<Prepared> = xs.iter().map(|x| prepare(ty, x)).collect();
+                let all: Vec<&Prepared> = prepared.iter().collect();
+                let mut together = vec![0.0; tokens * rows];
+                dot_rows_with(kernels, ty, &matrix, &all, &mut together);
+                for (t, x) in prepared.iter().enumerate() {
+                    let mut alone = vec![0.0; rows];
+                    dot_rows_with(kernels, ty, &matrix, &[x], &mut alone);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&together[t * rows..(t + 1) * rows]),
+                        bits(&alone),
+                        "{kernels:?} {ty:?} token {t}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Against the row and the vector the kernels actually multiply, they are exact up to
+    /// f32 rounding: the integer products are exact and each block is scaled once.
+    #[test]
+    fn matches_dequantize_for_every_type() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for kernels in all_kernels() {
+            for ty in ALL_TYPES {
+                for &n in lengths(ty) {
+                    for _ in 0..4 {
+                        let row = random_row(ty, n, &mut rng);
+                        let x = random_vector(n, &mut rng);
+                        let prepared = prepare(ty, &x);
+                        let (want, magnitude) = reference(ty, &row, &effective(&prepared));
+                        let got = dot_row(kernels, ty, &row, &prepared) as f64;
+                        // Relative to the terms' magnitudes, as `want` itself may cancel to
+                        // near zero; f32 summation stays around 1e-7 of it.
+                        assert!(
+                            (got - want).abs() <= 1e-6 * magnitude,
+                            "{kernels:?} {ty:?} n={n}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_taken_in_order() {
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        for ty in ALL_TYPES {
+            let (n, rows) = (512, 5);
+            let matrix: Vec<u8> = (0..rows)
+                .flat_map(|_| random_row(ty, n, &mut rng))
+                .collect();
+            let x = random_vector(n, &mut rng);
+            let prepared = prepare(ty, &x);
+            let mut out = vec![0.0; rows];
+            dot_rows(ty, &matrix, &prepared, &mut out);
+            for (r, row) in matrix.chunks_exact(ty.row_bytes(n)).enumerate() {
+                assert_eq!(out[r], dot_row(Kernels::best(), ty, row, &prepared));
+            }
+        }
+    }
+
+    /// Against the unquantized vector, the error is what quantizing `x` costs: at most half
+    /// a step of each block's scale per element, times the weight there.
+    #[test]
+    fn quantized_vector_error_is_bounded() {
+        let mut rng = ChaCha8Rng::seed_from_u64(10);
+        for ty in ALL_TYPES.into_iter().filter(|&ty| !is_dense(ty)) {
+            let n = 4864;
+            let row = random_row(ty, n, &mut rng);
+            let x = random_vector(n, &mut rng);
+            let Prepared::Quantized(v) = prepare(ty, &x) else {
+                panic!("{ty:?} is quantized");
+            };
+            let mut w = vec![0f32; n];
+            dequantize(ty, &row, &mut w);
+            let bound: f64 = w
+                .iter()
+                .enumerate()
+                .map(|(i, w)| w.abs() as f64 * v.d[i / QBLOCK] as f64 / 2.0)
+                .sum();
+            let (want, magnitude) = reference(ty, &row, &x);
+            let got = dot_row(Kernels::best(), ty, &row, &Prepared::Quantized(v)) as f64;
+            assert!(
+                (got - want).abs() <= bound + 1e-6 * magnitude,
+                "{ty:?}: {got} vs {want}, bound {bound}"
+            );
+        }
+    }
+
+    #[test]
+    fn quantize_rounds_each_block_to_its_scale() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut x = random_vector(4864, &mut rng);
+        // An all-zero block and one with a single large element.
+        x[32..64].fill(0.0);
+        x[70] = -40.0;
+        let v = quantize(&x);
+        for (i, (&x, &q)) in x.iter().zip(&v.qs).enumerate() {
+            let d = v.d[i / QBLOCK];
+            assert!((x - q as f32 * d).abs() <= d * 0.5001, "element {i}");
+        }
+        assert_eq!(v.qs[70], -127);
+        assert!(v.qs[32..64].iter().all(|&q| q == 0) && v.d[1] == 0.0);
+        for (b, q) in v.qs.chunks_exact(QBLOCK).enumerate() {
+            let sum: i32 = q.iter().map(|&q| q as i32).sum();
+            assert_eq!(v.s[b], v.d[b] * sum as f32);
+        }
+    }
+
+    #[test]
+    fn simd_quantize_matches_scalar() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let x = random_vector(4864, &mut rng);
+        let v = quantize(&x);
+        let mut scalar = QuantizedVector {
+            qs: vec![0; x.len()],
+            d: vec![0.0; x.len() / QBLOCK],
+            s: vec![0.0; x.len() / QBLOCK],
+        };
+        quantize_scalar(&x, &mut scalar);
+        assert_eq!(v.qs, scalar.qs);
+        assert_eq!(v.d, scalar.d);
+        for (a, b) in v.s.iter().zip(&scalar.s) {
+            assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn simd_matches_scalar() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        for kernels in all_kernels() {
+            for ty in ALL_TYPES {
+                for &n in lengths(ty) {
+                    let row = random_row(ty, n, &mut rng);
+                    let x = random_vector(n, &mut rng);
+                    let prepared = prepare(ty, &x);
+                    let (_, magnitude) = reference(ty, &row, &effective(&prepared));
+                    let scalar = dot_row(Kernels::Portable, ty, &row, &prepared);
+                    let fast = dot_row(kernels, ty, &row, &prepared);
+                    assert!(
+                        (fast - scalar).abs() as f64 <= 1e-6 * magnitude,
+                        "{kernels:?} {ty:?} n={n}: {fast} vs {scalar}"
+                    );
+                }
+            }
+        }
+    }
+}
