@@ -1,0 +1,213 @@
+//! How a request's contexts are read: the modes, APE's factors, the recompute share and
+//! selection, and the defaults a calibration chooses.
+
+use crate::attention::ApeFactors;
+use crate::error::{Error, Result};
+
+/// APE's temperature when none is given (the paper's default).
+pub const DEFAULT_APE_TEMPERATURE: f32 = 0.9;
+/// APE's scaling factor when none is given (the paper's default).
+pub const DEFAULT_APE_SCALE: f32 = 0.9;
+
+/// How the contexts of a request are read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// One causal pass over prefix, contexts and query.
+    Sequential,
+    /// Contexts encoded independently, plain attention over them (T = S = 1).
+    Parallel,
+    /// Contexts encoded independently, APE attention with the given factors, after a
+    /// share of the context tokens is recomputed (see [`Recompute`]).
+    Ape {
+        factors: ApeFactors,
+        recompute: Recompute,
+    },
+}
+
+impl Mode {
+    /// APE with temperature `temperature` and scale `scale`, both finite and positive,
+    /// and nothing recomputed.
+    pub fn ape(temperature: f32, scale: f32) -> Result<Mode> {
+        for (name, value) in [("temperature", temperature), ("scale", scale)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(Error::ApeSetting(format!(
+                    "the APE {name} must be a finite number above 0, got {value}"
+                )));
+            }
+        }
+        Ok(Mode::Ape {
+            factors: ApeFactors { temperature, scale },
+            recompute: Recompute::NONE,
+        })
+    }
+
+    /// The mode called `name` (`sequential`, `parallel` or `ape`); the factors are used
+    /// by `ape` only.
+    pub fn from_name(name: &str, temperature: f32, scale: f32) -> Result<Mode> {
+        match name {
+            "sequential" => Ok(Mode::Sequential),
+            "parallel" => Ok(Mode::Parallel),
+            "ape" => Mode::ape(temperature, scale),
+            other => Err(Error::UnknownMode(other.to_string())),
+        }
+    }
+
+    /// This mode with `recompute`; only `ape` recomputes (for plain parallel encoding
+    /// with recomputation, ask for `ape` with both factors 1).
+    pub fn with_recompute(self, recompute: Recompute) -> Result<Mode> {
+        match self {
+            Mode::Ape { factors, .. } => Ok(Mode::Ape { factors, recompute }),
+            _ if recompute.share == 0.0 => Ok(self),
+            other => Err(Error::ApeSetting(format!(
+                "recomputing context tokens applies to mode ape, not {}; for plain parallel \
+                 encoding with recomputation ask for ape with temperature 1 and scale 1",
+                other.name()
+            ))),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Sequential => "sequential",
+            Mode::Parallel => "parallel",
+            Mode::Ape { .. } => "ape",
+        }
+    }
+
+    /// The factors of the parallel modes; `None` for sequential.
+    pub fn factors(&self) -> Option<ApeFactors> {
+        match *self {
+            Mode::Sequential => None,
+            Mode::Parallel => Some(ApeFactors {
+                temperature: 1.0,
+                scale: 1.0,
+            }),
+            Mode::Ape { factors, .. } => Some(factors),
+        }
+    }
+
+    /// The share of context tokens this mode recomputes.
+    pub fn recompute(&self) -> Recompute {
+        match *self {
+            Mode::Ape { recompute, .. } => recompute,
+            _ => Recompute::NONE,
+        }
+    }
+}
+
+/// Which context tokens APE recomputes before the query reads them, and how many.
+///
+/// Parallel encoding leaves every context token with keys and values computed as if no
+/// other context existed. Recomputing a share of them repairs that: the contexts are laid
+/// out one after another after the prefix, at the positions sequential reading gives them
+/// (each key rotated to its new position), and the chosen tokens are run through the
+/// model again, layer by layer, attending to the prefix and to every earlier context
+/// token (the other chosen ones with their new keys and values). The query then reads the
+/// chosen tokens like the prefix, and APE's temperature and scale apply to the rest,
+/// which still have not seen each other. Recomputing every token is sequential reading;
+/// recomputing none is APE as it is, at reused positions.
+///
+/// Laying the contexts out in order needs the prefix, every context, the query and the
+/// answer's token limit to fit the window together: a request for which they do not is
+/// read with APE alone, and reports no recomputed token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Recompute {
+    /// Share of the context tokens recomputed, from 0 to 1.
+    pub share: f32,
+    pub selection: Selection,
+}
+
+/// How the tokens to recompute are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// The first tokens of every context (EPIC's choice): the share of each context's
+    /// tokens, from its start.
+    First,
+    /// The context tokens the query attends to most, when it reads the contexts in order
+    /// without recomputation: weights summed over the query's tokens, heads and layers.
+    /// Ties go to the earlier token.
+    Attended,
+}
+
+impl Selection {
+    pub fn from_name(name: &str) -> Result<Selection> {
+        match name {
+            "first" => Ok(Selection::First),
+            "attended" => Ok(Selection::Attended),
+            other => Err(Error::ApeSetting(format!(
+                "unknown recompute selection `{other}`; choose first or attended"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Selection::First => "first",
+            Selection::Attended => "attended",
+        }
+    }
+}
+
+impl Recompute {
+    /// Nothing recomputed: APE as the paper defines it.
+    pub const NONE: Recompute = Recompute {
+        share: 0.0,
+        selection: Selection::Attended,
+    };
+
+    /// Recompute `share` (0 to 1) of the context tokens, chosen by `selection`.
+    pub fn new(share: f32, selection: Selection) -> Result<Recompute> {
+        if !(0.0..=1.0).contains(&share) {
+            return Err(Error::ApeSetting(format!(
+                "the share of context tokens to recompute must be between 0 and 1, got {share}"
+            )));
+        }
+        Ok(Recompute { share, selection })
+    }
+}
+
+/// APE's settings where a request names none: the paper's factors and no recomputation,
+/// or what `ape calibrate` chose for the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ApeDefaults {
+    pub factors: ApeFactors,
+    pub recompute: Recompute,
+}
+
+impl Default for ApeDefaults {
+    fn default() -> Self {
+        ApeDefaults {
+            factors: ApeFactors {
+                temperature: DEFAULT_APE_TEMPERATURE,
+                scale: DEFAULT_APE_SCALE,
+            },
+            recompute: Recompute::NONE,
+        }
+    }
+}
+
+impl ApeDefaults {
+    /// The mode a request asks for by name (`ape` when `None`), each setting it leaves out
+    /// taken from these defaults: how `ape generate` and the server turn a request's APE
+    /// fields into a mode.
+    pub fn mode(
+        &self,
+        name: Option<&str>,
+        temperature: Option<f32>,
+        scale: Option<f32>,
+        recompute: Option<f32>,
+    ) -> Result<Mode> {
+        let mode = Mode::from_name(
+            name.unwrap_or("ape"),
+            temperature.unwrap_or(self.factors.temperature),
+            scale.unwrap_or(self.factors.scale),
+        )?;
+        match (mode, recompute) {
+            (Mode::Ape { .. }, None) => mode.with_recompute(self.recompute),
+            (_, None) => Ok(mode),
+            (_, Some(share)) => {
+                mode.with_recompute(Recompute::new(share, self.recompute.selection)?)
+            }
+        }
+    }
+}
