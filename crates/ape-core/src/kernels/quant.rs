@@ -1,7 +1,8 @@
 //! GGML tensor types and their dequantization to f32.
 //!
-//! Weights are dequantized once at load time (see `model.rs`), so these routines favour
-//! clarity over speed. Each block layout follows the GGML format definition.
+//! Dequantizing serves the norms' weights at load, embedding lookups, the portable
+//! products and the tests; the fast products read the blocks directly (`qdot`). These
+//! routines favour clarity over speed. Each block layout follows the GGML format definition.
 
 use half::{bf16, f16};
 
