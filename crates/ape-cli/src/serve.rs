@@ -42,6 +42,10 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> Result<()> {
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     anyhow::ensure!(
+        args.max_body > 0,
+        "--max-body must be at least 1 byte (every request has a JSON body)"
+    );
+    anyhow::ensure!(
         args.request_timeout > 0,
         "--request-timeout must be at least 1 second"
     );

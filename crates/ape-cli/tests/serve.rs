@@ -121,8 +121,29 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         change(&mut body);
         error(server.post("/v1/chat/completions", &body))
     };
-    let (status, e) = with(&|b| b["ape"] = json!({"temperature": -0.5}));
-    assert_eq!((status, e["param"].as_str()), (400, Some("ape")), "{e}");
+    for factors in [
+        json!({"temperature": -0.5}),
+        json!({"temperature": 1e30}),
+        json!({"scale": 1e3}),
+    ] {
+        let (status, e) = with(&|b| b["ape"] = factors.clone());
+        assert_eq!((status, e["param"].as_str()), (400, Some("ape")), "{e}");
+    }
+    for role in ["", "wizard"] {
+        let (status, e) = with(&|b| b["messages"][0]["role"] = json!(role));
+        assert_eq!(
+            (status, e["param"].as_str()),
+            (400, Some("messages")),
+            "{e}"
+        );
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("unknown message role"),
+            "{e}"
+        );
+    }
     let (status, e) = with(&|b| b["ape"] = json!({"mode": "telepathy"}));
     assert_eq!(status, 400, "{e}");
     for recompute in [
@@ -604,4 +625,56 @@ fn greedy_answers_do_not_depend_on_what_came_before_or_beside() {
     for ((path, body), want) in requests.iter().zip(&first) {
         assert_eq!(&text_of(restarted.post(path, body)), want, "{body}");
     }
+}
+
+/// A disk tier that fails is answered with 500 and what failed, never with the server's
+/// paths; the server keeps serving. `--max-body 0` is refused at start.
+#[test]
+fn a_broken_disk_tier_answers_without_its_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap();
+    let server = Server::start(&["--cache-dir", root]);
+    let registered: Value = server
+        .post("/v1/contexts", &json!({"documents": documents()}))
+        .json()
+        .unwrap();
+    let id = registered["data"][0]["id"].as_str().unwrap().to_owned();
+    // The entries folder becomes a file: listing and deleting fail.
+    let entries = dir.path().join("entries");
+    std::fs::remove_dir_all(&entries).unwrap();
+    std::fs::write(&entries, b"not a folder").unwrap();
+    let listed = error(server.get("/v1/contexts"));
+    let deleted = error(
+        reqwest::blocking::Client::new()
+            .delete(format!("{}/v1/contexts/{id}", server.url))
+            .send()
+            .unwrap(),
+    );
+    for (status, e) in [listed, deleted] {
+        assert_eq!(status, 500, "{e}");
+        let message = e["message"].as_str().unwrap();
+        assert!(message.contains("disk tier"), "{e}");
+        assert!(
+            !message.contains(root),
+            "the answer names a server path: {e}"
+        );
+    }
+    // Still serving, from memory.
+    assert!(!answer(server.post("/v1/chat/completions", &question(documents()))).is_empty());
+
+    let refused = ape(&[
+        "serve",
+        "--model",
+        common::model().to_str().unwrap(),
+        "--max-body",
+        "0",
+    ])
+    .output()
+    .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--max-body must be at least 1"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }

@@ -267,6 +267,9 @@ pub trait Completion: DeserializeOwned + Send + 'static {
     ) -> Result<Prepared, ApiError>;
 }
 
+/// The message roles the chat templates know.
+const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
 impl Completion for ChatRequest {
     fn prepare(
         &self,
@@ -279,7 +282,17 @@ impl Completion for ChatRequest {
         let messages = self
             .messages
             .iter()
-            .map(|m| Ok(Message::new(&m.role, m.content.text()?)))
+            .map(|m| {
+                if !ROLES.contains(&m.role.as_str()) {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown message role `{}`: use one of {}",
+                        m.role,
+                        ROLES.join(", ")
+                    ))
+                    .param("messages"));
+                }
+                Ok(Message::new(&m.role, m.content.text()?))
+            })
             .collect::<Result<Vec<_>, ApiError>>()?;
         let Some(last) = messages.last() else {
             return Err(ApiError::bad_request("messages must not be empty").param("messages"));

@@ -81,6 +81,16 @@ async fn record(State(state): State<Shared>, request: Request, next: Next) -> Re
     response
 }
 
+/// A 500 for a store that failed: the log gets the whole error, the client what failed
+/// without the server's paths.
+fn store_failure(action: String, error: &ape_store::StoreError) -> ApiError {
+    tracing::error!("{action}: {error}");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("{action}: {}", error.for_clients()),
+    )
+}
+
 /// Run `work` on the blocking pool: tokenizing and store reads stay off the async threads.
 async fn off_thread<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -435,10 +445,7 @@ async fn list_contexts(State(state): State<Shared>) -> Result<Json<Value>, ApiEr
         let mut found: Vec<(ape_store::Listed, Vec<&'static str>)> = Vec::new();
         for tier in state.store.tiers() {
             let listed = tier.list().map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("could not list the {} tier: {e}", tier.name()),
-                )
+                store_failure(format!("could not list the {} tier", tier.name()), &e)
             })?;
             for entry in listed {
                 match found.iter_mut().find(|(known, _)| known.key == entry.key) {
@@ -493,13 +500,11 @@ async fn delete_context(
         let mut removed = false;
         for tier in state.store.tiers() {
             removed |= tier.remove(&key).map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!(
-                        "could not delete context `{id}` from the {} tier: {e}",
-                        tier.name()
-                    ),
-                )
+                let action = format!(
+                    "could not delete context `{id}` from the {} tier",
+                    tier.name()
+                );
+                store_failure(action, &e)
             })?;
         }
         if !removed {

@@ -1,8 +1,10 @@
 //! The disk tier, the embedded default: one file per entry in a cache folder.
 //!
 //! Writes go to a private temporary file that is synced and then renamed over the entry's
-//! name, so a reader sees either no entry or a whole one, whatever crashes or races: two
-//! processes storing the same context both succeed and leave one valid file. Reads map the
+//! name, and the folder is synced after the rename (as SQLite and Redis' AOF do), so a
+//! reader sees either no entry or a whole one, whatever crashes or races, and an entry
+//! reported stored survives a power loss: two processes storing the same context both
+//! succeed and leave one valid file. Reads map the
 //! file and verify its checksum before decoding. A file's modification time records its
 //! last use; with a size cap, the least recently used files go first.
 
@@ -133,7 +135,9 @@ impl Tier for DiskTier {
                 .open(&temporary)?;
             file.write_all(&self.codec.encode(key, entry))?;
             file.sync_all()?;
-            fs::rename(&temporary, &path)
+            fs::rename(&temporary, &path)?;
+            // The rename is durable only once the directory holding the new name is.
+            File::open(&self.entries)?.sync_all()
         };
         if let Err(e) = write() {
             let _ = fs::remove_file(&temporary);

@@ -41,6 +41,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The error as a client of a server may see it: what failed, without the server's
+    /// file paths or Redis address (log the full error instead).
+    pub fn for_clients(&self) -> String {
+        match self {
+            StoreError::Io { source, .. } => format!("a file of the store failed: {source}"),
+            StoreError::Redis { .. } => "the Redis tier is unreachable or failed".to_string(),
+            StoreError::Corrupt(corrupt) => format!("corrupt entry: {corrupt}"),
+        }
+    }
+
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         StoreError::Io {
             path: path.to_path_buf(),

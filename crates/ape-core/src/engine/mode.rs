@@ -9,6 +9,10 @@ pub const DEFAULT_APE_TEMPERATURE: f32 = 0.9;
 /// APE's scaling factor when none is given (the paper's default).
 pub const DEFAULT_APE_SCALE: f32 = 0.9;
 
+/// The values APE's temperature and scale may take: beyond them attention over the
+/// contexts is all but uniform or all but one token, and answers are noise.
+pub const APE_FACTOR_RANGE: std::ops::RangeInclusive<f32> = 0.05..=4.0;
+
 /// How the contexts of a request are read.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
@@ -29,9 +33,12 @@ impl Mode {
     /// and nothing recomputed.
     pub fn ape(temperature: f32, scale: f32) -> Result<Mode> {
         for (name, value) in [("temperature", temperature), ("scale", scale)] {
-            if !(value.is_finite() && value > 0.0) {
+            if !APE_FACTOR_RANGE.contains(&value) {
                 return Err(Error::ApeSetting(format!(
-                    "the APE {name} must be a finite number above 0, got {value}"
+                    "the APE {name} must be between {} and {}, got {value} (the paper uses \
+                     0.5 to 1)",
+                    APE_FACTOR_RANGE.start(),
+                    APE_FACTOR_RANGE.end()
                 )));
             }
         }
