@@ -150,15 +150,21 @@ pub fn encode(args: EncodeArgs) -> Result<()> {
     );
     let start = Instant::now();
     let (mut stored, mut present, mut tokens) = (0, 0, 0);
+    let mut not_stored: Vec<String> = Vec::new();
     for (document, file) in documents.iter().zip(&files) {
         bar.set_message(file.display().to_string());
         for context in engine.document_contexts(document)? {
             if store.get(&prefix, &context).is_some() {
                 present += 1;
-            } else {
-                engine.contexts_kv(&prefix, &prefix_kv, &[&context], &Cancel::default())?;
+                continue;
+            }
+            engine.contexts_kv(&prefix, &prefix_kv, &[&context], &Cancel::default())?;
+            tokens += context.len();
+            let missing = store.missing_from_durable(&store.codec.key(&prefix, &context));
+            if missing.is_empty() {
                 stored += 1;
-                tokens += context.len();
+            } else {
+                not_stored.push(format!("{}: not in {}", file.display(), missing.join(", ")));
             }
         }
         bar.inc(1);
@@ -167,6 +173,13 @@ pub fn encode(args: EncodeArgs) -> Result<()> {
     println!(
         "{stored} contexts encoded and stored ({tokens} tokens in {:.1} s), {present} already stored",
         start.elapsed().as_secs_f64()
+    );
+    anyhow::ensure!(
+        not_stored.is_empty(),
+        "{} contexts were encoded but could not be stored:\n  {}\nfree the space or fix the \
+         store and run `ape encode` again: what was stored is kept",
+        not_stored.len(),
+        not_stored.join("\n  ")
     );
     Ok(())
 }

@@ -659,6 +659,21 @@ fn a_broken_disk_tier_answers_without_its_paths() {
             "the answer names a server path: {e}"
         );
     }
+    // A new document is encoded, but cannot be stored: said so, not 201.
+    let (status, e) = error(server.post(
+        "/v1/contexts",
+        &json!({"documents": ["The ferry to the island leaves at noon."]}),
+    ));
+    assert_eq!(status, 500, "{e}");
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("not stored") && message.contains("disk tier"),
+        "{e}"
+    );
+    assert!(
+        !message.contains(root),
+        "the answer names a server path: {e}"
+    );
     // Still serving, from memory.
     assert!(!answer(server.post("/v1/chat/completions", &question(documents()))).is_empty());
 

@@ -203,3 +203,41 @@ fn cache_commands_list_remove_and_reject_bad_keys() {
     run(&["cache", "prune", "--cache-dir", cache, "--max-bytes", "1K"]);
     assert_eq!(entries(Path::new(cache)), 0);
 }
+
+/// A store that cannot keep what was encoded makes `ape encode` fail, naming what was not
+/// stored, instead of reporting success.
+#[test]
+fn encoding_into_a_broken_store_fails_and_says_what_was_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = documents(dir.path());
+    let cache = dir.path().join("cache");
+    let model = model();
+    let encode = || {
+        ape(&[
+            "encode",
+            "--model",
+            model.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            docs.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap()
+    };
+    assert!(encode().status.success());
+    assert_eq!(entries(&cache), 3);
+    // Every entry's place taken by a folder: unreadable, and no file can be put there.
+    for entry in std::fs::read_dir(cache.join("entries")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+    }
+    let out = encode();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("3 contexts were encoded but could not be stored")
+            && stderr.contains("a.txt: not in the disk tier"),
+        "{stderr}"
+    );
+}

@@ -413,6 +413,22 @@ async fn register_contexts(
                 let prefix_kv = engine.prefix_kv(&prefix)?;
                 engine.contexts_kv(&prefix, &prefix_kv, &missing, &cancel)?;
             }
+            let unstored: Vec<Vec<String>> = keys
+                .iter()
+                .map(|key| store.missing_from_durable(key))
+                .filter(|missing| !missing.is_empty())
+                .collect();
+            if let Some(failure) = unstored.first().map(|missing| missing.join(", ")) {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "{} of {} contexts were encoded but not stored: {failure} failed; \
+                         they are kept in memory only. Retry when the store is fixed",
+                        unstored.len(),
+                        keys.len()
+                    ),
+                ));
+            }
             let data: Vec<Value> = keys
                 .iter()
                 .zip(&contexts)

@@ -149,6 +149,15 @@ impl Tier for DiskTier {
         Ok(())
     }
 
+    fn holds(&self, key: &Key) -> Result<bool> {
+        let path = self.path(key);
+        match fs::metadata(&path) {
+            Ok(meta) => Ok(meta.is_file()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::io(&path, e)),
+        }
+    }
+
     fn remove(&self, key: &Key) -> Result<bool> {
         let path = self.path(key);
         match fs::remove_file(&path) {

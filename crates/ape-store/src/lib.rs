@@ -35,6 +35,8 @@ pub trait Tier: Send + Sync {
     fn get(&self, key: &Key) -> Result<Option<Entry>>;
     /// Keep `entry` under `key`; storing a key that is already there changes nothing.
     fn put(&self, key: &Key, entry: &Entry) -> Result<()>;
+    /// Whether this tier holds an entry under `key` (not read, not checked).
+    fn holds(&self, key: &Key) -> Result<bool>;
     /// Delete the entry under `key`; whether there was one.
     fn remove(&self, key: &Key) -> Result<bool>;
     /// Every entry's key and size.

@@ -89,6 +89,10 @@ impl Tier for MemoryTier {
         Ok(())
     }
 
+    fn holds(&self, key: &Key) -> Result<bool> {
+        Ok(self.lock().entries.contains_key(key))
+    }
+
     fn remove(&self, key: &Key) -> Result<bool> {
         let mut lru = self.lock();
         match lru.entries.remove(key) {

@@ -80,6 +80,10 @@ impl Tier for RedisTier {
         self.run(|c| c.set_nx::<_, _, ()>(Self::name_of(key), bytes))
     }
 
+    fn holds(&self, key: &Key) -> Result<bool> {
+        self.run(|c| c.exists(Self::name_of(key)))
+    }
+
     fn remove(&self, key: &Key) -> Result<bool> {
         let removed: usize = self.run(|c| c.del(Self::name_of(key)))?;
         Ok(removed > 0)
