@@ -118,18 +118,7 @@ pub(crate) mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::kernels::tests::pseudo_random;
 
     #[test]
     fn simd_dot_matches_scalar_on_odd_lengths() {

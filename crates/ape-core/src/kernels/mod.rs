@@ -156,10 +156,11 @@ pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+    /// Values in [-0.5, 0.5) from a seed, deterministic.
+    pub(crate) fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
         (0..n)
             .map(|_| {

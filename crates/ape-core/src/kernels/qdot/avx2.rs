@@ -255,6 +255,23 @@ pub(super) unsafe fn k_block_scales(b: *const u8) -> (__m256, __m256, __m256) {
     (splat_f16(b), scales, mins)
 }
 
+/// For block `i` of vector `v`, per sub-block: the weight block's `d * scale` (from
+/// [`k_block_scales`]) times the vector block's scale; the block's `dmin * min * sum(x)`
+/// terms are added to `offsets`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn k_vector_scales(
+    (d, sub_scales, mins): (__m256, __m256, __m256),
+    v: &QuantizedVector,
+    i: usize,
+    offsets: &mut __m256,
+) -> __m256 {
+    let xd = _mm256_loadu_ps(v.d.as_ptr().add(8 * i));
+    let xs = _mm256_loadu_ps(v.s.as_ptr().add(8 * i));
+    *offsets = _mm256_fmadd_ps(mins, xs, *offsets);
+    _mm256_mul_ps(_mm256_mul_ps(d, xd), sub_scales)
+}
+
 /// Shared by Q4_K and Q5_K: `weights(b, group)` gives the 64 quants of group `group`
 /// (0..4) of the block at `b`, as the 32 of its even sub-block and the 32 of its odd one.
 #[inline]
@@ -272,11 +289,7 @@ unsafe fn dot_k_blocks<const N: usize>(
         let (d, sub_scales, mins) = k_block_scales(b);
         // The eight sub-blocks are exactly the eight vector blocks under this block.
         let scales: [__m256; N] = std::array::from_fn(|t| {
-            let v = vs[t];
-            let xd = _mm256_loadu_ps(v.d.as_ptr().add(8 * i));
-            let xs = _mm256_loadu_ps(v.s.as_ptr().add(8 * i));
-            offsets[t] = _mm256_fmadd_ps(mins, xs, offsets[t]);
-            _mm256_mul_ps(_mm256_mul_ps(d, xd), sub_scales)
+            k_vector_scales((d, sub_scales, mins), vs[t], i, &mut offsets[t])
         });
         for group in 0..4 {
             let (even, odd) = weights(b, group);

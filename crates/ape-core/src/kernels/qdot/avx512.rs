@@ -3,7 +3,7 @@
 //! them in fours in one step. It takes the weights unsigned, so fixed biases are taken
 //! off through the vector's sums.
 
-use super::avx2::{hsum, k_block_scales, nibbles, splat_f16};
+use super::avx2::{hsum, k_block_scales, k_vector_scales, nibbles, splat_f16};
 use super::{GgmlType, QuantizedVector, QBLOCK};
 use std::arch::x86_64::*;
 
@@ -171,11 +171,8 @@ unsafe fn dot_k_blocks<const N: usize>(
         let (d, sub_scales, mins) = k_block_scales(b);
         // The eight sub-blocks are exactly the eight vector blocks under this block.
         let scales: [__m512; N] = std::array::from_fn(|t| {
-            let v = vs[t];
-            let xd = _mm256_loadu_ps(v.d.as_ptr().add(8 * i));
-            let xs = _mm256_loadu_ps(v.s.as_ptr().add(8 * i));
-            offsets[t] = _mm256_fmadd_ps(mins, xs, offsets[t]);
-            _mm512_castps256_ps512(_mm256_mul_ps(_mm256_mul_ps(d, xd), sub_scales))
+            let eight = k_vector_scales((d, sub_scales, mins), vs[t], i, &mut offsets[t]);
+            _mm512_castps256_ps512(eight)
         });
         for group in 0..4 {
             let w = weights(b, group);
