@@ -2,8 +2,9 @@
 # Sets up a fresh machine and runs the whole test suite: installs redis-server (the Redis
 # tier's tests start their own on a free loopback port) and, in a virtual environment, the
 # `openai` Python client the server's tests drive `ape serve` with; builds ape, installs
-# the two test models from their Python packages, then runs every test in release mode
-# (the tests run the real models, which would be far too slow unoptimised).
+# the two test models from their Python packages, checks formatting and lints (rustfmt,
+# clippy with warnings as errors), then runs every test in release mode (the tests run the
+# real models, which would be far too slow unoptimised).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,8 @@ fi
 target/pyenv/bin/pip install --quiet --disable-pip-version-check openai==3.54.0
 export APE_TEST_PYTHON="$PWD/target/pyenv/bin/python"
 
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets --locked -- -D warnings
 cargo build --release --workspace --locked
 ./target/release/ape model pull smollm2-135m
 ./target/release/ape model pull qwen2.5-coder-0.5b
