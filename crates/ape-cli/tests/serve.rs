@@ -522,6 +522,9 @@ fn clients_that_leave_stop_their_generation() {
     drop(waiting);
     wait_for(&server, "ape_requests_cancelled_total", 1.0);
     wait_for(&server, "ape_running_requests", 0.0);
+    // Counted, as 499, though no response was sent.
+    let left = r#"ape_requests_total{route="/v1/chat/completions",status="499"}"#;
+    assert_eq!(server.metric(left), 1.0);
 
     // A client that closes a stream after its first event.
     let mut streaming = send(&server, &slow_request(true));

@@ -25,7 +25,7 @@ use crate::api::{
     context_key, parse, stored_context, ChatRequest, CommonFields, Completion, CompletionRequest,
     Prepared, RegisterContexts, Work,
 };
-use crate::error::ApiError;
+use crate::error::{ApiError, CLIENT_CLOSED_REQUEST};
 use crate::metrics::Metrics;
 use crate::scheduler::{CancelOnDrop, Scheduler};
 
@@ -73,12 +73,32 @@ async fn record(State(state): State<Shared>, request: Request, next: Next) -> Re
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
-    let start = Instant::now();
+    let mut counted = Counted {
+        state,
+        route,
+        start: Instant::now(),
+        status: CLIENT_CLOSED_REQUEST.as_u16(),
+    };
     let response = next.run(request).await;
-    state
-        .metrics
-        .finished(&route, response.status().as_u16(), start.elapsed());
+    counted.status = response.status().as_u16();
     response
+}
+
+/// Counts its request when dropped: with the response's status, or, when the client left
+/// before a response and the request's future was dropped, as 499.
+struct Counted {
+    state: Shared,
+    route: String,
+    start: Instant,
+    status: u16,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.state
+            .metrics
+            .finished(&self.route, self.status, self.start.elapsed());
+    }
 }
 
 /// A 500 for a store that failed: the log gets the whole error, the client what failed
