@@ -1,14 +1,16 @@
-//! Dot products of GGUF-quantized weight rows with an activation vector, read straight from
+//! Dot products of GGUF-quantized weight rows with activation vectors, read straight from
 //! the quantized bytes.
 //!
 //! Decoding reads every weight once per token, so its speed is set first by how many bytes
-//! the weights take (a 4-bit row is a quarter of the f16 one) and then by the arithmetic
-//! spent per weight. To keep that arithmetic small, a vector multiplied with quantized rows
-//! is itself quantized once per matrix-vector product (`prepare`), as llama.cpp does: to
-//! signed 8-bit values in blocks of 32, each block with an f32 scale `d = max|x| / 127`.
-//! A block of the row then meets a block of the vector as one integer dot product of
-//! 32 byte pairs, scaled once in f32. The result is exact for the quantized vector up to
-//! f32 rounding; quantizing costs each element at most `d / 2`.
+//! the weights take and then by the arithmetic spent per weight. To keep that arithmetic
+//! small, every vector multiplied with quantized rows is itself quantized once per product
+//! (`prepare`), as llama.cpp does: to signed 8-bit values in blocks of 32, each block with
+//! an f32 scale `d = max|x| / 127`. A block of the row then meets a block of the vector as
+//! one integer dot product of 32 byte pairs, scaled once in f32. The result is exact for
+//! the quantized vector up to f32 rounding; quantizing costs each element at most `d / 2`.
+//! Prefill multiplies a row with a tile of vectors at once (`dot_rows_tokens`): the row's
+//! blocks are unpacked once for the tile, and each vector's sums run exactly as they do
+//! alone, so a token's product never depends on the tokens beside it.
 //!
 //! The 32-element vector blocks line up with every weight format's blocks (Q4_0 to Q8_0)
 //! and sub-blocks (Q4_K, Q5_K; Q6_K's 16-element scales pair up inside them), so every
@@ -16,15 +18,15 @@
 //!
 //! Formats whose values are `d * q + m` (Q4_1, Q5_1, and Q4_K and Q5_K with their
 //! per-sub-block mins) are computed as `d * sum(q * x) + m * sum(x)`, with the sum of each
-//! vector block kept with its scale. The fixed biases of Q4_0, Q5_0 and Q6_K (`-8`,
-//! `-16`, `-32`) and Q8_0's sign are instead kept in the weight bytes, which become signed:
-//! the byte multiply needs one unsigned operand, so the weight's sign moves onto the vector
-//! byte and its magnitude is used (the AVX-512 Q6_K kernel subtracts `32 * sum(x)`
-//! instead, in integers).
+//! vector block kept with its scale. In the AVX2 kernels the fixed biases of Q4_0, Q5_0
+//! and Q6_K (`-8`, `-16`, `-32`) and Q8_0's sign are kept in the weight bytes, which become
+//! signed: the byte multiply needs one unsigned operand, so the weight's sign moves onto
+//! the vector byte and its magnitude is used. The AVX-512 kernels (`dpbusd`) take the
+//! weights unsigned and take the bias back through the vector's sums.
 //!
 //! F32, F16 and BF16 rows are multiplied with the f32 vector as it is. Every type has an
-//! AVX2 kernel, and the K-quants an AVX-512 one (with VNNI) that CPUs having it use; other
-//! CPUs dequantize a chunk at a time and multiply.
+//! AVX2 kernel (`avx2.rs`) and an AVX-512 one with VNNI (`avx512.rs`) that CPUs having it
+//! use; other CPUs dequantize a chunk at a time and multiply.
 
 use crate::kernels::quant::{dequantize, GgmlType};
 
