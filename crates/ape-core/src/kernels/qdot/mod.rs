@@ -24,9 +24,10 @@
 //! the vector byte and its magnitude is used. The AVX-512 kernels (`dpbusd`) take the
 //! weights unsigned and take the bias back through the vector's sums.
 //!
-//! F32, F16 and BF16 rows are multiplied with the f32 vector as it is (AVX2). Every quantized type has an
-//! AVX2 kernel (`avx2.rs`) and an AVX-512 one with VNNI (`avx512.rs`) that CPUs having it
-//! use; other CPUs dequantize a chunk at a time and multiply.
+//! F32, F16 and BF16 rows are multiplied with the f32 vector as it is (AVX2). Every
+//! quantized type has an AVX2 kernel (`avx2.rs`) and an AVX-512 one with VNNI
+//! (`avx512.rs`) that CPUs having it use; other CPUs dequantize a chunk at a time and
+//! multiply.
 
 use crate::kernels::quant::{dequantize, GgmlType};
 
