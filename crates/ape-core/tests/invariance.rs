@@ -95,3 +95,17 @@ fn one_context_at_unit_factors_answers_64_tokens_as_sequential_reading() {
         parallel.text, sequential.text
     );
 }
+
+#[test]
+fn a_long_context_encoded_in_pieces_gets_the_bits_of_one_piece() {
+    let engine = Engine::load(common::model_path(common::SMOLLM2)).unwrap();
+    let prefix = engine
+        .prefix_kv(&engine.split_chat(None, &[] as &[&str], "").unwrap().prefix)
+        .unwrap();
+    let mut context = long_prompt(&engine);
+    context.extend_from_slice(&long_prompt(&engine)[1..]);
+    assert!(context.len() > 1024, "three pieces at least");
+    let whole = engine.model.encode_contexts(&prefix, &[&context]);
+    let pieces = engine.encode_contexts(&prefix, &[&context]).unwrap();
+    assert!(contents(&engine.model, &pieces[0]) == contents(&engine.model, &whole[0]));
+}

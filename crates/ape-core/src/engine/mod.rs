@@ -47,7 +47,8 @@ const KEPT_PROMPTS: usize = 8;
 const KEPT_BYTES: usize = 1 << 30;
 
 /// Context tokens encoded in one batch: enough tokens to share each read of the weights,
-/// few enough to bound the activations held at once. A longer context is encoded alone.
+/// few enough to bound the activations held at once and the work between two checks for
+/// cancellation. A longer context is encoded alone, in pieces of this size.
 const CONTEXT_BATCH_TOKENS: usize = 512;
 
 /// Longest context by default: documents longer than this are cut into several contexts,
@@ -418,7 +419,8 @@ impl Engine {
         self.encode_batches(prefix, contexts, &Cancel::default())
     }
 
-    /// [`Engine::encode_contexts`], checking `cancel` before each batch.
+    /// [`Engine::encode_contexts`], checking `cancel` before each batch, and before each
+    /// piece of a context longer than a batch.
     fn encode_batches(
         &self,
         prefix: &KvCache,
@@ -446,6 +448,16 @@ impl Engine {
                 encoded.extend(self.model.encode_contexts(prefix, &batch));
                 batch.clear();
                 batch_tokens = 0;
+            }
+            if context.len() > CONTEXT_BATCH_TOKENS {
+                // A long context goes in pieces, so that a cancelled request stops within one.
+                let mut own = self.model.new_cache(context.len());
+                for piece in context.chunks(CONTEXT_BATCH_TOKENS) {
+                    cancel.check()?;
+                    self.model.extend_context(prefix, &mut own, piece);
+                }
+                encoded.push(own);
+                continue;
             }
             batch.push(context);
             batch_tokens += context.len();

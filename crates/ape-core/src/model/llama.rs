@@ -224,6 +224,24 @@ impl Model {
         encoded
     }
 
+    /// Encode `tokens` as the continuation of a context encoded after `prefix`, whose
+    /// first tokens' keys and values `own` holds: the tokens take the positions after
+    /// them and attend to the prefix and to the context up to themselves. A context
+    /// encoded in pieces this way gets the bits it gets in one piece.
+    pub fn extend_context(&self, prefix: &KvCache, own: &mut KvCache, tokens: &[u32]) {
+        assert!(
+            own.len() + tokens.len() <= own.capacity(),
+            "KV cache overflow"
+        );
+        let heads = self.config.heads;
+        let rows = 0..tokens.len();
+        self.run_layers(tokens, prefix.len() + own.len().., |layer, q, k, v, out| {
+            own.write(layer, k, v);
+            context_attention(q, heads, prefix, &[(rows.clone(), &*own)], layer, out);
+        });
+        own.advance(tokens.len());
+    }
+
     /// Run query-side tokens with APE attention: they attend causally to `cache` (the
     /// shared prefix, its first `prefix_len` positions, and the query side so far), and to
     /// all of `contexts` (each encoded after that same prefix) with APE's temperature and
