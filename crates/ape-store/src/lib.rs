@@ -30,6 +30,11 @@ pub use store::{Store, TierStats};
 pub trait Tier: Send + Sync {
     /// `memory`, `disk` or `redis`: for logs and statistics.
     fn name(&self) -> &'static str;
+    /// Whether what it holds outlives the process: a context is stored only once every
+    /// durable tier holds it.
+    fn durable(&self) -> bool {
+        true
+    }
     /// The entry under `key`, if this tier has it. A damaged entry is
     /// `Err(StoreError::Corrupt)`.
     fn get(&self, key: &Key) -> Result<Option<Entry>>;

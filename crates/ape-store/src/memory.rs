@@ -61,6 +61,10 @@ impl Tier for MemoryTier {
         "memory"
     }
 
+    fn durable(&self) -> bool {
+        false
+    }
+
     fn get(&self, key: &Key) -> Result<Option<Entry>> {
         let mut lru = self.lock();
         lru.clock += 1;

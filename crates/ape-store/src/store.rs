@@ -77,13 +77,13 @@ impl Store {
         None
     }
 
-    /// The tiers that outlive the process (all but memory) which do not hold `key`: after
+    /// The durable tiers (all but memory) which do not hold `key`: after
     /// a context was stored, where its write failed. Each comes with why, fit for a client
     /// (no paths).
     pub fn missing_from_durable(&self, key: &Key) -> Vec<String> {
         self.tiers
             .iter()
-            .filter(|tier| tier.name() != "memory")
+            .filter(|tier| tier.durable())
             .filter_map(|tier| match tier.holds(key) {
                 Ok(true) => None,
                 Ok(false) => Some(format!("the {} tier (see the log)", tier.name())),

@@ -99,6 +99,7 @@ struct RowLanes {
 
 /// The weighted sums of some rows over one [`CHUNK`] of keys, all relative to the rows'
 /// maximum score over every key they see.
+#[derive(Clone)]
 struct ChunkSums {
     sum: Lanes,
     /// `acc[i][l]`: element `i` of row `l`'s weighted value sum.
@@ -170,14 +171,12 @@ pub(super) fn attend(q: &[f32], heads: usize, d: usize, jobs: Vec<Job<'_>>) -> V
         }
     }
 
-    let lanes: Vec<RowLanes> = tasks
-        .iter()
-        .map(|t| row_lanes(q, heads, d, group_size, &jobs[t.job], t))
-        .collect();
     let scored: Vec<Scored> = tasks
         .par_iter()
-        .zip(&lanes)
-        .map(|(task, rows)| score_task(d, task, rows))
+        .map(|task| {
+            let rows = row_lanes(q, heads, d, group_size, &jobs[task.job], task);
+            score_task(d, task, &rows)
+        })
         .collect();
 
     // Runs of one block of rows are neighbours in `tasks`: take the maximum over them, then
@@ -200,7 +199,7 @@ pub(super) fn attend(q: &[f32], heads: usize, d: usize, jobs: Vec<Job<'_>>) -> V
             next += 1;
         }
         let (max, sums) = match &scored[i] {
-            Scored::Whole { max, sums } if next == i + 1 => (*max, sums.clone_sums()),
+            Scored::Whole { max, sums } if next == i + 1 => (*max, sums.clone()),
             _ => {
                 let mut max = [f32::NEG_INFINITY; LANES];
                 for s in &scored[i..next] {
@@ -279,13 +278,6 @@ impl ChunkSums {
         ChunkSums {
             sum: [0.0; LANES],
             acc: vec![[0.0; LANES]; d],
-        }
-    }
-
-    fn clone_sums(&self) -> Self {
-        ChunkSums {
-            sum: self.sum,
-            acc: self.acc.clone(),
         }
     }
 

@@ -15,7 +15,7 @@ pub mod quant;
 mod rope;
 
 pub use activation::silu_mul;
-pub use dense::{dot, dot_f16};
+pub(crate) use dense::dot_f16;
 pub use norm::rms_norm;
 pub use rope::{Rope, RopeAngles, RopeStyle};
 
