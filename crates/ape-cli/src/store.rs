@@ -10,8 +10,10 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ape_core::engine::generate::Cancel;
-use ape_core::engine::{ContextStore, Engine};
-use ape_store::{Codec, DiskTier, Fingerprint, Key, KvDtype, MemoryTier, RedisTier, Store, Tier};
+use ape_core::engine::Engine;
+use ape_store::{
+    register, Codec, DiskTier, Fingerprint, Key, KvDtype, MemoryTier, RedisTier, Store, Tier,
+};
 
 /// Bytes of decoded contexts a process keeps in memory.
 const MEMORY_TIER_BYTES: usize = 2 << 30;
@@ -139,45 +141,45 @@ pub fn encode(args: EncodeArgs) -> Result<()> {
         .open(&engine, &args.model.model)?
         .expect("a store is open");
     let engine = engine.with_store(store.clone());
-    let prefix = engine
-        .split_chat(args.system.as_deref(), &[] as &[&str], "")?
-        .prefix;
-    let prefix_kv = engine.prefix_kv(&prefix)?;
 
     let bar = ProgressBar::new(documents.len() as u64).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} documents, {msg} [{elapsed} < {eta}]")
+        ProgressStyle::with_template("{bar:40} {pos}/{len} documents [{elapsed} < {eta}]")
             .expect("the template is valid"),
     );
     let start = Instant::now();
-    let (mut stored, mut present, mut tokens) = (0, 0, 0);
-    let mut not_stored: Vec<String> = Vec::new();
-    for (document, file) in documents.iter().zip(&files) {
-        bar.set_message(file.display().to_string());
-        for context in engine.document_contexts(document)? {
-            if store.get(&prefix, &context).is_some() {
-                present += 1;
-                continue;
-            }
-            engine.contexts_kv(&prefix, &prefix_kv, &[&context], &Cancel::default())?;
-            tokens += context.len();
-            let missing = store.missing_from_durable(&store.codec.key(&prefix, &context));
-            if missing.is_empty() {
-                stored += 1;
-            } else {
-                not_stored.push(format!("{}: not in {}", file.display(), missing.join(", ")));
-            }
-        }
-        bar.inc(1);
-    }
+    let registration = register(
+        &engine,
+        &store,
+        args.system.as_deref(),
+        &documents,
+        &Cancel::default(),
+        |_| bar.inc(1),
+    )?;
     bar.finish_and_clear();
+    let contexts = &registration.contexts;
+    let encoded: Vec<_> = contexts.iter().filter(|c| !c.already_stored).collect();
+    let tokens: usize = encoded.iter().map(|c| c.tokens).sum();
+    let stored = encoded
+        .iter()
+        .filter(|c| c.not_stored_in.is_empty())
+        .count();
+    let not_stored: Vec<String> = contexts
+        .iter()
+        .filter(|c| !c.not_stored_in.is_empty())
+        .map(|c| {
+            let file = files[c.document].display();
+            format!("{file}: not in {}", c.not_stored_in.join(", "))
+        })
+        .collect();
     println!(
-        "{stored} contexts encoded and stored ({tokens} tokens in {:.1} s), {present} already stored",
-        start.elapsed().as_secs_f64()
+        "{stored} contexts encoded and stored ({tokens} tokens in {:.1} s), {} already stored",
+        start.elapsed().as_secs_f64(),
+        contexts.len() - encoded.len()
     );
     anyhow::ensure!(
         not_stored.is_empty(),
-        "{} contexts were encoded but could not be stored:\n  {}\nfree the space or fix the \
-         store and run `ape encode` again: what was stored is kept",
+        "{} contexts could not be stored:\n  {}\nfree the space or fix the store and run \
+         `ape encode` again: what was stored is kept",
         not_stored.len(),
         not_stored.join("\n  ")
     );

@@ -539,6 +539,65 @@ fn clients_that_leave_stop_their_generation() {
     assert!(!answer(server.post("/v1/chat/completions", &question(documents()))).is_empty());
 }
 
+#[test]
+fn a_registration_stopped_by_its_time_limit_keeps_what_it_encoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&[
+        "--cache-dir",
+        dir.path().to_str().unwrap(),
+        "--request-timeout",
+        "8",
+    ]);
+    // Most of a minute of encoding on an idle machine, a third of a second each.
+    let documents: Vec<String> = (0..120)
+        .map(|i| {
+            format!("Note {i}: the tide at the harbour turned at {i} minutes past six. ").repeat(12)
+        })
+        .collect();
+    let response = server.post("/v1/contexts", &json!({ "documents": documents }));
+    let listed = |server: &Server| -> usize {
+        let listed: Value = server.get("/v1/contexts").json().unwrap();
+        listed["data"].as_array().unwrap().len()
+    };
+    let kept = match response.status().as_u16() {
+        // A machine fast enough to encode them all within the limit.
+        201 => documents.len(),
+        504 => listed(&server),
+        other => panic!("status {other}: {}", response.text().unwrap()),
+    };
+    assert!(
+        kept > 0,
+        "nothing was kept of a registration stopped after 8 s"
+    );
+    assert_eq!(listed(&server), kept);
+    // They were stored one document after another: the first `kept` are all there.
+    let again: Value = server
+        .post("/v1/contexts", &json!({ "documents": documents[..kept] }))
+        .json()
+        .unwrap();
+    let contexts = again["data"].as_array().unwrap();
+    assert_eq!(contexts.len(), kept, "{again}");
+    assert!(contexts.iter().all(|c| c["cached"] == true), "{again}");
+}
+
+#[test]
+fn a_prompt_too_long_for_the_window_is_refused_without_reading_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&["--cache-dir", dir.path().to_str().unwrap()]);
+    // 12 MB of text: more tokens than the window holds, however it tokenizes.
+    let content = "many words ".repeat(1 << 20);
+    let body = json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+    });
+    let (status, e) = error(server.post("/v1/chat/completions", &body));
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["code"], "context_length_exceeded", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("at least"), "{e}");
+    assert!(!answer(server.post("/v1/chat/completions", &question(documents()))).is_empty());
+}
+
 /// A varied set of greedy requests: plain chat, documents by text in each mode, a text
 /// completion, different lengths.
 fn greedy_requests() -> Vec<(&'static str, Value)> {

@@ -236,7 +236,7 @@ fn encoding_into_a_broken_store_fails_and_says_what_was_not_stored() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("3 contexts were encoded but could not be stored")
+        stderr.contains("3 contexts could not be stored")
             && stderr.contains("a.txt: not in the disk tier"),
         "{stderr}"
     );

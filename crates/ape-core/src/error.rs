@@ -39,6 +39,12 @@ pub enum Error {
         max_new: usize,
         window: usize,
     },
+    #[error("the text is {bytes} bytes, so at least {at_least} tokens, but the model's window is {window} tokens; shorten it, or send long material as documents (each one its own context)")]
+    TextOverflow {
+        bytes: usize,
+        at_least: usize,
+        window: usize,
+    },
     #[error("APE needs {prefix} prefix + {longest} (longest context) + {query} query positions and {max_new} new tokens, but the model's window is {window} positions; split the longest context, shorten the query or lower the token limit")]
     ApeWindowOverflow {
         prefix: usize,

@@ -16,7 +16,7 @@ mod common;
 use std::sync::OnceLock;
 
 use ape_core::attention::{ApeFactors, KvCache};
-use ape_core::engine::generate::GenerateOptions;
+use ape_core::engine::generate::{Cancel, GenerateOptions};
 use ape_core::engine::sampler::argmax;
 use ape_core::engine::{Engine, Mode, Prompt};
 use ape_core::Error;
@@ -231,7 +231,7 @@ fn a_long_document_is_cut_into_contexts_at_line_breaks() {
         .tokenizer
         .encode(&format!("{}\n\n", long.trim_end()), true)
         .unwrap();
-    let chunks = e.document_contexts(&long).unwrap();
+    let chunks = e.document_contexts(&long, &Cancel::default()).unwrap();
     assert!(chunks.len() > whole.len() / 256, "{} chunks", chunks.len());
     assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= 256));
     assert_eq!(chunks.concat(), whole);
@@ -408,4 +408,77 @@ fn many_contexts_beyond_the_window_answer() {
         .unwrap();
     assert_eq!(answer.prompt_tokens, prompt.total_tokens());
     assert!(!answer.text.trim().is_empty(), "no answer");
+}
+
+/// A document of several hundred kilobytes is tokenized in pieces (so that a cancelled
+/// request stops within one); the pieces' tokens are the whole text's, on both vocabularies.
+#[test]
+fn a_very_long_document_tokenizes_as_a_whole() {
+    let lines = [
+        "Chapter 12.\n",
+        "  indented line, with 3,141 numbers and 2718281828 digits;\n",
+        "\n\n\n",
+        "Ünïcödé — «quotes» and 漢字 mixed in.\n",
+        "\t\ttabs then text\n",
+        "(parenthesis) [bracket] {brace}...!?\n",
+        "<|im_start|> is only text here\r\n",
+        "x\n \n",
+    ];
+    let text: String = (0..24_000).map(|i| lines[i % lines.len()]).collect();
+    assert!(text.len() > 600 << 10, "{} bytes", text.len());
+    for model in [common::SMOLLM2, common::QWEN2] {
+        let e = Engine::load(common::model_path(model))
+            .unwrap()
+            .with_chunk_tokens(100_000)
+            .unwrap();
+        let whole = e
+            .tokenizer
+            .encode(&format!("{}\n\n", text.trim_end()), true)
+            .unwrap();
+        let pieces = e
+            .document_contexts(&text, &Cancel::default())
+            .unwrap()
+            .concat();
+        let first_difference = (0..whole.len().max(pieces.len()))
+            .find(|&i| whole.get(i) != pieces.get(i))
+            .map(|i| {
+                let around = |t: &[u32]| {
+                    e.tokenizer
+                        .decode(&t[i.saturating_sub(4)..(i + 4).min(t.len())])
+                };
+                format!(
+                    "at token {i}: {:?} against {:?}",
+                    around(&pieces),
+                    around(&whole)
+                )
+            });
+        assert_eq!(first_difference, None, "{model}");
+
+        let cancel = Cancel::new();
+        cancel.cancel();
+        assert!(matches!(
+            e.document_contexts(&text, &cancel),
+            Err(Error::Cancelled)
+        ));
+    }
+}
+
+/// A prompt whose bytes alone show it cannot fit the window is refused without being
+/// tokenized; one that might fit is tokenized and measured.
+#[test]
+fn a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing() {
+    let e = engine();
+    let window = e.model.config.context_length;
+    let huge = "word ".repeat(window * 64);
+    match e.encode_prompt(&huge) {
+        Err(Error::TextOverflow {
+            at_least,
+            window: w,
+            ..
+        }) => {
+            assert!(at_least > w && w == window)
+        }
+        other => panic!("expected TextOverflow, got {other:?}"),
+    }
+    assert!(e.encode_prompt("A short prompt.").is_ok());
 }

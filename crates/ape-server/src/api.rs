@@ -185,7 +185,7 @@ impl Content {
 impl CommonFields {
     /// Check the fields against what ape supports and the served model; the options they
     /// ask for.
-    fn options(&self, served_model: &str) -> Result<GenerateOptions, ApiError> {
+    pub fn options(&self, served_model: &str) -> Result<GenerateOptions, ApiError> {
         if let Some(model) = &self.model {
             if model != served_model {
                 return Err(ApiError::not_found(format!(
@@ -261,9 +261,9 @@ pub trait Completion: DeserializeOwned + Send + 'static {
     fn prepare(
         &self,
         common: &CommonFields,
+        options: GenerateOptions,
         engine: &Engine,
         store: &Store,
-        served_model: &str,
     ) -> Result<Prepared, ApiError>;
 }
 
@@ -274,11 +274,10 @@ impl Completion for ChatRequest {
     fn prepare(
         &self,
         common: &CommonFields,
+        options: GenerateOptions,
         engine: &Engine,
         store: &Store,
-        served_model: &str,
     ) -> Result<Prepared, ApiError> {
-        let options = common.options(served_model)?;
         let messages = self
             .messages
             .iter()
@@ -357,7 +356,7 @@ fn answer(
     for document in documents {
         prompt
             .contexts
-            .extend(document_contexts(engine, store, document)?);
+            .extend(document_contexts(engine, store, document, &options.cancel)?);
     }
     engine.check_window(&prompt, mode, options.max_tokens)?;
     Ok(Work::Answer(prompt, mode))
@@ -379,10 +378,11 @@ fn document_contexts(
     engine: &Engine,
     store: &Store,
     document: &DocumentRef,
+    cancel: &Cancel,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     match document {
         DocumentRef::Text(text) | DocumentRef::Inline { text } => {
-            Ok(engine.document_contexts(text)?)
+            Ok(engine.document_contexts(text, cancel)?)
         }
         DocumentRef::Stored { id } => Ok(vec![stored_context(store, id)?.tokens]),
     }
@@ -416,11 +416,10 @@ impl Completion for CompletionRequest {
     fn prepare(
         &self,
         common: &CommonFields,
+        options: GenerateOptions,
         engine: &Engine,
         store: &Store,
-        served_model: &str,
     ) -> Result<Prepared, ApiError> {
-        let options = common.options(served_model)?;
         let text = match &self.prompt {
             PromptText::One(text) => text,
             PromptText::Many(list) if list.len() == 1 => &list[0],

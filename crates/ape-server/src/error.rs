@@ -110,7 +110,7 @@ impl From<ape_core::Error> for ApiError {
         use ape_core::Error as E;
         let message = error.to_string();
         match error {
-            E::ContextOverflow { .. } | E::ApeWindowOverflow { .. } => {
+            E::ContextOverflow { .. } | E::ApeWindowOverflow { .. } | E::TextOverflow { .. } => {
                 ApiError::bad_request(message)
                     .param("max_tokens")
                     .code("context_length_exceeded")

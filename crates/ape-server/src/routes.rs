@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ape_core::engine::generate::{Cancel, FinishReason, GenerateOptions, Generation};
 use ape_core::engine::Engine;
-use ape_store::Store;
+use ape_store::{register, Registered, Store};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{header, StatusCode};
@@ -27,7 +27,7 @@ use crate::api::{
 };
 use crate::error::{ApiError, CLIENT_CLOSED_REQUEST};
 use crate::metrics::Metrics;
-use crate::scheduler::{CancelOnDrop, Scheduler};
+use crate::scheduler::{CancelOnDrop, Scheduler, Slot};
 
 /// What every handler shares: the model, loaded once, and the server's machinery.
 pub struct AppState {
@@ -111,7 +111,7 @@ fn store_failure(action: String, error: &ape_store::StoreError) -> ApiError {
     )
 }
 
-/// Run `work` on the blocking pool: tokenizing and store reads stay off the async threads.
+/// Run `work` on the blocking pool: store reads stay off the async threads.
 async fn off_thread<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -138,7 +138,7 @@ async fn completions(
     complete::<CompletionRequest>(state, body, Kind::Text).await
 }
 
-/// Read a completion request of either kind, prepare it off the async threads, answer it.
+/// Read a completion request of either kind; once it has a slot, tokenize it and answer.
 async fn complete<R: Completion>(
     state: Shared,
     body: Result<Json<Value>, JsonRejection>,
@@ -146,15 +146,19 @@ async fn complete<R: Completion>(
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     let (request, common): (R, CommonFields) = (parse(&body)?, parse(&body)?);
-    let prepared = {
-        let state = state.clone();
-        off_thread(move || {
-            let (engine, store) = (&state.engine, &state.store);
-            request.prepare(&common, engine, store, &state.model_id)
+    let options = common.options(&state.model_id)?;
+    let cancel = options.cancel.clone();
+    let slot = state.scheduler.admit(&cancel).await?;
+    // Dropped, with this future or the response stream, when the client disconnects.
+    let on_disconnect = CancelOnDrop(cancel);
+    let worker = state.clone();
+    let (prepared, slot) = state
+        .scheduler
+        .run(slot, move || {
+            request.prepare(&common, options, &worker.engine, &worker.store)
         })
-        .await?
-    };
-    respond(state, prepared, kind).await
+        .await?;
+    respond(state, prepared, slot, on_disconnect, kind).await
 }
 
 /// Chat completion or text completion: the two differ only in their JSON.
@@ -291,24 +295,26 @@ fn execute(
     Ok(generation)
 }
 
-/// Wait for a generation slot, then answer in one JSON object or as a stream of events.
-async fn respond(state: Shared, prepared: Prepared, kind: Kind) -> Result<Response, ApiError> {
-    let slot = state.scheduler.admit().await?;
+/// Answer in `slot`, in one JSON object or as a stream of events.
+async fn respond(
+    state: Shared,
+    prepared: Prepared,
+    slot: Slot,
+    on_disconnect: CancelOnDrop,
+    kind: Kind,
+) -> Result<Response, ApiError> {
     let Prepared {
         work,
         options,
         stream,
         include_usage,
     } = prepared;
-    let cancel = options.cancel.clone();
-    // Dropped, with this future or the stream below, when the client disconnects.
-    let on_disconnect = CancelOnDrop(cancel.clone());
     let envelope = Envelope::new(kind, &state.model_id);
     if !stream {
         let worker = state.clone();
-        let generation = state
+        let (generation, _) = state
             .scheduler
-            .run(slot, cancel, move || {
+            .run(slot, move || {
                 execute(&worker.engine, &worker.metrics, &work, &options, |_| {})
             })
             .await?;
@@ -325,7 +331,7 @@ async fn respond(state: Shared, prepared: Prepared, kind: Kind) -> Result<Respon
         let worker = state.clone();
         let outcome = state
             .scheduler
-            .run(slot, cancel, move || {
+            .run(slot, move || {
                 execute(&worker.engine, &worker.metrics, &work, &options, |text| {
                     if !text.is_empty() {
                         let _ = text_events.send(pieces.chunk(Some(text), None));
@@ -334,7 +340,7 @@ async fn respond(state: Shared, prepared: Prepared, kind: Kind) -> Result<Respon
             })
             .await;
         match outcome {
-            Ok(generation) => {
+            Ok((generation, _)) => {
                 let reason = finish_reason(generation.finish_reason);
                 let _ = events.send(envelope.chunk(None, Some(reason)));
                 if include_usage {
@@ -375,7 +381,9 @@ async fn models(State(state): State<Shared>) -> Json<Value> {
 
 /// Encode documents after the prefix of a chat (with the given system message, if any)
 /// and keep them in the store; returns each context's id and the document it belongs to
-/// (a long document is several contexts).
+/// (a long document is several contexts). Each context is stored as soon as it is
+/// encoded: a request stopped by its time limit or its client keeps what it finished, and
+/// sending it again encodes only the rest.
 async fn register_contexts(
     State(state): State<Shared>,
     body: Result<Json<Value>, JsonRejection>,
@@ -387,90 +395,60 @@ async fn register_contexts(
             ApiError::bad_request("`documents` is empty; send at least one").param("documents"),
         );
     }
-    // Each document's contexts (one, or several for a long one), after the chat prefix.
-    let (prefix, contexts) = {
-        let state = state.clone();
-        off_thread(move || {
-            let engine = &state.engine;
-            let turns: Vec<_> = request
-                .system
-                .map(ape_core::engine::chat::Message::system)
-                .into_iter()
-                .collect();
-            let prefix = engine
-                .split_conversation(&turns, &[] as &[&str], "")?
-                .prefix;
-            let mut contexts = Vec::new();
-            for (document, text) in request.documents.iter().enumerate() {
-                for context in engine.document_contexts(text)? {
-                    contexts.push((document, context));
-                }
-            }
-            Ok((prefix, contexts))
-        })
-        .await?
-    };
-    let slot = state.scheduler.admit().await?;
     let cancel = Cancel::new();
+    let slot = state.scheduler.admit(&cancel).await?;
     let on_disconnect = CancelOnDrop(cancel.clone());
     let worker = state.clone();
-    let registered = state
+    let (registration, _) = state
         .scheduler
-        .run(slot, cancel.clone(), move || {
+        .run(slot, move || {
             let (engine, store) = (&worker.engine, &worker.store);
-            let keys: Vec<_> = contexts
-                .iter()
-                .map(|(_, context)| store.codec.key(&prefix, context))
-                .collect();
-            let cached: Vec<bool> = keys.iter().map(|key| store.lookup(key).is_some()).collect();
-            let missing: Vec<&[u32]> = contexts
-                .iter()
-                .zip(&cached)
-                .filter(|(_, &cached)| !cached)
-                .map(|((_, context), _)| context.as_slice())
-                .collect();
-            if !missing.is_empty() {
-                let prefix_kv = engine.prefix_kv(&prefix)?;
-                engine.contexts_kv(&prefix, &prefix_kv, &missing, &cancel)?;
-            }
-            let unstored: Vec<Vec<String>> = keys
-                .iter()
-                .map(|key| store.missing_from_durable(key))
-                .filter(|missing| !missing.is_empty())
-                .collect();
-            if let Some(failure) = unstored.first().map(|missing| missing.join(", ")) {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!(
-                        "{} of {} contexts were encoded but not stored: {failure} failed; \
-                         they are kept in memory only. Retry when the store is fixed",
-                        unstored.len(),
-                        keys.len()
-                    ),
-                ));
-            }
-            let data: Vec<Value> = keys
-                .iter()
-                .zip(&contexts)
-                .zip(&cached)
-                .map(|((key, (document, context)), cached)| {
-                    json!({
-                        "id": key.to_hex(),
-                        "object": "context",
-                        "document": document,
-                        "tokens": context.len(),
-                        "prefix_tokens": prefix.len(),
-                        "cached": cached,
-                    })
-                })
-                .collect();
-            Ok(data)
+            let system = request.system.as_deref();
+            Ok(register(
+                engine,
+                store,
+                system,
+                &request.documents,
+                &cancel,
+                |_| {},
+            )?)
         })
         .await?;
     drop(on_disconnect);
+    let unstored: Vec<&Registered> = registration
+        .contexts
+        .iter()
+        .filter(|c| !c.not_stored_in.is_empty())
+        .collect();
+    if let Some(first) = unstored.first() {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "{} of {} contexts were encoded but not stored: {} failed; they are kept in \
+                 memory only. Retry when the store is fixed",
+                unstored.len(),
+                registration.contexts.len(),
+                first.not_stored_in.join(", ")
+            ),
+        ));
+    }
+    let data: Vec<Value> = registration
+        .contexts
+        .iter()
+        .map(|context| {
+            json!({
+                "id": context.key.to_hex(),
+                "object": "context",
+                "document": context.document,
+                "tokens": context.tokens,
+                "prefix_tokens": registration.prefix_tokens,
+                "cached": context.already_stored,
+            })
+        })
+        .collect();
     Ok((
         StatusCode::CREATED,
-        Json(json!({"object": "list", "data": registered})),
+        Json(json!({"object": "list", "data": data})),
     )
         .into_response())
 }

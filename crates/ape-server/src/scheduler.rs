@@ -2,8 +2,10 @@
 //!
 //! At most `concurrency` requests run the model at once; up to `max_waiting` more wait
 //! their turn in arrival order, and beyond that a request is refused at once with 429 and
-//! a `Retry-After`. Work runs on the blocking thread pool (the model itself fans out over
-//! rayon), and stops at its next checkpoint when its client goes away or its time is up.
+//! a `Retry-After`. Everything a request makes the server compute, from tokenizing its
+//! text to its last token, runs in its slot on the blocking thread pool (the model itself
+//! fans out over rayon), and stops at its next checkpoint when its client goes away or its
+//! time is up.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use std::time::Duration;
 use ape_core::engine::generate::Cancel;
 use axum::http::StatusCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
 
 use crate::error::{ApiError, CLIENT_CLOSED_REQUEST};
 use crate::metrics::Metrics;
@@ -25,9 +28,19 @@ pub struct Scheduler {
     metrics: Arc<Metrics>,
 }
 
-/// A request's right to run the model; the slot frees when it is dropped.
+/// A request's right to run the model, and its time limit, which starts when the slot
+/// is granted and covers every step run in it (tokenizing included). The slot frees, and
+/// the timer stops, when it is dropped: after the last step's work has ended.
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
+    timer: AbortHandle,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.timer.abort();
+    }
 }
 
 /// Stops a request's model work when dropped before the work ends: the handler future or
@@ -75,23 +88,37 @@ impl Scheduler {
     }
 
     /// A slot now, or after the requests ahead in the queue; 429 when the queue is full.
-    pub async fn admit(&self) -> Result<Slot, ApiError> {
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            return Ok(Slot { _permit: permit });
-        }
-        let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
-        let _waiting = Waiting(&self.waiting);
-        if ahead >= self.max_waiting {
-            self.metrics.refused.inc();
-            return Err(ApiError::busy(self.retry_after(ahead)));
-        }
-        let permit = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
-        Ok(Slot { _permit: permit })
+    /// From then on, `cancel` is raised when the request's time is up.
+    pub async fn admit(&self, cancel: &Cancel) -> Result<Slot, ApiError> {
+        let permit =
+            match self.slots.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
+                    let _waiting = Waiting(&self.waiting);
+                    if ahead >= self.max_waiting {
+                        self.metrics.refused.inc();
+                        return Err(ApiError::busy(self.retry_after(ahead)));
+                    }
+                    self.slots.clone().acquire_owned().await.map_err(|_| {
+                        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+                    })?
+                }
+            };
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let timer = {
+            let (cancel, timed_out, limit) = (cancel.clone(), timed_out.clone(), self.timeout);
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                timed_out.store(true, Ordering::SeqCst);
+                cancel.cancel();
+            })
+        };
+        Ok(Slot {
+            _permit: permit,
+            timer: timer.abort_handle(),
+            timed_out,
+        })
     }
 
     /// A guess at when a slot will be free: the queue ahead drained at the recent
@@ -102,40 +129,28 @@ impl Scheduler {
         seconds.ceil().clamp(1.0, 60.0) as u64
     }
 
-    /// Run `work` on the blocking pool while holding `slot`. `cancel` is raised when the
-    /// request's time limit passes; the work is expected to check it and stop with a 499
-    /// error. Returns what the work returned, or 504 when it stopped for the time limit.
+    /// Run one step of a request's work on the blocking pool while holding `slot`, and
+    /// hand the slot back for the next step. The work is expected to check the request's
+    /// cancellation and stop with a 499 error; when it stopped because the time limit
+    /// passed, the answer is 504.
     pub async fn run<T: Send + 'static>(
         &self,
         slot: Slot,
-        cancel: Cancel,
         work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-    ) -> Result<T, ApiError> {
-        let timed_out = Arc::new(AtomicBool::new(false));
-        let timer = {
-            let (cancel, timed_out, limit) = (cancel.clone(), timed_out.clone(), self.timeout);
-            tokio::spawn(async move {
-                tokio::time::sleep(limit).await;
-                timed_out.store(true, Ordering::SeqCst);
-                cancel.cancel();
-            })
-        };
-        let stop_timer = timer.abort_handle();
-        let (metrics, timed_out_flag) = (self.metrics.clone(), timed_out.clone());
+    ) -> Result<(T, Slot), ApiError> {
+        let metrics = self.metrics.clone();
         // Counted here rather than after the await: when the client has gone away, the
         // future awaiting this work has been dropped.
         let outcome = tokio::task::spawn_blocking(move || {
             let result = work();
-            drop(slot);
-            stop_timer.abort();
             let cancelled = matches!(&result, Err(e) if e.status == CLIENT_CLOSED_REQUEST);
-            if cancelled && !timed_out_flag.load(Ordering::SeqCst) {
+            if cancelled && !slot.timed_out.load(Ordering::SeqCst) {
                 metrics.cancelled.inc();
             }
-            result
+            (result, slot)
         })
         .await;
-        let result = outcome.map_err(|e| {
+        let (result, slot) = outcome.map_err(|e| {
             tracing::error!("model work failed: {e}");
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -143,11 +158,13 @@ impl Scheduler {
             )
         })?;
         match result {
-            Err(e) if e.status == CLIENT_CLOSED_REQUEST && timed_out.load(Ordering::SeqCst) => {
+            Err(e)
+                if e.status == CLIENT_CLOSED_REQUEST && slot.timed_out.load(Ordering::SeqCst) =>
+            {
                 self.metrics.timed_out.inc();
                 Err(self.timeout_error())
             }
-            result => result,
+            result => result.map(|value| (value, slot)),
         }
     }
 

@@ -8,6 +8,8 @@
 //! to the tiers before, and writes new entries to all of them. It is the engine's
 //! [`ape_core::engine::ContextStore`].
 //!
+//! [`register`] encodes documents into a store ahead of the questions.
+//!
 //! A damaged entry (truncated, bit-flipped, another format version, another model) is
 //! never used: it is reported in a log line, deleted, and the engine encodes the context
 //! again.
@@ -17,6 +19,7 @@ mod entry;
 mod error;
 mod memory;
 mod redis_tier;
+mod register;
 mod store;
 
 pub use disk::DiskTier;
@@ -24,6 +27,7 @@ pub use entry::{Codec, Entry, Fingerprint, Key, KvDtype, FORMAT_VERSION};
 pub use error::{Corrupt, Result, StoreError};
 pub use memory::MemoryTier;
 pub use redis_tier::RedisTier;
+pub use register::{register, Registered, Registration};
 pub use store::{Store, TierStats};
 
 /// One place entries can be kept.

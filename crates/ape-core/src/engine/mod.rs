@@ -51,6 +51,47 @@ const KEPT_BYTES: usize = 1 << 30;
 /// cancellation. A longer context is encoded alone, in pieces of this size.
 const CONTEXT_BATCH_TOKENS: usize = 512;
 
+/// Bytes of a document tokenized between two checks for cancellation (about a tenth of
+/// a second of tokenizing).
+const TOKENIZED_PIECE_BYTES: usize = 256 << 10;
+
+/// `text` cut into pieces of at least `bytes` bytes (the last may be shorter), each cut
+/// after a line break that stands alone between two visible characters. The byte-level
+/// BPE pre-tokenizers ape reads make such a line break a token of its own whether the
+/// text goes on or ends there (a longer run of white space would not be: before a word its
+/// last character is split off), so tokenizing the pieces one by one gives the whole
+/// text's tokens.
+fn pieces_at_lone_line_breaks(text: &str, bytes: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let lone_line_break = |(before, at, after): (char, char, char)| {
+            at == '\n' && !before.is_whitespace() && !after.is_whitespace()
+        };
+        let cut = rest
+            .get(bytes..)
+            .and_then(|tail| {
+                let chars = tail.char_indices();
+                let triples = chars
+                    .clone()
+                    .zip(tail.chars().skip(1))
+                    .zip(tail.chars().skip(2))
+                    .map(|(((_, before), at), after)| (before, at, after));
+                chars
+                    .skip(1)
+                    .zip(triples)
+                    .find(|(_, triple)| lone_line_break(*triple))
+                    .map(|((at, _), _)| bytes + at + 1)
+            })
+            .unwrap_or(rest.len());
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
+}
+
 /// Longest context by default: documents longer than this are cut into several contexts,
 /// so that a document longer than the window can still be asked about, and the query,
 /// which starts after the longest context, keeps room in the window.
@@ -188,8 +229,23 @@ impl Engine {
         if self.tokenizer.add_bos() {
             ids.extend(self.tokenizer.bos_id());
         }
-        ids.extend(self.tokenizer.encode(text, true)?);
+        ids.extend(self.encode_within_window(text)?);
         Ok(ids)
+    }
+
+    /// `text`'s tokens (control-token text parsed), refused before tokenizing when it is
+    /// too long for any tokenization of it to fit the window.
+    fn encode_within_window(&self, text: &str) -> Result<Vec<u32>> {
+        let window = self.model.config.context_length;
+        let at_least = self.tokenizer.fewest_tokens(text);
+        if at_least > window {
+            return Err(Error::TextOverflow {
+                bytes: text.len(),
+                at_least,
+                window,
+            });
+        }
+        self.tokenizer.encode(text, true)
     }
 
     /// Plain generation from prompt tokens, with no contexts. With
@@ -333,12 +389,12 @@ impl Engine {
     ) -> Result<Prompt> {
         let mut contexts = Vec::with_capacity(documents.len());
         for document in documents {
-            contexts.extend(self.document_contexts(document.as_ref())?);
+            contexts.extend(self.document_contexts(document.as_ref(), &Cancel::default())?);
         }
         Ok(Prompt {
             prefix: self.encode_prompt(head)?,
             contexts,
-            query: self.tokenizer.encode(question, true)?,
+            query: self.encode_within_window(question)?,
         })
     }
 
@@ -346,12 +402,15 @@ impl Engine {
     /// line separating it from what follows, as tokens; cut into pieces of at most the
     /// chunk size (see [`Engine::with_chunk_tokens`]) when longer, each cut after a line
     /// break where one falls in the last quarter of the piece. Joined in order, the pieces
-    /// are the whole document's tokens.
-    pub fn document_contexts(&self, document: &str) -> Result<Vec<Vec<u32>>> {
-        let tokens = self.tokenizer.encode(
-            &format!("{}{DOCUMENT_SEPARATOR}", document.trim_end()),
-            true,
-        )?;
+    /// are the whole document's tokens. A long text is tokenized in pieces of about
+    /// [`TOKENIZED_PIECE_BYTES`], checking `cancel` before each.
+    pub fn document_contexts(&self, document: &str, cancel: &Cancel) -> Result<Vec<Vec<u32>>> {
+        let text = format!("{}{DOCUMENT_SEPARATOR}", document.trim_end());
+        let mut tokens = Vec::new();
+        for piece in pieces_at_lone_line_breaks(&text, TOKENIZED_PIECE_BYTES) {
+            cancel.check()?;
+            tokens.extend(self.tokenizer.encode(piece, true)?);
+        }
         let limit = self.chunk_tokens;
         let mut chunks = Vec::with_capacity(tokens.len().div_ceil(limit));
         let mut rest = &tokens[..];
@@ -416,17 +475,24 @@ impl Engine {
     /// Encode each context independently after `prefix` (its keys and values, from
     /// [`Engine::prefix_kv`]), short ones batched together.
     pub fn encode_contexts(&self, prefix: &KvCache, contexts: &[&[u32]]) -> Result<Vec<KvCache>> {
-        self.encode_batches(prefix, contexts, &Cancel::default())
+        let mut encoded = Vec::with_capacity(contexts.len());
+        self.encode_batches(prefix, contexts, &Cancel::default(), |_, kv| {
+            encoded.push(kv)
+        })?;
+        Ok(encoded)
     }
 
-    /// [`Engine::encode_contexts`], checking `cancel` before each batch, and before each
-    /// piece of a context longer than a batch.
+    /// [`Engine::encode_contexts`], handing each context to `done` (with its index) as
+    /// soon as its batch is finished, and checking `cancel` before each batch and before
+    /// each piece of a context longer than a batch: a cancelled call has handed over
+    /// everything it finished.
     fn encode_batches(
         &self,
         prefix: &KvCache,
         contexts: &[&[u32]],
         cancel: &Cancel,
-    ) -> Result<Vec<KvCache>> {
+        mut done: impl FnMut(usize, KvCache),
+    ) -> Result<()> {
         let window = self.model.config.context_length;
         if let Some(longest) = contexts.iter().map(|c| c.len()).max() {
             if prefix.len() + longest > window {
@@ -439,14 +505,22 @@ impl Engine {
                 });
             }
         }
-        let mut encoded = Vec::with_capacity(contexts.len());
-        let mut batch: Vec<&[u32]> = Vec::new();
+        let mut batch: Vec<usize> = Vec::new();
         let mut batch_tokens = 0;
-        for &context in contexts {
+        let run_batch = |batch: &mut Vec<usize>, done: &mut dyn FnMut(usize, KvCache)| {
+            cancel.check()?;
+            let texts: Vec<&[u32]> = batch.iter().map(|&i| contexts[i]).collect();
+            for (i, kv) in batch
+                .drain(..)
+                .zip(self.model.encode_contexts(prefix, &texts))
+            {
+                done(i, kv);
+            }
+            Ok::<_, Error>(())
+        };
+        for (i, &context) in contexts.iter().enumerate() {
             if !batch.is_empty() && batch_tokens + context.len() > CONTEXT_BATCH_TOKENS {
-                cancel.check()?;
-                encoded.extend(self.model.encode_contexts(prefix, &batch));
-                batch.clear();
+                run_batch(&mut batch, &mut done)?;
                 batch_tokens = 0;
             }
             if context.len() > CONTEXT_BATCH_TOKENS {
@@ -456,17 +530,16 @@ impl Engine {
                     cancel.check()?;
                     self.model.extend_context(prefix, &mut own, piece);
                 }
-                encoded.push(own);
+                done(i, own);
                 continue;
             }
-            batch.push(context);
+            batch.push(i);
             batch_tokens += context.len();
         }
         if !batch.is_empty() {
-            cancel.check()?;
-            encoded.extend(self.model.encode_contexts(prefix, &batch));
+            run_batch(&mut batch, &mut done)?;
         }
-        Ok(encoded)
+        Ok(())
     }
 
     /// The keys and values of each context after `prefix` (whose own keys and values are
@@ -503,16 +576,15 @@ impl Engine {
             .filter(|&i| found[i].is_none() && *first_of.entry(contexts[i]).or_insert(i) == i)
             .collect();
         let to_encode: Vec<&[u32]> = missing.iter().map(|&i| contexts[i]).collect();
-        for (i, kv) in missing
-            .into_iter()
-            .zip(self.encode_batches(prefix_kv, &to_encode, cancel)?)
-        {
-            let kv = Arc::new(kv);
+        // Each context is stored as soon as it is encoded, so that a request stopped
+        // half-way keeps what it paid for.
+        self.encode_batches(prefix_kv, &to_encode, cancel, |j, kv| {
+            let (i, kv) = (missing[j], Arc::new(kv));
             if let Some(store) = &self.store {
                 store.put(prefix, contexts[i], kv.clone());
             }
             found[i] = Some(kv);
-        }
+        })?;
         for i in 0..contexts.len() {
             if found[i].is_none() {
                 found[i] = found[first_of[contexts[i]]].clone();

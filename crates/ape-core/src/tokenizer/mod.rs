@@ -165,6 +165,8 @@ pub struct Tokenizer {
     add_bos: bool,
     /// Sorted, without duplicates.
     eog: Vec<u32>,
+    /// The most bytes of text one token stands for.
+    longest_token_bytes: usize,
 }
 
 impl Tokenizer {
@@ -206,10 +208,12 @@ impl Tokenizer {
                     .into(),
             ));
         }
+        let pieces = Pieces::new(&tokens, &kinds);
         Ok(Tokenizer {
             parsing_special,
             plain,
-            pieces: Pieces::new(&tokens, &kinds),
+            longest_token_bytes: pieces.longest().max(1),
+            pieces,
             bos,
             eos: special_id(gguf, "tokenizer.ggml.eos_token_id", tokens.len())?,
             add_bos,
@@ -231,6 +235,12 @@ impl Tokenizer {
             .encode(text, false)
             .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The fewest tokens `text` can encode to, known without encoding it: no token
+    /// stands for more bytes than the vocabulary's longest.
+    pub fn fewest_tokens(&self, text: &str) -> usize {
+        text.len().div_ceil(self.longest_token_bytes)
     }
 
     /// The text of `ids`, control tokens included. Bytes that do not form valid UTF-8
@@ -375,6 +385,14 @@ impl Pieces {
             starts.push(bytes.len());
         }
         Pieces { bytes, starts }
+    }
+
+    fn longest(&self) -> usize {
+        self.starts
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0)
     }
 
     fn get(&self, id: u32) -> Option<&[u8]> {
