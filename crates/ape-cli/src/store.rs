@@ -190,8 +190,15 @@ pub fn encode(args: EncodeArgs) -> Result<()> {
 pub enum CacheCommand {
     /// Entries and bytes per tier.
     Stats,
-    /// Every entry: tier, key, size.
+    /// Every entry: tier, key, size (listed, not read: `verify` checks them).
     Ls,
+    /// Read every entry and check it (format, key, length, checksum); exits non-zero
+    /// when some are damaged or unreadable, unless `--remove` deleted them all.
+    Verify {
+        /// Delete the damaged entries; their contexts are encoded again when next used.
+        #[arg(long)]
+        remove: bool,
+    },
     /// Delete entries by key.
     Rm { keys: Vec<String> },
     /// Delete least recently used entries until the disk store is at most this size.
@@ -237,6 +244,28 @@ pub fn cache(args: CacheArgs) -> Result<()> {
                     println!("{}\t{}\t{}", tier.name(), l.key, l.bytes);
                 }
             }
+        }
+        CacheCommand::Verify { remove } => {
+            let mut left = 0;
+            for tier in &tiers {
+                let verified = ape_store::verify(tier.as_ref(), remove)?;
+                for (key, problem) in &verified.damaged {
+                    println!("{}\t{key}\t{problem}", tier.name());
+                }
+                println!(
+                    "{}: {} sound, {} damaged, {} removed",
+                    tier.name(),
+                    verified.sound,
+                    verified.damaged.len(),
+                    verified.removed
+                );
+                left += verified.damaged.len() - verified.removed;
+            }
+            anyhow::ensure!(
+                left == 0,
+                "{left} damaged entries are left; `ape cache verify --remove` deletes them \
+                 (their contexts are encoded again when next used)"
+            );
         }
         CacheCommand::Rm { keys } => {
             for text in keys {

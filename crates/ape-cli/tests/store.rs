@@ -205,7 +205,7 @@ fn cache_commands_list_remove_and_reject_bad_keys() {
 }
 
 /// A store that cannot keep what was encoded makes `ape encode` fail, naming what was not
-/// stored, instead of reporting success.
+/// stored, instead of reporting success; an entry that cannot be read is replaced.
 #[test]
 fn encoding_into_a_broken_store_fails_and_says_what_was_not_stored() {
     let dir = tempfile::tempdir().unwrap();
@@ -226,12 +226,27 @@ fn encoding_into_a_broken_store_fails_and_says_what_was_not_stored() {
     };
     assert!(encode().status.success());
     assert_eq!(entries(&cache), 3);
-    // Every entry's place taken by a folder: unreadable, and no file can be put there.
-    for entry in std::fs::read_dir(cache.join("entries")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::remove_file(&path).unwrap();
-        std::fs::create_dir(&path).unwrap();
+    // Every entry's place taken by a folder: unreadable; deleted and written again.
+    let paths: Vec<PathBuf> = std::fs::read_dir(cache.join("entries"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    for path in &paths {
+        std::fs::remove_file(path).unwrap();
+        std::fs::create_dir(path).unwrap();
     }
+    let out = encode();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(paths.iter().all(|path| path.is_file()));
+
+    // Temporary files cannot be made, so nothing new can be stored.
+    std::fs::remove_dir_all(&cache).unwrap();
+    std::fs::create_dir_all(cache.join("entries")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/fdinfo", cache.join("tmp")).unwrap();
     let out = encode();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
@@ -240,4 +255,73 @@ fn encoding_into_a_broken_store_fails_and_says_what_was_not_stored() {
             && stderr.contains("a.txt: not in the disk tier"),
         "{stderr}"
     );
+}
+
+/// `ape cache verify` reads every entry, names the damaged ones and, with `--remove`,
+/// deletes them; their contexts are then encoded again.
+#[test]
+fn cache_verify_finds_and_removes_damaged_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = documents(dir.path());
+    let cache = dir.path().join("cache");
+    let cache = cache.to_str().unwrap();
+    let model = model();
+    let encode = || {
+        let out = ape(&[
+            "encode",
+            "--model",
+            model.to_str().unwrap(),
+            "--cache-dir",
+            cache,
+        ])
+        .arg(&docs)
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let verify = |remove: bool| {
+        let mut command = ape(&["cache", "verify", "--cache-dir", cache]);
+        if remove {
+            command.arg("--remove");
+        }
+        command.output().unwrap()
+    };
+    encode();
+    let out = verify(false);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("disk: 3 sound, 0 damaged"));
+
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(Path::new(cache).join("entries"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    paths.sort();
+    let mut flipped = std::fs::read(&paths[0]).unwrap();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x10;
+    std::fs::write(&paths[0], flipped).unwrap();
+    std::fs::remove_file(&paths[1]).unwrap();
+    std::fs::create_dir(&paths[1]).unwrap();
+
+    let out = verify(false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("disk: 1 sound, 2 damaged, 0 removed"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("checksum mismatch"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--remove"));
+
+    let out = verify(true);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("disk: 1 sound, 2 damaged, 2 removed"));
+    assert_eq!(entries(Path::new(cache)), 1);
+    encode();
+    let out = verify(false);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("disk: 3 sound, 0 damaged"));
 }

@@ -117,9 +117,18 @@ impl Tier for DiskTier {
         Ok(Some(entry))
     }
 
+    fn stored_bytes(&self, key: &Key) -> Result<Option<Vec<u8>>> {
+        let path = self.path(key);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io(&path, e)),
+        }
+    }
+
     fn put(&self, key: &Key, entry: &Entry) -> Result<()> {
         let path = self.path(key);
-        if path.exists() {
+        if path.is_file() {
             return Ok(());
         }
         let temporary = self.temporary.join(format!(
@@ -160,7 +169,13 @@ impl Tier for DiskTier {
 
     fn remove(&self, key: &Key) -> Result<bool> {
         let path = self.path(key);
-        match fs::remove_file(&path) {
+        // Whatever took the entry's place goes, a folder included, so that it can be
+        // written again.
+        let removed = match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+        match removed {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(StoreError::io(&path, e)),

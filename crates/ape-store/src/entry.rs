@@ -56,6 +56,12 @@ impl KvDtype {
         }
     }
 
+    fn from_code(code: u8) -> Option<KvDtype> {
+        [KvDtype::F16, KvDtype::Q8]
+            .into_iter()
+            .find(|dtype| dtype.code() == code)
+    }
+
     /// `f16` or `q8`.
     pub fn from_name(name: &str) -> Option<KvDtype> {
         match name {
@@ -66,10 +72,10 @@ impl KvDtype {
     }
 
     /// Stored bytes of one row of `head_dim` values.
-    fn row_bytes(self, head_dim: usize) -> usize {
+    fn row_bytes(self, head_dim: usize) -> Option<usize> {
         match self {
-            KvDtype::F16 => 2 * head_dim,
-            KvDtype::Q8 => 2 + head_dim,
+            KvDtype::F16 => head_dim.checked_mul(2),
+            KvDtype::Q8 => head_dim.checked_add(2),
         }
     }
 
@@ -201,6 +207,7 @@ impl Entry {
     pub fn encoded_len(&self, dtype: KvDtype) -> usize {
         let kv = &self.kv;
         entry_bytes(kv.layer_count(), kv.kv_heads, kv.head_dim, kv.len(), dtype)
+            .expect("an entry held in memory has a size that fits in memory")
     }
 
     /// Bytes the entry takes decoded, in memory.
@@ -209,17 +216,22 @@ impl Entry {
     }
 }
 
+/// Bytes of an entry of this shape; `None` when a (damaged) header claims more than any
+/// memory holds.
 fn entry_bytes(
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
     len: usize,
     dtype: KvDtype,
-) -> usize {
-    HEADER_BYTES
-        + 4 * len
-        + layers * kv_heads * 2 * len * dtype.row_bytes(head_dim)
-        + CHECKSUM_BYTES
+) -> Option<usize> {
+    let rows = layers
+        .checked_mul(kv_heads)?
+        .checked_mul(2)?
+        .checked_mul(len)?;
+    rows.checked_mul(dtype.row_bytes(head_dim)?)?
+        .checked_add(HEADER_BYTES + CHECKSUM_BYTES)?
+        .checked_add(len.checked_mul(4)?)
 }
 
 /// What a reader expects of every entry it decodes: written for this model, in this
@@ -291,41 +303,28 @@ impl Codec {
 
     /// Decode an entry read for `key`, checking everything it claims.
     pub fn decode(&self, key: &Key, bytes: &[u8]) -> std::result::Result<Entry, Corrupt> {
-        if bytes.len() < HEADER_BYTES + CHECKSUM_BYTES {
-            return Err(Corrupt::Truncated);
-        }
-        if &bytes[..8] != MAGIC {
-            return Err(Corrupt::NotAnEntry);
-        }
-        let mut reader = Reader { bytes, at: 8 };
-        let version = reader.u32();
-        if version != FORMAT_VERSION {
-            return Err(Corrupt::Version(version));
-        }
-        if reader.take(4)[0] != self.dtype.code() {
+        let header = check(key, bytes)?;
+        if header.dtype != self.dtype {
             return Err(Corrupt::Dtype);
         }
-        if reader.take(32) != key.0 {
-            return Err(Corrupt::Key);
-        }
-        if reader.take(32) != self.model.0 {
+        if header.model != self.model {
             return Err(Corrupt::Model);
         }
-        let [layers, kv_heads, head_dim, prefix_len, len] = [(); 5].map(|_| reader.u32() as usize);
+        let Header {
+            layers,
+            kv_heads,
+            head_dim,
+            prefix_len,
+            len,
+            ..
+        } = header;
         if (layers, kv_heads, head_dim) != (self.layers, self.kv_heads, self.head_dim) {
             return Err(Corrupt::Shape);
         }
-        let expected = entry_bytes(layers, kv_heads, head_dim, len, self.dtype);
-        if bytes.len() != expected {
-            return Err(Corrupt::Length {
-                expected,
-                found: bytes.len(),
-            });
-        }
-        let body = &bytes[..expected - CHECKSUM_BYTES];
-        if blake3::hash(body).as_bytes() != &bytes[expected - CHECKSUM_BYTES..] {
-            return Err(Corrupt::Checksum);
-        }
+        let mut reader = Reader {
+            bytes,
+            at: HEADER_BYTES,
+        };
         let tokens: Vec<u32> = (0..len).map(|_| reader.u32()).collect();
         let kv = KvCache::from_fn(layers, kv_heads, head_dim, len, |_, _, k, v| {
             for row in k
@@ -342,6 +341,65 @@ impl Codec {
             kv: Arc::new(kv),
         })
     }
+}
+
+/// What an entry's header says of it.
+struct Header {
+    dtype: KvDtype,
+    model: Fingerprint,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    prefix_len: usize,
+    len: usize,
+}
+
+/// Whether `bytes` are a whole, sound entry stored under `key`, whatever model wrote it:
+/// the format, the key, the length the header implies and the checksum. Needs no model,
+/// so that `ape cache verify` can check every entry of a shared store.
+pub fn verify_entry(key: &Key, bytes: &[u8]) -> std::result::Result<(), Corrupt> {
+    check(key, bytes).map(|_| ())
+}
+
+fn check(key: &Key, bytes: &[u8]) -> std::result::Result<Header, Corrupt> {
+    if bytes.len() < HEADER_BYTES + CHECKSUM_BYTES {
+        return Err(Corrupt::Truncated);
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(Corrupt::NotAnEntry);
+    }
+    let mut reader = Reader { bytes, at: 8 };
+    let version = reader.u32();
+    if version != FORMAT_VERSION {
+        return Err(Corrupt::Version(version));
+    }
+    let dtype = KvDtype::from_code(reader.take(4)[0]).ok_or(Corrupt::Dtype)?;
+    if reader.take(32) != key.0 {
+        return Err(Corrupt::Key);
+    }
+    let model = Fingerprint(reader.take(32).try_into().expect("32 bytes"));
+    let [layers, kv_heads, head_dim, prefix_len, len] = [(); 5].map(|_| reader.u32() as usize);
+    let expected = entry_bytes(layers, kv_heads, head_dim, len, dtype);
+    if expected != Some(bytes.len()) {
+        return Err(Corrupt::Length {
+            expected: expected.unwrap_or(usize::MAX),
+            found: bytes.len(),
+        });
+    }
+    let expected = bytes.len();
+    let body = &bytes[..expected - CHECKSUM_BYTES];
+    if blake3::hash(body).as_bytes() != &bytes[expected - CHECKSUM_BYTES..] {
+        return Err(Corrupt::Checksum);
+    }
+    Ok(Header {
+        dtype,
+        model,
+        layers,
+        kv_heads,
+        head_dim,
+        prefix_len,
+        len,
+    })
 }
 
 /// Reads little-endian numbers from bytes whose length was checked beforehand.

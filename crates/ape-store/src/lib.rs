@@ -8,7 +8,8 @@
 //! to the tiers before, and writes new entries to all of them. It is the engine's
 //! [`ape_core::engine::ContextStore`].
 //!
-//! [`register`] encodes documents into a store ahead of the questions.
+//! [`register`] encodes documents into a store ahead of the questions; [`verify`] reads and
+//! checks every entry of a tier.
 //!
 //! A damaged entry (truncated, bit-flipped, another format version, another model) is
 //! never used: it is reported in a log line, deleted, and the engine encodes the context
@@ -21,6 +22,7 @@ mod memory;
 mod redis_tier;
 mod register;
 mod store;
+mod verify;
 
 pub use disk::DiskTier;
 pub use entry::{Codec, Entry, Fingerprint, Key, KvDtype, FORMAT_VERSION};
@@ -29,6 +31,7 @@ pub use memory::MemoryTier;
 pub use redis_tier::RedisTier;
 pub use register::{register, Registered, Registration};
 pub use store::{Store, TierStats};
+pub use verify::{verify, Verified};
 
 /// One place entries can be kept.
 pub trait Tier: Send + Sync {
@@ -44,6 +47,10 @@ pub trait Tier: Send + Sync {
     fn get(&self, key: &Key) -> Result<Option<Entry>>;
     /// Keep `entry` under `key`; storing a key that is already there changes nothing.
     fn put(&self, key: &Key, entry: &Entry) -> Result<()>;
+    /// The bytes stored under `key`, read but not checked, so that [`verify`] can check
+    /// them without the model that wrote them; `None` in the memory tier, which keeps
+    /// entries decoded.
+    fn stored_bytes(&self, key: &Key) -> Result<Option<Vec<u8>>>;
     /// Whether this tier holds an entry under `key` (not read, not checked).
     fn holds(&self, key: &Key) -> Result<bool>;
     /// Delete the entry under `key`; whether there was one.

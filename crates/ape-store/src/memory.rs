@@ -65,6 +65,10 @@ impl Tier for MemoryTier {
         false
     }
 
+    fn stored_bytes(&self, _: &Key) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
     fn get(&self, key: &Key) -> Result<Option<Entry>> {
         let mut lru = self.lock();
         lru.clock += 1;

@@ -67,11 +67,14 @@ impl Tier for RedisTier {
     }
 
     fn get(&self, key: &Key) -> Result<Option<Entry>> {
-        let bytes: Option<Vec<u8>> = self.run(|c| c.get(Self::name_of(key)))?;
-        match bytes {
+        match self.stored_bytes(key)? {
             Some(bytes) => Ok(Some(self.codec.decode(key, &bytes)?)),
             None => Ok(None),
         }
+    }
+
+    fn stored_bytes(&self, key: &Key) -> Result<Option<Vec<u8>>> {
+        self.run(|c| c.get(Self::name_of(key)))
     }
 
     fn put(&self, key: &Key, entry: &Entry) -> Result<()> {

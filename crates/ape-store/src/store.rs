@@ -70,6 +70,16 @@ impl Store {
                     );
                     self.report(tier.remove(key).map(|_| ()), tier.as_ref(), key);
                 }
+                Err(e @ StoreError::Io { .. }) => {
+                    // An entry the process cannot read (a folder in its place, a file it
+                    // may not open) would otherwise be encoded again on every request and
+                    // never replaced.
+                    tracing::warn!(
+                        "{} tier: cannot read entry {key}: {e}; deleting it, the context will be encoded again",
+                        tier.name()
+                    );
+                    self.report(tier.remove(key).map(|_| ()), tier.as_ref(), key);
+                }
                 Err(e) => tracing::warn!("{} tier: cannot read entry {key}: {e}", tier.name()),
             }
             self.stats[i].misses.fetch_add(1, Ordering::Relaxed);
