@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ape, RedisServer, Server};
+use common::{ape, free_port, RedisServer, Server};
 use serde_json::{json, Value};
 
 const MODEL_ID: &str = "smollm2-135m-instruct-q4_1";
@@ -401,6 +401,58 @@ fn two_servers_share_registered_contexts_through_redis() {
         second.metric(r#"ape_store_misses_total{tier="redis"}"#),
         0.0
     );
+}
+
+#[test]
+fn a_server_keeps_answering_while_its_redis_is_down_comes_up_and_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    // Redis is not up yet: the server starts anyway and answers from memory and disk.
+    let server = Server::start(&["--cache-dir", dir.path().to_str().unwrap(), "--redis", &url]);
+    let expected = answer(server.post("/v1/chat/completions", &question(documents())));
+    assert!(!expected.is_empty());
+
+    // Redis comes up: registering stores in it too, once the server has reconnected.
+    let redis = RedisServer::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let registered: Value = loop {
+        let response = server.post("/v1/contexts", &json!({"documents": documents()}));
+        if response.status() == 201 {
+            break response.json().unwrap();
+        }
+        assert!(Instant::now() < deadline, "{}", response.text().unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let by_id: Vec<Value> = registered["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| json!({ "id": c["id"] }))
+        .collect();
+    assert_eq!(
+        answer(server.post("/v1/chat/completions", &question(json!(by_id)))),
+        expected
+    );
+
+    // Redis dies: the same answers, by text and by id; a new registration says what
+    // was not stored; the server stays up.
+    drop(redis);
+    assert_eq!(
+        answer(server.post("/v1/chat/completions", &question(documents()))),
+        expected
+    );
+    assert_eq!(
+        answer(server.post("/v1/chat/completions", &question(json!(by_id)))),
+        expected
+    );
+    let (status, e) = error(server.post(
+        "/v1/contexts",
+        &json!({"documents": ["The ferry to the island leaves at noon."]}),
+    ));
+    assert_eq!(status, 500, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("redis tier"), "{e}");
+    assert_eq!(server.get("/health").status(), 200);
 }
 
 #[test]

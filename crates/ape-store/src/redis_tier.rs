@@ -1,7 +1,12 @@
 //! The Redis tier: entries shared by every server pointed at the same Redis, under keys
 //! `ape:kv:<key>`. Its size is Redis's to bound (`maxmemory` with an LRU policy).
+//!
+//! Redis may be down when ape starts, die, or come back empty: every command has a time
+//! limit, a broken connection is dropped and made again on a later use (at most once per
+//! [`RETRY_AFTER`]), and meanwhile the tier fails fast, so that requests go on without it.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use redis::Commands;
 
@@ -11,38 +16,86 @@ use crate::{Listed, Tier};
 
 const NAMESPACE: &str = "ape:kv:";
 
+/// Longest wait for Redis to connect or to answer one command.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after a failed connection the tier fails at once instead of trying again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 pub struct RedisTier {
     codec: Codec,
     url: String,
-    connection: Mutex<redis::Connection>,
+    client: redis::Client,
+    link: Mutex<Link>,
+}
+
+/// The connection, or when the last attempt to make one failed.
+enum Link {
+    Up(redis::Connection),
+    Down(Option<Instant>),
 }
 
 impl RedisTier {
-    /// Connect to the Redis at `url` (`redis://host:port/db`).
+    /// The Redis at `url` (`redis://host:port/db`). A URL that cannot be one is an error;
+    /// a Redis that does not answer yet is logged, and tried again when the tier is used.
     pub fn connect(url: &str, codec: Codec) -> Result<Self> {
-        let fail = |source| StoreError::Redis {
+        let client = redis::Client::open(url).map_err(|source| StoreError::Redis {
             url: url.to_string(),
             source,
-        };
-        let connection = redis::Client::open(url)
-            .and_then(|client| client.get_connection())
-            .map_err(fail)?;
-        Ok(RedisTier {
+        })?;
+        let tier = RedisTier {
             codec,
             url: url.to_string(),
-            connection: Mutex::new(connection),
-        })
+            client,
+            link: Mutex::new(Link::Down(None)),
+        };
+        if let Err(e) = tier.run(|c| redis::cmd("PING").query::<()>(c)) {
+            tracing::warn!("{e}; going on without the Redis tier until it answers");
+        }
+        Ok(tier)
+    }
+
+    fn open(&self) -> redis::RedisResult<redis::Connection> {
+        let connection = self.client.get_connection_with_timeout(TIMEOUT)?;
+        connection.set_read_timeout(Some(TIMEOUT))?;
+        connection.set_write_timeout(Some(TIMEOUT))?;
+        Ok(connection)
     }
 
     fn run<T>(
         &self,
         command: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T> {
-        let mut connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
-        command(&mut connection).map_err(|source| StoreError::Redis {
+        let fail = |source| StoreError::Redis {
             url: self.url.clone(),
             source,
-        })
+        };
+        let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
+        if let Link::Down(failed) = *link {
+            if failed.is_some_and(|at| at.elapsed() < RETRY_AFTER) {
+                let down = (
+                    redis::ErrorKind::IoError,
+                    "not connected; trying again shortly",
+                );
+                return Err(fail(down.into()));
+            }
+            match self.open() {
+                Ok(connection) => *link = Link::Up(connection),
+                Err(source) => {
+                    *link = Link::Down(Some(Instant::now()));
+                    return Err(fail(source));
+                }
+            }
+        }
+        let Link::Up(connection) = &mut *link else {
+            unreachable!("connected just above")
+        };
+        let result = command(connection);
+        if let Err(e) = &result {
+            if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                *link = Link::Down(Some(Instant::now()));
+            }
+        }
+        result.map_err(fail)
     }
 
     fn name_of(key: &Key) -> String {

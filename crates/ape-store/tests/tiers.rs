@@ -266,13 +266,21 @@ struct RedisServer {
     url: String,
 }
 
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl RedisServer {
     fn start() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        RedisServer::start_on(free_port())
+    }
+
+    /// A fresh, empty `redis-server` on `port`.
+    fn start_on(port: u16) -> RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -330,20 +338,88 @@ fn redis_tier_round_trips_and_is_shared() {
     );
 }
 
+/// Keep trying `work` until it succeeds: a tier that lost Redis connects again on a
+/// later use. The ceiling is for a tier that never comes back, not a speed limit.
+fn eventually<T>(mut work: impl FnMut() -> ape_store::Result<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match work() {
+            Ok(value) => return value,
+            Err(e) => assert!(Instant::now() < deadline, "Redis never came back: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
-fn an_unreachable_redis_is_a_clear_error() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let err = RedisTier::connect(&format!("redis://127.0.0.1:{port}/"), codec(1))
-        .err()
-        .expect("nothing listens there");
+fn the_redis_tier_survives_redis_down_at_start_killed_restarted_empty_and_edited_by_hand() {
+    let c = codec(1);
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/");
+
+    // Nothing listens yet: the tier is made, fails each use with a clear error, and the
+    // store reads it as a miss.
+    let tier = RedisTier::connect(&url, c).expect("a Redis that is down is not fatal");
+    let e = entry(&c, 20, 5);
+    let k = key(&c, &e);
+    let err = tier.put(&k, &e).expect_err("nothing listens there");
     assert!(
         err.to_string().contains("Check that the server is running"),
         "{err}"
     );
+    let store = Store::new(c, vec![Box::new(MemoryTier::new(1 << 20)), Box::new(tier)]);
+    assert!(store.lookup(&k).is_none());
+    assert_eq!(store.missing_from_durable(&k).len(), 1);
+
+    // Redis comes up: the tier connects on its own.
+    let redis = RedisServer::start_on(port);
+    eventually(|| store.tiers()[1].put(&k, &e));
+    assert!(store.tiers()[1].holds(&k).unwrap());
+
+    // Killed: uses fail, nothing panics, what memory holds is still served.
+    drop(redis);
+    store.save(&k, &e);
+    assert!(store.tiers()[1].get(&k).is_err());
+    assert_same(&store.lookup(&k).unwrap(), &e);
+
+    // Back, empty: the entry is gone from Redis and is written again.
+    let redis = RedisServer::start_on(port);
+    assert!(!eventually(|| store.tiers()[1].holds(&k)));
+    store.save(&k, &e);
+    assert!(store.missing_from_durable(&k).is_empty());
+
+    // Edited by hand: truncated, then replaced by another model's entry. Each is caught,
+    // deleted and verified as damaged, never decoded.
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let name = format!("ape:kv:{}", k.to_hex());
+    let whole = c.encode(&k, &e);
+    let other_model = codec(2);
+    let foreign = entry(&other_model, 20, 6);
+    let foreign_bytes = other_model.encode(&key(&other_model, &foreign), &foreign);
+    let redis_only = Store::new(
+        c,
+        vec![Box::new(RedisTier::connect(&redis.url, c).unwrap())],
+    );
+    for (damage, bytes) in [
+        ("truncated", &whole[..whole.len() / 2]),
+        ("another model's", &foreign_bytes[..]),
+    ] {
+        redis::cmd("SET")
+            .arg(&name)
+            .arg(bytes)
+            .exec(&mut conn)
+            .unwrap();
+        let verified = ape_store::verify(redis_only.tiers()[0].as_ref(), false).unwrap();
+        assert_eq!(verified.damaged.len(), 1, "{damage}");
+        assert!(redis_only.lookup(&k).is_none(), "{damage}");
+        assert!(
+            !redis_only.tiers()[0].holds(&k).unwrap(),
+            "{damage} entry deleted"
+        );
+    }
 }
 
 #[test]
