@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// Largest request body accepted (e.g. 512K, 16M); larger ones are answered 413.
     #[arg(long, default_value = "16M", value_parser = crate::store::parse_size)]
     max_body: u64,
+    /// Seconds a connection may take to send a request's headers, or its body (408), and
+    /// may stay open between requests; slower connections are closed.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout: u64,
     /// Read every chat from scratch instead of reusing the keys and values of the start
     /// it shares with a recent one (the conversation so far).
     #[arg(long)]
@@ -44,6 +48,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     anyhow::ensure!(
         args.max_body > 0,
         "--max-body must be at least 1 byte (every request has a JSON body)"
+    );
+    anyhow::ensure!(
+        args.idle_timeout > 0,
+        "--idle-timeout must be at least 1 second"
     );
     anyhow::ensure!(
         args.request_timeout > 0,
@@ -66,6 +74,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_waiting: args.queue,
         request_timeout: Duration::from_secs(args.request_timeout),
         max_body_bytes: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

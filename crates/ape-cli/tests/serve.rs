@@ -456,6 +456,53 @@ fn a_server_keeps_answering_while_its_redis_is_down_comes_up_and_dies() {
 }
 
 #[test]
+fn silent_connections_and_stalled_bodies_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&[
+        "--cache-dir",
+        dir.path().to_str().unwrap(),
+        "--idle-timeout",
+        "2",
+    ]);
+    let address = server.url.trim_start_matches("http://");
+    // The read time-out is a ceiling for a server that never closes, not a speed limit.
+    let connect = || {
+        let socket = TcpStream::connect(address).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        socket
+    };
+    let read_all = |mut socket: TcpStream| {
+        let mut text = String::new();
+        socket
+            .read_to_string(&mut text)
+            .expect("the server closes the connection");
+        text
+    };
+
+    // Connected, never a byte sent: closed without an answer.
+    assert_eq!(read_all(connect()), "");
+
+    // Headers sent, then half the body and silence: 408, then closed.
+    let mut stalled = connect();
+    write!(
+        stalled,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"messages\": "
+    )
+    .unwrap();
+    let answer_text = read_all(stalled);
+    assert!(answer_text.starts_with("HTTP/1.1 408"), "{answer_text}");
+    assert!(answer_text.contains("--idle-timeout"), "{answer_text}");
+    assert_eq!(
+        server.metric(r#"ape_requests_total{route="/v1/chat/completions",status="408"}"#),
+        1.0
+    );
+    // Still serving.
+    assert!(!answer(server.post("/v1/chat/completions", &question(documents()))).is_empty());
+}
+
+#[test]
 fn a_bounded_load_is_answered_or_cleanly_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&[

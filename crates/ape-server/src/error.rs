@@ -130,21 +130,13 @@ impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let status = rejection.status();
         let message = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => format!(
-                "the request body is larger than the server accepts ({}); send fewer or \
-                 shorter documents per request, or register them first with POST /v1/contexts",
-                rejection.body_text()
-            ),
             StatusCode::UNSUPPORTED_MEDIA_TYPE => {
                 "the request body must be JSON with `Content-Type: application/json`".to_string()
             }
             _ => format!("invalid request body: {}", rejection.body_text()),
         };
-        // Every malformed body is the client's fault; OpenAI answers 400 for all but size.
-        let status = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => status,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        ApiError::new(status, message)
+        // Every malformed body is the client's fault, as OpenAI answers it. (Its size was
+        // bounded before, when the body was read.)
+        ApiError::bad_request(message)
     }
 }

@@ -41,6 +41,9 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Larger request bodies are refused with 413.
     pub max_body_bytes: usize,
+    /// Longest a connection may take to send a request's headers, or its body, and may
+    /// stay open between requests.
+    pub idle_timeout: Duration,
 }
 
 /// Serve `engine` (whose model clients call `model_id`) until Ctrl-C or SIGTERM; contexts
@@ -71,9 +74,59 @@ pub async fn serve(
         listener.local_addr()?,
         state.model_id
     );
-    axum::serve(listener, routes::router(state, config.max_body_bytes))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
+    let router = routes::router(state, config.max_body_bytes, config.idle_timeout);
+    accept(listener, router, config.idle_timeout, shutdown_signal()).await;
+    Ok(())
+}
+
+/// Serve connections from `listener` until `shutdown` resolves, then wait for the requests
+/// in flight. A connection that does not send a request's headers within `idle` (a new
+/// one, or a kept-alive one between requests) is closed.
+async fn accept(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    idle: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    // HTTP/1.1 only: with HTTP/2 detection, a connection that sends nothing would wait
+    // for its first bytes with no time limit.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait for connections to close.
+                    tracing::warn!("cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+    graceful.shutdown().await;
 }
 
 async fn shutdown_signal() {

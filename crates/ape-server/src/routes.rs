@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ape_core::engine::generate::{Cancel, FinishReason, GenerateOptions, Generation};
 use ape_core::engine::Engine;
@@ -42,7 +42,7 @@ pub struct AppState {
 
 type Shared = Arc<AppState>;
 
-pub fn router(state: Shared, max_body_bytes: usize) -> Router {
+pub fn router(state: Shared, max_body_bytes: usize, body_time: Duration) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -61,9 +61,53 @@ pub fn router(state: Shared, max_body_bytes: usize) -> Router {
                 "this route does not take that HTTP method",
             )
         })
+        .layer(middleware::from_fn(move |request, next| {
+            read_body(max_body_bytes, body_time, request, next)
+        }))
         .layer(middleware::from_fn_with_state(state.clone(), record))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        // `read_body` bounds every body before an extractor sees it.
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Read the whole body before the handler runs: at most `max_bytes` (413 beyond), within
+/// `time` (408 after), so that a client that stalls half-way holds no connection and no
+/// task for long.
+async fn read_body(max_bytes: usize, time: Duration, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, max_bytes));
+    let bytes = match tokio::time::timeout(time, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is larger than the server accepts ({max_bytes} bytes); \
+                     send fewer or shorter documents per request, or register them first \
+                     with POST /v1/contexts"
+                ),
+            )
+            .into_response()
+        }
+        Ok(Err(e)) => {
+            return ApiError::bad_request(format!("the request body could not be read: {e}"))
+                .into_response()
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s; send it whole, or start \
+                     the server with a larger --idle-timeout",
+                    time.as_secs()
+                ),
+            )
+            .code("timeout")
+            .into_response()
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Count every response by route and status, and time it.
