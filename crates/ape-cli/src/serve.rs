@@ -58,7 +58,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "--request-timeout must be at least 1 second"
     );
     let path = &args.model.model;
-    let mut engine = args.model.load()?;
+    let mut engine = args.model.load()?.with_batching();
     if !args.no_prompt_reuse {
         engine = engine.with_prompt_reuse();
     }

@@ -780,6 +780,9 @@ fn greedy_answers_do_not_depend_on_what_came_before_or_beside() {
             requests[i % requests.len()].1
         );
     }
+    // They were decoded together, not merely side by side.
+    let steps = server.metric("ape_decode_steps_total");
+    assert!(server.metric("ape_decode_step_tokens_total") > steps);
     drop(server);
     // A new process reading the documents back from the disk store.
     let restarted = Server::start(&args);

@@ -63,6 +63,8 @@ pub enum Error {
     Sampling(String),
     #[error("empty prompt: there is nothing to generate from")]
     EmptyPrompt,
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("the request was cancelled before it finished")]
     Cancelled,
 }

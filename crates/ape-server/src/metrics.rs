@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use ape_core::engine::generate::Generation;
+use ape_core::engine::DecodeSteps;
 use ape_store::Store;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub timed_out: IntCounter,
     queue_depth: IntGauge,
     running: IntGauge,
+    decode_steps: IntCounter,
+    decode_step_tokens: IntCounter,
     store_hits: IntCounterVec,
     store_misses: IntCounterVec,
     store_corrupt: IntCounterVec,
@@ -129,6 +132,16 @@ impl Metrics {
             .expect("valid gauge"),
             running: IntGauge::new("ape_running_requests", "Requests running the model.")
                 .expect("valid gauge"),
+            decode_steps: IntCounter::new(
+                "ape_decode_steps_total",
+                "Decoding steps run, each one forward pass for every request decoding then.",
+            )
+            .expect("valid counter"),
+            decode_step_tokens: IntCounter::new(
+                "ape_decode_step_tokens_total",
+                "Tokens decoded in those steps (divided by the steps: the mean batch).",
+            )
+            .expect("valid counter"),
             store_hits: counter_vec(
                 "ape_store_hits_total",
                 "Context lookups answered by a store tier.",
@@ -163,6 +176,8 @@ impl Metrics {
             Box::new(metrics.timed_out.clone()),
             Box::new(metrics.queue_depth.clone()),
             Box::new(metrics.running.clone()),
+            Box::new(metrics.decode_steps.clone()),
+            Box::new(metrics.decode_step_tokens.clone()),
             Box::new(metrics.store_hits.clone()),
             Box::new(metrics.store_misses.clone()),
             Box::new(metrics.store_corrupt.clone()),
@@ -220,9 +235,17 @@ impl Metrics {
         waiting: usize,
         running: usize,
         store: &Store,
+        decode_steps: Option<&DecodeSteps>,
         uptime: Duration,
     ) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
         self.queue_depth.set(waiting as i64);
+        if let Some(counts) = decode_steps {
+            let sync =
+                |counter: &IntCounter, now: u64| counter.inc_by(now.saturating_sub(counter.get()));
+            sync(&self.decode_steps, counts.steps.load(Relaxed));
+            sync(&self.decode_step_tokens, counts.tokens.load(Relaxed));
+        }
         self.running.set(running as i64);
         self.uptime.set(uptime.as_secs_f64());
         for tier in store.stats() {
@@ -230,7 +253,6 @@ impl Metrics {
                 let counter = counter.with_label_values(&[tier.name]);
                 counter.inc_by(now.saturating_sub(counter.get()));
             };
-            use std::sync::atomic::Ordering::Relaxed;
             sync(&self.store_hits, tier.hits.load(Relaxed));
             sync(&self.store_misses, tier.misses.load(Relaxed));
             sync(&self.store_corrupt, tier.corrupt.load(Relaxed));

@@ -120,7 +120,7 @@ impl Decoding<'_> {
     pub fn run(
         mut self,
         mut logits: Vec<f32>,
-        mut step: impl FnMut(u32) -> Vec<f32>,
+        mut step: impl FnMut(u32) -> Result<Vec<f32>>,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         let prompt_tokens = self.history.len();
@@ -148,7 +148,7 @@ impl Decoding<'_> {
                 break;
             }
             if tokens.len() < self.max_tokens {
-                logits = step(token);
+                logits = step(token)?;
             }
         }
         if finish_reason != FinishReason::Stop {

@@ -14,6 +14,7 @@
 //! life of the engine (the few most recent ones); so are whole conversations after plain
 //! generation, whose next turn then reads only its new tokens.
 
+mod batch;
 pub mod chat;
 pub mod generate;
 mod mode;
@@ -32,6 +33,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::attention::{ApeFactors, KvCache};
+pub use crate::engine::batch::DecodeSteps;
+use crate::engine::batch::{Batcher, Reading};
 use crate::engine::chat::{ChatTemplate, Message};
 use crate::engine::generate::{prefill, Cancel, Decoding, GenerateOptions, Generation};
 use crate::engine::sampler::Sampler;
@@ -146,7 +149,7 @@ pub trait ContextStore: Send + Sync {
 }
 
 pub struct Engine {
-    pub model: Model,
+    pub model: Arc<Model>,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     /// Keys and values of recent prompts with their tokens, most recently used last.
@@ -158,13 +161,15 @@ pub struct Engine {
     reuse_prompts: bool,
     /// APE's settings for requests that name none.
     ape_defaults: ApeDefaults,
+    /// Decodes the requests running at the same time together, when there is one.
+    batcher: Option<Batcher>,
 }
 
 impl Engine {
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let gguf = Gguf::open(path)?;
         Ok(Engine {
-            model: Model::load(&gguf)?,
+            model: Arc::new(Model::load(&gguf)?),
             tokenizer: Tokenizer::from_gguf(&gguf)?,
             template: ChatTemplate::from_gguf(&gguf)?,
             kept: Mutex::new(Vec::new()),
@@ -172,6 +177,7 @@ impl Engine {
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
             reuse_prompts: false,
             ape_defaults: ApeDefaults::default(),
+            batcher: None,
         })
     }
 
@@ -193,6 +199,19 @@ impl Engine {
     /// batches than a fresh read would use, so logits can differ at float-rounding level
     /// (as with llama.cpp's prompt cache); off by default so that a prompt always gives
     /// the same answer.
+    /// Decode requests that run at the same time (on several threads) together, each
+    /// step of all of them in one forward pass; each request's tokens stay those it gets
+    /// alone. For servers.
+    pub fn with_batching(mut self) -> Self {
+        self.batcher = Some(Batcher::start(self.model.clone()));
+        self
+    }
+
+    /// The batched decoding steps run so far ([`Engine::with_batching`]).
+    pub fn decode_steps(&self) -> Option<&DecodeSteps> {
+        self.batcher.as_ref().map(Batcher::counts)
+    }
+
     pub fn with_prompt_reuse(mut self) -> Self {
         self.reuse_prompts = true;
         self
@@ -618,7 +637,7 @@ impl Engine {
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
         let (encoded, contexts_found) =
             self.find_contexts_kv(&prompt.prefix, &prefix, &contexts, &options.cancel)?;
-        let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
+        let borrowed: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
         // Without a token limit, the answer may run to the end of the window from wherever
         // the query side starts, which recomputation moves later: it is done only where the
         // answer keeps room for at least `UNLIMITED_ANSWER_ROOM` tokens (or what APE alone
@@ -630,19 +649,25 @@ impl Engine {
         let repaired = self.repair(
             prompt,
             &prefix,
-            &encoded,
+            &borrowed,
             mode.recompute(),
             room,
             &options.cancel,
         )?;
-        let (own, contexts, max_tokens) = match &repaired {
+        let (own, contexts, max_tokens, recomputed) = match repaired {
             Some(repaired) => {
                 let read = repaired.own.len() + repaired.rest.len() + prompt.query.len();
                 let window = self.model.config.context_length;
                 let max_tokens = options.max_tokens.unwrap_or(window - read);
-                (&repaired.own, vec![&repaired.rest], max_tokens)
+                let rest = vec![Arc::new(repaired.rest)];
+                (
+                    Arc::new(repaired.own),
+                    rest,
+                    max_tokens,
+                    repaired.recomputed,
+                )
             }
-            None => (prefix.as_ref(), encoded, max_tokens),
+            None => (prefix, encoded, max_tokens, 0),
         };
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
@@ -653,33 +678,52 @@ impl Engine {
             start,
         };
         let mut generation =
-            self.answer_over(own, &contexts, &prompt.query, factors, decoding, on_text)?;
+            self.answer_over(&own, contexts, &prompt.query, factors, decoding, on_text)?;
         generation.cached_tokens = prefix_found + contexts_found;
-        generation.recomputed_tokens = repaired.map_or(0, |r| r.recomputed);
+        generation.recomputed_tokens = recomputed;
         Ok(generation)
     }
 
     fn answer_over(
         &self,
         prefix: &KvCache,
-        contexts: &[&KvCache],
+        shared: Vec<Arc<KvCache>>,
         query: &[u32],
         factors: ApeFactors,
         decoding: Decoding<'_>,
         on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         let model = &self.model;
+        let contexts: Vec<&KvCache> = shared.iter().map(Arc::as_ref).collect();
+        let contexts = contexts.as_slice();
         let mut cache = prefix.copy_with_capacity(prefix.len() + query.len() + decoding.max_tokens);
         let mut logits = Vec::new();
         for chunk in query.chunks(crate::engine::generate::PREFILL_CHUNK) {
             decoding.options.cancel.check()?;
             logits = model.forward_ape(chunk, &mut cache, prefix.len(), contexts, factors);
         }
-        decoding.run(
-            logits,
-            |token| model.forward_ape(&[token], &mut cache, prefix.len(), contexts, factors),
-            on_text,
-        )
+        match &self.batcher {
+            Some(batcher) => {
+                let reading = Reading::Ape {
+                    prefix_len: prefix.len(),
+                    contexts: shared.into(),
+                    factors,
+                };
+                let _member = batcher.join();
+                decoding.run(
+                    logits,
+                    |token| batcher.step(token, &mut cache, &reading),
+                    on_text,
+                )
+            }
+            None => decoding.run(
+                logits,
+                |token| {
+                    Ok(model.forward_ape(&[token], &mut cache, prefix.len(), contexts, factors))
+                },
+                on_text,
+            ),
+        }
     }
 
     fn answer_sequentially(
@@ -719,11 +763,21 @@ impl Engine {
     ) -> Result<(Generation, KvCache)> {
         let prompt = &decoding.history[read..];
         let logits = prefill(&self.model, prompt, &mut cache, &decoding.options.cancel)?;
-        let generation = decoding.run(
-            logits,
-            |token| self.model.forward(&[token], &mut cache),
-            on_text,
-        )?;
+        let generation = match &self.batcher {
+            Some(batcher) => {
+                let _member = batcher.join();
+                decoding.run(
+                    logits,
+                    |token| batcher.step(token, &mut cache, &Reading::Causal),
+                    on_text,
+                )
+            }
+            None => decoding.run(
+                logits,
+                |token| Ok(self.model.forward(&[token], &mut cache)),
+                on_text,
+            ),
+        }?;
         Ok((generation, cache))
     }
 

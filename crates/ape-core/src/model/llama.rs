@@ -41,6 +41,37 @@ pub struct Model {
     rope: Rope,
 }
 
+/// One sequence's part of a [`Model::forward_batch`]: its new tokens, the cache they
+/// are appended to, and what they read.
+pub struct Step<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub reads: Reads<'a>,
+}
+
+/// What a step's tokens attend to besides themselves.
+pub enum Reads<'a> {
+    /// The cache before them, causally ([`Model::forward`]).
+    Causal,
+    /// The cache (the shared prefix, its first `prefix_len` positions, then the query
+    /// side so far) and every context with APE's factors ([`Model::forward_ape`]).
+    Ape {
+        prefix_len: usize,
+        contexts: &'a [&'a KvCache],
+        factors: ApeFactors,
+    },
+}
+
+impl Reads<'_> {
+    /// Positions the step's tokens start after, beyond its cache: the longest context's.
+    fn longest_context(&self) -> usize {
+        match self {
+            Reads::Causal => 0,
+            Reads::Ape { contexts, .. } => contexts.iter().map(|c| c.len()).max().unwrap_or(0),
+        }
+    }
+}
+
 /// (Token, head) rows whose attention weights [`Model::attention_received`] holds at once.
 const ATTENTION_ROWS_PER_BLOCK: usize = 64;
 
@@ -170,14 +201,87 @@ impl Model {
     }
 
     fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
-        let n = tokens.len();
-        assert!(cache.len() + n <= cache.capacity(), "KV cache overflow");
-        let heads = self.config.heads;
-        let x = self.run_layers(tokens, cache.len().., |layer, q, k, v, out| {
-            cache.write(layer, k, v);
-            causal_attention(q, heads, cache, layer, out);
+        self.run_steps(&mut [Step {
+            tokens,
+            cache,
+            reads: Reads::Causal,
+        }])
+    }
+
+    /// Run several sequences' new tokens through the model in one pass, every weight
+    /// matrix read once for all of them, each sequence attending over its own cache as
+    /// `reads` says; returns the logits of each sequence's last token. A sequence's keys,
+    /// values and logits are those [`Model::forward`] or [`Model::forward_ape`] give it
+    /// alone: no token's products depend on the tokens beside it, and each sequence's
+    /// attention is computed on its own.
+    pub fn forward_batch(&self, steps: &mut [Step<'_>]) -> Vec<Vec<f32>> {
+        let x = self.run_steps(steps);
+        let hidden = self.config.hidden;
+        let mut end = 0;
+        steps
+            .iter()
+            .map(|step| {
+                end += step.tokens.len();
+                self.row_logits(&x[(end - 1) * hidden..end * hidden])
+            })
+            .collect()
+    }
+
+    /// The layers over every step's tokens, each at the positions after its cache (and,
+    /// for APE, after the longest context); appends each step's keys and values to its
+    /// cache. Returns the hidden states of every token, steps in order.
+    fn run_steps(&self, steps: &mut [Step<'_>]) -> Vec<f32> {
+        let tokens: Vec<u32> = steps
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let mut rows = Vec::with_capacity(steps.len());
+        let mut positions = Vec::with_capacity(tokens.len());
+        for step in steps.iter() {
+            assert!(
+                step.cache.len() + step.tokens.len() <= step.cache.capacity(),
+                "KV cache overflow"
+            );
+            let first = step.cache.len() + step.reads.longest_context();
+            positions.extend(first..first + step.tokens.len());
+            let start = rows.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
+            rows.push(start..start + step.tokens.len());
+        }
+        let (heads, d) = (self.config.heads, self.config.head_dim);
+        let (q_row, kv_row) = (heads * d, self.config.kv_heads * d);
+        let x = self.run_layers(&tokens, positions, |layer, q, k, v, out| {
+            for (step, r) in steps.iter_mut().zip(&rows) {
+                let (q, out) = (
+                    &q[r.start * q_row..r.end * q_row],
+                    &mut out[r.start * q_row..r.end * q_row],
+                );
+                step.cache.write(
+                    layer,
+                    &k[r.start * kv_row..r.end * kv_row],
+                    &v[r.start * kv_row..r.end * kv_row],
+                );
+                match &step.reads {
+                    Reads::Causal => causal_attention(q, heads, step.cache, layer, out),
+                    Reads::Ape {
+                        prefix_len,
+                        contexts,
+                        factors,
+                    } => ape_attention(
+                        q,
+                        heads,
+                        step.cache,
+                        *prefix_len,
+                        contexts,
+                        *factors,
+                        layer,
+                        out,
+                    ),
+                }
+            }
         });
-        cache.advance(n);
+        for step in steps.iter_mut() {
+            step.cache.advance(step.tokens.len());
+        }
         x
     }
 
@@ -283,16 +387,15 @@ impl Model {
         contexts: &[&KvCache],
         factors: ApeFactors,
     ) -> Vec<f32> {
-        let n = tokens.len();
-        assert!(cache.len() + n <= cache.capacity(), "KV cache overflow");
-        let longest = contexts.iter().map(|c| c.len()).max().unwrap_or(0);
-        let heads = self.config.heads;
-        let x = self.run_layers(tokens, cache.len() + longest.., |layer, q, k, v, out| {
-            cache.write(layer, k, v);
-            ape_attention(q, heads, cache, prefix_len, contexts, factors, layer, out);
-        });
-        cache.advance(n);
-        x
+        self.run_steps(&mut [Step {
+            tokens,
+            cache,
+            reads: Reads::Ape {
+                prefix_len,
+                contexts,
+                factors,
+            },
+        }])
     }
 
     /// The prefix followed by the contexts one after another, as sequential reading lays

@@ -6,4 +6,4 @@ pub mod gguf;
 mod llama;
 
 pub use config::{Architecture, Config};
-pub use llama::Model;
+pub use llama::{Model, Reads, Step};

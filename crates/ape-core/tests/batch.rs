@@ -1,0 +1,89 @@
+//! Requests decoded together give the tokens each gets alone: plain generation and APE
+//! answers, of different lengths, started at different times, on the real models.
+
+mod common;
+
+use ape_core::engine::generate::GenerateOptions;
+use ape_core::engine::{Engine, Mode};
+
+fn greedy(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: Some(max_tokens),
+        ..GenerateOptions::default()
+    }
+}
+
+/// One request: plain chat, or a question over documents in one of the modes.
+enum Request {
+    Chat(&'static str, usize),
+    Documents(&'static str, Mode, usize),
+}
+
+const DOCUMENTS: [&str; 3] = [
+    "Alice keeps her bicycle in the green shed behind the school.",
+    "Bob's car is parked in the underground garage on Elm Street.",
+    "The school library opens at eight in the morning.",
+];
+
+fn answer(engine: &Engine, request: &Request) -> Vec<u32> {
+    match request {
+        Request::Chat(text, max_tokens) => {
+            let prompt = engine.chat_prompt(None, text).unwrap();
+            engine.generate(&prompt, &greedy(*max_tokens), |_| {})
+        }
+        Request::Documents(question, mode, max_tokens) => {
+            let prompt = engine.split_chat(None, &DOCUMENTS, question).unwrap();
+            engine.answer(&prompt, *mode, &greedy(*max_tokens), |_| {})
+        }
+    }
+    .unwrap()
+    .tokens
+}
+
+#[test]
+fn requests_decoded_together_answer_as_alone() {
+    let requests = [
+        Request::Chat("Write a short poem about the sea.", 40),
+        Request::Chat("Say hello.", 8),
+        Request::Documents(
+            "Where does Alice keep her bicycle?",
+            Mode::ape(0.9, 0.9).unwrap(),
+            24,
+        ),
+        Request::Documents("When does the library open?", Mode::Parallel, 16),
+        Request::Documents("Where is Bob's car?", Mode::Sequential, 20),
+        Request::Chat("Count from one to twenty in words.", 48),
+    ];
+    for model in [common::SMOLLM2, common::QWEN2] {
+        let alone = Engine::load(common::model_path(model)).unwrap();
+        let expected: Vec<Vec<u32>> = requests.iter().map(|r| answer(&alone, r)).collect();
+        drop(alone);
+
+        let batched = Engine::load(common::model_path(model))
+            .unwrap()
+            .with_batching();
+        // Twice over, all at once, so that requests join and leave the batch mid-way.
+        let together: Vec<Vec<u32>> = std::thread::scope(|scope| {
+            let running: Vec<_> = requests
+                .iter()
+                .chain(&requests)
+                .map(|request| scope.spawn(|| answer(&batched, request)))
+                .collect();
+            running.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let counts = batched.decode_steps().unwrap();
+        let steps = counts.steps.load(std::sync::atomic::Ordering::Relaxed);
+        let tokens = counts.tokens.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            tokens > steps,
+            "{model}: {tokens} tokens in {steps} steps, never together"
+        );
+        for (i, tokens) in together.iter().enumerate() {
+            assert_eq!(
+                tokens,
+                &expected[i % requests.len()],
+                "{model}, request {i}"
+            );
+        }
+    }
+}
