@@ -31,6 +31,11 @@ pub struct ServeArgs {
     /// Largest request body accepted (e.g. 512K, 16M); larger ones are answered 413.
     #[arg(long, default_value = "16M", value_parser = crate::store::parse_size)]
     max_body: u64,
+    /// Most prompt tokens read in one step of the batch; the decoding requests' next
+    /// tokens wait for that step, so smaller keeps their pace steadier, larger reads
+    /// prompts sooner.
+    #[arg(long, default_value_t = 256)]
+    max_batch_tokens: usize,
     /// Seconds a connection may take to send a request's headers, or its body (408), and
     /// may stay open between requests; slower connections are closed.
     #[arg(long, default_value_t = 30)]
@@ -58,7 +63,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "--request-timeout must be at least 1 second"
     );
     let path = &args.model.model;
-    let mut engine = args.model.load()?.with_batching();
+    let mut engine = args.model.load()?.with_batching(args.max_batch_tokens);
     if !args.no_prompt_reuse {
         engine = engine.with_prompt_reuse();
     }

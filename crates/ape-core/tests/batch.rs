@@ -61,8 +61,9 @@ fn requests_decoded_together_answer_as_alone() {
 
         let batched = Engine::load(common::model_path(model))
             .unwrap()
-            .with_batching();
-        // Twice over, all at once, so that requests join and leave the batch mid-way.
+            .with_batching(16);
+        // Twice over, all at once, so that requests join and leave the batch mid-way; their
+        // prompts are read 16 tokens a step, beside the others' decoding.
         let together: Vec<Vec<u32>> = std::thread::scope(|scope| {
             let running: Vec<_> = requests
                 .iter()

@@ -1,14 +1,18 @@
-//! Decoding requests together: the next token of every request decoding at the same time
-//! goes through the model in one pass ([`Model::forward_batch`]), so that the weights,
-//! which a decoding step spends most of its time reading, are read once for all of them.
+//! Running requests together: each step of the batcher's thread is one forward pass
+//! ([`Model::forward_batch`]) holding the next token of every request decoding at the
+//! moment and at most one chunk of a prompt being read, so that the weights, which a
+//! decoding step spends most of its time reading, are read once for all of them, and a
+//! prompt being read does not stall the others' decoding.
 //!
 //! Each request keeps its own loop (sampling, stop strings, streaming, cancellation) and
-//! hands its token and cache to the batcher's thread, which gathers the tokens of every
-//! request decoding at the moment (waiting at most [`GATHER`] for stragglers), runs them,
-//! and hands each request its logits and cache back. A request gets the bits it gets
-//! alone: no token's products depend on the tokens beside it, and each request's
+//! hands its tokens and cache to the batcher's thread, which gathers the tokens of every
+//! request decoding at the moment (waiting at most [`GATHER`] for stragglers), runs them
+//! with the oldest waiting prompt chunk, and hands each request its logits and cache back.
+//! A request gets the bits it gets alone: no token's products depend on the tokens beside
+//! it, prompts give the same keys and values in chunks of any size, and each request's
 //! attention is computed on its own.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,8 +39,49 @@ pub(crate) enum Reading {
     },
 }
 
+impl Reading {
+    /// `tokens` run through `model` alone, as this reading says: the logits after the
+    /// last, their keys and values appended to `cache`.
+    pub(crate) fn forward(&self, model: &Model, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        let contexts = self.contexts();
+        let step = Step {
+            tokens,
+            cache,
+            reads: self.reads(&contexts),
+        };
+        model
+            .forward_batch(&mut [step])
+            .pop()
+            .expect("one step, one row of logits")
+    }
+
+    fn contexts(&self) -> Vec<&KvCache> {
+        match self {
+            Reading::Causal => Vec::new(),
+            Reading::Ape { contexts, .. } => contexts.iter().map(Arc::as_ref).collect(),
+        }
+    }
+
+    fn reads<'a>(&self, contexts: &'a [&'a KvCache]) -> Reads<'a> {
+        match self {
+            Reading::Causal => Reads::Causal,
+            Reading::Ape {
+                prefix_len,
+                factors,
+                ..
+            } => Reads::Ape {
+                prefix_len: *prefix_len,
+                contexts,
+                factors: *factors,
+            },
+        }
+    }
+}
+
 struct Job {
-    token: u32,
+    tokens: Vec<u32>,
+    /// A decoding request's next token, rather than a chunk of a prompt.
+    decode: bool,
     cache: KvCache,
     reading: Reading,
     reply: mpsc::Sender<(Vec<f32>, KvCache)>,
@@ -44,13 +89,15 @@ struct Job {
 
 pub(crate) struct Batcher {
     jobs: Mutex<mpsc::Sender<Job>>,
+    /// Most prompt tokens in one step.
+    pub(crate) chunk_tokens: usize,
     /// Requests in their decoding loop: a step waits for this many tokens (or
     /// [`GATHER`]).
     decoding: Arc<AtomicUsize>,
     counts: Arc<DecodeSteps>,
 }
 
-/// How many batched decoding steps ran, and how many requests' tokens they held.
+/// How many batched steps ran, and how many decoding requests' tokens they held.
 #[derive(Debug, Default)]
 pub struct DecodeSteps {
     pub steps: AtomicU64,
@@ -67,8 +114,9 @@ impl Drop for Member<'_> {
 }
 
 impl Batcher {
-    /// Start the batcher's thread; it ends when the batcher is dropped.
-    pub(crate) fn start(model: Arc<Model>) -> Batcher {
+    /// Start the batcher's thread, reading prompts `chunk_tokens` at a time; it ends when
+    /// the batcher is dropped.
+    pub(crate) fn start(model: Arc<Model>, chunk_tokens: usize) -> Batcher {
         let (jobs, received) = mpsc::channel();
         let decoding = Arc::new(AtomicUsize::new(0));
         let counts = Arc::new(DecodeSteps::default());
@@ -79,6 +127,7 @@ impl Batcher {
             .expect("the batcher thread starts");
         Batcher {
             jobs: Mutex::new(jobs),
+            chunk_tokens,
             decoding,
             counts,
         }
@@ -95,21 +144,43 @@ impl Batcher {
     }
 
     /// The logits after `token`, appended to `cache` (whose keys and values come back
-    /// with it), computed in the next batch.
-    pub(crate) fn step(
+    /// with it), computed in the next step.
+    pub(crate) fn decode(
         &self,
         token: u32,
         cache: &mut KvCache,
         reading: &Reading,
     ) -> Result<Vec<f32>> {
+        self.submit(vec![token], true, cache, reading)
+    }
+
+    /// The logits after `chunk` (at most [`Batcher::chunk_tokens`] tokens of a prompt),
+    /// appended to `cache`, computed beside the decoding requests' next tokens.
+    pub(crate) fn read(
+        &self,
+        chunk: &[u32],
+        cache: &mut KvCache,
+        reading: &Reading,
+    ) -> Result<Vec<f32>> {
+        self.submit(chunk.to_vec(), false, cache, reading)
+    }
+
+    fn submit(
+        &self,
+        tokens: Vec<u32>,
+        decode: bool,
+        cache: &mut KvCache,
+        reading: &Reading,
+    ) -> Result<Vec<f32>> {
         let (reply, answer) = mpsc::channel();
         let job = Job {
-            token,
+            tokens,
+            decode,
             cache: std::mem::replace(cache, KvCache::new(0, 0, 0, 0)),
             reading: reading.clone(),
             reply,
         };
-        let lost = || Error::Internal("the batched decoding step failed; see the log".into());
+        let lost = || Error::Internal("the batched forward pass failed; see the log".into());
         let sent = self
             .jobs
             .lock()
@@ -122,21 +193,36 @@ impl Batcher {
     }
 }
 
-/// The batcher's loop: gather the waiting requests' tokens, run them, reply.
+/// The batcher's loop: gather the decoding requests' tokens, run them with the oldest
+/// waiting prompt chunk, reply.
 fn serve(model: &Model, jobs: &mpsc::Receiver<Job>, decoding: &AtomicUsize, counts: &DecodeSteps) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
+    let mut prompts: VecDeque<Job> = VecDeque::new();
+    loop {
+        let mut batch = Vec::new();
+        let take = |job: Job, batch: &mut Vec<Job>, prompts: &mut VecDeque<Job>| match job.decode {
+            true => batch.push(job),
+            false => prompts.push_back(job),
+        };
+        if prompts.is_empty() {
+            match jobs.recv() {
+                Ok(job) => take(job, &mut batch, &mut prompts),
+                Err(_) => return,
+            }
+        }
         let deadline = Instant::now() + GATHER;
         while batch.len() < decoding.load(Ordering::SeqCst).min(MAX_BATCH) {
             match jobs.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(job) => batch.push(job),
+                Ok(job) => take(job, &mut batch, &mut prompts),
                 Err(_) => break,
             }
         }
-        counts.steps.fetch_add(1, Ordering::Relaxed);
-        counts
-            .tokens
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if !batch.is_empty() {
+            counts.steps.fetch_add(1, Ordering::Relaxed);
+            counts
+                .tokens
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        batch.extend(prompts.pop_front());
         // A step that panicked (the panic is printed) drops its replies: its requests end
         // with an error, and the requests after it are served on.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(model, batch)));
@@ -152,34 +238,17 @@ fn run(model: &Model, batch: Vec<Job>) {
         caches.push(job.cache);
         replies.push(job.reply);
         readings.push(job.reading);
-        tokens.push([job.token]);
+        tokens.push(job.tokens);
     }
-    let contexts: Vec<Vec<&KvCache>> = readings
-        .iter()
-        .map(|reading| match reading {
-            Reading::Causal => Vec::new(),
-            Reading::Ape { contexts, .. } => contexts.iter().map(Arc::as_ref).collect(),
-        })
-        .collect();
+    let contexts: Vec<Vec<&KvCache>> = readings.iter().map(Reading::contexts).collect();
     let mut steps: Vec<Step<'_>> = caches
         .iter_mut()
         .zip(&tokens)
         .zip(readings.iter().zip(&contexts))
-        .map(|((cache, token), (reading, contexts))| Step {
-            tokens: token,
+        .map(|((cache, tokens), (reading, contexts))| Step {
+            tokens,
             cache,
-            reads: match reading {
-                Reading::Causal => Reads::Causal,
-                Reading::Ape {
-                    prefix_len,
-                    factors,
-                    ..
-                } => Reads::Ape {
-                    prefix_len: *prefix_len,
-                    contexts,
-                    factors: *factors,
-                },
-            },
+            reads: reading.reads(contexts),
         })
         .collect();
     let logits = model.forward_batch(&mut steps);

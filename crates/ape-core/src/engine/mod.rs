@@ -36,7 +36,9 @@ use crate::attention::{ApeFactors, KvCache};
 pub use crate::engine::batch::DecodeSteps;
 use crate::engine::batch::{Batcher, Reading};
 use crate::engine::chat::{ChatTemplate, Message};
-use crate::engine::generate::{prefill, Cancel, Decoding, GenerateOptions, Generation};
+use crate::engine::generate::{
+    prefill, Cancel, Decoding, GenerateOptions, Generation, PREFILL_CHUNK,
+};
 use crate::engine::sampler::Sampler;
 use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
@@ -199,11 +201,14 @@ impl Engine {
     /// batches than a fresh read would use, so logits can differ at float-rounding level
     /// (as with llama.cpp's prompt cache); off by default so that a prompt always gives
     /// the same answer.
-    /// Decode requests that run at the same time (on several threads) together, each
-    /// step of all of them in one forward pass; each request's tokens stay those it gets
+    /// Run requests that run at the same time (on several threads) together: each step
+    /// is one forward pass with every decoding request's next token and a chunk of a
+    /// prompt being read (see `engine::batch`); each request's tokens stay those it gets
     /// alone. For servers.
-    pub fn with_batching(mut self) -> Self {
-        self.batcher = Some(Batcher::start(self.model.clone()));
+    /// Prompts are read `chunk_tokens` at a time, each chunk in a step beside the
+    /// decoding requests' tokens.
+    pub fn with_batching(mut self, chunk_tokens: usize) -> Self {
+        self.batcher = Some(Batcher::start(self.model.clone(), chunk_tokens.max(1)));
         self
     }
 
@@ -687,42 +692,58 @@ impl Engine {
     fn answer_over(
         &self,
         prefix: &KvCache,
-        shared: Vec<Arc<KvCache>>,
+        contexts: Vec<Arc<KvCache>>,
         query: &[u32],
         factors: ApeFactors,
         decoding: Decoding<'_>,
         on_text: impl FnMut(&str),
     ) -> Result<Generation> {
-        let model = &self.model;
-        let contexts: Vec<&KvCache> = shared.iter().map(Arc::as_ref).collect();
-        let contexts = contexts.as_slice();
         let mut cache = prefix.copy_with_capacity(prefix.len() + query.len() + decoding.max_tokens);
+        let reading = Reading::Ape {
+            prefix_len: prefix.len(),
+            contexts: contexts.into(),
+            factors,
+        };
+        let logits = self.read_chunks(query, &mut cache, &reading, &decoding.options.cancel)?;
+        let _member = self.batcher.as_ref().map(Batcher::join);
+        decoding.run(
+            logits,
+            |token| self.decode_step(token, &mut cache, &reading),
+            on_text,
+        )
+    }
+
+    /// Read `tokens` into `cache` after what it holds, as `reading` says, in chunks
+    /// (checking `cancel` before each), beside the decoding requests' tokens when
+    /// batching; the logits after the last token.
+    fn read_chunks(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        reading: &Reading,
+        cancel: &Cancel,
+    ) -> Result<Vec<f32>> {
+        let chunk = self
+            .batcher
+            .as_ref()
+            .map_or(PREFILL_CHUNK, |b| b.chunk_tokens);
         let mut logits = Vec::new();
-        for chunk in query.chunks(crate::engine::generate::PREFILL_CHUNK) {
-            decoding.options.cancel.check()?;
-            logits = model.forward_ape(chunk, &mut cache, prefix.len(), contexts, factors);
+        for piece in tokens.chunks(chunk) {
+            cancel.check()?;
+            logits = match &self.batcher {
+                Some(batcher) => batcher.read(piece, cache, reading)?,
+                None => reading.forward(&self.model, piece, cache),
+            };
         }
+        Ok(logits)
+    }
+
+    /// The logits after `token`, appended to `cache`, in the next batched step when
+    /// batching.
+    fn decode_step(&self, token: u32, cache: &mut KvCache, reading: &Reading) -> Result<Vec<f32>> {
         match &self.batcher {
-            Some(batcher) => {
-                let reading = Reading::Ape {
-                    prefix_len: prefix.len(),
-                    contexts: shared.into(),
-                    factors,
-                };
-                let _member = batcher.join();
-                decoding.run(
-                    logits,
-                    |token| batcher.step(token, &mut cache, &reading),
-                    on_text,
-                )
-            }
-            None => decoding.run(
-                logits,
-                |token| {
-                    Ok(model.forward_ape(&[token], &mut cache, prefix.len(), contexts, factors))
-                },
-                on_text,
-            ),
+            Some(batcher) => batcher.decode(token, cache, reading),
+            None => Ok(reading.forward(&self.model, &[token], cache)),
         }
     }
 
@@ -762,22 +783,17 @@ impl Engine {
         on_text: impl FnMut(&str),
     ) -> Result<(Generation, KvCache)> {
         let prompt = &decoding.history[read..];
-        let logits = prefill(&self.model, prompt, &mut cache, &decoding.options.cancel)?;
-        let generation = match &self.batcher {
-            Some(batcher) => {
-                let _member = batcher.join();
-                decoding.run(
-                    logits,
-                    |token| batcher.step(token, &mut cache, &Reading::Causal),
-                    on_text,
-                )
-            }
-            None => decoding.run(
-                logits,
-                |token| Ok(self.model.forward(&[token], &mut cache)),
-                on_text,
-            ),
-        }?;
+        if prompt.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let cancel = &decoding.options.cancel;
+        let logits = self.read_chunks(prompt, &mut cache, &Reading::Causal, cancel)?;
+        let _member = self.batcher.as_ref().map(Batcher::join);
+        let generation = decoding.run(
+            logits,
+            |token| self.decode_step(token, &mut cache, &Reading::Causal),
+            on_text,
+        )?;
         Ok((generation, cache))
     }
 
