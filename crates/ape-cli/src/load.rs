@@ -4,7 +4,10 @@
 //! then has many clients ask the questions at once (documents by id on even requests, by
 //! text on odd ones). Every response must be the reference answer or a clean 429 refusal;
 //! a refused request is retried after the wait the server asks for. Anything else counts
-//! as wrong or failed. Reports latency percentiles, from each request's first try.
+//! as wrong or failed. Reports answers and generated tokens per second, and latency
+//! percentiles from each request's first try. With `--plain`, the questions are plain
+//! chats without documents, which any OpenAI-compatible server answers (llama.cpp's
+//! `llama-server`, say), so that servers can be compared on the same load.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +25,14 @@ const QUESTIONS: &[&str] = &[
     "Summarise the documents in one sentence.",
     "Which region grew the most?",
     "What time does the library open?",
+];
+
+/// The questions of `--plain`.
+const CHATS: &[&str] = &[
+    "Write a short poem about the sea.",
+    "Explain what a hash table is, in a few sentences.",
+    "Give three tips for learning a new language.",
+    "Describe a sunrise over the mountains.",
 ];
 
 #[derive(Args)]
@@ -44,6 +55,10 @@ pub struct LoadArgs {
     /// Times a refused request is retried, after the wait its `Retry-After` asks for.
     #[arg(long, default_value_t = 30)]
     retries: usize,
+    /// Ask plain chats without documents (nothing is registered), which any
+    /// OpenAI-compatible server answers.
+    #[arg(long)]
+    plain: bool,
     /// Print the summary as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -51,8 +66,9 @@ pub struct LoadArgs {
 
 /// How one request ended.
 enum Outcome {
-    /// The reference answer, this long after the first try, after this many refusals.
-    Answered(Duration, usize),
+    /// The reference answer (this many tokens), this long after the first try, after this
+    /// many refusals.
+    Answered(usize, Duration, usize),
     /// Still refused after every retry.
     Refused,
     Wrong(String),
@@ -64,27 +80,35 @@ pub fn run(args: LoadArgs) -> Result<()> {
         args.clients > 0 && args.requests > 0,
         "--clients and --requests must be at least 1"
     );
-    let documents = crate::read_files(&crate::read_folder(&args.documents_dir)?)?;
     let client = Client::builder()
         .timeout(Duration::from_secs(600))
         .build()
         .context("could not build the HTTP client")?;
     let base = args.url.trim_end_matches('/');
-    let ids = register(&client, base, &documents)?;
-    let by_id: Vec<Value> = ids.iter().map(|id| json!({ "id": id })).collect();
-    let by_text: Vec<Value> = documents.iter().map(|d| json!(d)).collect();
+    let (questions, by_id, by_text) = if args.plain {
+        (CHATS, Vec::new(), Vec::new())
+    } else {
+        let documents = crate::read_files(&crate::read_folder(&args.documents_dir)?)?;
+        let ids = register(&client, base, &documents)?;
+        let by_id: Vec<Value> = ids.iter().map(|id| json!({ "id": id })).collect();
+        let by_text: Vec<Value> = documents.iter().map(|d| json!(d)).collect();
+        (QUESTIONS, by_id, by_text)
+    };
     let body = |question: &str, documents: &[Value]| {
-        json!({
+        let mut body = json!({
             "messages": [{"role": "user", "content": question}],
-            "documents": documents,
             "max_tokens": args.max_tokens,
             "temperature": 0,
-        })
+        });
+        if !documents.is_empty() {
+            body["documents"] = json!(documents);
+        }
+        body
     };
-    let reference = QUESTIONS
+    let reference = questions
         .iter()
         .map(|q| match ask(&client, base, &body(q, &by_id))? {
-            Reply::Answer(answer) => Ok(answer),
+            Reply::Answer(answer, _) => Ok(answer),
             Reply::Refused(_) => bail!("the server refused a request while idle"),
             Reply::Other(status, text) => {
                 bail!("the reference request failed with {status}: {text}")
@@ -107,15 +131,15 @@ pub fn run(args: LoadArgs) -> Result<()> {
                 } else {
                     &by_text
                 };
-                let question = i % QUESTIONS.len();
+                let question = i % questions.len();
                 let sent = Instant::now();
                 let mut refusals = 0;
                 let outcome = loop {
-                    break match ask(&client, base, &body(QUESTIONS[question], documents)) {
-                        Ok(Reply::Answer(answer)) if answer == reference[question] => {
-                            Outcome::Answered(sent.elapsed(), refusals)
+                    break match ask(&client, base, &body(questions[question], documents)) {
+                        Ok(Reply::Answer(answer, tokens)) if answer == reference[question] => {
+                            Outcome::Answered(tokens, sent.elapsed(), refusals)
                         }
-                        Ok(Reply::Answer(answer)) => Outcome::Wrong(format!(
+                        Ok(Reply::Answer(answer, _)) => Outcome::Wrong(format!(
                             "request {i}: `{answer}` instead of `{}`",
                             reference[question]
                         )),
@@ -172,7 +196,8 @@ fn register(client: &Client, base: &str, documents: &[String]) -> Result<Vec<Str
 
 /// What the server said to one request.
 enum Reply {
-    Answer(String),
+    /// The answer and its length in tokens.
+    Answer(String, usize),
     /// 429 with `Retry-After` and OpenAI's error object: wait this long.
     Refused(Duration),
     Other(StatusCode, String),
@@ -196,6 +221,7 @@ fn ask(client: &Client, base: &str, body: &Value) -> Result<Reply> {
                 .as_str()
                 .with_context(|| format!("a 200 reply without an answer: {reply}"))?
                 .to_owned(),
+            reply["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
         ),
         (StatusCode::TOO_MANY_REQUESTS, Some(seconds)) if reply["error"]["message"].is_string() => {
             Reply::Refused(Duration::from_secs(seconds))
@@ -208,7 +234,7 @@ fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
     let mut latencies: Vec<f64> = outcomes
         .iter()
         .filter_map(|o| match o {
-            Outcome::Answered(latency, _) => Some(latency.as_secs_f64()),
+            Outcome::Answered(_, latency, _) => Some(latency.as_secs_f64()),
             _ => None,
         })
         .collect();
@@ -220,7 +246,7 @@ fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
     let refusals: usize = outcomes
         .iter()
         .map(|o| match o {
-            Outcome::Answered(_, refusals) => *refusals,
+            Outcome::Answered(_, _, refusals) => *refusals,
             Outcome::Refused => args.retries + 1,
             _ => 0,
         })
@@ -236,6 +262,13 @@ fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
         .iter()
         .filter(|o| matches!(o, Outcome::Wrong(_)))
         .count();
+    let generated: usize = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Answered(tokens, _, _) => *tokens,
+            _ => 0,
+        })
+        .sum();
     let percentile = |p: f64| -> f64 {
         if latencies.is_empty() {
             return f64::NAN;
@@ -254,6 +287,8 @@ fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
         "clients": args.clients,
         "wall_seconds": wall.as_secs_f64(),
         "answers_per_second": latencies.len() as f64 / wall.as_secs_f64(),
+        "generated_tokens": generated,
+        "tokens_per_second": generated as f64 / wall.as_secs_f64(),
         "latency_p50": percentile(50.0),
         "latency_p90": percentile(90.0),
         "latency_p99": percentile(99.0),
@@ -263,10 +298,10 @@ fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
         println!("{summary}");
         return;
     }
-    println!("| clients | requests | answered | 429s on the way | given up | wrong | failed | answers/s | p50 | p90 | p99 | max |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| clients | requests | answered | 429s on the way | given up | wrong | failed | answers/s | tokens/s | p50 | p90 | p99 | max |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} s | {:.2} s | {:.2} s | {:.2} s |",
+        "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.2} s | {:.2} s | {:.2} s | {:.2} s |",
         args.clients,
         outcomes.len(),
         latencies.len(),
@@ -275,6 +310,7 @@ fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
         wrong,
         problems.len() - wrong,
         summary["answers_per_second"].as_f64().unwrap_or(f64::NAN),
+        summary["tokens_per_second"].as_f64().unwrap_or(f64::NAN),
         percentile(50.0),
         percentile(90.0),
         percentile(99.0),

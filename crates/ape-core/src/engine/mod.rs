@@ -195,18 +195,10 @@ impl Engine {
         &self.ape_defaults
     }
 
-    /// Let plain generation reuse the keys and values of the longest start a prompt shares
-    /// with a kept one, and keep each exchange for the next turn: a conversation's next
-    /// turn reads only its new tokens. Reused keys and values were computed in other
-    /// batches than a fresh read would use, so logits can differ at float-rounding level
-    /// (as with llama.cpp's prompt cache); off by default so that a prompt always gives
-    /// the same answer.
     /// Run requests that run at the same time (on several threads) together: each step
-    /// is one forward pass with every decoding request's next token and a chunk of a
-    /// prompt being read (see `engine::batch`); each request's tokens stay those it gets
-    /// alone. For servers.
-    /// Prompts are read `chunk_tokens` at a time, each chunk in a step beside the
-    /// decoding requests' tokens.
+    /// is one forward pass with every decoding request's next token and a chunk of at
+    /// most `chunk_tokens` tokens of a prompt being read (see `engine::batch`); each
+    /// request's tokens stay those it gets alone. For servers.
     pub fn with_batching(mut self, chunk_tokens: usize) -> Self {
         self.batcher = Some(Batcher::start(self.model.clone(), chunk_tokens.max(1)));
         self
@@ -217,6 +209,10 @@ impl Engine {
         self.batcher.as_ref().map(Batcher::counts)
     }
 
+    /// Let plain generation reuse the keys and values of the longest start a prompt shares
+    /// with a kept one, and keep each exchange for the next turn: a conversation's next
+    /// turn reads only its new tokens. A token's keys and values do not depend on the
+    /// batch they were computed in, so a reused prompt answers as a fresh read would.
     pub fn with_prompt_reuse(mut self) -> Self {
         self.reuse_prompts = true;
         self
