@@ -9,6 +9,7 @@
 //! sampler. Nothing here is asynchronous or knows about HTTP.
 
 pub mod attention;
+mod cancel;
 pub mod engine;
 pub mod error;
 pub mod kernels;

@@ -281,10 +281,16 @@ fn a_context_encodes_identically_alone_and_in_a_batch() {
     let prompt = e.split_chat(None, &documents(), "?").unwrap();
     let prefix = e.prefix_kv(&prompt.prefix).unwrap();
     let short = &prompt.contexts[3][..5];
-    let alone = e.model.encode_contexts(&prefix, &[short]);
+    let never = Cancel::default();
+    let alone = e.model.encode_contexts(&prefix, &[short], &never).unwrap();
     let batch = e
         .model
-        .encode_contexts(&prefix, &[&prompt.contexts[0], short, &prompt.contexts[2]]);
+        .encode_contexts(
+            &prefix,
+            &[&prompt.contexts[0], short, &prompt.contexts[2]],
+            &never,
+        )
+        .unwrap();
     let (a, b) = (&alone[0], &batch[1]);
     assert_eq!(a.len(), short.len());
     assert_eq!(b.len(), short.len());
@@ -481,4 +487,30 @@ fn a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing() {
         other => panic!("expected TextOverflow, got {other:?}"),
     }
     assert!(e.encode_prompt("A short prompt.").is_ok());
+}
+
+/// A pass is stopped between two layers, not at its end: cancelled while its fourth layer
+/// runs, it runs no fifth.
+#[test]
+fn a_cancelled_pass_stops_at_the_next_layer() {
+    let e = engine();
+    let tokens = e
+        .tokenizer
+        .encode("A long enough prompt to matter.", false)
+        .unwrap();
+    let cancel = Cancel::new();
+    let mut layers_run = 0;
+    // Attention does not matter here, only how many layers run.
+    let result = e
+        .model
+        .run_layers_until(&tokens, 0.., &cancel, |layer, _, _, _, out| {
+            layers_run += 1;
+            if layer == 3 {
+                cancel.cancel();
+            }
+            out.fill(0.0);
+        });
+    assert!(matches!(result, Err(Error::Cancelled)));
+    assert_eq!(layers_run, 4);
+    assert!(e.model.config.layers > 4);
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use ape_core::attention::KvCache;
-use ape_core::engine::generate::GenerateOptions;
+use ape_core::engine::generate::{Cancel, GenerateOptions};
 use ape_core::engine::{Engine, Mode};
 use ape_core::model::Model;
 
@@ -105,7 +105,10 @@ fn a_long_context_encoded_in_pieces_gets_the_bits_of_one_piece() {
     let mut context = long_prompt(&engine);
     context.extend_from_slice(&long_prompt(&engine)[1..]);
     assert!(context.len() > 1024, "three pieces at least");
-    let whole = engine.model.encode_contexts(&prefix, &[&context]);
+    let whole = engine
+        .model
+        .encode_contexts(&prefix, &[&context], &Cancel::default())
+        .unwrap();
     let pieces = engine.encode_contexts(&prefix, &[&context]).unwrap();
     assert!(contents(&engine.model, &pieces[0]) == contents(&engine.model, &whole[0]));
 }

@@ -1,9 +1,9 @@
 //! The generation loop: prefill the prompt, then sample one token at a time until an
 //! end-of-generation token, a stop string or the token limit, streaming text as it is made.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub use crate::cancel::Cancel;
 
 use crate::attention::KvCache;
 use crate::engine::sampler::{Sampler, SamplingParams};
@@ -23,35 +23,6 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// Lets another thread stop the request; checked between prompt chunks and tokens.
     pub cancel: Cancel,
-}
-
-/// A flag another thread raises to stop a request (a client that went away, a deadline
-/// that passed). The request then ends with [`Error::Cancelled`] at its next checkpoint:
-/// after the current batch of prompt tokens or the current new token.
-#[derive(Debug, Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>);
-
-impl Cancel {
-    pub fn new() -> Self {
-        Cancel::default()
-    }
-
-    /// Ask every request holding a clone of this flag to stop.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    /// `Err(Error::Cancelled)` once the flag is raised.
-    pub fn check(&self) -> Result<()> {
-        if self.is_cancelled() {
-            return Err(Error::Cancelled);
-        }
-        Ok(())
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

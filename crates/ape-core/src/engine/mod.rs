@@ -528,12 +528,9 @@ impl Engine {
         let mut batch: Vec<usize> = Vec::new();
         let mut batch_tokens = 0;
         let run_batch = |batch: &mut Vec<usize>, done: &mut dyn FnMut(usize, KvCache)| {
-            cancel.check()?;
             let texts: Vec<&[u32]> = batch.iter().map(|&i| contexts[i]).collect();
-            for (i, kv) in batch
-                .drain(..)
-                .zip(self.model.encode_contexts(prefix, &texts))
-            {
+            let encoded = self.model.encode_contexts(prefix, &texts, cancel)?;
+            for (i, kv) in batch.drain(..).zip(encoded) {
                 done(i, kv);
             }
             Ok::<_, Error>(())
@@ -544,11 +541,10 @@ impl Engine {
                 batch_tokens = 0;
             }
             if context.len() > CONTEXT_BATCH_TOKENS {
-                // A long context goes in pieces, so that a cancelled request stops within one.
+                // A long context goes in pieces, to bound the activations held at once.
                 let mut own = self.model.new_cache(context.len());
                 for piece in context.chunks(CONTEXT_BATCH_TOKENS) {
-                    cancel.check()?;
-                    self.model.extend_context(prefix, &mut own, piece);
+                    self.model.extend_context(prefix, &mut own, piece, cancel)?;
                 }
                 done(i, own);
                 continue;

@@ -22,7 +22,7 @@ impl Engine {
     /// their keys and values `contexts` (encoded after `prefix`), leaving `room` positions
     /// for the query side; `None` when nothing is to be recomputed, or when the contexts
     /// laid out in order would not leave that room in the window. See [`Recompute`].
-    /// `cancel` is checked before each chunk of recomputed tokens.
+    /// `cancel` is checked before each layer of the passes that select and recompute.
     pub(super) fn repair(
         &self,
         prompt: &Prompt,
@@ -65,9 +65,9 @@ impl Engine {
         };
         let tokens = prompt.sequential_tokens();
         for positions in chosen.chunks(crate::engine::generate::PREFILL_CHUNK) {
-            cancel.check()?;
             let chunk: Vec<u32> = positions.iter().map(|&at| tokens[at]).collect();
-            self.model.recompute(&chunk, positions, &mut cache);
+            self.model
+                .recompute(&chunk, positions, &mut cache, cancel)?;
         }
         let mut is_chosen = vec![false; p + total];
         chosen.iter().for_each(|&at| is_chosen[at] = true);

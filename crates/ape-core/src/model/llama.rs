@@ -13,6 +13,7 @@ use super::gguf::{Gguf, TensorInfo};
 use crate::attention::{
     ape_attention, causal_attention, context_attention, in_place_attention, ApeFactors, KvCache,
 };
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::kernels::quant::dequantize;
 use crate::kernels::{dot_f16, matmul, matvec, rms_norm, silu_mul, Matrix, Rope, RopeAngles};
@@ -291,7 +292,13 @@ impl Model {
     ///
     /// A context's result does not depend on the batch it is in: no token's product
     /// depends on the tokens around it, and attention splits work per context.
-    pub fn encode_contexts(&self, prefix: &KvCache, contexts: &[&[u32]]) -> Vec<KvCache> {
+    /// `cancel` is checked before each layer.
+    pub fn encode_contexts(
+        &self,
+        prefix: &KvCache,
+        contexts: &[&[u32]],
+        cancel: &Cancel,
+    ) -> Result<Vec<KvCache>> {
         let c = &self.config;
         let mut encoded: Vec<KvCache> = contexts
             .iter()
@@ -299,7 +306,7 @@ impl Model {
             .collect();
         let tokens: Vec<u32> = contexts.concat();
         if tokens.is_empty() {
-            return encoded;
+            return Ok(encoded);
         }
         let mut rows = Vec::with_capacity(contexts.len());
         let mut at = 0;
@@ -311,7 +318,7 @@ impl Model {
             .iter()
             .flat_map(|t| prefix.len()..prefix.len() + t.len());
         let row = c.kv_heads * c.head_dim;
-        self.run_layers(&tokens, positions, |layer, q, k, v, out| {
+        self.run_layers_until(&tokens, positions, cancel, |layer, q, k, v, out| {
             for (own, r) in encoded.iter_mut().zip(&rows) {
                 own.write(
                     layer,
@@ -321,29 +328,38 @@ impl Model {
             }
             let batch: Vec<_> = rows.iter().cloned().zip(encoded.iter()).collect();
             context_attention(q, c.heads, prefix, &batch, layer, out);
-        });
+        })?;
         for (own, t) in encoded.iter_mut().zip(contexts) {
             own.advance(t.len());
         }
-        encoded
+        Ok(encoded)
     }
 
     /// Encode `tokens` as the continuation of a context encoded after `prefix`, whose
     /// first tokens' keys and values `own` holds: the tokens take the positions after
     /// them and attend to the prefix and to the context up to themselves. A context
-    /// encoded in pieces this way gets the bits it gets in one piece.
-    pub fn extend_context(&self, prefix: &KvCache, own: &mut KvCache, tokens: &[u32]) {
+    /// encoded in pieces this way gets the bits it gets in one piece. `cancel` is checked
+    /// before each layer; a cancelled call leaves `own` unusable.
+    pub fn extend_context(
+        &self,
+        prefix: &KvCache,
+        own: &mut KvCache,
+        tokens: &[u32],
+        cancel: &Cancel,
+    ) -> Result<()> {
         assert!(
             own.len() + tokens.len() <= own.capacity(),
             "KV cache overflow"
         );
         let heads = self.config.heads;
         let rows = 0..tokens.len();
-        self.run_layers(tokens, prefix.len() + own.len().., |layer, q, k, v, out| {
+        let positions = prefix.len() + own.len()..;
+        self.run_layers_until(tokens, positions, cancel, |layer, q, k, v, out| {
             own.write(layer, k, v);
             context_attention(q, heads, prefix, &[(rows.clone(), &*own)], layer, out);
-        });
+        })?;
         own.advance(tokens.len());
+        Ok(())
     }
 
     /// Run query-side tokens with APE attention: they attend causally to `cache` (the
@@ -424,12 +440,20 @@ impl Model {
     /// its own, where the other recomputed tokens hold their new keys and values and the
     /// rest keep theirs. Over a cache laid out by [`Model::lay_out_in_order`], recomputing
     /// every context token is sequential reading of the contexts.
-    pub(crate) fn recompute(&self, tokens: &[u32], positions: &[usize], cache: &mut KvCache) {
+    pub(crate) fn recompute(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        cache: &mut KvCache,
+        cancel: &Cancel,
+    ) -> Result<()> {
         let heads = self.config.heads;
-        self.run_layers(tokens, positions.iter().copied(), |layer, q, k, v, out| {
+        let positions_iter = positions.iter().copied();
+        self.run_layers_until(tokens, positions_iter, cancel, |layer, q, k, v, out| {
             cache.overwrite(layer, positions, k, v);
             in_place_attention(q, heads, cache, positions, layer, out);
-        });
+        })?;
+        Ok(())
     }
 
     /// How much attention `query`, read causally after everything `cache` holds, gives each
@@ -488,20 +512,34 @@ impl Model {
         positions: impl IntoIterator<Item = usize>,
         attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
     ) -> Vec<f32> {
+        self.run_layers_until(tokens, positions, &Cancel::default(), attend)
+            .expect("a pass nobody can cancel runs to the end")
+    }
+
+    /// [`Model::run_layers`], checking `cancel` before each layer: a cancelled pass stops
+    /// there with [`Error::Cancelled`], the caches `attend` writes filled part way.
+    pub fn run_layers_until(
+        &self,
+        tokens: &[u32],
+        positions: impl IntoIterator<Item = usize>,
+        cancel: &Cancel,
+        attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
+    ) -> Result<Vec<f32>> {
         assert!(!tokens.is_empty(), "forward needs at least one token");
         let angles = self.rope.angles(positions.into_iter().take(tokens.len()));
         // From a worker thread, each of the ~240 parallel products of a decoded token is
         // split among the workers directly; called from outside the pool, each one would be
         // queued and this thread put to sleep until it is done.
-        rayon::scope(|_| self.run_layers_on_worker(tokens, &angles, attend))
+        rayon::scope(|_| self.run_layers_on_worker(tokens, &angles, cancel, attend))
     }
 
     fn run_layers_on_worker(
         &self,
         tokens: &[u32],
         angles: &RopeAngles,
+        cancel: &Cancel,
         mut attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]),
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = tokens.len();
         let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
@@ -520,6 +558,7 @@ impl Model {
         let mut up = vec![0f32; n * c.ffn_hidden];
 
         for (li, layer) in self.layers.iter().enumerate() {
+            cancel.check()?;
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.attn_norm, c.rms_eps);
             matmul(&h, &layer.wq, &mut q);
@@ -548,7 +587,7 @@ impl Model {
             matmul(&gate, &layer.w_down, &mut h);
             add_in_place(&mut x, &h);
         }
-        x
+        Ok(x)
     }
 
     /// Logits of the last token of hidden states `x`.
