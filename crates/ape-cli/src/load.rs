@@ -71,7 +71,8 @@ enum Outcome {
     Answered(usize, Duration, usize),
     /// Still refused after every retry.
     Refused,
-    Wrong(String),
+    /// Another answer than the reference (this many tokens).
+    Wrong(usize, String),
     Failed(String),
 }
 
@@ -139,7 +140,7 @@ pub fn run(args: LoadArgs) -> Result<()> {
                         Ok(Reply::Answer(answer, tokens)) if answer == reference[question] => {
                             Outcome::Answered(tokens, sent.elapsed(), refusals)
                         }
-                        Ok(Reply::Answer(answer, _)) => Outcome::Wrong(format!(
+                        Ok(Reply::Answer(answer, tokens)) => Outcome::Wrong(tokens, format!(
                             "request {i}: `{answer}` instead of `{}`",
                             reference[question]
                         )),
@@ -254,18 +255,18 @@ fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
     let problems: Vec<&str> = outcomes
         .iter()
         .filter_map(|o| match o {
-            Outcome::Wrong(why) | Outcome::Failed(why) => Some(why.as_str()),
+            Outcome::Wrong(_, why) | Outcome::Failed(why) => Some(why.as_str()),
             _ => None,
         })
         .collect();
     let wrong = outcomes
         .iter()
-        .filter(|o| matches!(o, Outcome::Wrong(_)))
+        .filter(|o| matches!(o, Outcome::Wrong(..)))
         .count();
     let generated: usize = outcomes
         .iter()
         .map(|o| match o {
-            Outcome::Answered(tokens, _, _) => *tokens,
+            Outcome::Answered(tokens, _, _) | Outcome::Wrong(tokens, _) => *tokens,
             _ => 0,
         })
         .sum();

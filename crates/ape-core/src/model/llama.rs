@@ -16,7 +16,7 @@ use crate::attention::{
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::kernels::quant::dequantize;
-use crate::kernels::{dot_f16, matmul, matvec, rms_norm, silu_mul, Matrix, Rope, RopeAngles};
+use crate::kernels::{dot_f16, matmul, rms_norm, silu_mul, Matrix, Rope, RopeAngles};
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -219,13 +219,12 @@ impl Model {
         let x = self.run_steps(steps);
         let hidden = self.config.hidden;
         let mut end = 0;
-        steps
-            .iter()
-            .map(|step| {
-                end += step.tokens.len();
-                self.row_logits(&x[(end - 1) * hidden..end * hidden])
-            })
-            .collect()
+        let mut last_rows = Vec::with_capacity(steps.len() * hidden);
+        for step in steps.iter() {
+            end += step.tokens.len();
+            last_rows.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
+        }
+        self.rows_logits(&last_rows)
     }
 
     /// The layers over every step's tokens, each at the positions after its cache (and,
@@ -599,24 +598,33 @@ impl Model {
     fn last_rows_logits(&self, x: &[f32], rows: usize) -> Vec<Vec<f32>> {
         let hidden = self.config.hidden;
         let first = (x.len() / hidden).saturating_sub(rows);
-        x.chunks_exact(hidden)
-            .skip(first)
-            .map(|row| self.row_logits(row))
-            .collect()
+        self.rows_logits(&x[first * hidden..])
     }
 
     /// Logits of one token's final hidden state.
     fn row_logits(&self, row: &[f32]) -> Vec<f32> {
+        self.rows_logits(row).pop().expect("one row, one row of logits")
+    }
+
+    /// Logits of each token's final hidden state in `rows` (one after another), in one
+    /// product with the output matrix: read once for all of them, and each row's logits
+    /// the bits it gets alone.
+    fn rows_logits(&self, rows: &[f32]) -> Vec<Vec<f32>> {
         let c = &self.config;
-        let mut row = row.to_vec();
-        rms_norm(&mut row, &self.output_norm, c.rms_eps);
-        let mut logits = vec![0f32; c.vocab_size];
-        matvec(
-            &row,
+        let mut rows = rows.to_vec();
+        for row in rows.chunks_exact_mut(c.hidden) {
+            rms_norm(row, &self.output_norm, c.rms_eps);
+        }
+        let mut logits = vec![0f32; rows.len() / c.hidden * c.vocab_size];
+        matmul(
+            &rows,
             self.output.as_ref().unwrap_or(&self.embedding),
             &mut logits,
         );
         logits
+            .chunks_exact(c.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect()
     }
 }
 
