@@ -19,8 +19,9 @@ pub struct ServeArgs {
     /// Port to listen on; 0 picks a free one (printed at start).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Requests running the model at once.
-    #[arg(long, default_value_t = 2)]
+    /// Requests in flight at once, their decoding batched together (each holds its KV
+    /// cache meanwhile).
+    #[arg(long, default_value_t = 8)]
     concurrency: usize,
     /// Requests waiting for a slot; beyond this, new ones are refused with 429.
     #[arg(long, default_value_t = 32)]
