@@ -2,7 +2,7 @@
 accuracy (as a share of sequential's) against time to first token over 8K stored context
 tokens, one line per model and task, one point per recompute share:
 python3 scripts/recompute-tables.py [RESULTS_DIR]  (writes RESULTS_DIR/recompute.svg)."""
-import json, os, re, sys
+import json, math, os, re, sys
 
 D = sys.argv[1] if len(sys.argv) > 1 else 'eval-results/recompute'
 MODELS = {
@@ -36,6 +36,22 @@ def ttft_by_share(model):
     return sequential, times
 
 
+def paired_difference(run, metric, setting):
+    """Mean of the per-question difference from sequential, and its standard error: the
+    same questions answered both ways, so question-to-question spread cancels."""
+    diffs = []
+    for example in run['examples']:
+        by = {o['setting']: o for o in example['outcomes']}
+        if setting in by and 'sequential' in by and by[setting][metric] is not None:
+            diffs.append(by[setting][metric] - by['sequential'][metric])
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return 100 * mean, 100 * sd / math.sqrt(n)
+
+
 curves = []
 for model, name in MODELS.items():
     sequential_time, times = ttft_by_share(model)
@@ -48,8 +64,8 @@ for model, name in MODELS.items():
         run = report['runs'][0]
         print(f"\n{name}, {task} ({len(run['examples'])} test questions, "
               f"{run['contexts']} contexts, {METRIC[report['metric']]})\n")
-        print('| setting | metric | ± s.e. | ÷ sequential | KL from sequential | TTFT at 8K (s) | TTFT ÷ sequential |')
-        print('|---|---:|---:|---:|---:|---:|---:|')
+        print('| setting | metric | ± s.e. | − sequential (paired s.e.) | ÷ sequential | KL from sequential | TTFT at 8K (s) | TTFT ÷ sequential |')
+        print('|---|---:|---:|---:|---:|---:|---:|---:|')
         points = []
         for s in run['summaries']:
             r = share(s['setting'])
@@ -57,7 +73,9 @@ for model, name in MODELS.items():
             is_ape = s['setting'].startswith('ape')
             t = times.get(r) if is_ape else (sequential_time if s['setting'] == 'sequential' else None)
             speed = f'1/{sequential_time / t:.1f}' if t and sequential_time else '–'
-            print(f"| {s['setting']} | {100 * s['metric']:.1f} | {100 * s['metric_stderr']:.1f} | "
+            paired = paired_difference(run, report['metric'], s['setting'])
+            versus = '–' if s['setting'] == 'sequential' or paired is None else f'{paired[0]:+.1f} ({paired[1]:.1f})'
+            print(f"| {s['setting']} | {100 * s['metric']:.1f} | {100 * s['metric_stderr']:.1f} | {versus} | "
                   f"{'–' if ratio is None else f'{100 * ratio:.0f}%'} | {s['kl_vs_sequential']:.3f} | "
                   f"{'–' if t is None else f'{t:.2f}'} | {speed} |")
             if is_ape and t is not None and ratio is not None:
