@@ -140,10 +140,13 @@ pub fn run(args: LoadArgs) -> Result<()> {
                         Ok(Reply::Answer(answer, tokens)) if answer == reference[question] => {
                             Outcome::Answered(tokens, sent.elapsed(), refusals)
                         }
-                        Ok(Reply::Answer(answer, tokens)) => Outcome::Wrong(tokens, format!(
-                            "request {i}: `{answer}` instead of `{}`",
-                            reference[question]
-                        )),
+                        Ok(Reply::Answer(answer, tokens)) => Outcome::Wrong(
+                            tokens,
+                            format!(
+                                "request {i}: `{answer}` instead of `{}`",
+                                reference[question]
+                            ),
+                        ),
                         Ok(Reply::Refused(wait)) if refusals < args.retries => {
                             refusals += 1;
                             std::thread::sleep(wait);

@@ -603,7 +603,9 @@ impl Model {
 
     /// Logits of one token's final hidden state.
     fn row_logits(&self, row: &[f32]) -> Vec<f32> {
-        self.rows_logits(row).pop().expect("one row, one row of logits")
+        self.rows_logits(row)
+            .pop()
+            .expect("one row, one row of logits")
     }
 
     /// Logits of each token's final hidden state in `rows` (one after another), in one
