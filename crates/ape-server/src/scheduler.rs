@@ -35,6 +35,9 @@ pub struct Slot {
     _permit: OwnedSemaphorePermit,
     timer: AbortHandle,
     timed_out: Arc<AtomicBool>,
+    cancel: Cancel,
+    /// Whether the request was counted as cancelled (once, whichever step saw it).
+    counted: bool,
 }
 
 impl Drop for Slot {
@@ -118,6 +121,8 @@ impl Scheduler {
             _permit: permit,
             timer: timer.abort_handle(),
             timed_out,
+            cancel: cancel.clone(),
+            counted: false,
         })
     }
 
@@ -142,9 +147,13 @@ impl Scheduler {
         // Counted here rather than after the await: when the client has gone away, the
         // future awaiting this work has been dropped.
         let outcome = tokio::task::spawn_blocking(move || {
+            let mut slot = slot;
             let result = work();
-            let cancelled = matches!(&result, Err(e) if e.status == CLIENT_CLOSED_REQUEST);
-            if cancelled && !slot.timed_out.load(Ordering::SeqCst) {
+            // A client that left is counted once, by the step that ran when it left (or
+            // finished after: then no later step runs, the handler being gone).
+            let left = slot.cancel.is_cancelled() && !slot.timed_out.load(Ordering::SeqCst);
+            if left && !slot.counted {
+                slot.counted = true;
                 metrics.cancelled.inc();
             }
             (result, slot)
