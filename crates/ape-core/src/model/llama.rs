@@ -613,6 +613,9 @@ impl Model {
     /// the bits it gets alone.
     fn rows_logits(&self, rows: &[f32]) -> Vec<Vec<f32>> {
         let c = &self.config;
+        if rows.is_empty() {
+            return Vec::new();
+        }
         let mut rows = rows.to_vec();
         for row in rows.chunks_exact_mut(c.hidden) {
             rms_norm(row, &self.output_norm, c.rms_eps);
