@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::attention::{ApeFactors, KvCache};
@@ -88,7 +88,7 @@ struct Job {
 }
 
 pub(crate) struct Batcher {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
     /// Most prompt tokens in one step.
     pub(crate) chunk_tokens: usize,
     /// Requests in their decoding loop: a step waits for this many tokens (or
@@ -126,7 +126,7 @@ impl Batcher {
             .spawn(move || serve(&model, &received, &members, &counted))
             .expect("the batcher thread starts");
         Batcher {
-            jobs: Mutex::new(jobs),
+            jobs,
             chunk_tokens,
             decoding,
             counts,
@@ -181,12 +181,7 @@ impl Batcher {
             reply,
         };
         let lost = || Error::Internal("the batched forward pass failed; see the log".into());
-        let sent = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(job);
-        sent.map_err(|_| lost())?;
+        self.jobs.send(job).map_err(|_| lost())?;
         let (logits, back) = answer.recv().map_err(|_| lost())?;
         *cache = back;
         Ok(logits)
