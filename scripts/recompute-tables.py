@@ -2,7 +2,7 @@
 accuracy (as a share of sequential's) against time to first token over 8K stored context
 tokens, one line per model and task, one point per recompute share:
 python3 scripts/recompute-tables.py [RESULTS_DIR]  (writes RESULTS_DIR/recompute.svg)."""
-import json, math, os, re, sys
+import glob, json, math, os, re, sys
 
 D = sys.argv[1] if len(sys.argv) > 1 else 'eval-results/recompute'
 MODELS = {
@@ -52,31 +52,66 @@ def paired_difference(run, metric, setting):
     return 100 * mean, 100 * sd / math.sqrt(n)
 
 
+def mean_and_error(values):
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, sd / math.sqrt(n)
+
+
+def merged_run(model, task):
+    """The test run of `model` on `task`, with its parts run later with `ape eval --skip K`
+    (files ending in -fromK.json) joined on: every setting is summarised over the questions
+    that have it."""
+    paths = sorted(glob.glob(f'{D}/{task}-{model}-test-from*.json'),
+                   key=lambda p: int(re.search(r'-from([0-9]+)\.json$', p).group(1)))
+    first = f'{D}/{task}-{model}-test.json'
+    if not os.path.exists(first):
+        return None, None
+    reports = []
+    for path in [first] + paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    settings = []
+    for report in reports:
+        settings += [s for s in report['settings'] if s not in settings]
+    examples = [e for report in reports for e in report['runs'][0]['examples']]
+    return reports[0], {'contexts': reports[0]['runs'][0]['contexts'], 'settings': settings,
+                        'examples': examples}
+
+
 curves = []
 for model, name in MODELS.items():
     sequential_time, times = ttft_by_share(model)
     for task in ['squad', 'needle']:
-        path = f'{D}/{task}-{model}-test.json'
-        if not os.path.exists(path):
+        report, run = merged_run(model, task)
+        if report is None:
             continue
-        with open(path) as f:
-            report = json.load(f)
-        run = report['runs'][0]
-        print(f"\n{name}, {task} ({len(run['examples'])} test questions, "
-              f"{run['contexts']} contexts, {METRIC[report['metric']]})\n")
-        print('| setting | metric | ± s.e. | − sequential (paired s.e.) | ÷ sequential | KL from sequential | TTFT at 8K (s) | TTFT ÷ sequential |')
-        print('|---|---:|---:|---:|---:|---:|---:|---:|')
+        metric = report['metric']
+        counts = {len([e for e in run['examples'] if any(o['setting'] == s for o in e['outcomes'])])
+                  for s in run['settings']}
+        print(f"\n{name}, {task} ({'/'.join(str(c) for c in sorted(counts, reverse=True))} test questions, "
+              f"{run['contexts']} contexts, {METRIC[metric]})\n")
+        print('| setting | questions | metric | ± s.e. | − sequential (paired s.e.) | ÷ sequential | KL from sequential | TTFT at 8K (s) | TTFT ÷ sequential |')
+        print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
         points = []
-        for s in run['summaries']:
-            r = share(s['setting'])
-            ratio = s['ratio_to_sequential']
-            is_ape = s['setting'].startswith('ape')
-            t = times.get(r) if is_ape else (sequential_time if s['setting'] == 'sequential' else None)
+        sequential_mean = None
+        for setting in run['settings']:
+            outcomes = [o for e in run['examples'] for o in e['outcomes']
+                        if o['setting'] == setting and o[metric] is not None]
+            value, error = mean_and_error([o[metric] for o in outcomes])
+            kl = sum(o['kl_vs_sequential'] for o in outcomes) / len(outcomes)
+            if setting == 'sequential':
+                sequential_mean = value
+            r = share(setting)
+            is_ape = setting.startswith('ape')
+            t = times.get(r) if is_ape else (sequential_time if setting == 'sequential' else None)
             speed = f'1/{sequential_time / t:.1f}' if t and sequential_time else '–'
-            paired = paired_difference(run, report['metric'], s['setting'])
-            versus = '–' if s['setting'] == 'sequential' or paired is None else f'{paired[0]:+.1f} ({paired[1]:.1f})'
-            print(f"| {s['setting']} | {100 * s['metric']:.1f} | {100 * s['metric_stderr']:.1f} | {versus} | "
-                  f"{'–' if ratio is None else f'{100 * ratio:.0f}%'} | {s['kl_vs_sequential']:.3f} | "
+            paired = paired_difference(run, metric, setting)
+            versus = '–' if setting == 'sequential' or paired is None else f'{paired[0]:+.1f} ({paired[1]:.1f})'
+            ratio = value / sequential_mean if sequential_mean else None
+            print(f"| {setting} | {len(outcomes)} | {100 * value:.1f} | {100 * error:.1f} | {versus} | "
+                  f"{'–' if ratio is None else f'{100 * ratio:.0f}%'} | {kl:.3f} | "
                   f"{'–' if t is None else f'{t:.2f}'} | {speed} |")
             if is_ape and t is not None and ratio is not None:
                 points.append((t, 100 * ratio, r))

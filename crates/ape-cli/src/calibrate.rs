@@ -171,6 +171,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
                 contexts: args.contexts,
                 draws: 1,
                 seed: args.seed,
+                skip: 0,
             };
             let set = ape_eval::tasks::load(&Task::from_name("squad")?, &args.data, draw)?;
             let prompts = set

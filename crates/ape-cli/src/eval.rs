@@ -49,6 +49,10 @@ pub struct EvalArgs {
     /// Picks the questions, demonstrations and distractors within the split.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// RAG tasks: leave out the first K questions of the draw, to run one long sample in
+    /// parts (`--skip 0 --n 200`, `--skip 200 --n 200`, ... each write their own files).
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
     /// dev (for choosing settings) or test (for reporting).
     #[arg(long, default_value = "test")]
     split: String,
@@ -137,6 +141,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             contexts,
             draws: args.draws,
             seed: args.seed,
+            skip: args.skip,
         };
         sets.push((contexts, ape_eval::tasks::load(&task, &args.data, draw)?));
     }
@@ -155,7 +160,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         args.seed,
         metric,
         &settings,
-    );
+    )
+    .skipping(args.skip);
     for (contexts, set) in &sets {
         progress.set_message(format!("{} with {contexts} contexts", set.name));
         let examples = evaluator.run(set, &settings, &progress)?;
@@ -165,8 +171,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create the results folder {}", args.out.display()))?;
+    let part = match args.skip {
+        0 => String::new(),
+        skip => format!("-from{skip}"),
+    };
     let stem = format!(
-        "{}-{model_name}-{}{}",
+        "{}-{model_name}-{}{}{part}",
         task.name(),
         split.name(),
         if args.sweep { "-sweep" } else { "" }

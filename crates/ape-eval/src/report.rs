@@ -66,6 +66,10 @@ pub struct Report {
     pub model: String,
     pub split: String,
     pub seed: u64,
+    /// Questions of the draw left out from its start (`--skip`): this report is a part of
+    /// a longer run.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skip: usize,
     pub metric: Metric,
     pub settings: Vec<String>,
     pub runs: Vec<RunReport>,
@@ -161,12 +165,18 @@ impl Report {
             model,
             split,
             seed,
+            skip: 0,
             metric,
             settings: settings.iter().map(|s| s.label.clone()).collect(),
             runs: Vec::new(),
             sweep_choice: None,
             modes: settings.iter().map(|s| (s.mode, s.in_sweep)).collect(),
         }
+    }
+
+    /// Marks the report as the part of a longer run that starts after `skip` questions.
+    pub fn skipping(self, skip: usize) -> Report {
+        Report { skip, ..self }
     }
 
     pub fn add_run(&mut self, contexts: usize, examples: Vec<ExampleResult>, settings: &[Setting]) {
@@ -233,8 +243,16 @@ impl Report {
             let n = run.examples.len();
             let _ = writeln!(
                 out,
-                "\n**{}**, {}, {} split, seed {}, {n} examples, {} contexts each\n",
-                self.task, self.model, self.split, self.seed, run.contexts
+                "\n**{}**, {}, {} split, seed {}{}, {n} examples, {} contexts each\n",
+                self.task,
+                self.model,
+                self.split,
+                self.seed,
+                match self.skip {
+                    0 => String::new(),
+                    skip => format!(" after its first {skip} questions"),
+                },
+                run.contexts
             );
             let columns = if self.metric == Metric::Accuracy {
                 "accuracy | ± | same label as sequential |".to_string()
@@ -474,4 +492,8 @@ fn num(x: Option<f64>, digits: usize) -> String {
 
 fn kl(x: Option<f64>) -> String {
     x.map_or("–".into(), |v| format!("{v:.4}"))
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }

@@ -200,10 +200,39 @@ pub struct Draw {
     /// distractors per question already and take 1.
     pub draws: usize,
     pub seed: u64,
+    /// Questions left out from the start of the draw: runs with `skip` 0, n, 2n, ... and
+    /// the same seed are the parts of one long run, each question in exactly one part.
+    pub skip: usize,
 }
 
 /// The examples of `task` for `draw`, reading data from `dir`.
 pub fn load(task: &Task, dir: &Path, draw: Draw) -> Result<TaskSet> {
+    if draw.skip == 0 {
+        return load_all(task, dir, draw);
+    }
+    if matches!(task, Task::Sentiment | Task::Intent) {
+        return Err(EvalError::Setting(format!(
+            "--skip is for tasks that draw contexts per question; {} shares its demonstrations \
+             among a run's questions, so raise --n or --draws instead",
+            task.name()
+        )));
+    }
+    // Drawing the skipped questions too keeps the random stream, and so every later
+    // question's distractors, what they are in one long run.
+    let mut set = load_all(
+        task,
+        dir,
+        Draw {
+            n: draw.n + draw.skip,
+            skip: 0,
+            ..draw
+        },
+    )?;
+    set.examples.drain(..draw.skip.min(set.examples.len()));
+    Ok(set)
+}
+
+fn load_all(task: &Task, dir: &Path, draw: Draw) -> Result<TaskSet> {
     if draw.contexts == 0 {
         return Err(EvalError::Setting(
             "--contexts must be at least 1".to_string(),
@@ -589,6 +618,7 @@ mod tests {
             contexts,
             draws,
             seed: 7,
+            skip: 0,
         }
     }
 
@@ -621,5 +651,42 @@ mod tests {
         assert!(err.to_string().contains("--draws 3"), "{err}");
         let err = load(&Task::Squad, Path::new("unused"), draw(4, 10, 2)).unwrap_err();
         assert!(err.to_string().contains("raise --n"), "{err}");
+    }
+
+    #[test]
+    fn parts_drawn_with_skip_are_the_questions_of_one_long_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let essays = dir.path().join(crate::data::ESSAYS_DIR);
+        std::fs::create_dir(&essays).unwrap();
+        for i in 0..6 {
+            let text: Vec<String> = (0..400).map(|w| format!("w{i}x{w}.")).collect();
+            std::fs::write(essays.join(format!("{i}.txt")), text.join(" ")).unwrap();
+        }
+        let whole = load(&Task::Needle, dir.path(), draw(3, 10, 1)).unwrap();
+        let part = |skip, n| {
+            let draw = Draw {
+                skip,
+                ..draw(3, n, 1)
+            };
+            load(&Task::Needle, dir.path(), draw).unwrap().examples
+        };
+        let parts = [part(0, 4), part(4, 4), part(8, 4)].concat();
+        assert_eq!(parts.len(), 10, "the last part holds what is left");
+        for (p, w) in parts.iter().zip(&whole.examples) {
+            assert_eq!(
+                (&p.id, &p.question, &p.contexts),
+                (&w.id, &w.question, &w.contexts)
+            );
+        }
+        let err = load(
+            &Task::Intent,
+            dir.path(),
+            Draw {
+                skip: 4,
+                ..draw(3, 4, 1)
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--skip"), "{err}");
     }
 }

@@ -45,6 +45,7 @@ fn run(task: &Task, contexts: usize, settings: &[Setting]) -> Vec<ExampleResult>
         contexts,
         draws: 1,
         seed: 1,
+        skip: 0,
     };
     let set = tasks::load(task, Path::new("unused"), draw).unwrap();
     evaluator()
@@ -178,6 +179,7 @@ fn missing_data_points_at_the_setup_script() {
         contexts: 2,
         draws: 1,
         seed: 1,
+        skip: 0,
     };
     for task in [Task::Squad, Task::Needle, Task::Sentiment, Task::Intent] {
         let err = tasks::load(&task, Path::new("/nonexistent/ape-eval-data"), draw).unwrap_err();
