@@ -41,6 +41,12 @@ pub struct ServeArgs {
     /// may stay open between requests; slower connections are closed.
     #[arg(long, default_value_t = 30)]
     idle_timeout: u64,
+    /// Memory for keys and values (e.g. 4G): every running request's cache, the contexts
+    /// it encodes, the kept prompts and the store's memory tier share it. A request that
+    /// does not fit beside the running ones is answered 429; one larger than all of it,
+    /// 400. By default half of the memory available at start.
+    #[arg(long, value_parser = crate::store::parse_size)]
+    kv_memory: Option<u64>,
     /// Read every chat from scratch instead of reusing the keys and values of the start
     /// it shares with a recent one (the conversation so far).
     #[arg(long)]
@@ -65,6 +71,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     );
     let path = &args.model.model;
     let mut engine = args.model.load()?.with_batching(args.max_batch_tokens);
+    if let Some(bytes) = args.kv_memory {
+        anyhow::ensure!(bytes > 0, "--kv-memory must be more than 0 bytes");
+        engine = engine.with_kv_memory(usize::try_from(bytes).unwrap_or(usize::MAX));
+    }
     if !args.no_prompt_reuse {
         engine = engine.with_prompt_reuse();
     }

@@ -15,9 +15,6 @@ use ape_store::{
     register, Codec, DiskTier, Fingerprint, Key, KvDtype, MemoryTier, RedisTier, Store, Tier,
 };
 
-/// Bytes of decoded contexts a process keeps in memory.
-const MEMORY_TIER_BYTES: usize = 2 << 30;
-
 #[derive(Args, Clone)]
 pub struct StoreArgs {
     /// Folder of the on-disk context store [default: $APE_CACHE_DIR, else ~/.cache/ape].
@@ -78,7 +75,8 @@ impl StoreArgs {
     /// whose registered contexts must live somewhere.
     pub fn open_with_memory(&self, engine: &Engine, model_path: &Path) -> Result<Arc<Store>> {
         let codec = Codec::for_model(model_path, &engine.model.config, self.kv_dtype)?;
-        let mut tiers: Vec<Box<dyn Tier>> = vec![Box::new(MemoryTier::new(MEMORY_TIER_BYTES))];
+        let mut tiers: Vec<Box<dyn Tier>> =
+            vec![Box::new(MemoryTier::new(engine.kv_budget().clone()))];
         if !self.no_cache {
             tiers.extend(self.tiers(codec)?);
         }

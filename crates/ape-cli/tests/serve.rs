@@ -593,6 +593,74 @@ fn wait_for(server: &Server, sample: &str, value: f64) {
     }
 }
 
+/// A sequential request over four long documents, about 2,300 tokens: with SmolLM2's
+/// 22.5 KiB of keys and values per position, 53 MB charged to the KV budget.
+fn long_request(max_tokens: usize) -> Value {
+    let mut body = slow_request(false);
+    let documents = body["documents"].as_array().unwrap()[..4].to_vec();
+    body["documents"] = json!(documents);
+    body["max_tokens"] = json!(max_tokens);
+    body
+}
+
+#[test]
+fn requests_beyond_the_kv_memory_budget_are_refused_not_run_out_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&[
+        "--cache-dir",
+        dir.path().to_str().unwrap(),
+        "--concurrency",
+        "2",
+        "--kv-memory",
+        "80M",
+    ]);
+    // Two at once: each fits the 80 MB alone, not both together. Reading the prompt
+    // takes seconds, the other's admission milliseconds, so they always overlap.
+    let outcomes: Vec<(u16, Option<String>, Value)> = std::thread::scope(|scope| {
+        let sent: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    let response = server.post("/v1/chat/completions", &long_request(8));
+                    let status = response.status().as_u16();
+                    let retry = response
+                        .headers()
+                        .get("retry-after")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    (status, retry, response.json::<Value>().unwrap())
+                })
+            })
+            .collect();
+        sent.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    let mut statuses: Vec<u16> = outcomes.iter().map(|o| o.0).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 429], "{outcomes:?}");
+    let (_, retry, refused) = outcomes.iter().find(|o| o.0 == 429).unwrap();
+    assert_eq!(refused["error"]["code"], "kv_memory_full", "{refused}");
+    assert!(retry.is_some(), "a 429 says when to retry");
+    assert_eq!(server.metric("ape_kv_memory_bytes"), (80u64 << 20) as f64);
+    // Once the first is done its memory is free again (what it left in the kept caches
+    // gives way): the refused request now runs.
+    wait_for(&server, "ape_running_requests", 0.0);
+    assert_eq!(
+        server
+            .post("/v1/chat/completions", &long_request(8))
+            .status(),
+        200
+    );
+    // More than the whole budget could ever hold: a 400 that says what to change.
+    let (status, e) = error(server.post("/v1/chat/completions", &long_request(5000)));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (400, Some("kv_memory_exceeded")),
+        "{e}"
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("--kv-memory"),
+        "{e}"
+    );
+}
+
 #[test]
 fn a_request_past_its_time_limit_is_stopped_with_504() {
     let dir = tempfile::tempdir().unwrap();

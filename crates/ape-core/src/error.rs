@@ -53,6 +53,14 @@ pub enum Error {
         max_new: usize,
         window: usize,
     },
+    #[error("this request needs {} MiB of keys and values, more than the whole budget of {} MiB; ask for fewer tokens or fewer documents, or give the server more with --kv-memory", needed >> 20, limit >> 20)]
+    KvMemoryTooSmall { needed: usize, limit: usize },
+    #[error("this request needs {} MiB of keys and values and {} MiB of the {} MiB budget are free while the running requests hold the rest; try again shortly", needed >> 20, free >> 20, limit >> 20)]
+    KvMemoryBusy {
+        needed: usize,
+        free: usize,
+        limit: usize,
+    },
     #[error("invalid APE setting: {0}")]
     ApeSetting(String),
     #[error("unknown mode `{0}`; choose one of sequential, parallel, ape")]

@@ -105,6 +105,10 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `Retry-After` for a request the KV budget cannot hold now: the running requests free
+/// their caches as they finish, typically within seconds.
+const KV_MEMORY_RETRY_SECONDS: u64 = 2;
+
 impl From<ape_core::Error> for ApiError {
     fn from(error: ape_core::Error) -> Self {
         use ape_core::Error as E;
@@ -119,6 +123,13 @@ impl From<ape_core::Error> for ApiError {
             E::Sampling(_) => ApiError::bad_request(message),
             E::EmptyQuery | E::EmptyPrompt => ApiError::bad_request(message).param("messages"),
             E::Template(_) | E::Tokenizer(_) => ApiError::bad_request(message),
+            E::KvMemoryTooSmall { .. } => ApiError::bad_request(message).code("kv_memory_exceeded"),
+            E::KvMemoryBusy { .. } => {
+                let mut error =
+                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, message).code("kv_memory_full");
+                error.retry_after = Some(KV_MEMORY_RETRY_SECONDS);
+                error
+            }
             E::Cancelled => ApiError::new(CLIENT_CLOSED_REQUEST, message),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message),
         }

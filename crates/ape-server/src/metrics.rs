@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ape_core::engine::generate::Generation;
-use ape_core::engine::DecodeSteps;
+use ape_core::engine::Engine;
 use ape_store::Store;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -40,6 +40,8 @@ pub struct Metrics {
     running: IntGauge,
     decode_steps: IntCounter,
     decode_step_tokens: IntCounter,
+    kv_memory: IntGauge,
+    kv_memory_used: IntGauge,
     store_hits: IntCounterVec,
     store_misses: IntCounterVec,
     store_corrupt: IntCounterVec,
@@ -142,6 +144,16 @@ impl Metrics {
                 "Tokens decoded in those steps (divided by the steps: the mean batch).",
             )
             .expect("valid counter"),
+            kv_memory: IntGauge::new(
+                "ape_kv_memory_bytes",
+                "The budget for keys and values (--kv-memory).",
+            )
+            .expect("valid gauge"),
+            kv_memory_used: IntGauge::new(
+                "ape_kv_memory_used_bytes",
+                "Keys and values charged to the budget: running requests and kept caches.",
+            )
+            .expect("valid gauge"),
             store_hits: counter_vec(
                 "ape_store_hits_total",
                 "Context lookups answered by a store tier.",
@@ -178,6 +190,8 @@ impl Metrics {
             Box::new(metrics.running.clone()),
             Box::new(metrics.decode_steps.clone()),
             Box::new(metrics.decode_step_tokens.clone()),
+            Box::new(metrics.kv_memory.clone()),
+            Box::new(metrics.kv_memory_used.clone()),
             Box::new(metrics.store_hits.clone()),
             Box::new(metrics.store_misses.clone()),
             Box::new(metrics.store_corrupt.clone()),
@@ -235,12 +249,15 @@ impl Metrics {
         waiting: usize,
         running: usize,
         store: &Store,
-        decode_steps: Option<&DecodeSteps>,
+        engine: &Engine,
         uptime: Duration,
     ) -> String {
         use std::sync::atomic::Ordering::Relaxed;
         self.queue_depth.set(waiting as i64);
-        if let Some(counts) = decode_steps {
+        let budget = engine.kv_budget();
+        self.kv_memory.set(budget.limit() as i64);
+        self.kv_memory_used.set(budget.used() as i64);
+        if let Some(counts) = engine.decode_steps() {
             let sync =
                 |counter: &IntCounter, now: u64| counter.inc_by(now.saturating_sub(counter.get()));
             sync(&self.decode_steps, counts.steps.load(Relaxed));

@@ -591,7 +591,7 @@ async fn metrics(State(state): State<Shared>) -> Response {
         state.scheduler.waiting(),
         state.scheduler.running(),
         &state.store,
-        state.engine.decode_steps(),
+        &state.engine,
         state.started.elapsed(),
     );
     (

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ape_core::attention::KvCache;
+use ape_core::attention::{KvBudget, KvCache};
 use ape_core::engine::ContextStore;
 use ape_store::{
     Codec, Corrupt, DiskTier, Entry, Fingerprint, Key, KvDtype, MemoryTier, RedisTier, Store,
@@ -101,25 +101,39 @@ fn keys_are_stable_and_change_with_every_input() {
 }
 
 #[test]
-fn memory_tier_round_trips_and_evicts_least_recently_used() {
+fn memory_tier_round_trips_and_gives_way_least_recently_used_first() {
     let c = codec(1);
-    round_trip(&MemoryTier::new(1 << 30), &c);
+    round_trip(&MemoryTier::new(KvBudget::new(1 << 30)), &c);
 
     let (a, b, d) = (entry(&c, 20, 1), entry(&c, 20, 2), entry(&c, 20, 3));
-    let tier = MemoryTier::new(2 * a.memory_bytes());
-    tier.put(&key(&c, &a), &a).unwrap();
-    tier.put(&key(&c, &b), &b).unwrap();
-    tier.get(&key(&c, &a)).unwrap();
-    tier.put(&key(&c, &d), &d).unwrap();
-    assert!(
-        tier.get(&key(&c, &a)).unwrap().is_some(),
-        "recently used stays"
+    let size = a.memory_bytes();
+    let (ka, kb, kd) = (key(&c, &a), key(&c, &b), key(&c, &d));
+    let budget = KvBudget::new(2 * size);
+    let tier = MemoryTier::new(budget.clone());
+    tier.put(&ka, &a).unwrap();
+    tier.put(&kb, &b).unwrap();
+    assert_eq!(
+        budget.used(),
+        2 * size,
+        "each entry is charged to the budget"
     );
-    assert!(
-        tier.get(&key(&c, &b)).unwrap().is_none(),
-        "least recently used goes"
-    );
-    assert!(tier.get(&key(&c, &d)).unwrap().is_some());
+    drop((a, b));
+    assert!(tier.get(&ka).unwrap().is_some());
+    tier.put(&kd, &d).unwrap();
+    drop(d);
+    assert!(tier.holds(&ka).unwrap(), "recently used stays");
+    assert!(!tier.holds(&kb).unwrap(), "least recently used goes");
+    assert!(tier.holds(&kd).unwrap());
+
+    // A request reading `a` holds it: a running request's room comes from `d`, though
+    // `a` was used longer ago, and nothing is left to give for a second one.
+    let read = tier.get(&ka).unwrap().unwrap();
+    tier.get(&kd).unwrap();
+    let running = budget.charge(size).expect("d gives way");
+    assert!(tier.holds(&ka).unwrap() && !tier.holds(&kd).unwrap());
+    assert!(budget.charge(size).is_err(), "a read entry never gives way");
+    drop((read, running));
+    assert_eq!(budget.used(), size, "only `a` is charged now");
 }
 
 #[test]
@@ -238,7 +252,7 @@ fn the_store_reads_through_its_tiers_and_promotes() {
     let reader = Store::new(
         c,
         vec![
-            Box::new(MemoryTier::new(1 << 30)),
+            Box::new(MemoryTier::new(KvBudget::new(1 << 30))),
             Box::new(DiskTier::open(dir.path(), c, None).unwrap()),
         ],
     );
@@ -367,7 +381,13 @@ fn the_redis_tier_survives_redis_down_at_start_killed_restarted_empty_and_edited
         err.to_string().contains("Check that the server is running"),
         "{err}"
     );
-    let store = Store::new(c, vec![Box::new(MemoryTier::new(1 << 20)), Box::new(tier)]);
+    let store = Store::new(
+        c,
+        vec![
+            Box::new(MemoryTier::new(KvBudget::new(1 << 20))),
+            Box::new(tier),
+        ],
+    );
     assert!(store.lookup(&k).is_none());
     assert_eq!(store.missing_from_durable(&k).len(), 1);
 

@@ -17,9 +17,11 @@
 use std::ops::Range;
 
 mod attend;
+mod kv_budget;
 mod kv_cache;
 mod lanes;
 
+pub use kv_budget::{Charge, Evict, KvBudget};
 pub use kv_cache::KvCache;
 
 use attend::{attend, Job, Span, Visible};

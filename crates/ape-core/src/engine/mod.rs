@@ -10,13 +10,15 @@
 //!   tokens over the contexts laid out in order ([`Recompute`]), which at the full share
 //!   is sequential reading.
 //!
-//! The prefix's keys and values are computed once per distinct prefix and kept for the
-//! life of the engine (the few most recent ones); so are whole conversations after plain
-//! generation, whose next turn then reads only its new tokens.
+//! The prefix's keys and values are computed once per distinct prefix and kept (the few
+//! most recent ones, while the KV budget has room); so are whole conversations after plain
+//! generation, whose next turn then reads only its new tokens. Every request charges the
+//! keys and values it will hold to the engine's [`KvBudget`] before it allocates them.
 
 mod batch;
 pub mod chat;
 pub mod generate;
+mod kept;
 mod mode;
 mod recompute;
 pub mod sampler;
@@ -29,27 +31,22 @@ pub use score::Scores;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use crate::attention::{ApeFactors, KvCache};
+use crate::attention::{ApeFactors, Charge, KvBudget, KvCache};
 pub use crate::engine::batch::DecodeSteps;
 use crate::engine::batch::{Batcher, Reading};
 use crate::engine::chat::{ChatTemplate, Message};
 use crate::engine::generate::{
     prefill, Cancel, Decoding, GenerateOptions, Generation, PREFILL_CHUNK,
 };
+use crate::engine::kept::KeptPrompts;
 use crate::engine::sampler::Sampler;
 use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
-
-/// Prompts (prefixes, and whole conversations after plain generation) whose keys and
-/// values are kept for later requests that start the same way.
-const KEPT_PROMPTS: usize = 8;
-/// Most bytes of kept keys and values; the least recently used go first.
-const KEPT_BYTES: usize = 1 << 30;
 
 /// Context tokens encoded in one batch: enough tokens to share each read of the weights,
 /// few enough to bound the activations held at once and the work between two checks for
@@ -154,8 +151,10 @@ pub struct Engine {
     pub model: Arc<Model>,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
-    /// Keys and values of recent prompts with their tokens, most recently used last.
-    kept: Mutex<Vec<(Vec<u32>, Arc<KvCache>)>>,
+    /// What every request's keys and values and the kept caches are charged to.
+    budget: Arc<KvBudget>,
+    /// Keys and values of recent prompts (prefixes, conversations).
+    kept: Arc<KeptPrompts>,
     store: Option<Arc<dyn ContextStore>>,
     /// Longest context, in tokens: longer documents are cut into several.
     chunk_tokens: usize,
@@ -170,11 +169,13 @@ pub struct Engine {
 impl Engine {
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let gguf = Gguf::open(path)?;
+        let budget = KvBudget::for_machine();
         Ok(Engine {
             model: Arc::new(Model::load(&gguf)?),
             tokenizer: Tokenizer::from_gguf(&gguf)?,
             template: ChatTemplate::from_gguf(&gguf)?,
-            kept: Mutex::new(Vec::new()),
+            kept: KeptPrompts::new(budget.clone()),
+            budget,
             store: None,
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
             reuse_prompts: false,
@@ -202,6 +203,25 @@ impl Engine {
     pub fn with_batching(mut self, chunk_tokens: usize) -> Self {
         self.batcher = Some(Batcher::start(self.model.clone(), chunk_tokens.max(1)));
         self
+    }
+
+    /// Charge keys and values to a budget of `bytes` instead of the default (half the
+    /// memory available at start). Before [`Engine::with_store`]: a store's memory tier
+    /// takes the budget from [`Engine::kv_budget`].
+    pub fn with_kv_memory(mut self, bytes: usize) -> Self {
+        self.budget = KvBudget::new(bytes);
+        self.kept = KeptPrompts::new(self.budget.clone());
+        self
+    }
+
+    /// What requests' keys and values and the kept caches are charged to.
+    pub fn kv_budget(&self) -> &Arc<KvBudget> {
+        &self.budget
+    }
+
+    /// A charge for `positions` positions of keys and values.
+    fn charge(&self, positions: usize) -> Result<Charge> {
+        self.budget.charge(self.model.kv_bytes(positions))
     }
 
     /// The batched decoding steps run so far ([`Engine::with_batching`]).
@@ -290,6 +310,7 @@ impl Engine {
         let max_tokens = self.check_window(&whole, Mode::Sequential, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
         let capacity = prompt.len() + max_tokens;
+        let _charge = self.charge(capacity)?;
         let (cache, cached) = match self.reuse_prompts {
             true => self.resume(prompt, capacity),
             false => (self.model.new_cache(capacity), 0),
@@ -308,7 +329,7 @@ impl Engine {
             let mut tokens = prompt.to_vec();
             tokens.extend(&generation.tokens);
             tokens.truncate(cache.len());
-            self.keep(
+            self.kept.keep(
                 tokens,
                 Arc::new(cache.copy_prefix(cache.len(), cache.len())),
             );
@@ -320,39 +341,9 @@ impl Engine {
     /// kept prompt (at most all but its last token, whose logits are needed), with room
     /// for `capacity` positions; and how many positions it holds.
     fn resume(&self, prompt: &[u32], capacity: usize) -> (KvCache, usize) {
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        let shared = |tokens: &[u32]| {
-            let n = tokens
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count();
-            n.min(prompt.len() - 1)
-        };
-        let best = kept
-            .iter()
-            .enumerate()
-            .map(|(i, (tokens, _))| (shared(tokens), i))
-            .max();
-        match best {
-            Some((n, i)) if n > 0 => {
-                let entry = kept.remove(i);
-                let cache = entry.1.copy_prefix(n, capacity);
-                kept.push(entry);
-                (cache, n)
-            }
-            _ => (self.model.new_cache(capacity), 0),
-        }
-    }
-
-    /// Keep `kv`, the keys and values of `tokens`, for later requests.
-    fn keep(&self, tokens: Vec<u32>, kv: Arc<KvCache>) {
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        kept.retain(|(other, _)| *other != tokens);
-        kept.push((tokens, kv));
-        let mut bytes: usize = kept.iter().map(|(_, kv)| kv.bytes()).sum();
-        while kept.len() > 1 && (kept.len() > KEPT_PROMPTS || bytes > KEPT_BYTES) {
-            bytes -= kept.remove(0).1.bytes();
+        match self.kept.longest_shared(prompt, prompt.len() - 1) {
+            Some((kv, n)) => (kv.copy_prefix(n, capacity), n),
+            None => (self.model.new_cache(capacity), 0),
         }
     }
 
@@ -474,21 +465,15 @@ impl Engine {
                 window,
             });
         }
-        {
-            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = kept.iter().position(|(tokens, _)| tokens == prefix) {
-                let entry = kept.remove(i);
-                let kv = entry.1.clone();
-                kept.push(entry);
-                return Ok((kv, prefix.len()));
-            }
+        if let Some(kv) = self.kept.exact(prefix) {
+            return Ok((kv, prefix.len()));
         }
         let mut cache = self.model.new_cache(prefix.len());
         if !prefix.is_empty() {
             prefill(&self.model, prefix, &mut cache, &Cancel::default())?;
         }
         let kv = Arc::new(cache);
-        self.keep(prefix.to_vec(), kv.clone());
+        self.kept.keep(prefix.to_vec(), kv.clone());
         Ok((kv, 0))
     }
 
@@ -573,15 +558,16 @@ impl Engine {
             .0)
     }
 
-    /// [`Engine::contexts_kv`], and how many of the contexts' tokens were not encoded
-    /// here (found in the store, or named twice).
+    /// [`Engine::contexts_kv`], how many of the contexts' tokens were not encoded here
+    /// (found in the store, or named twice), and the charge for those encoded here (those
+    /// found are charged to the store's memory tier that holds them).
     fn find_contexts_kv(
         &self,
         prefix: &[u32],
         prefix_kv: &KvCache,
         contexts: &[&[u32]],
         cancel: &Cancel,
-    ) -> Result<(Vec<Arc<KvCache>>, usize)> {
+    ) -> Result<(Vec<Arc<KvCache>>, usize, Charge)> {
         let mut found: Vec<Option<Arc<KvCache>>> = match &self.store {
             Some(store) => contexts.iter().map(|c| store.get(prefix, c)).collect(),
             None => vec![None; contexts.len()],
@@ -592,6 +578,8 @@ impl Engine {
             .filter(|&i| found[i].is_none() && *first_of.entry(contexts[i]).or_insert(i) == i)
             .collect();
         let to_encode: Vec<&[u32]> = missing.iter().map(|&i| contexts[i]).collect();
+        let encoded: usize = to_encode.iter().map(|c| c.len()).sum();
+        let charge = self.charge(encoded)?;
         // Each context is stored as soon as it is encoded, so that a request stopped
         // half-way keeps what it paid for.
         self.encode_batches(prefix_kv, &to_encode, cancel, |j, kv| {
@@ -606,9 +594,12 @@ impl Engine {
                 found[i] = found[first_of[contexts[i]]].clone();
             }
         }
-        let encoded: usize = to_encode.iter().map(|c| c.len()).sum();
         let total: usize = contexts.iter().map(|c| c.len()).sum();
-        Ok((found.into_iter().flatten().collect(), total - encoded))
+        Ok((
+            found.into_iter().flatten().collect(),
+            total - encoded,
+            charge,
+        ))
     }
 
     /// Answer `prompt` in `mode`, streaming text to `on_text`. The time to first token
@@ -630,9 +621,11 @@ impl Engine {
         };
         let max_tokens = self.check_window(prompt, mode, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
+        let _charge =
+            self.charge(self.ape_positions(prompt, mode, options.max_tokens, max_tokens))?;
         let (prefix, prefix_found) = self.find_prefix_kv(&prompt.prefix)?;
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
-        let (encoded, contexts_found) =
+        let (encoded, contexts_found, _encoded_charge) =
             self.find_contexts_kv(&prompt.prefix, &prefix, &contexts, &options.cancel)?;
         let borrowed: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
         // Without a token limit, the answer may run to the end of the window from wherever
@@ -679,6 +672,28 @@ impl Engine {
         generation.cached_tokens = prefix_found + contexts_found;
         generation.recomputed_tokens = recomputed;
         Ok(generation)
+    }
+
+    /// Most positions of keys and values an APE request holds besides its contexts: its
+    /// own cache (prefix copy, query, answer) and, when it recomputes, the contexts laid
+    /// out in order and the two groups gathered from them.
+    fn ape_positions(
+        &self,
+        prompt: &Prompt,
+        mode: Mode,
+        asked: Option<usize>,
+        max_tokens: usize,
+    ) -> usize {
+        let (prefix, query) = (prompt.prefix.len(), prompt.query.len());
+        if mode.recompute().share == 0.0 {
+            return prefix + query + max_tokens;
+        }
+        let total = prompt.total_tokens();
+        let own = match asked {
+            Some(max_tokens) => total + max_tokens,
+            None => self.model.config.context_length,
+        };
+        own + 2 * total
     }
 
     fn answer_over(
@@ -749,6 +764,7 @@ impl Engine {
         let total = prompt.total_tokens();
         let max_tokens = self.check_window(prompt, Mode::Sequential, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
+        let _charge = self.charge(total + max_tokens)?;
         let (prefix, prefix_found) = self.find_prefix_kv(&prompt.prefix)?;
         let decoding = Decoding {
             tokenizer: &self.tokenizer,

@@ -174,6 +174,12 @@ impl Model {
         )
     }
 
+    /// Bytes of keys and values `positions` positions take in a cache (f16, every layer).
+    pub fn kv_bytes(&self, positions: usize) -> usize {
+        let c = &self.config;
+        c.layers * 2 * c.kv_heads * c.head_dim * std::mem::size_of::<half::f16>() * positions
+    }
+
     /// Bytes held by the weights.
     pub fn weight_bytes(&self) -> usize {
         let layer_bytes: usize = self
