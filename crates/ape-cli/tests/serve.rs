@@ -639,6 +639,7 @@ fn requests_beyond_the_kv_memory_budget_are_refused_not_run_out_of_memory() {
     assert_eq!(refused["error"]["code"], "kv_memory_full", "{refused}");
     assert!(retry.is_some(), "a 429 says when to retry");
     assert_eq!(server.metric("ape_kv_memory_bytes"), (80u64 << 20) as f64);
+    assert_eq!(server.metric("ape_requests_refused_total"), 1.0);
     // Once the first is done its memory is free again (what it left in the kept caches
     // gives way): the refused request now runs.
     wait_for(&server, "ape_running_requests", 0.0);

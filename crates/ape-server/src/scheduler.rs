@@ -173,7 +173,14 @@ impl Scheduler {
                 self.metrics.timed_out.inc();
                 Err(self.timeout_error())
             }
-            result => result.map(|value| (value, slot)),
+            Err(e) => {
+                // The KV budget's refusals are refusals as much as a full queue's.
+                if e.status == StatusCode::TOO_MANY_REQUESTS {
+                    self.metrics.refused.inc();
+                }
+                Err(e)
+            }
+            Ok(value) => Ok((value, slot)),
         }
     }
 
