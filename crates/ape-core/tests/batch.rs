@@ -88,3 +88,51 @@ fn requests_decoded_together_answer_as_alone() {
         }
     }
 }
+
+#[test]
+fn a_request_cancelled_in_the_batch_stops_there_and_the_others_answer_as_alone() {
+    let requests = [
+        Request::Chat("Write a short poem about the sea.", 40),
+        Request::Documents(
+            "Where does Alice keep her bicycle?",
+            Mode::ape(0.9, 0.9).unwrap(),
+            24,
+        ),
+        Request::Chat("Count from one to twenty in words.", 48),
+    ];
+    let engine = Engine::load(common::model_path(common::SMOLLM2))
+        .unwrap()
+        .with_batching(16);
+    let expected: Vec<Vec<u32>> = requests.iter().map(|r| answer(&engine, r)).collect();
+
+    let (answers, cancelled) = std::thread::scope(|scope| {
+        let running: Vec<_> = requests
+            .iter()
+            .map(|request| scope.spawn(|| answer(&engine, request)))
+            .collect();
+        // A long answer whose client leaves after its third piece of text.
+        let leaving = scope.spawn(|| {
+            let prompt = engine
+                .chat_prompt(None, "Count from one to a hundred in words.")
+                .unwrap();
+            let options = greedy(200);
+            let (cancel, mut pieces) = (options.cancel.clone(), 0);
+            let outcome = engine.generate(&prompt, &options, |_| {
+                pieces += 1;
+                if pieces == 3 {
+                    cancel.cancel();
+                }
+            });
+            (outcome.map(|g| g.tokens.len()), pieces)
+        });
+        let answers: Vec<Vec<u32>> = running.into_iter().map(|r| r.join().unwrap()).collect();
+        (answers, leaving.join().unwrap())
+    });
+    let (outcome, pieces) = cancelled;
+    assert!(
+        matches!(outcome, Err(ape_core::Error::Cancelled)),
+        "{outcome:?}"
+    );
+    assert_eq!(pieces, 3, "no token is decoded for a request after it is cancelled");
+    assert_eq!(answers, expected);
+}
