@@ -133,6 +133,9 @@ fn a_request_cancelled_in_the_batch_stops_there_and_the_others_answer_as_alone()
         matches!(outcome, Err(ape_core::Error::Cancelled)),
         "{outcome:?}"
     );
-    assert_eq!(pieces, 3, "no token is decoded for a request after it is cancelled");
+    assert_eq!(
+        pieces, 3,
+        "no token is decoded for a request after it is cancelled"
+    );
     assert_eq!(answers, expected);
 }

@@ -1,13 +1,14 @@
 //! Running requests together: each step of the batcher's thread is one forward pass
 //! ([`Model::forward_batch`]) holding the next token of every request decoding at the
-//! moment and at most one chunk of a prompt being read, so that the weights, which a
+//! moment and prompt work of at most `chunk_tokens` tokens (chunks of prompts, queries, a
+//! prefix read for the first time, documents being encoded), so that the weights, which a
 //! decoding step spends most of its time reading, are read once for all of them, and a
 //! prompt being read does not stall the others' decoding.
 //!
 //! Each request keeps its own loop (sampling, stop strings, streaming, cancellation) and
-//! hands its tokens and cache to the batcher's thread, which gathers the tokens of every
+//! hands its tokens and caches to the batcher's thread, which gathers the tokens of every
 //! request decoding at the moment (waiting at most [`GATHER`] for stragglers), runs them
-//! with the oldest waiting prompt chunk, and hands each request its logits and cache back.
+//! with the oldest waiting prompt work, and hands each request its logits and caches back.
 //! A request gets the bits it gets alone: no token's products depend on the tokens beside
 //! it, prompts give the same keys and values in chunks of any size, and each request's
 //! attention is computed on its own.
@@ -37,6 +38,9 @@ pub(crate) enum Reading {
         contexts: Arc<[Arc<KvCache>]>,
         factors: ApeFactors,
     },
+    Context {
+        prefix: Arc<KvCache>,
+    },
 }
 
 impl Reading {
@@ -57,12 +61,12 @@ impl Reading {
 
     fn contexts(&self) -> Vec<&KvCache> {
         match self {
-            Reading::Causal => Vec::new(),
             Reading::Ape { contexts, .. } => contexts.iter().map(Arc::as_ref).collect(),
+            Reading::Causal | Reading::Context { .. } => Vec::new(),
         }
     }
 
-    fn reads<'a>(&self, contexts: &'a [&'a KvCache]) -> Reads<'a> {
+    fn reads<'a>(&'a self, contexts: &'a [&'a KvCache]) -> Reads<'a> {
         match self {
             Reading::Causal => Reads::Causal,
             Reading::Ape {
@@ -74,17 +78,31 @@ impl Reading {
                 contexts,
                 factors: *factors,
             },
+            Reading::Context { prefix } => Reads::Context { prefix },
         }
     }
 }
 
-struct Job {
+/// One sequence's tokens in a step.
+struct Part {
     tokens: Vec<u32>,
-    /// A decoding request's next token, rather than a chunk of a prompt.
-    decode: bool,
     cache: KvCache,
     reading: Reading,
-    reply: mpsc::Sender<(Vec<f32>, KvCache)>,
+}
+
+/// One request's work for a step: its next token, or prompt work (several sequences when
+/// it encodes several documents).
+struct Job {
+    parts: Vec<Part>,
+    /// A decoding request's next token, rather than prompt work.
+    decode: bool,
+    reply: mpsc::Sender<Vec<(Vec<f32>, KvCache)>>,
+}
+
+impl Job {
+    fn tokens(&self) -> usize {
+        self.parts.iter().map(|p| p.tokens.len()).sum()
+    }
 }
 
 pub(crate) struct Batcher {
@@ -123,7 +141,7 @@ impl Batcher {
         let (members, counted) = (decoding.clone(), counts.clone());
         std::thread::Builder::new()
             .name("ape-batcher".into())
-            .spawn(move || serve(&model, &received, &members, &counted))
+            .spawn(move || serve(&model, chunk_tokens, &received, &members, &counted))
             .expect("the batcher thread starts");
         Batcher {
             jobs,
@@ -151,7 +169,8 @@ impl Batcher {
         cache: &mut KvCache,
         reading: &Reading,
     ) -> Result<Vec<f32>> {
-        self.submit(vec![token], true, cache, reading)
+        self.submit(&mut [(&[token], cache)], true, reading)
+            .map(|mut logits| logits.remove(0))
     }
 
     /// The logits after `chunk` (at most [`Batcher::chunk_tokens`] tokens of a prompt),
@@ -162,35 +181,61 @@ impl Batcher {
         cache: &mut KvCache,
         reading: &Reading,
     ) -> Result<Vec<f32>> {
-        self.submit(chunk.to_vec(), false, cache, reading)
+        self.submit(&mut [(chunk, cache)], false, reading)
+            .map(|mut logits| logits.remove(0))
+    }
+
+    /// Each piece's tokens appended to its cache as `reading` says, all in one step
+    /// (together at most [`Batcher::chunk_tokens`] tokens): documents encoded side by side.
+    pub(crate) fn read_together(
+        &self,
+        pieces: &mut [(&[u32], &mut KvCache)],
+        reading: &Reading,
+    ) -> Result<()> {
+        self.submit(pieces, false, reading).map(drop)
     }
 
     fn submit(
         &self,
-        tokens: Vec<u32>,
+        pieces: &mut [(&[u32], &mut KvCache)],
         decode: bool,
-        cache: &mut KvCache,
         reading: &Reading,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Vec<Vec<f32>>> {
         let (reply, answer) = mpsc::channel();
+        let parts = pieces
+            .iter_mut()
+            .map(|(tokens, cache)| Part {
+                tokens: tokens.to_vec(),
+                cache: std::mem::replace(*cache, KvCache::new(0, 0, 0, 0)),
+                reading: reading.clone(),
+            })
+            .collect();
         let job = Job {
-            tokens,
+            parts,
             decode,
-            cache: std::mem::replace(cache, KvCache::new(0, 0, 0, 0)),
-            reading: reading.clone(),
             reply,
         };
         let lost = || Error::Internal("the batched forward pass failed; see the log".into());
         self.jobs.send(job).map_err(|_| lost())?;
-        let (logits, back) = answer.recv().map_err(|_| lost())?;
-        *cache = back;
-        Ok(logits)
+        let results = answer.recv().map_err(|_| lost())?;
+        let mut all_logits = Vec::with_capacity(results.len());
+        for ((_, cache), (logits, back)) in pieces.iter_mut().zip(results) {
+            **cache = back;
+            all_logits.push(logits);
+        }
+        Ok(all_logits)
     }
 }
 
 /// The batcher's loop: gather the decoding requests' tokens, run them with the oldest
-/// waiting prompt chunk, reply.
-fn serve(model: &Model, jobs: &mpsc::Receiver<Job>, decoding: &AtomicUsize, counts: &DecodeSteps) {
+/// waiting prompt work (as much as fits `chunk_tokens`, at least one request's), reply.
+fn serve(
+    model: &Model,
+    chunk_tokens: usize,
+    jobs: &mpsc::Receiver<Job>,
+    decoding: &AtomicUsize,
+    counts: &DecodeSteps,
+) {
     let mut prompts: VecDeque<Job> = VecDeque::new();
     loop {
         let mut batch = Vec::new();
@@ -217,7 +262,14 @@ fn serve(model: &Model, jobs: &mpsc::Receiver<Job>, decoding: &AtomicUsize, coun
                 .tokens
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
-        batch.extend(prompts.pop_front());
+        let mut prompt_tokens = 0;
+        while let Some(job) = prompts.front() {
+            if prompt_tokens > 0 && prompt_tokens + job.tokens() > chunk_tokens {
+                break;
+            }
+            prompt_tokens += job.tokens();
+            batch.extend(prompts.pop_front());
+        }
         // A step that panicked (the panic is printed) drops its replies: its requests end
         // with an error, and the requests after it are served on.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(model, batch)));
@@ -225,15 +277,17 @@ fn serve(model: &Model, jobs: &mpsc::Receiver<Job>, decoding: &AtomicUsize, coun
 }
 
 fn run(model: &Model, batch: Vec<Job>) {
-    let mut caches: Vec<KvCache> = Vec::with_capacity(batch.len());
+    let mut caches: Vec<KvCache> = Vec::new();
+    let mut readings = Vec::new();
+    let mut tokens = Vec::new();
     let mut replies = Vec::with_capacity(batch.len());
-    let mut readings = Vec::with_capacity(batch.len());
-    let mut tokens = Vec::with_capacity(batch.len());
     for job in batch {
-        caches.push(job.cache);
-        replies.push(job.reply);
-        readings.push(job.reading);
-        tokens.push(job.tokens);
+        replies.push((job.reply, job.parts.len()));
+        for part in job.parts {
+            caches.push(part.cache);
+            readings.push(part.reading);
+            tokens.push(part.tokens);
+        }
     }
     let contexts: Vec<Vec<&KvCache>> = readings.iter().map(Reading::contexts).collect();
     let mut steps: Vec<Step<'_>> = caches
@@ -248,8 +302,10 @@ fn run(model: &Model, batch: Vec<Job>) {
         .collect();
     let logits = model.forward_batch(&mut steps);
     drop(steps);
-    for ((reply, logits), cache) in replies.into_iter().zip(logits).zip(caches) {
+    let mut results = logits.into_iter().zip(caches);
+    for (reply, parts) in replies {
+        let results: Vec<(Vec<f32>, KvCache)> = results.by_ref().take(parts).collect();
         // A request that gave up meanwhile no longer listens.
-        let _ = reply.send((logits, cache));
+        let _ = reply.send(results);
     }
 }

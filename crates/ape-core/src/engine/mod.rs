@@ -38,9 +38,7 @@ use crate::attention::{ApeFactors, Charge, KvBudget, KvCache};
 pub use crate::engine::batch::DecodeSteps;
 use crate::engine::batch::{Batcher, Reading};
 use crate::engine::chat::{ChatTemplate, Message};
-use crate::engine::generate::{
-    prefill, Cancel, Decoding, GenerateOptions, Generation, PREFILL_CHUNK,
-};
+use crate::engine::generate::{Cancel, Decoding, GenerateOptions, Generation, PREFILL_CHUNK};
 use crate::engine::kept::KeptPrompts;
 use crate::engine::sampler::Sampler;
 use crate::error::{Error, Result};
@@ -451,12 +449,12 @@ impl Engine {
 
     /// Keys and values of `prefix`, computed on first use and kept.
     pub fn prefix_kv(&self, prefix: &[u32]) -> Result<Arc<KvCache>> {
-        Ok(self.find_prefix_kv(prefix)?.0)
+        Ok(self.find_prefix_kv(prefix, &Cancel::default())?.0)
     }
 
     /// [`Engine::prefix_kv`], and how many of its tokens were kept from an earlier
     /// request (all or none).
-    fn find_prefix_kv(&self, prefix: &[u32]) -> Result<(Arc<KvCache>, usize)> {
+    fn find_prefix_kv(&self, prefix: &[u32], cancel: &Cancel) -> Result<(Arc<KvCache>, usize)> {
         let window = self.model.config.context_length;
         if prefix.len() >= window {
             return Err(Error::ContextOverflow {
@@ -470,7 +468,7 @@ impl Engine {
         }
         let mut cache = self.model.new_cache(prefix.len());
         if !prefix.is_empty() {
-            prefill(&self.model, prefix, &mut cache, &Cancel::default())?;
+            self.read_chunks(prefix, &mut cache, &Reading::Causal, cancel)?;
         }
         let kv = Arc::new(cache);
         self.kept.keep(prefix.to_vec(), kv.clone());
@@ -479,7 +477,11 @@ impl Engine {
 
     /// Encode each context independently after `prefix` (its keys and values, from
     /// [`Engine::prefix_kv`]), short ones batched together.
-    pub fn encode_contexts(&self, prefix: &KvCache, contexts: &[&[u32]]) -> Result<Vec<KvCache>> {
+    pub fn encode_contexts(
+        &self,
+        prefix: &Arc<KvCache>,
+        contexts: &[&[u32]],
+    ) -> Result<Vec<KvCache>> {
         let mut encoded = Vec::with_capacity(contexts.len());
         self.encode_batches(prefix, contexts, &Cancel::default(), |_, kv| {
             encoded.push(kv)
@@ -493,7 +495,7 @@ impl Engine {
     /// everything it finished.
     fn encode_batches(
         &self,
-        prefix: &KvCache,
+        prefix: &Arc<KvCache>,
         contexts: &[&[u32]],
         cancel: &Cancel,
         mut done: impl FnMut(usize, KvCache),
@@ -510,26 +512,30 @@ impl Engine {
                 });
             }
         }
+        let limit = self
+            .batcher
+            .as_ref()
+            .map_or(CONTEXT_BATCH_TOKENS, |b| b.chunk_tokens);
         let mut batch: Vec<usize> = Vec::new();
         let mut batch_tokens = 0;
         let run_batch = |batch: &mut Vec<usize>, done: &mut dyn FnMut(usize, KvCache)| {
             let texts: Vec<&[u32]> = batch.iter().map(|&i| contexts[i]).collect();
-            let encoded = self.model.encode_contexts(prefix, &texts, cancel)?;
+            let encoded = self.encode_together(prefix, &texts, cancel)?;
             for (i, kv) in batch.drain(..).zip(encoded) {
                 done(i, kv);
             }
             Ok::<_, Error>(())
         };
         for (i, &context) in contexts.iter().enumerate() {
-            if !batch.is_empty() && batch_tokens + context.len() > CONTEXT_BATCH_TOKENS {
+            if !batch.is_empty() && batch_tokens + context.len() > limit {
                 run_batch(&mut batch, &mut done)?;
                 batch_tokens = 0;
             }
-            if context.len() > CONTEXT_BATCH_TOKENS {
+            if context.len() > limit {
                 // A long context goes in pieces, to bound the activations held at once.
                 let mut own = self.model.new_cache(context.len());
-                for piece in context.chunks(CONTEXT_BATCH_TOKENS) {
-                    self.model.extend_context(prefix, &mut own, piece, cancel)?;
+                for piece in context.chunks(limit) {
+                    self.extend_context(prefix, &mut own, piece, cancel)?;
                 }
                 done(i, own);
                 continue;
@@ -543,13 +549,60 @@ impl Engine {
         Ok(())
     }
 
+    /// Contexts encoded side by side after `prefix`: in one step of the batch when
+    /// batching, else in one pass of their own.
+    fn encode_together(
+        &self,
+        prefix: &Arc<KvCache>,
+        texts: &[&[u32]],
+        cancel: &Cancel,
+    ) -> Result<Vec<KvCache>> {
+        let Some(batcher) = &self.batcher else {
+            return self.model.encode_contexts(prefix, texts, cancel);
+        };
+        cancel.check()?;
+        let mut encoded: Vec<KvCache> = texts
+            .iter()
+            .map(|t| self.model.new_cache(t.len()))
+            .collect();
+        let mut pieces: Vec<(&[u32], &mut KvCache)> = texts
+            .iter()
+            .copied()
+            .zip(encoded.iter_mut())
+            .filter(|(t, _)| !t.is_empty())
+            .collect();
+        let reading = Reading::Context {
+            prefix: prefix.clone(),
+        };
+        batcher.read_together(&mut pieces, &reading)?;
+        Ok(encoded)
+    }
+
+    /// [`Model::extend_context`], in a step of the batch when batching.
+    fn extend_context(
+        &self,
+        prefix: &Arc<KvCache>,
+        own: &mut KvCache,
+        piece: &[u32],
+        cancel: &Cancel,
+    ) -> Result<()> {
+        let Some(batcher) = &self.batcher else {
+            return self.model.extend_context(prefix, own, piece, cancel);
+        };
+        cancel.check()?;
+        let reading = Reading::Context {
+            prefix: prefix.clone(),
+        };
+        batcher.read(piece, own, &reading).map(drop)
+    }
+
     /// The keys and values of each context after `prefix` (whose own keys and values are
     /// `prefix_kv`): from the store where it has them, the others encoded (in batches) and
     /// handed to the store. `cancel` is checked before each batch that is encoded.
     pub fn contexts_kv(
         &self,
         prefix: &[u32],
-        prefix_kv: &KvCache,
+        prefix_kv: &Arc<KvCache>,
         contexts: &[&[u32]],
         cancel: &Cancel,
     ) -> Result<Vec<Arc<KvCache>>> {
@@ -564,7 +617,7 @@ impl Engine {
     fn find_contexts_kv(
         &self,
         prefix: &[u32],
-        prefix_kv: &KvCache,
+        prefix_kv: &Arc<KvCache>,
         contexts: &[&[u32]],
         cancel: &Cancel,
     ) -> Result<(Vec<Arc<KvCache>>, usize, Charge)> {
@@ -623,7 +676,7 @@ impl Engine {
         let sampler = Sampler::new(options.sampling.clone())?;
         let _charge =
             self.charge(self.ape_positions(prompt, mode, options.max_tokens, max_tokens))?;
-        let (prefix, prefix_found) = self.find_prefix_kv(&prompt.prefix)?;
+        let (prefix, prefix_found) = self.find_prefix_kv(&prompt.prefix, &options.cancel)?;
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
         let (encoded, contexts_found, _encoded_charge) =
             self.find_contexts_kv(&prompt.prefix, &prefix, &contexts, &options.cancel)?;
@@ -765,7 +818,7 @@ impl Engine {
         let max_tokens = self.check_window(prompt, Mode::Sequential, options.max_tokens)?;
         let sampler = Sampler::new(options.sampling.clone())?;
         let _charge = self.charge(total + max_tokens)?;
-        let (prefix, prefix_found) = self.find_prefix_kv(&prompt.prefix)?;
+        let (prefix, prefix_found) = self.find_prefix_kv(&prompt.prefix, &options.cancel)?;
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
             options,

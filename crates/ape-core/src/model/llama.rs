@@ -61,14 +61,20 @@ pub enum Reads<'a> {
         contexts: &'a [&'a KvCache],
         factors: ApeFactors,
     },
+    /// The cache holds a context encoded after `prefix` (so far): the tokens go on it,
+    /// attending to the prefix and to the context up to themselves
+    /// ([`Model::extend_context`]).
+    Context { prefix: &'a KvCache },
 }
 
 impl Reads<'_> {
-    /// Positions the step's tokens start after, beyond its cache: the longest context's.
-    fn longest_context(&self) -> usize {
+    /// Positions the step's tokens start after, beyond its cache: the longest context's
+    /// for APE, the prefix's for a context.
+    fn positions_before(&self) -> usize {
         match self {
             Reads::Causal => 0,
             Reads::Ape { contexts, .. } => contexts.iter().map(|c| c.len()).max().unwrap_or(0),
+            Reads::Context { prefix } => prefix.len(),
         }
     }
 }
@@ -248,7 +254,7 @@ impl Model {
                 step.cache.len() + step.tokens.len() <= step.cache.capacity(),
                 "KV cache overflow"
             );
-            let first = step.cache.len() + step.reads.longest_context();
+            let first = step.cache.len() + step.reads.positions_before();
             positions.extend(first..first + step.tokens.len());
             let start = rows.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
             rows.push(start..start + step.tokens.len());
@@ -282,6 +288,10 @@ impl Model {
                         layer,
                         out,
                     ),
+                    Reads::Context { prefix } => {
+                        let own = (0..r.len(), &*step.cache);
+                        context_attention(q, heads, prefix, &[own], layer, out);
+                    }
                 }
             }
         });
