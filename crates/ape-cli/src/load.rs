@@ -4,11 +4,13 @@
 //! then has many clients ask the questions at once (documents by id on even requests, by
 //! text on odd ones). Every response must be the reference answer or a clean 429 refusal;
 //! a refused request is retried after the wait the server asks for. Anything else counts
-//! as wrong or failed. Reports answers and generated tokens per second, and latency
-//! percentiles from each request's first try. With `--plain`, the questions are plain
+//! as wrong or failed. Answers are streamed. Reports answers and generated tokens per
+//! second, and percentiles of the latency and of the time to first token (the first piece
+//! of text), both from each request's first try. With `--plain`, the questions are plain
 //! chats without documents, which any OpenAI-compatible server answers (llama.cpp's
 //! `llama-server`, say), so that servers can be compared on the same load.
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -67,8 +69,8 @@ pub struct LoadArgs {
 /// How one request ended.
 enum Outcome {
     /// The reference answer (this many tokens), this long after the first try, after this
-    /// many refusals.
-    Answered(usize, Duration, usize),
+    /// many refusals, its first text this long after the first try.
+    Answered(usize, Duration, usize, Duration),
     /// Still refused after every retry.
     Refused,
     /// Another answer than the reference (this many tokens).
@@ -100,6 +102,8 @@ pub fn run(args: LoadArgs) -> Result<()> {
             "messages": [{"role": "user", "content": question}],
             "max_tokens": args.max_tokens,
             "temperature": 0,
+            "stream": true,
+            "stream_options": {"include_usage": true},
         });
         if !documents.is_empty() {
             body["documents"] = json!(documents);
@@ -109,7 +113,7 @@ pub fn run(args: LoadArgs) -> Result<()> {
     let reference = questions
         .iter()
         .map(|q| match ask(&client, base, &body(q, &by_id))? {
-            Reply::Answer(answer, _) => Ok(answer),
+            Reply::Answer { text, .. } => Ok(text),
             Reply::Refused(_) => bail!("the server refused a request while idle"),
             Reply::Other(status, text) => {
                 bail!("the reference request failed with {status}: {text}")
@@ -137,15 +141,19 @@ pub fn run(args: LoadArgs) -> Result<()> {
                 let mut refusals = 0;
                 let outcome = loop {
                     break match ask(&client, base, &body(questions[question], documents)) {
-                        Ok(Reply::Answer(answer, tokens)) if answer == reference[question] => {
-                            Outcome::Answered(tokens, sent.elapsed(), refusals)
-                        }
-                        Ok(Reply::Answer(answer, tokens)) => Outcome::Wrong(
+                        Ok(Reply::Answer {
+                            text,
                             tokens,
-                            format!(
-                                "request {i}: `{answer}` instead of `{}`",
-                                reference[question]
-                            ),
+                            first,
+                        }) if text == reference[question] => Outcome::Answered(
+                            tokens,
+                            sent.elapsed(),
+                            refusals,
+                            first.duration_since(sent),
+                        ),
+                        Ok(Reply::Answer { text, tokens, .. }) => Outcome::Wrong(
+                            tokens,
+                            format!("request {i}: `{text}` instead of `{}`", reference[question]),
                         ),
                         Ok(Reply::Refused(wait)) if refusals < args.retries => {
                             refusals += 1;
@@ -200,33 +208,33 @@ fn register(client: &Client, base: &str, documents: &[String]) -> Result<Vec<Str
 
 /// What the server said to one request.
 enum Reply {
-    /// The answer and its length in tokens.
-    Answer(String, usize),
+    /// The answer, its length in tokens, and when its first text arrived.
+    Answer {
+        text: String,
+        tokens: usize,
+        first: Instant,
+    },
     /// 429 with `Retry-After` and OpenAI's error object: wait this long.
     Refused(Duration),
     Other(StatusCode, String),
 }
 
-/// One chat completion.
+/// One streamed chat completion.
 fn ask(client: &Client, base: &str, body: &Value) -> Result<Reply> {
     let response = client
         .post(format!("{base}/v1/chat/completions"))
         .json(body)
         .send()?;
     let status = response.status();
+    if status == StatusCode::OK {
+        return read_stream(response);
+    }
     let retry_after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let reply: Value = response.json().context("the reply is not JSON")?;
     Ok(match (status, retry_after) {
-        (StatusCode::OK, _) => Reply::Answer(
-            reply["choices"][0]["message"]["content"]
-                .as_str()
-                .with_context(|| format!("a 200 reply without an answer: {reply}"))?
-                .to_owned(),
-            reply["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
-        ),
         (StatusCode::TOO_MANY_REQUESTS, Some(seconds)) if reply["error"]["message"].is_string() => {
             Reply::Refused(Duration::from_secs(seconds))
         }
@@ -234,15 +242,56 @@ fn ask(client: &Client, base: &str, body: &Value) -> Result<Reply> {
     })
 }
 
+/// The text of a stream of server-sent chunks; its length in tokens from the usage of
+/// the last chunk (where the server sends none, the chunks with text).
+fn read_stream(response: reqwest::blocking::Response) -> Result<Reply> {
+    let (mut text, mut chunks, mut usage, mut first) = (String::new(), 0, None, None);
+    for line in BufReader::new(response).lines() {
+        let line = line.context("the stream broke off")?;
+        let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value =
+            serde_json::from_str(data).with_context(|| format!("a chunk is not JSON: {data}"))?;
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            if !piece.is_empty() {
+                first.get_or_insert_with(Instant::now);
+                text.push_str(piece);
+                chunks += 1;
+            }
+        }
+        if let Some(tokens) = chunk["usage"]["completion_tokens"].as_u64() {
+            usage = Some(tokens as usize);
+        }
+    }
+    Ok(Reply::Answer {
+        text,
+        tokens: usage.unwrap_or(chunks),
+        first: first.unwrap_or_else(Instant::now),
+    })
+}
+
 fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
-    let mut latencies: Vec<f64> = outcomes
-        .iter()
-        .filter_map(|o| match o {
-            Outcome::Answered(_, latency, _) => Some(latency.as_secs_f64()),
-            _ => None,
-        })
-        .collect();
-    latencies.sort_by(f64::total_cmp);
+    let sorted = |of: fn(&Outcome) -> Option<Duration>| {
+        let mut seconds: Vec<f64> = outcomes
+            .iter()
+            .filter_map(of)
+            .map(|d| d.as_secs_f64())
+            .collect();
+        seconds.sort_by(f64::total_cmp);
+        seconds
+    };
+    let latencies = sorted(|o| match o {
+        Outcome::Answered(_, latency, _, _) => Some(*latency),
+        _ => None,
+    });
+    let firsts = sorted(|o| match o {
+        Outcome::Answered(_, _, _, first) => Some(*first),
+        _ => None,
+    });
     let refused = outcomes
         .iter()
         .filter(|o| matches!(o, Outcome::Refused))
@@ -250,7 +299,7 @@ fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
     let refusals: usize = outcomes
         .iter()
         .map(|o| match o {
-            Outcome::Answered(_, _, refusals) => *refusals,
+            Outcome::Answered(_, _, refusals, _) => *refusals,
             Outcome::Refused => args.retries + 1,
             _ => 0,
         })
@@ -269,16 +318,16 @@ fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
     let generated: usize = outcomes
         .iter()
         .map(|o| match o {
-            Outcome::Answered(tokens, _, _) | Outcome::Wrong(tokens, _) => *tokens,
+            Outcome::Answered(tokens, ..) | Outcome::Wrong(tokens, _) => *tokens,
             _ => 0,
         })
         .sum();
-    let percentile = |p: f64| -> f64 {
-        if latencies.is_empty() {
+    let percentile = |of: &[f64], p: f64| -> f64 {
+        if of.is_empty() {
             return f64::NAN;
         }
-        let rank = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
-        latencies[rank.clamp(1, latencies.len()) - 1]
+        let rank = ((p / 100.0) * of.len() as f64).ceil() as usize;
+        of[rank.clamp(1, of.len()) - 1]
     };
     let summary = json!({
         "requests": outcomes.len(),
@@ -293,19 +342,22 @@ fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
         "answers_per_second": latencies.len() as f64 / wall.as_secs_f64(),
         "generated_tokens": generated,
         "tokens_per_second": generated as f64 / wall.as_secs_f64(),
-        "latency_p50": percentile(50.0),
-        "latency_p90": percentile(90.0),
-        "latency_p99": percentile(99.0),
+        "latency_p50": percentile(&latencies, 50.0),
+        "latency_p90": percentile(&latencies, 90.0),
+        "latency_p99": percentile(&latencies, 99.0),
         "latency_max": latencies.last().copied().unwrap_or(f64::NAN),
+        "first_token_p50": percentile(&firsts, 50.0),
+        "first_token_p90": percentile(&firsts, 90.0),
+        "first_token_p99": percentile(&firsts, 99.0),
     });
     if args.json {
         println!("{summary}");
         return;
     }
-    println!("| clients | requests | answered | 429s on the way | given up | wrong | failed | answers/s | tokens/s | p50 | p90 | p99 | max |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| clients | requests | answered | 429s on the way | given up | wrong | failed | answers/s | tokens/s | p50 | p90 | p99 | max | first token p50 | p90 | p99 |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.2} s | {:.2} s | {:.2} s | {:.2} s |",
+        "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} s |",
         args.clients,
         outcomes.len(),
         latencies.len(),
@@ -315,10 +367,13 @@ fn report(args: &LoadArgs, outcomes: &[Outcome], wall: Duration) {
         problems.len() - wrong,
         summary["answers_per_second"].as_f64().unwrap_or(f64::NAN),
         summary["tokens_per_second"].as_f64().unwrap_or(f64::NAN),
-        percentile(50.0),
-        percentile(90.0),
-        percentile(99.0),
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 90.0),
+        percentile(&latencies, 99.0),
         summary["latency_max"].as_f64().unwrap_or(f64::NAN),
+        percentile(&firsts, 50.0),
+        percentile(&firsts, 90.0),
+        percentile(&firsts, 99.0),
     );
     for problem in problems {
         println!("- {problem}");

@@ -544,6 +544,14 @@ fn a_bounded_load_is_answered_or_cleanly_refused() {
     assert!(answered > 0, "{summary}");
     // 32 clients against 2 slots and 8 places in the queue: some were turned away, and
     // the server counted exactly the refusals the clients saw.
+    let (first, whole) = (
+        summary["first_token_p50"].as_f64().unwrap(),
+        summary["latency_p50"].as_f64().unwrap(),
+    );
+    assert!(
+        first > 0.0 && first <= whole,
+        "the first text comes before the whole answer: {summary}"
+    );
     let refusals = summary["refusals"].as_f64().unwrap();
     assert!(refusals > 0.0, "{summary}");
     assert_eq!(server.metric("ape_requests_refused_total"), refusals);
