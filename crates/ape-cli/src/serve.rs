@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// 400. By default half of the memory available at start.
     #[arg(long, value_parser = crate::store::parse_size)]
     kv_memory: Option<u64>,
+    /// Require this key on every request but `GET /health`, sent as `Authorization:
+    /// Bearer KEY` (OpenAI clients' `api_key`); best given through the environment, where
+    /// other users' `ps` does not show it.
+    #[arg(long, env = "APE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Read every chat from scratch instead of reusing the keys and values of the start
     /// it shares with a recent one (the conversation so far).
     #[arg(long)]
@@ -69,6 +74,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         args.request_timeout > 0,
         "--request-timeout must be at least 1 second"
     );
+    if let Some(key) = &args.api_key {
+        anyhow::ensure!(
+            !key.trim().is_empty(),
+            "--api-key (APE_API_KEY) is empty; give a key, or leave it out to serve without one"
+        );
+    }
     let path = &args.model.model;
     let mut engine = args.model.load()?.with_batching(args.max_batch_tokens);
     if let Some(bytes) = args.kv_memory {
@@ -91,6 +102,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         request_timeout: Duration::from_secs(args.request_timeout),
         max_body_bytes: usize::try_from(args.max_body).unwrap_or(usize::MAX),
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        api_key: args.api_key,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -671,6 +671,43 @@ fn requests_beyond_the_kv_memory_budget_are_refused_not_run_out_of_memory() {
 }
 
 #[test]
+fn with_an_api_key_only_requests_that_send_it_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&[
+        "--cache-dir",
+        dir.path().to_str().unwrap(),
+        "--api-key",
+        "open sesame",
+    ]);
+    let chat = |key: Option<&str>| {
+        let request = reqwest::blocking::Client::new()
+            .post(format!("{}/v1/chat/completions", server.url))
+            .json(&question(documents()));
+        match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+        .send()
+        .unwrap()
+    };
+    for key in [None, Some("open sesam"), Some("open sesame!"), Some("")] {
+        let response = chat(key);
+        let challenge = response.headers().get("www-authenticate").cloned();
+        let (status, e) = error(response);
+        assert_eq!(status, 401, "{key:?}: {e}");
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("authentication_error"), Some("invalid_api_key"))
+        );
+        assert_eq!(challenge.unwrap(), "Bearer");
+    }
+    assert!(!answer(chat(Some("open sesame"))).is_empty());
+    assert_eq!(server.get("/health").status(), 200, "probes need no key");
+    assert_eq!(server.get("/metrics").status(), 401);
+    assert_eq!(server.get("/v1/models").status(), 401);
+}
+
+#[test]
 fn a_request_past_its_time_limit_is_stopped_with_504() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&[

@@ -44,6 +44,9 @@ pub struct ServerConfig {
     /// Longest a connection may take to send a request's headers, or its body, and may
     /// stay open between requests.
     pub idle_timeout: Duration,
+    /// The key every request but `GET /health` must send as `Authorization: Bearer KEY`;
+    /// none: no authentication.
+    pub api_key: Option<String>,
 }
 
 /// Serve `engine` (whose model clients call `model_id`) until Ctrl-C or SIGTERM; contexts
@@ -67,6 +70,10 @@ pub async fn serve(
         metrics,
         model_id,
         started: Instant::now(),
+        api_key: config
+            .api_key
+            .as_deref()
+            .map(|key| blake3::hash(key.trim().as_bytes())),
     });
     let listener = tokio::net::TcpListener::bind(config.address).await?;
     eprintln!(

@@ -38,6 +38,9 @@ pub struct AppState {
     /// The name clients pass as `model`.
     pub model_id: String,
     pub started: Instant,
+    /// The digest of the key clients must send, when the server has one: comparing
+    /// digests takes the same time wherever the keys differ.
+    pub api_key: Option<blake3::Hash>,
 }
 
 type Shared = Arc<AppState>;
@@ -64,6 +67,7 @@ pub fn router(state: Shared, max_body_bytes: usize, body_time: Duration) -> Rout
         .layer(middleware::from_fn(move |request, next| {
             read_body(max_body_bytes, body_time, request, next)
         }))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(state.clone(), record))
         // `read_body` bounds every body before an extractor sees it.
         .layer(DefaultBodyLimit::disable())
@@ -108,6 +112,26 @@ async fn read_body(max_bytes: usize, time: Duration, request: Request, next: Nex
     };
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
+}
+
+/// With an API key, refuse every request that does not send it (before its body is
+/// read), except `GET /health`, which load balancers probe without credentials.
+async fn authorize(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let Some(expected) = &state.api_key else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match presented {
+        Some(key) if blake3::hash(key.trim().as_bytes()) == *expected => next.run(request).await,
+        _ => ApiError::unauthorized().into_response(),
+    }
 }
 
 /// Count every response by route and status, and time it.
