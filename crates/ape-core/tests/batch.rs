@@ -1,10 +1,11 @@
 //! Requests decoded together give the tokens each gets alone: plain generation and APE
-//! answers, of different lengths, started at different times, on the real models.
+//! answers (with recomputed document tokens too), of different lengths, started at
+//! different times, on the real models.
 
 mod common;
 
 use ape_core::engine::generate::GenerateOptions;
-use ape_core::engine::{Engine, Mode};
+use ape_core::engine::{Engine, Mode, Recompute, Selection};
 
 fn greedy(max_tokens: usize) -> GenerateOptions {
     GenerateOptions {
@@ -51,6 +52,14 @@ fn requests_decoded_together_answer_as_alone() {
             24,
         ),
         Request::Documents("When does the library open?", Mode::Parallel, 16),
+        Request::Documents(
+            "Where is the green shed?",
+            Mode::ape(1.0, 1.0)
+                .unwrap()
+                .with_recompute(Recompute::new(0.3, Selection::Attended).unwrap())
+                .unwrap(),
+            20,
+        ),
         Request::Documents("Where is Bob's car?", Mode::Sequential, 20),
         Request::Chat("Count from one to twenty in words.", 48),
     ];

@@ -1,7 +1,8 @@
 //! Running requests together: each step of the batcher's thread is one forward pass
 //! ([`Model::forward_batch`]) holding the next token of every request decoding at the
 //! moment and prompt work of at most `chunk_tokens` tokens (chunks of prompts, queries, a
-//! prefix read for the first time, documents being encoded), so that the weights, which a
+//! prefix read for the first time, documents being encoded, document tokens being
+//! recomputed), so that the weights, which a
 //! decoding step spends most of its time reading, are read once for all of them, and a
 //! prompt being read does not stall the others' decoding.
 //!
@@ -41,6 +42,9 @@ pub(crate) enum Reading {
     Context {
         prefix: Arc<KvCache>,
     },
+    Recompute {
+        positions: Arc<[usize]>,
+    },
 }
 
 impl Reading {
@@ -62,7 +66,7 @@ impl Reading {
     fn contexts(&self) -> Vec<&KvCache> {
         match self {
             Reading::Ape { contexts, .. } => contexts.iter().map(Arc::as_ref).collect(),
-            Reading::Causal | Reading::Context { .. } => Vec::new(),
+            Reading::Causal | Reading::Context { .. } | Reading::Recompute { .. } => Vec::new(),
         }
     }
 
@@ -79,6 +83,7 @@ impl Reading {
                 factors: *factors,
             },
             Reading::Context { prefix } => Reads::Context { prefix },
+            Reading::Recompute { positions } => Reads::Recompute { positions },
         }
     }
 }

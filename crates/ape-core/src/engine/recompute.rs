@@ -2,6 +2,7 @@
 //! the query reads them ([`Recompute`]): which tokens, at which positions, and what the
 //! query then reads plainly and what with APE's factors.
 
+use super::batch::Reading;
 use super::{Engine, Prompt, Recompute, Selection};
 use crate::attention::KvCache;
 use crate::engine::generate::Cancel;
@@ -18,6 +19,24 @@ pub(super) struct Repaired {
 }
 
 impl Engine {
+    /// [`Model::recompute`](crate::model::Model), in a step of the batch when batching.
+    fn recompute_in_place(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        cache: &mut KvCache,
+        cancel: &Cancel,
+    ) -> Result<()> {
+        let Some(batcher) = &self.batcher else {
+            return self.model.recompute(tokens, positions, cache, cancel);
+        };
+        cancel.check()?;
+        let reading = Reading::Recompute {
+            positions: positions.into(),
+        };
+        batcher.read(tokens, cache, &reading).map(drop)
+    }
+
     /// Recompute the share of `prompt`'s context tokens that `recompute` asks for, over
     /// their keys and values `contexts` (encoded after `prefix`), leaving `room` positions
     /// for the query side; `None` when nothing is to be recomputed, or when the contexts
@@ -64,10 +83,13 @@ impl Engine {
             }
         };
         let tokens = prompt.sequential_tokens();
-        for positions in chosen.chunks(crate::engine::generate::PREFILL_CHUNK) {
+        let chunk = self
+            .batcher
+            .as_ref()
+            .map_or(crate::engine::generate::PREFILL_CHUNK, |b| b.chunk_tokens);
+        for positions in chosen.chunks(chunk) {
             let chunk: Vec<u32> = positions.iter().map(|&at| tokens[at]).collect();
-            self.model
-                .recompute(&chunk, positions, &mut cache, cancel)?;
+            self.recompute_in_place(&chunk, positions, &mut cache, cancel)?;
         }
         let mut is_chosen = vec![false; p + total];
         chosen.iter().for_each(|&at| is_chosen[at] = true);

@@ -65,6 +65,10 @@ pub enum Reads<'a> {
     /// attending to the prefix and to the context up to themselves
     /// ([`Model::extend_context`]).
     Context { prefix: &'a KvCache },
+    /// The tokens sit at `positions` (increasing, all filled) of the cache and are
+    /// recomputed there, each attending causally to every position up to its own
+    /// ([`Model::recompute`]); the cache does not grow.
+    Recompute { positions: &'a [usize] },
 }
 
 impl Reads<'_> {
@@ -75,6 +79,7 @@ impl Reads<'_> {
             Reads::Causal => 0,
             Reads::Ape { contexts, .. } => contexts.iter().map(|c| c.len()).max().unwrap_or(0),
             Reads::Context { prefix } => prefix.len(),
+            Reads::Recompute { .. } => 0,
         }
     }
 }
@@ -250,12 +255,21 @@ impl Model {
         let mut rows = Vec::with_capacity(steps.len());
         let mut positions = Vec::with_capacity(tokens.len());
         for step in steps.iter() {
-            assert!(
-                step.cache.len() + step.tokens.len() <= step.cache.capacity(),
-                "KV cache overflow"
-            );
-            let first = step.cache.len() + step.reads.positions_before();
-            positions.extend(first..first + step.tokens.len());
+            if let Reads::Recompute { positions: at } = step.reads {
+                assert_eq!(at.len(), step.tokens.len(), "a position per token");
+                assert!(
+                    at.iter().all(|&p| p < step.cache.len()),
+                    "recomputing past the cache"
+                );
+                positions.extend_from_slice(at);
+            } else {
+                assert!(
+                    step.cache.len() + step.tokens.len() <= step.cache.capacity(),
+                    "KV cache overflow"
+                );
+                let first = step.cache.len() + step.reads.positions_before();
+                positions.extend(first..first + step.tokens.len());
+            }
             let start = rows.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
             rows.push(start..start + step.tokens.len());
         }
@@ -267,11 +281,16 @@ impl Model {
                     &q[r.start * q_row..r.end * q_row],
                     &mut out[r.start * q_row..r.end * q_row],
                 );
-                step.cache.write(
-                    layer,
+                let (k, v) = (
                     &k[r.start * kv_row..r.end * kv_row],
                     &v[r.start * kv_row..r.end * kv_row],
                 );
+                match step.reads {
+                    Reads::Recompute { positions } => {
+                        step.cache.overwrite(layer, positions, k, v);
+                    }
+                    _ => step.cache.write(layer, k, v),
+                }
                 match &step.reads {
                     Reads::Causal => causal_attention(q, heads, step.cache, layer, out),
                     Reads::Ape {
@@ -292,11 +311,16 @@ impl Model {
                         let own = (0..r.len(), &*step.cache);
                         context_attention(q, heads, prefix, &[own], layer, out);
                     }
+                    Reads::Recompute { positions } => {
+                        in_place_attention(q, heads, step.cache, positions, layer, out);
+                    }
                 }
             }
         });
         for step in steps.iter_mut() {
-            step.cache.advance(step.tokens.len());
+            if !matches!(step.reads, Reads::Recompute { .. }) {
+                step.cache.advance(step.tokens.len());
+            }
         }
         x
     }
