@@ -114,7 +114,7 @@ impl Metrics {
             .expect("valid counter"),
             refused: IntCounter::new(
                 "ape_requests_refused_total",
-                "Requests refused with 429 because the queue was full.",
+                "Requests refused with 429: the queue was full, or the KV budget could not hold them.",
             )
             .expect("valid counter"),
             cancelled: IntCounter::new(
