@@ -15,6 +15,10 @@ tokenized with special=True (special token text maps to the special token id).
 
 Requires: llama-cpp-python (built from source), gguf.
 Usage: python3 scripts/reference/make_token_fixtures.py [MODEL.gguf ...]
+
+With --server URL, the ids come instead from the /tokenize route of a llama-server
+(built from the same llama.cpp) serving the one MODEL given, which needs no Python
+bindings: `llama-server -m MODEL --port 8399` then `--server http://127.0.0.1:8399 MODEL`.
 """
 
 import argparse
@@ -128,6 +132,10 @@ SPECIAL_TEXTS = [
     "text before<|endoftext|>text after",
     "<|im_start|><|im_end|>",
     " <|im_start|> spaced <|im_end|> ",
+    # Gemma's chat markers
+    "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n",
+    "<bos>text<eos>",
+    " <start_of_turn> spaced <end_of_turn> ",
 ]
 
 
@@ -137,6 +145,8 @@ def short_name(path):
         return "smollm2"
     if base.startswith("qwen2"):
         return "qwen2"
+    if base.startswith("gemma-3"):
+        return "gemma3"
     return os.path.splitext(base)[0]
 
 
@@ -169,24 +179,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="*", default=DEFAULT_MODELS)
     ap.add_argument("--out-dir", default=FIXTURES)
+    ap.add_argument("--server", help="a llama-server's URL, serving the one model given")
     args = ap.parse_args()
 
-    import llama_cpp
-
-    version = llama_cpp.__version__
     os.makedirs(args.out_dir, exist_ok=True)
-
     assert len(PLAIN_TEXTS) >= 60, len(PLAIN_TEXTS)
+    if args.server:
+        assert len(args.models) == 1, "--server tokenizes with the one model it serves"
     for model in args.models:
-        llm = llama_cpp.Llama(model_path=model, vocab_only=True, verbose=False)
+        tokenize, reference = tokenizer_for(model, args.server)
         cases = []
         for special, texts in ((False, PLAIN_TEXTS), (True, SPECIAL_TEXTS)):
             for text in texts:
-                ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
-                cases.append({"text": text, "special": special, "ids": [int(i) for i in ids]})
+                ids = tokenize(text, special)
+                cases.append({"text": text, "special": special, "ids": ids})
         out = {
             "model": os.path.basename(model),
-            "reference": f"llama-cpp-python {version}",
+            "reference": reference,
             "tokenizer_model": gguf_str(model, "tokenizer.ggml.model"),
             "tokenizer_pre": gguf_str(model, "tokenizer.ggml.pre"),
             "cases": cases,
@@ -195,7 +204,34 @@ def main():
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(dump_compact(out))
         print(f"wrote {path}: {len(cases)} cases", file=sys.stderr)
-        del llm
+
+
+def tokenizer_for(model, server):
+    """tokenize(text, special) -> ids without BOS, and the name of the reference."""
+    if server:
+        import urllib.request
+
+        def tokenize(text, special):
+            body = json.dumps({"content": text, "add_special": False, "parse_special": special})
+            request = urllib.request.Request(
+                server.rstrip("/") + "/tokenize",
+                data=body.encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request) as response:
+                return [int(i) for i in json.load(response)["tokens"]]
+
+        return tokenize, "llama-server /tokenize, llama.cpp vendored in llama-cpp-python 0.3.36"
+
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=model, vocab_only=True, verbose=False)
+
+    def tokenize(text, special):
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        return [int(i) for i in ids]
+
+    return tokenize, f"llama-cpp-python {llama_cpp.__version__}"
 
 
 if __name__ == "__main__":

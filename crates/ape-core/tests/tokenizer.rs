@@ -10,7 +10,7 @@ use ape_core::model::gguf::Gguf;
 use ape_core::tokenizer::Tokenizer;
 use serde::Deserialize;
 
-use common::{QWEN2, SMOLLM2};
+use common::{GEMMA3, QWEN2, SMOLLM2};
 
 struct Model {
     tokenizer: Tokenizer,
@@ -23,6 +23,15 @@ fn load(file: &str) -> Model {
         tokenizer: Tokenizer::from_gguf(&gguf).unwrap(),
         template: ChatTemplate::from_gguf(&gguf).unwrap(),
     }
+}
+
+/// Gemma 3's SentencePiece vocabulary (262,144 pieces with scores).
+fn gemma3() -> &'static Tokenizer {
+    static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+    TOKENIZER.get_or_init(|| {
+        let gguf = Gguf::open(common::model_path(GEMMA3)).unwrap();
+        Tokenizer::from_gguf(&gguf).unwrap()
+    })
 }
 
 // Building a 150K-token vocabulary takes a moment; every test shares one per model.
@@ -52,7 +61,7 @@ struct Case {
 
 /// Every fixture case must give llama.cpp's ids and decode back to its text. All
 /// failures are listed at once, since one pre-tokenizer slip usually breaks several.
-fn check_against_llama_cpp(model: &Model, model_file: &str, fixture_file: &str) {
+fn check_against_llama_cpp(tokenizer: &Tokenizer, model_file: &str, fixture_file: &str) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(fixture_file);
@@ -71,14 +80,14 @@ fn check_against_llama_cpp(model: &Model, model_file: &str, fixture_file: &str) 
 
     let mut failures = Vec::new();
     for case in &fixture.cases {
-        let ids = model.tokenizer.encode(&case.text, case.special).unwrap();
+        let ids = tokenizer.encode(&case.text, case.special).unwrap();
         if ids != case.ids {
             failures.push(format!(
                 "{:?} (special={}):\n    expected {:?}\n    got      {:?}",
                 case.text, case.special, case.ids, ids
             ));
         }
-        let decoded = model.tokenizer.decode(&ids).unwrap();
+        let decoded = tokenizer.decode(&ids).unwrap();
         if decoded != case.text {
             failures.push(format!("{:?} decodes back to {decoded:?}", case.text));
         }
@@ -95,12 +104,29 @@ fn check_against_llama_cpp(model: &Model, model_file: &str, fixture_file: &str) 
 
 #[test]
 fn smollm2_matches_llama_cpp() {
-    check_against_llama_cpp(smollm2(), SMOLLM2, "tokens-smollm2.json");
+    check_against_llama_cpp(&smollm2().tokenizer, SMOLLM2, "tokens-smollm2.json");
 }
 
 #[test]
 fn qwen2_matches_llama_cpp() {
-    check_against_llama_cpp(qwen2(), QWEN2, "tokens-qwen2.json");
+    check_against_llama_cpp(&qwen2().tokenizer, QWEN2, "tokens-qwen2.json");
+}
+
+#[test]
+fn gemma3_matches_llama_cpp() {
+    check_against_llama_cpp(gemma3(), GEMMA3, "tokens-gemma3.json");
+}
+
+#[test]
+fn gemma3_special_ids() {
+    let tok = gemma3();
+    assert_eq!(tok.vocab_size(), 262_144);
+    assert_eq!((tok.bos_id(), tok.eos_id()), (Some(2), Some(1)));
+    assert!(tok.add_bos());
+    assert_eq!(tok.token_text(105), Some("<start_of_turn>"));
+    // <eos>, <end_of_turn>, and </s>, which llama.cpp also makes a control token (so its
+    // text in plain input is read as text, though the file types it user-defined).
+    assert_eq!(tok.eog_ids(), &[1, 106, 212]);
 }
 
 #[test]
@@ -125,8 +151,12 @@ fn qwen2_special_ids() {
     assert_eq!(tok.eos_id(), Some(151645));
     assert!(!tok.add_bos());
     assert_eq!(tok.token_text(151644), Some("<|im_start|>"));
-    // <|endoftext|>, <|im_end|>, and the FIM pad, repo-name and file-separator tokens.
-    assert_eq!(tok.eog_ids(), &[151643, 151645, 151662, 151663, 151664]);
+    // </s>, <|endoftext|>, <|im_end|>, and the FIM pad, repo-name and file-separator
+    // tokens, as llama.cpp stops on them.
+    assert_eq!(
+        tok.eog_ids(),
+        &[128247, 151643, 151645, 151662, 151663, 151664]
+    );
 }
 
 #[test]

@@ -1,11 +1,16 @@
 //! The model's own tokenizer, rebuilt from the vocabulary stored in its GGUF file.
 //!
-//! Only GPT-2 style byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`) are
-//! supported: that covers the Llama 3, Qwen 2 and SmolLM families. Encoding is done by
-//! the Hugging Face `tokenizers` crate, set up to split text the way llama.cpp does for
-//! the pre-tokenizer named in `tokenizer.ggml.pre`, so that prompts get exactly the ids
-//! the model was converted with. Decoding is done here, from a per-token byte table,
-//! because streamed generation needs the raw bytes of every token.
+//! Two kinds of vocabulary are read:
+//! - GPT-2 style byte-level BPE (`tokenizer.ggml.model = "gpt2"`: Llama 3, Qwen 2,
+//!   SmolLM), encoded by the Hugging Face `tokenizers` crate set up to split text the way
+//!   llama.cpp does for the pre-tokenizer named in `tokenizer.ggml.pre`;
+//! - SentencePiece (`"llama"`: Gemma, Mistral, Llama 2), merged by score in `spm.rs`.
+//!
+//! Either way prompts get exactly the ids llama.cpp gives them. Decoding is done here,
+//! from a per-token byte table, because streamed generation needs the raw bytes of every
+//! token.
+
+mod spm;
 
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -32,7 +37,8 @@ const QWEN2_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]
 /// Token texts that end generation. llama.cpp finds these by name too, because GGUF
 /// files only record one EOS id while chat models stop on several tokens. The FIM pad,
 /// repository and file-separator tokens are included because a code model that emits
-/// them has finished the file it was asked for.
+/// them has finished the file it was asked for; `</s>` and `<eos>` because llama.cpp
+/// (the version `llama-cpp-python` 0.3.36 vendors) stops on them in every vocabulary.
 const EOG_TEXTS: &[&str] = &[
     "<|eot_id|>",
     "<|im_end|>",
@@ -51,6 +57,8 @@ const EOG_TEXTS: &[&str] = &[
     "<fim-repo>",
     "<reponame>",
     "<|file_sep|>",
+    "</s>",
+    "<eos>",
 ];
 
 /// How a GGUF file classifies a token (`tokenizer.ggml.token_type`).
@@ -153,11 +161,7 @@ impl PreTokenizer {
 
 /// A model's tokenizer: text to token ids and back.
 pub struct Tokenizer {
-    /// Encodes with control-token text (`<|im_start|>`) becoming the control token.
-    parsing_special: tokenizers::Tokenizer,
-    /// The same vocabulary, but control-token text is tokenized like any other text, so
-    /// user input cannot forge chat markers.
-    plain: tokenizers::Tokenizer,
+    encoder: Encoder,
     tokens: Vec<String>,
     pieces: Pieces,
     bos: Option<u32>,
@@ -169,49 +173,61 @@ pub struct Tokenizer {
     longest_token_bytes: usize,
 }
 
+/// Text to ids, for one kind of vocabulary.
+enum Encoder {
+    Bpe {
+        /// Encodes with control-token text (`<|im_start|>`) becoming the control token.
+        parsing_special: Box<tokenizers::Tokenizer>,
+        /// The same vocabulary, but control-token text is tokenized like any other
+        /// text, so user input cannot forge chat markers.
+        plain: Box<tokenizers::Tokenizer>,
+    },
+    Spm(spm::Spm),
+}
+
 impl Tokenizer {
     pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
         let model = gguf.require("tokenizer.ggml.model", "string", Value::as_str)?;
-        if model != "gpt2" {
-            return Err(Error::Tokenizer(format!(
-                "tokenizer model `{model}` is not supported; ape reads GPT-2 style byte-level BPE vocabularies (`gpt2`)"
-            )));
-        }
-        let pre = match optional(gguf, "tokenizer.ggml.pre", "string", Value::as_str)? {
-            None => PreTokenizer::DEFAULT,
-            Some(name) => PreTokenizer::named(name)?,
-        };
         let tokens = string_array(gguf, "tokenizer.ggml.tokens")?;
         let kinds = token_kinds(gguf, &tokens)?;
-
-        let mut parsing_special = tokenizers::Tokenizer::new(bpe_model(gguf, &tokens, &pre)?);
-        parsing_special.with_pre_tokenizer(Some(pre.build()?));
-        let added = |wanted: TokenKind, special: bool| {
-            tokens
-                .iter()
-                .zip(&kinds)
-                .filter(|&(_, &kind)| kind == wanted)
-                .map(|(text, _)| AddedToken::from(text.as_str(), special).normalized(false))
-                .collect::<Vec<_>>()
+        let (encoder, add_bos_by_default) = match model {
+            "gpt2" => {
+                let pre = match optional(gguf, "tokenizer.ggml.pre", "string", Value::as_str)? {
+                    None => PreTokenizer::DEFAULT,
+                    Some(name) => PreTokenizer::named(name)?,
+                };
+                (bpe_encoder(gguf, &tokens, &kinds, &pre)?, pre.add_bos)
+            }
+            "llama" => {
+                let scores = float_array(gguf, "tokenizer.ggml.scores")?;
+                let space_prefix = optional(
+                    gguf,
+                    "tokenizer.ggml.add_space_prefix",
+                    "bool",
+                    Value::as_bool,
+                )?
+                .unwrap_or(true);
+                let spm = spm::Spm::new(&tokens, &kinds, scores, space_prefix)?;
+                (Encoder::Spm(spm), true)
+            }
+            other => {
+                return Err(Error::Tokenizer(format!(
+                    "tokenizer model `{other}` is not supported; ape reads GPT-2 style byte-level BPE (`gpt2`) and SentencePiece (`llama`) vocabularies"
+                )))
+            }
         };
-        parsing_special.add_special_tokens(&added(TokenKind::Control, true));
-        parsing_special.add_tokens(&added(TokenKind::UserDefined, false));
-        let mut plain = parsing_special.clone();
-        plain.set_encode_special_tokens(true);
-
         let bos = special_id(gguf, "tokenizer.ggml.bos_token_id", tokens.len())?;
         let add_bos = optional(gguf, "tokenizer.ggml.add_bos_token", "bool", Value::as_bool)?
-            .unwrap_or(pre.add_bos);
+            .unwrap_or(add_bos_by_default);
         if add_bos && bos.is_none() {
             return Err(Error::Tokenizer(
                 "tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is missing"
                     .into(),
             ));
         }
-        let pieces = Pieces::new(&tokens, &kinds);
+        let pieces = Pieces::new(&tokens, &kinds, matches!(encoder, Encoder::Bpe { .. }));
         Ok(Tokenizer {
-            parsing_special,
-            plain,
+            encoder,
             longest_token_bytes: pieces.longest().max(1),
             pieces,
             bos,
@@ -226,10 +242,17 @@ impl Tokenizer {
     /// tokens (`<|im_start|>`) becomes those tokens; use it for rendered chat templates,
     /// never for raw user input.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let (parsing_special, plain) = match &self.encoder {
+            Encoder::Spm(spm) => return spm.encode(text, parse_special),
+            Encoder::Bpe {
+                parsing_special,
+                plain,
+            } => (parsing_special, plain),
+        };
         let tokenizer = if parse_special {
-            &self.parsing_special
+            parsing_special
         } else {
-            &self.plain
+            plain
         };
         let encoding = tokenizer
             .encode(text, false)
@@ -360,12 +383,17 @@ struct Pieces {
 }
 
 impl Pieces {
-    fn new(tokens: &[String], kinds: &[TokenKind]) -> Self {
+    /// The bytes of every token, from its text: in GPT-2's byte alphabet when
+    /// `byte_level`, else SentencePiece's (`▁` for a space).
+    fn new(tokens: &[String], kinds: &[TokenKind], byte_level: bool) -> Self {
         let mut bytes = Vec::new();
         let mut starts = Vec::with_capacity(tokens.len() + 1);
         starts.push(0);
         for (text, &kind) in tokens.iter().zip(kinds) {
             match kind {
+                TokenKind::Normal | TokenKind::UserDefined if !byte_level => {
+                    bytes.extend_from_slice(text.replace('\u{2581}', " ").as_bytes())
+                }
                 TokenKind::Normal => {
                     for c in text.chars() {
                         match byte_of_char(c) {
@@ -450,6 +478,33 @@ fn special_id(gguf: &Gguf, key: &str, n_vocab: usize) -> Result<Option<u32>> {
     }
 }
 
+/// The byte-level BPE encoders of a vocabulary: one parsing control tokens' text, one not.
+fn bpe_encoder(
+    gguf: &Gguf,
+    tokens: &[String],
+    kinds: &[TokenKind],
+    pre: &PreTokenizer,
+) -> Result<Encoder> {
+    let mut parsing_special = tokenizers::Tokenizer::new(bpe_model(gguf, tokens, pre)?);
+    parsing_special.with_pre_tokenizer(Some(pre.build()?));
+    let added = |wanted: TokenKind, special: bool| {
+        tokens
+            .iter()
+            .zip(kinds)
+            .filter(|&(_, &kind)| kind == wanted)
+            .map(|(text, _)| AddedToken::from(text.as_str(), special).normalized(false))
+            .collect::<Vec<_>>()
+    };
+    parsing_special.add_special_tokens(&added(TokenKind::Control, true));
+    parsing_special.add_tokens(&added(TokenKind::UserDefined, false));
+    let mut plain = parsing_special.clone();
+    plain.set_encode_special_tokens(true);
+    Ok(Encoder::Bpe {
+        parsing_special: Box::new(parsing_special),
+        plain: Box::new(plain),
+    })
+}
+
 fn bpe_model(gguf: &Gguf, tokens: &[String], pre: &PreTokenizer) -> Result<BPE> {
     let mut vocab = Vocab::with_capacity(tokens.len());
     for (id, text) in tokens.iter().enumerate() {
@@ -494,6 +549,19 @@ fn end_of_generation_ids(gguf: &Gguf, tokens: &[String]) -> Result<Vec<u32>> {
     eog.sort_unstable();
     eog.dedup();
     Ok(eog)
+}
+
+fn float_array(gguf: &Gguf, key: &str) -> Result<Vec<f32>> {
+    let wrong_type = || Error::Metadata {
+        key: key.to_string(),
+        expected: "array of numbers",
+    };
+    gguf.get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(wrong_type)?
+        .iter()
+        .map(|item| item.as_f64().map(|x| x as f32).ok_or_else(wrong_type))
+        .collect()
 }
 
 fn string_array(gguf: &Gguf, key: &str) -> Result<Vec<String>> {
