@@ -5,7 +5,10 @@
 # recomputing 0, 5, 15 and 30% of the context tokens, and the time to first token over
 # 8K stored context tokens at the same shares. Results go to eval-results/recompute/;
 # scripts/recompute-tables.py prints the tables and draws the accuracy-against-time curve.
-# MODELS, SQUAD_N, NEEDLE_N and TASKS (default "squad needle") pick what runs.
+# MODELS, SQUAD_N, NEEDLE_N and TASKS (default "squad needle") pick what runs. SQUAD_MORE
+# (default 0) adds that many SQuAD test questions after the first SQUAD_N, in parts of 100
+# (`ape eval --skip`, one file each, joined by the tables script), read sequentially and
+# with APE at the shares in MORE_SHARES (default 0,0.05,0.3).
 # Needs ape built (`cargo build --release`), the models (`ape model pull ...`) and the data
 # (`bash scripts/eval-data.sh`). A calibration already beside a model is reused (ape warns
 # and falls back to the paper's defaults if it was written for another file).
@@ -18,6 +21,8 @@ TASKS="${TASKS:-squad needle}"
 SQUAD_N="${SQUAD_N:-200}"
 NEEDLE_N="${NEEDLE_N:-60}"
 SHARES=0,0.05,0.15,0.3
+SQUAD_MORE="${SQUAD_MORE:-0}"
+MORE_SHARES="${MORE_SHARES:-0,0.05,0.3}"
 mkdir -p "$OUT"
 
 for model in $MODELS; do
@@ -35,6 +40,13 @@ for model in $MODELS; do
                 --contexts "$contexts" --modes sequential,parallel,ape --recompute "$SHARES" \
                 --out "$OUT"
     done
+    if [[ " $TASKS " == *" squad "* ]]; then
+        for ((skip = SQUAD_N; skip < SQUAD_N + SQUAD_MORE; skip += 100)); do
+            [ -f "$OUT/squad-$model-test-from$skip.json" ] ||
+                $APE --threads 2 eval -m "$m" --task squad --split test --skip "$skip" --n 100 \
+                    --contexts 5 --modes sequential,ape --recompute "$MORE_SHARES" --out "$OUT"
+        done
+    fi
     [ -f "$OUT/ttft-$model.md" ] ||
         $APE --threads 2 bench ttft -m "$m" --total 8192 --repeats 1 --recompute "$SHARES" \
             >"$OUT/ttft-$model.md"
