@@ -267,13 +267,14 @@ impl Engine {
         if self.tokenizer.add_bos() {
             ids.extend(self.tokenizer.bos_id());
         }
-        ids.extend(self.encode_within_window(text)?);
+        ids.extend(self.encode_within_window(text, true)?);
         Ok(ids)
     }
 
-    /// `text`'s tokens (control-token text parsed), refused before tokenizing when it is
-    /// too long for any tokenization of it to fit the window.
-    fn encode_within_window(&self, text: &str) -> Result<Vec<u32>> {
+    /// `text`'s tokens (control-token text parsed into control tokens with
+    /// `parse_special`), refused before tokenizing when it is too long for any
+    /// tokenization of it to fit the window.
+    fn encode_within_window(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
         let window = self.model.config.context_length;
         let at_least = self.tokenizer.fewest_tokens(text);
         if at_least > window {
@@ -283,7 +284,7 @@ impl Engine {
                 window,
             });
         }
-        self.tokenizer.encode(text, true)
+        self.tokenizer.encode(text, parse_special)
     }
 
     /// Plain generation from prompt tokens, with no contexts. With
@@ -382,7 +383,11 @@ impl Engine {
             )
         })?;
         let (head, tail) = (&text[..at], &text[at + MARK.len()..]);
-        self.split_text(head, documents, &format!("{question}{tail}"))
+        let mut prompt = self.split_text(head, documents, question)?;
+        // The template's own end of turn and answer header, whose markers are control
+        // tokens; the question before them is the user's text, read as text.
+        prompt.query.extend(self.tokenizer.encode(tail, true)?);
+        Ok(prompt)
     }
 
     /// A prompt without a chat template, split like [`Engine::split_chat`]: the prefix is
@@ -390,6 +395,8 @@ impl Engine {
     /// a context, and the query is `question`, whose continuation is the answer. This is
     /// the few-shot layout of base models, where a demonstration's label continues its own
     /// text ("Review: ...\nSentiment: positive") and the query ends where the label goes.
+    /// Documents and question are the user's text: a chat marker written in them stays
+    /// text (`<|im_end|>` in a document cannot end a turn).
     pub fn split_text(
         &self,
         head: &str,
@@ -403,7 +410,7 @@ impl Engine {
         Ok(Prompt {
             prefix: self.encode_prompt(head)?,
             contexts,
-            query: self.encode_within_window(question)?,
+            query: self.encode_within_window(question, false)?,
         })
     }
 
@@ -418,7 +425,7 @@ impl Engine {
         let mut tokens = Vec::new();
         for piece in pieces_at_lone_line_breaks(&text, TOKENIZED_PIECE_BYTES) {
             cancel.check()?;
-            tokens.extend(self.tokenizer.encode(piece, true)?);
+            tokens.extend(self.tokenizer.encode(piece, false)?);
         }
         let limit = self.chunk_tokens;
         let mut chunks = Vec::with_capacity(tokens.len().div_ceil(limit));
