@@ -102,10 +102,14 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, l))
             .collect();
-        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if p.top_k > 0 {
+        // Most likely first, ties by id, so that the order is one whichever way it is found.
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < candidates.len() {
+            // Only the top k need sorting: a vocabulary is 50K to 260K tokens.
+            candidates.select_nth_unstable_by(p.top_k - 1, order);
             candidates.truncate(p.top_k);
         }
+        candidates.sort_unstable_by(order);
         let probs = softmax(&candidates, 1.0);
         let mut keep = candidates.len();
         if p.top_p < 1.0 {
