@@ -96,8 +96,8 @@ fn one_context_with_unit_factors_equals_sequential_encoding() {
         )
         .unwrap();
     assert!(
-        prompt.contexts[0].contains(&eos),
-        "the end-of-sequence token inside the document is part of the context"
+        !prompt.contexts[0].contains(&eos),
+        "the end-of-sequence text inside the document is read as text"
     );
 
     let sequential = prompt.sequential_tokens();
@@ -439,7 +439,7 @@ fn a_very_long_document_tokenizes_as_a_whole() {
             .unwrap();
         let whole = e
             .tokenizer
-            .encode(&format!("{}\n\n", text.trim_end()), true)
+            .encode(&format!("{}\n\n", text.trim_end()), false)
             .unwrap();
         let pieces = e
             .document_contexts(&text, &Cancel::default())
