@@ -552,28 +552,33 @@ fn end_of_generation_ids(gguf: &Gguf, tokens: &[String]) -> Result<Vec<u32>> {
 }
 
 fn float_array(gguf: &Gguf, key: &str) -> Result<Vec<f32>> {
-    let wrong_type = || Error::Metadata {
-        key: key.to_string(),
-        expected: "array of numbers",
-    };
-    gguf.get(key)
-        .and_then(Value::as_array)
-        .ok_or_else(wrong_type)?
-        .iter()
-        .map(|item| item.as_f64().map(|x| x as f32).ok_or_else(wrong_type))
-        .collect()
+    array(gguf, key, "array of numbers", |item| {
+        item.as_f64().map(|x| x as f32)
+    })
 }
 
 fn string_array(gguf: &Gguf, key: &str) -> Result<Vec<String>> {
+    array(gguf, key, "array of strings", |item| {
+        item.as_str().map(str::to_string)
+    })
+}
+
+/// Every item of the array at `key`, each read by `get`.
+fn array<T>(
+    gguf: &Gguf,
+    key: &str,
+    expected: &'static str,
+    get: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>> {
     let wrong_type = || Error::Metadata {
         key: key.to_string(),
-        expected: "array of strings",
+        expected,
     };
     gguf.get(key)
         .and_then(Value::as_array)
         .ok_or_else(wrong_type)?
         .iter()
-        .map(|item| item.as_str().map(str::to_string).ok_or_else(wrong_type))
+        .map(|item| get(item).ok_or_else(wrong_type))
         .collect()
 }
 
