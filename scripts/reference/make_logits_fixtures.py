@@ -19,6 +19,14 @@ Prompts:
               (tokenizer.chat_template, add_generation_prompt=True)
   2 code      a code snippet
   3 long      a prose passage of roughly 300 tokens
+  4 window    (models with a sliding window only) the passage twice and a
+              question, longer than the window, so that local layers drop
+              the first tokens
+
+A model without a chat template (a base model) gets, instead of "chat", a
+few-shot prompt in plain text ("fewshot").
+
+The index keeps the entries of models not named on the command line.
 
 Requires: llama-cpp-python (built from source), gguf, numpy, jinja2.
 Usage: python3 scripts/reference/make_logits_fixtures.py [MODEL.gguf ...]
@@ -41,6 +49,13 @@ DEFAULT_MODELS = [
 PLAIN = "The capital of France is"
 
 CHAT_QUESTION = "What is the capital of France?"
+
+FEWSHOT = (
+    "Translate English to French.\n\n"
+    "English: cheese\nFrench: fromage\n\n"
+    "English: the house\nFrench: la maison\n\n"
+    "English: good morning\nFrench:"
+)
 
 CODE = (
     "def fibonacci(n):\n"
@@ -84,6 +99,8 @@ def short_name(path):
         return "smollm2"
     if base.startswith("qwen2"):
         return "qwen2"
+    if base.startswith("gemma-3"):
+        return "gemma3"
     return os.path.splitext(base)[0]
 
 
@@ -92,10 +109,12 @@ def gguf_fields(path):
 
     r = gguf.GGUFReader(path)
     out = {}
+    arch = r.fields["general.architecture"].contents()
     for key in ("tokenizer.chat_template", "tokenizer.ggml.add_bos_token",
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                f"{arch}.attention.sliding_window"):
         f = r.fields.get(key)
-        out[key] = None if f is None else f.contents()
+        out[key.replace(f"{arch}.", "")] = None if f is None else f.contents()
     return out
 
 
@@ -135,11 +154,12 @@ def main():
         add_bos = bool(meta["tokenizer.ggml.add_bos_token"])
         template = meta["tokenizer.chat_template"]
         if template:
-            chat = render_chat(template, CHAT_QUESTION)
+            second = ("chat", render_chat(template, CHAT_QUESTION))
         else:
-            chat = ("<|im_start|>user\n" + CHAT_QUESTION +
-                    "<|im_end|>\n<|im_start|>assistant\n")
-        prompts = [("plain", PLAIN), ("chat", chat), ("code", CODE), ("long", LONG)]
+            second = ("fewshot", FEWSHOT)
+        prompts = [("plain", PLAIN), second, ("code", CODE), ("long", LONG)]
+        if meta["attention.sliding_window"]:
+            prompts.append(("window", LONG + "\n\n" + LONG + "\n\nWhat did Ilse count?"))
 
         llm = llama_cpp.Llama(
             model_path=model,
@@ -184,6 +204,12 @@ def main():
                   f"{llm.detokenize([int(top[0])])!r}", file=sys.stderr)
         del llm
 
+    path = os.path.join(args.out_dir, "logits.json")
+    named = {os.path.basename(m) for m in args.models}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            kept = [e for e in json.load(fh)["fixtures"] if e["model"] not in named]
+        entries = kept + entries
     index = {
         "reference": f"llama-cpp-python {version}",
         "settings": {"n_ctx": 2048, "n_batch": 512, "n_threads": args.threads,
@@ -191,7 +217,6 @@ def main():
         "format": "raw little-endian f32, vocab_size values, last prompt position",
         "fixtures": entries,
     }
-    path = os.path.join(args.out_dir, "logits.json")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(dump_index(index))
     print(f"wrote {path}", file=sys.stderr)

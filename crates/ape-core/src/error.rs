@@ -27,12 +27,16 @@ pub enum Error {
         type_name: String,
         id: u32,
     },
-    #[error("unsupported model architecture `{0}`; ape runs `llama` and `qwen2` GGUF models")]
+    #[error(
+        "unsupported model architecture `{0}`; ape runs `llama`, `qwen2` and `gemma3` GGUF models"
+    )]
     UnsupportedArchitecture(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    #[error("this model has no chat template (a base model, which continues plain text): send the text to continue instead (`ape generate --raw`, or /v1/completions, which also take documents)")]
+    NoChatTemplate,
     #[error("the prompt has {tokens} tokens and {max_new} new tokens were asked for, but the model's window is {window} tokens; shorten the prompt or lower the token limit")]
     ContextOverflow {
         tokens: usize,

@@ -148,3 +148,10 @@ fn smollm2_logits_match_llama_cpp() {
 fn qwen2_logits_match_llama_cpp() {
     check_model(common::QWEN2);
 }
+
+/// Gemma 3, one prompt of which (`window`, 673 tokens) is longer than the local layers'
+/// 512-position window.
+#[test]
+fn gemma3_logits_match_llama_cpp() {
+    check_model(common::GEMMA3);
+}

@@ -21,7 +21,9 @@ fn load(file: &str) -> Model {
     let gguf = Gguf::open(common::model_path(file)).unwrap();
     Model {
         tokenizer: Tokenizer::from_gguf(&gguf).unwrap(),
-        template: ChatTemplate::from_gguf(&gguf).unwrap(),
+        template: ChatTemplate::from_gguf(&gguf)
+            .unwrap()
+            .expect("the model file has a chat template"),
     }
 }
 

@@ -139,6 +139,7 @@ impl From<ape_core::Error> for ApiError {
             E::Sampling(_) => ApiError::bad_request(message),
             E::EmptyQuery | E::EmptyPrompt => ApiError::bad_request(message).param("messages"),
             E::Template(_) | E::Tokenizer(_) => ApiError::bad_request(message),
+            E::NoChatTemplate => ApiError::bad_request(message).code("no_chat_template"),
             E::KvMemoryTooSmall { .. } => ApiError::bad_request(message).code("kv_memory_exceeded"),
             E::KvMemoryBusy { .. } => {
                 let mut error =

@@ -43,6 +43,48 @@ pub(super) struct Job<'a> {
     pub(super) visible: Visible,
     /// Factor applied to `q . k` before the softmax.
     pub(super) score_scale: f32,
+    /// A sliding window over positions, for a model's local layers.
+    pub(super) window: Option<Window>,
+}
+
+/// A sliding window: a token sees a key only if the key is fewer than `size` positions
+/// behind it. Keys outside it are masked like keys a token does not see at all, so they
+/// add exact zeros and a row's sums keep their order.
+pub(super) struct Window {
+    pub(super) size: usize,
+    /// The position of each of the job's tokens.
+    pub(super) token_positions: Vec<usize>,
+    /// The position of each span's first key (every KV head's spans lie alike), or `None`
+    /// for a span the window does not apply to.
+    pub(super) span_positions: Vec<Option<usize>>,
+}
+
+impl Window {
+    /// The position of each of keys `range` of the job's key sequence, given the spans'
+    /// lengths.
+    fn key_positions(&self, span_rows: &[usize], range: Range<usize>) -> Vec<Option<usize>> {
+        let mut positions = Vec::with_capacity(range.len());
+        let mut start = 0;
+        for (&len, &first) in span_rows.iter().zip(&self.span_positions) {
+            let (from, to) = (range.start.max(start), range.end.min(start + len));
+            positions.extend((from..to).map(|key| first.map(|p| p + key - start)));
+            start += len;
+        }
+        positions
+    }
+
+    /// Mask, in a run of scores for keys `range`, the keys out of each lane's window.
+    fn mask(&self, span_rows: &[usize], range: Range<usize>, rows: &RowLanes, out: &mut [Lanes]) {
+        let keys = self.key_positions(span_rows, range);
+        for (scores, key) in out.iter_mut().zip(keys) {
+            let Some(key) = key else { continue };
+            for (s, &query) in scores.iter_mut().zip(&rows.position) {
+                if query >= key + self.size {
+                    *s = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
 }
 
 /// The keys a job's tokens see, always a first run of its keys.
@@ -85,16 +127,19 @@ struct Task<'a> {
     /// Whether `keys` are all the keys the rows see.
     whole: bool,
     spans: &'a [Span<'a>],
+    window: Option<&'a Window>,
 }
 
 /// One query row per lane.
 pub(super) type Lanes = [f32; LANES];
 
 /// A task's rows, transposed into lanes: `q[i][l]` is element `i` of row `l`'s scaled
-/// query, and row `l` sees the first `seen[l]` keys of the job.
+/// query, row `l` sees the first `seen[l]` keys of the job, and sits at `position[l]`
+/// (with a window only).
 struct RowLanes {
     q: Vec<Lanes>,
     seen: [usize; LANES],
+    position: [usize; LANES],
 }
 
 /// The weighted sums of some rows over one [`CHUNK`] of keys, all relative to the rows'
@@ -161,6 +206,7 @@ pub(super) fn attend(q: &[f32], heads: usize, d: usize, jobs: Vec<Job<'_>>) -> V
                         whole: keys.start == 0 && keys.end == seen,
                         keys,
                         spans,
+                        window: job.window.as_ref(),
                     });
                     first += per_run;
                     if first >= seen {
@@ -260,6 +306,7 @@ fn row_lanes(
     let mut lanes = RowLanes {
         q: vec![[0.0; LANES]; d],
         seen: [0; LANES],
+        position: [0; LANES],
     };
     for (l, r) in task.rows.clone().enumerate() {
         let t = r / group_size;
@@ -269,6 +316,9 @@ fn row_lanes(
             lane[l] = x * job.score_scale;
         }
         lanes.seen[l] = job.visible.keys_seen_by(t);
+        if let Some(window) = &job.window {
+            lanes.position[l] = window.token_positions[t];
+        }
     }
     lanes
 }
@@ -298,12 +348,17 @@ impl ChunkSums {
 fn score_task(d: usize, task: &Task<'_>, rows: &RowLanes) -> Scored {
     let mut scores = vec![[0.0; LANES]; task.keys.len()];
     let mut keys = Vec::new();
+    let span_rows: Vec<usize> = task.spans.iter().map(|s| s.rows(d)).collect();
     for (chunk, out) in (task.keys.start..task.keys.end)
         .step_by(CHUNK)
         .zip(scores.chunks_mut(CHUNK))
     {
-        gather(task.spans, d, chunk..chunk + out.len(), |s| s.k, &mut keys);
+        let range = chunk..chunk + out.len();
+        gather(task.spans, d, range.clone(), |s| s.k, &mut keys);
         lanes::score(&rows.q, &keys, chunk, &rows.seen, out);
+        if let Some(window) = task.window {
+            window.mask(&span_rows, range, rows, out);
+        }
     }
     let mut max = [f32::NEG_INFINITY; LANES];
     for s in &scores {

@@ -153,20 +153,24 @@ impl KvCache {
     }
 
     /// Append the filled positions of `other` after this cache's, each key (one head's row
-    /// of `head_dim`) passed through `map_key` on the way: a rotation, when the tokens move
-    /// to other positions.
-    pub(crate) fn append_mapped(&mut self, other: &KvCache, mut map_key: impl FnMut(&mut [f32])) {
+    /// of `head_dim`) passed through `map_key(layer, key)` on the way: a rotation, when the
+    /// tokens move to other positions.
+    pub(crate) fn append_mapped(
+        &mut self,
+        other: &KvCache,
+        mut map_key: impl FnMut(usize, &mut [f32]),
+    ) {
         let (d, n) = (self.head_dim, other.len);
         assert!(self.len + n <= self.capacity, "KV cache overflow");
         let mut key = vec![0f32; d];
-        for (to, from) in self.layers.iter_mut().zip(&other.layers) {
+        for (layer, (to, from)) in self.layers.iter_mut().zip(&other.layers).enumerate() {
             for g in 0..self.kv_heads {
                 let dst = (g * self.capacity + self.len) * d;
                 let src = g * other.capacity * d;
                 to.v[dst..dst + n * d].copy_from_slice(&from.v[src..src + n * d]);
                 for t in 0..n {
                     from.k[src + t * d..src + (t + 1) * d].convert_to_f32_slice(&mut key);
-                    map_key(&mut key);
+                    map_key(layer, &mut key);
                     to.k[dst + t * d..dst + (t + 1) * d].convert_from_f32_slice(&key);
                 }
             }

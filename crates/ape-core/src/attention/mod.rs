@@ -24,18 +24,27 @@ mod lanes;
 pub use kv_budget::{Charge, Evict, KvBudget};
 pub use kv_cache::KvCache;
 
-use attend::{attend, Job, Span, Visible};
+use attend::{attend, Job, Span, Visible, Window};
 
 /// Causal attention of `n` new queries (`q`: n rows of `heads * head_dim`, after RoPE)
 /// whose own keys and values are already in `cache` at positions `cache.len()..+n`.
-/// Query `i` sees positions `0..=cache.len() + i`. Writes `out`, shaped like `q`.
-pub fn causal_attention(q: &[f32], heads: usize, cache: &KvCache, layer: usize, out: &mut [f32]) {
+/// Query `i` sees positions `0..=cache.len() + i`, the last `window` of them where the
+/// layer has a sliding window. Writes `out`, shaped like `q`.
+pub fn causal_attention(
+    q: &[f32],
+    heads: usize,
+    cache: &KvCache,
+    layer: usize,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
     let n = q.len() / (heads * cache.head_dim);
     let job = Job {
         tokens: 0..n,
         spans: cache.spans_upto(layer, cache.len() + n),
         visible: Visible::Causal { start: cache.len() },
         score_scale: 1.0 / (cache.head_dim as f32).sqrt(),
+        window: sliding(window, cache.len()..cache.len() + n, vec![Some(0)]),
     };
     let [done] = attend(q, heads, cache.head_dim, vec![job])
         .try_into()
@@ -44,16 +53,33 @@ pub fn causal_attention(q: &[f32], heads: usize, cache: &KvCache, layer: usize, 
     out.copy_from_slice(&done.out);
 }
 
+/// The window of a layer that has one, over tokens at `token_positions` and spans whose
+/// first keys sit at `span_positions`.
+fn sliding(
+    size: Option<usize>,
+    token_positions: impl IntoIterator<Item = usize>,
+    span_positions: Vec<Option<usize>>,
+) -> Option<Window> {
+    size.map(|size| Window {
+        size,
+        token_positions: token_positions.into_iter().collect(),
+        span_positions,
+    })
+}
+
 /// Attention while encoding contexts after a shared prefix, several in one batch: the
 /// tokens in rows `rows` of `q` belong to the context whose keys and values `own` already
 /// holds, written from its position 0. Each sees the whole `prefix` and the tokens of its
-/// own context up to itself, never another context. Writes `out`, shaped like `q`.
+/// own context up to itself, never another context (within `window` positions, where the
+/// layer has one: a context sits at the positions after the prefix). Writes `out`, shaped
+/// like `q`.
 pub fn context_attention(
     q: &[f32],
     heads: usize,
     prefix: &KvCache,
     contexts: &[(Range<usize>, &KvCache)],
     layer: usize,
+    window: Option<usize>,
     out: &mut [f32],
 ) {
     let d = prefix.head_dim;
@@ -72,6 +98,11 @@ pub fn context_attention(
                 start: prefix.len() + own.len(),
             },
             score_scale: 1.0 / (d as f32).sqrt(),
+            window: sliding(
+                window,
+                (0..rows.len()).map(|i| prefix.len() + own.len() + i),
+                vec![Some(0), Some(prefix.len())],
+            ),
         })
         .collect();
     let row = heads * d;
@@ -83,13 +114,15 @@ pub fn context_attention(
 /// Attention of tokens recomputed in place: the i-th token of `q` sits at position
 /// `positions[i]` (increasing, all filled) of `cache`, whose row there already holds the
 /// token's new keys and values, and sees every position up to its own: the other rows
-/// keep whatever they hold. Writes `out`, shaped like `q`.
+/// keep whatever they hold; with a `window`, only its last positions. Writes `out`, shaped
+/// like `q`.
 pub(crate) fn in_place_attention(
     q: &[f32],
     heads: usize,
     cache: &KvCache,
     positions: &[usize],
     layer: usize,
+    window: Option<usize>,
     out: &mut [f32],
 ) {
     let upto: Vec<usize> = positions.iter().map(|p| p + 1).collect();
@@ -98,6 +131,7 @@ pub(crate) fn in_place_attention(
         spans: cache.spans_upto(layer, upto.last().copied().unwrap_or(0)),
         visible: Visible::Upto(upto),
         score_scale: 1.0 / (cache.head_dim as f32).sqrt(),
+        window: sliding(window, positions.iter().copied(), vec![Some(0)]),
     };
     let [done] = attend(q, heads, cache.head_dim, vec![job])
         .try_into()
@@ -131,7 +165,11 @@ impl ApeFactors {
 /// `T = S = 1` this is exactly one softmax over both groups, and it is computed as one:
 /// over the prefix, the contexts in order and the query side, the keys sequential reading
 /// has in its cache, so that one context read this way is sequential reading to the bit.
-/// Writes `out`, shaped like `q`.
+///
+/// With a sliding `window` (a local layer), every key is seen only from fewer than
+/// `window` positions ahead, by the positions APE gives it: the prefix's from 0, every
+/// context's from `prefix_len`, the query side's after the longest context. Writes `out`,
+/// shaped like `q`.
 #[allow(clippy::too_many_arguments)]
 pub fn ape_attention(
     q: &[f32],
@@ -141,33 +179,46 @@ pub fn ape_attention(
     contexts: &[&KvCache],
     factors: ApeFactors,
     layer: usize,
+    window: Option<usize>,
     out: &mut [f32],
 ) {
     let d = cache.head_dim;
     let n = q.len() / (heads * d);
     let score_scale = 1.0 / (d as f32).sqrt();
+    let longest = contexts.iter().map(|c| c.len()).max().unwrap_or(0);
+    let query_side = prefix_len + longest;
+    let token_positions = (0..n).map(|i| cache.len() + longest + i);
     let context_spans = |g: usize| {
         contexts.iter().map(move |c| {
             let (k, v) = c.head(layer, g);
             Span { k, v }
         })
     };
+    let context_positions = vec![Some(prefix_len); contexts.len()];
+    // The prefix, then the query side so far and the new tokens: one span each.
+    let own_spans = |g: usize| {
+        let (k, v) = cache.head_upto(layer, g, cache.len() + n);
+        let at = prefix_len * d;
+        [
+            Span {
+                k: &k[..at],
+                v: &v[..at],
+            },
+            Span {
+                k: &k[at..],
+                v: &v[at..],
+            },
+        ]
+    };
     if factors == ApeFactors::ONE_SOFTMAX {
         let in_order = Job {
             tokens: 0..n,
             spans: (0..cache.kv_heads)
                 .map(|g| {
-                    let (k, v) = cache.head_upto(layer, g, cache.len() + n);
-                    let at = prefix_len * d;
-                    let mut spans = vec![Span {
-                        k: &k[..at],
-                        v: &v[..at],
-                    }];
+                    let [prefix, query] = own_spans(g);
+                    let mut spans = vec![prefix];
                     spans.extend(context_spans(g));
-                    spans.push(Span {
-                        k: &k[at..],
-                        v: &v[at..],
-                    });
+                    spans.push(query);
                     spans
                 })
                 .collect(),
@@ -175,6 +226,15 @@ pub fn ape_attention(
                 start: cache.len() + contexts.iter().map(|c| c.len()).sum::<usize>(),
             },
             score_scale,
+            window: sliding(
+                window,
+                token_positions,
+                [Some(0)]
+                    .into_iter()
+                    .chain(context_positions)
+                    .chain([Some(query_side)])
+                    .collect(),
+            ),
         };
         let [done] = attend(q, heads, d, vec![in_order]).try_into().ok().unwrap();
         out.copy_from_slice(&done.out);
@@ -182,9 +242,14 @@ pub fn ape_attention(
     }
     let own = Job {
         tokens: 0..n,
-        spans: cache.spans_upto(layer, cache.len() + n),
+        spans: (0..cache.kv_heads).map(|g| own_spans(g).to_vec()).collect(),
         visible: Visible::Causal { start: cache.len() },
         score_scale,
+        window: sliding(
+            window,
+            token_positions.clone(),
+            vec![Some(0), Some(query_side)],
+        ),
     };
     let in_contexts = Job {
         tokens: 0..n,
@@ -193,6 +258,7 @@ pub fn ape_attention(
             .collect(),
         visible: Visible::All,
         score_scale: score_scale / factors.temperature,
+        window: sliding(window, token_positions, context_positions),
     };
     let [o, c] = attend(q, heads, d, vec![own, in_contexts])
         .try_into()
@@ -250,38 +316,56 @@ mod tests {
 
     /// APE as written in the specification, densely in f64: for each query row, the
     /// context scores over T, both groups' softmaxes and the merge of their log-sum-exps.
-    /// With no contexts it is plain causal attention.
+    /// With no contexts it is plain causal attention. With a `window`, a key is seen only
+    /// from fewer than `window` positions ahead, by APE's positions: the prefix's from 0,
+    /// the contexts' from `prefix`, the query side's after the longest context.
     fn dense_reference(
         q: &[f32],
         heads: usize,
         cache: &KvCache,
+        prefix: usize,
         contexts: &[&KvCache],
         factors: ApeFactors,
+        window: Option<usize>,
     ) -> Vec<f32> {
         let d = cache.head_dim;
         let n = q.len() / (heads * d);
         let group = heads / cache.kv_heads;
         let (t, s) = (factors.temperature as f64, factors.scale as f64);
+        let longest = contexts.iter().map(|c| c.len()).max().unwrap_or(0);
+        let own_position = |j: usize| if j < prefix { j } else { j + longest };
+        let in_window = |query: usize, key: usize| window.is_none_or(|w| query - key < w);
         let mut out = vec![0f32; q.len()];
         for i in 0..n {
+            let position = own_position(cache.len() + i);
             for h in 0..heads {
                 let g = h / group;
                 let q_i = &q[(i * heads + h) * d..][..d];
-                let visible = cache.len() + i + 1;
-                let (k, v) = cache.head_upto(0, g, visible);
-                let own = scores(q_i, k, d);
+                let (k, v) = cache.head_upto(0, g, cache.len() + i + 1);
+                let seen: Vec<usize> = (0..cache.len() + i + 1)
+                    .filter(|&j| in_window(position, own_position(j)))
+                    .collect();
+                let pick = |rows: &[f16], js: &[usize]| -> Vec<f16> {
+                    js.iter()
+                        .flat_map(|&j| rows[j * d..(j + 1) * d].iter().copied())
+                        .collect()
+                };
+                let own = scores(q_i, &pick(k, &seen), d);
                 let lse_o = log_sum_exp(&own);
                 let o_o = weighted_values(
                     &own.iter().map(|s| (s - lse_o).exp()).collect::<Vec<_>>(),
-                    v,
+                    &pick(v, &seen),
                     d,
                 );
                 let mut ctx_scores = Vec::new();
                 let mut ctx_values = Vec::new();
                 for c in contexts {
                     let (k, v) = c.head(0, g);
-                    ctx_scores.extend(scores(q_i, k, d).into_iter().map(|s| s / t));
-                    ctx_values.extend_from_slice(v);
+                    let seen: Vec<usize> = (0..c.len())
+                        .filter(|&j| in_window(position, prefix + j))
+                        .collect();
+                    ctx_scores.extend(scores(q_i, &pick(k, &seen), d).into_iter().map(|s| s / t));
+                    ctx_values.extend(pick(v, &seen));
                 }
                 let lse_c = log_sum_exp(&ctx_scores);
                 let o_c = weighted_values(
@@ -351,13 +435,19 @@ mod tests {
             let cache = cache_with(kv_heads, d, past, new, 7);
             let q = values(new * heads * d, 11);
             let mut out = vec![0f32; q.len()];
-            causal_attention(&q, heads, &cache, 0, &mut out);
+            causal_attention(&q, heads, &cache, 0, None, &mut out);
             let factors = ApeFactors {
                 temperature: 1.0,
                 scale: 1.0,
             };
-            let want = dense_reference(&q, heads, &cache, &[], factors);
+            let want = dense_reference(&q, heads, &cache, 0, &[], factors, None);
             assert_close(&out, &want, 1e-5, &format!("past {past} new {new}"));
+            for window in [1, 7, 300] {
+                causal_attention(&q, heads, &cache, 0, Some(window), &mut out);
+                let want = dense_reference(&q, heads, &cache, 0, &[], factors, Some(window));
+                let what = format!("past {past} new {new} window {window}");
+                assert_close(&out, &want, 1e-5, &what);
+            }
         }
     }
 
@@ -374,6 +464,8 @@ mod tests {
             lengths in prop::collection::vec(0usize..300, 0..5),
             temperature in 0.3f32..1.5,
             scale in 0.3f32..1.5,
+            window in prop::option::of(1usize..400),
+            unit in any::<bool>(),
             seed in 0u64..1000,
         ) {
             let heads = kv_heads * group;
@@ -385,10 +477,15 @@ mod tests {
                 .collect();
             let refs: Vec<&KvCache> = contexts.iter().collect();
             let q = values(new * heads * d, seed + 3);
-            let factors = ApeFactors { temperature, scale };
+            // Unit factors take the one-softmax path.
+            let factors = if unit {
+                ApeFactors::ONE_SOFTMAX
+            } else {
+                ApeFactors { temperature, scale }
+            };
             let mut out = vec![0f32; q.len()];
-            ape_attention(&q, heads, &cache, prefix, &refs, factors, 0, &mut out);
-            let want = dense_reference(&q, heads, &cache, &refs, factors);
+            ape_attention(&q, heads, &cache, prefix, &refs, factors, 0, window, &mut out);
+            let want = dense_reference(&q, heads, &cache, prefix, &refs, factors, window);
             for (a, b) in out.iter().zip(&want) {
                 prop_assert!((a - b).abs() <= 1e-5, "{} vs {}", a, b);
             }
@@ -412,7 +509,7 @@ mod tests {
             temperature: 1.0,
             scale: 1.0,
         };
-        ape_attention(&q, heads, &cache, prefix, &refs, unit, 0, &mut ape);
+        ape_attention(&q, heads, &cache, prefix, &refs, unit, 0, None, &mut ape);
 
         // The same keys laid out as one sequence: prefix, the contexts, then the queries,
         // with the queries seeing everything before them.
@@ -437,7 +534,7 @@ mod tests {
         joined.write(0, &rows_k, &rows_v);
         joined.advance(total);
         let mut sequential = vec![0f32; q.len()];
-        causal_attention(&q, heads, &joined, 0, &mut sequential);
+        causal_attention(&q, heads, &joined, 0, None, &mut sequential);
         assert_eq!(
             ape, sequential,
             "unit-factor APE is one softmax, to the bit"
@@ -453,7 +550,7 @@ mod tests {
             let full = cache_with(kv_heads, d, past, new, 5);
             let q = values(new * heads * d, 6);
             let mut together = vec![0f32; q.len()];
-            causal_attention(&q, heads, &full, 0, &mut together);
+            causal_attention(&q, heads, &full, 0, None, &mut together);
             let row = heads * d;
             for i in 0..new {
                 // The keys before token i, and its own written after them.
@@ -474,6 +571,7 @@ mod tests {
                     heads,
                     &alone_cache,
                     0,
+                    None,
                     &mut alone,
                 );
                 assert_eq!(
@@ -510,7 +608,7 @@ mod tests {
         let batch: Vec<(Range<usize>, &KvCache)> =
             ranges.iter().cloned().zip(owns.iter()).collect();
         let mut together = vec![0f32; q.len()];
-        context_attention(&q, heads, &prefix, &batch, 0, &mut together);
+        context_attention(&q, heads, &prefix, &batch, 0, None, &mut together);
         let row = heads * d;
         for (range, own) in ranges.iter().zip(&owns) {
             let q_alone = &q[range.start * row..range.end * row];
@@ -521,6 +619,7 @@ mod tests {
                 &prefix,
                 &[(0..range.len(), own)],
                 0,
+                None,
                 &mut alone,
             );
             assert_eq!(alone, &together[range.start * row..range.end * row]);
@@ -538,7 +637,7 @@ mod tests {
             }
             joined.write(0, &k, &v);
             let mut causal = vec![0f32; q_alone.len()];
-            causal_attention(q_alone, heads, &joined, 0, &mut causal);
+            causal_attention(q_alone, heads, &joined, 0, None, &mut causal);
             assert_close(&alone, &causal, 1e-5, "context attention vs causal");
         }
     }

@@ -13,12 +13,6 @@ use crate::model::gguf::{self, Gguf};
 const TEMPLATE_KEY: &str = "tokenizer.chat_template";
 const TEMPLATE_NAME: &str = "chat_template";
 
-/// ChatML, for models whose file carries no template.
-const CHATML: &str = "{%- for message in messages %}\
-{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}\
-{%- endfor %}\
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
-
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -56,20 +50,22 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// The template stored in the model file, or ChatML if there is none.
-    pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
-        let source = match gguf.get(TEMPLATE_KEY) {
-            None => CHATML,
-            Some(value) => value.as_str().ok_or_else(|| Error::Metadata {
-                key: TEMPLATE_KEY.into(),
-                expected: "string",
-            })?,
+    /// The template stored in the model file; `None` if there is none (a base model,
+    /// which is given plain text to continue, never a made-up chat layout).
+    pub fn from_gguf(gguf: &Gguf) -> Result<Option<Self>> {
+        let Some(value) = gguf.get(TEMPLATE_KEY) else {
+            return Ok(None);
         };
+        let source = value.as_str().ok_or_else(|| Error::Metadata {
+            key: TEMPLATE_KEY.into(),
+            expected: "string",
+        })?;
         ChatTemplate::new(
             source,
             special_token_text(gguf, "tokenizer.ggml.bos_token_id"),
             special_token_text(gguf, "tokenizer.ggml.eos_token_id"),
         )
+        .map(Some)
     }
 
     /// Compiles a template; `bos_token` and `eos_token` are the texts the template sees
@@ -255,20 +251,6 @@ mod tests {
 
     fn render(source: &str, messages: &[Message]) -> Result<String> {
         ChatTemplate::new(source, "<s>", "</s>")?.render(messages, false)
-    }
-
-    #[test]
-    fn chatml_fallback() {
-        let template = ChatTemplate::new(CHATML, "", "").unwrap();
-        let messages = [Message::system("Be brief."), Message::user("Hi!")];
-        assert_eq!(
-            template.render(&messages, true).unwrap(),
-            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
-        );
-        assert_eq!(
-            template.render(&messages[1..], false).unwrap(),
-            "<|im_start|>user\nHi!<|im_end|>\n"
-        );
     }
 
     #[test]

@@ -148,7 +148,8 @@ pub trait ContextStore: Send + Sync {
 pub struct Engine {
     pub model: Arc<Model>,
     pub tokenizer: Tokenizer,
-    pub template: ChatTemplate,
+    /// The model's chat template; `None` for a base model, which reads plain text only.
+    pub template: Option<ChatTemplate>,
     /// What every request's keys and values and the kept caches are charged to.
     budget: Arc<KvBudget>,
     /// Keys and values of recent prompts (prefixes, conversations).
@@ -352,12 +353,19 @@ impl Engine {
     /// question and everything the template puts after the user's words (the end of the
     /// turn and the assistant header). Read sequentially, the three give the same text as
     /// the template applied to a user turn of the documents followed by the question.
+    ///
+    /// A base model (no chat template) reads the same request as plain text: the system
+    /// text and a blank line, the documents, the question ([`Engine::split_text`]).
     pub fn split_chat(
         &self,
         system: Option<&str>,
         documents: &[impl AsRef<str>],
         question: &str,
     ) -> Result<Prompt> {
+        if self.template.is_none() {
+            let head = system.map_or(String::new(), |s| format!("{s}{DOCUMENT_SEPARATOR}"));
+            return self.split_text(&head, documents, question);
+        }
         let turns: Vec<Message> = system.map(Message::system).into_iter().collect();
         self.split_conversation(&turns, documents, question)
     }
@@ -374,7 +382,7 @@ impl Engine {
         const MARK: &str = "APEUSERTURNMARK";
         let mut messages = turns.to_vec();
         messages.push(Message::user(MARK));
-        let text = self.template.render(&messages, true)?;
+        let text = self.chat_template()?.render(&messages, true)?;
         let at = text.find(MARK).ok_or_else(|| {
             Error::Template(
                 "the chat template does not copy the user's message into the prompt verbatim, \
@@ -447,10 +455,15 @@ impl Engine {
         Ok(chunks)
     }
 
+    /// The model's chat template, or [`Error::NoChatTemplate`] for a base model.
+    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+        self.template.as_ref().ok_or(Error::NoChatTemplate)
+    }
+
     /// Token ids of a whole conversation, ending with the assistant header so that the
     /// model's answer comes next.
     pub fn conversation_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true)?;
+        let text = self.chat_template()?.render(messages, true)?;
         self.encode_prompt(&text)
     }
 

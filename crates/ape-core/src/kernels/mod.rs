@@ -14,7 +14,7 @@ pub(crate) mod qdot;
 pub mod quant;
 mod rope;
 
-pub use activation::silu_mul;
+pub use activation::{gelu_mul, silu_mul};
 pub(crate) use dense::dot_f16;
 pub use norm::rms_norm;
 pub use rope::{Rope, RopeAngles, RopeStyle};

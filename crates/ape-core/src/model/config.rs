@@ -8,6 +8,7 @@ use crate::kernels::RopeStyle;
 pub enum Architecture {
     Llama,
     Qwen2,
+    Gemma3,
 }
 
 impl Architecture {
@@ -15,6 +16,7 @@ impl Architecture {
         match name {
             "llama" => Ok(Architecture::Llama),
             "qwen2" => Ok(Architecture::Qwen2),
+            "gemma3" => Ok(Architecture::Gemma3),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -23,7 +25,26 @@ impl Architecture {
         match self {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Gemma3 => "gemma3",
         }
+    }
+}
+
+/// Local attention: the layers that see only the last `size` positions, and their own
+/// RoPE base.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlidingWindow {
+    /// A query sees the keys fewer than `size` positions behind it (itself included).
+    pub size: usize,
+    /// Every `pattern`-th layer (the last of each run of `pattern`) sees every position;
+    /// the others are local.
+    pub pattern: usize,
+    pub rope_base: f32,
+}
+
+impl SlidingWindow {
+    pub fn is_local(&self, layer: usize) -> bool {
+        layer % self.pattern < self.pattern - 1
     }
 }
 
@@ -42,7 +63,16 @@ pub struct Config {
     pub rms_eps: f32,
     /// The window the model was trained for (`<arch>.context_length`).
     pub context_length: usize,
+    /// Local layers, where the model has them (`gemma3`).
+    pub sliding_window: Option<SlidingWindow>,
+    /// Logits pass through `c * tanh(logits / c)` when the file names a cap `c`.
+    pub logit_softcap: Option<f32>,
 }
+
+/// Gemma 3 makes every sixth layer global unless the file says otherwise.
+const GEMMA3_WINDOW_PATTERN: usize = 6;
+/// The RoPE base of Gemma 3's local layers unless the file names one.
+const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 
 impl Config {
     pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
@@ -53,30 +83,49 @@ impl Config {
             gguf.require(&key(k), "integer", Value::as_u64)
                 .map(|v| v as usize)
         };
+        let optional = |k: &str| {
+            gguf.get(&key(k))
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+        };
+        let float = |k: &str| gguf.get(&key(k)).and_then(Value::as_f64).map(|v| v as f32);
         let hidden = count("embedding_length")?;
         let heads = count("attention.head_count")?;
-        let kv_heads = gguf
-            .get(&key("attention.head_count_kv"))
-            .and_then(Value::as_u64)
-            .map_or(heads, |v| v as usize);
-        let head_dim = gguf
-            .get(&key("rope.dimension_count"))
-            .and_then(Value::as_u64)
-            .map_or(hidden / heads, |v| v as usize);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim * heads != hidden {
+        let kv_heads = optional("attention.head_count_kv").unwrap_or(heads);
+        let head_dim = optional("attention.key_length")
+            .or(optional("rope.dimension_count"))
+            .unwrap_or(hidden / heads.max(1));
+        let value_dim = optional("attention.value_length").unwrap_or(head_dim);
+        let projects_heads = architecture == Architecture::Gemma3;
+        if heads == 0
+            || kv_heads == 0
+            || heads % kv_heads != 0
+            || value_dim != head_dim
+            || (!projects_heads && head_dim * heads != hidden)
+        {
             return Err(Error::BadGguf {
                 path: gguf.path.clone(),
                 reason: format!(
                     "inconsistent attention shape: {heads} heads, {kv_heads} KV heads, \
-                     head size {head_dim}, hidden size {hidden}"
+                     key size {head_dim}, value size {value_dim}, hidden size {hidden}"
                 ),
             });
         }
-        let vocab_size = match gguf.get(&key("vocab_size")).and_then(Value::as_u64) {
-            Some(v) => v as usize,
+        let vocab_size = match optional("vocab_size") {
+            Some(v) => v,
             None => gguf
                 .require("tokenizer.ggml.tokens", "string array", Value::as_array)?
                 .len(),
+        };
+        let sliding_window = match (architecture, optional("attention.sliding_window")) {
+            (Architecture::Gemma3, Some(size)) if size > 0 => Some(SlidingWindow {
+                size,
+                pattern: optional("attention.sliding_window_pattern")
+                    .unwrap_or(GEMMA3_WINDOW_PATTERN)
+                    .max(1),
+                rope_base: float("rope.freq_base_swa").unwrap_or(GEMMA3_LOCAL_ROPE_BASE),
+            }),
+            _ => None,
         };
         Ok(Config {
             architecture,
@@ -87,23 +136,29 @@ impl Config {
             heads,
             kv_heads,
             head_dim,
-            rope_base: gguf
-                .get(&key("rope.freq_base"))
-                .and_then(Value::as_f64)
-                .unwrap_or(10_000.0) as f32,
+            rope_base: float("rope.freq_base").unwrap_or(10_000.0),
             rms_eps: gguf.require(
                 &key("attention.layer_norm_rms_epsilon"),
                 "float",
                 Value::as_f64,
             )? as f32,
             context_length: count("context_length")?,
+            sliding_window,
+            logit_softcap: float("final_logit_softcapping").filter(|&c| c > 0.0),
         })
     }
 
     pub(crate) fn rope_style(&self) -> RopeStyle {
         match self.architecture {
             Architecture::Llama => RopeStyle::Adjacent,
-            Architecture::Qwen2 => RopeStyle::Halves,
+            Architecture::Qwen2 | Architecture::Gemma3 => RopeStyle::Halves,
         }
+    }
+
+    /// How far back a layer's queries see: `None` where they see every earlier position.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|w| w.is_local(layer))
+            .map(|w| w.size)
     }
 }

@@ -1,6 +1,6 @@
 //! The decoder-only transformer of the `llama` and `qwen2` GGUF architectures, read top
-//! to bottom: `Model::run_layers` takes a token from its embedding row to its last hidden
-//! state, and `Model::logits` on to its logits.
+//! to bottom in `Llama::run_layers`: a token from its embedding row to its last hidden
+//! state.
 //!
 //! Both are the same network: RMS norm, grouped-query attention with RoPE, a SwiGLU MLP.
 //! `qwen2` adds biases to the Q, K and V projections and rotates the halves of each head
@@ -9,14 +9,12 @@
 use rayon::prelude::*;
 
 use super::config::{Architecture, Config};
-use super::gguf::{Gguf, TensorInfo};
-use crate::attention::{
-    ape_attention, causal_attention, context_attention, in_place_attention, ApeFactors, KvCache,
-};
+use super::gguf::Gguf;
+use super::weights::{add_in_place, Ends, Loader};
+use super::{Attend, Network};
 use crate::cancel::Cancel;
-use crate::error::{Error, Result};
-use crate::kernels::quant::dequantize;
-use crate::kernels::{dot_f16, matmul, rms_norm, silu_mul, Matrix, Rope, RopeAngles};
+use crate::error::Result;
+use crate::kernels::{matmul, rms_norm, silu_mul, Matrix, Rope};
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -32,103 +30,16 @@ struct Layer {
     w_down: Matrix,
 }
 
-pub struct Model {
-    pub config: Config,
-    embedding: Matrix,
+pub(super) struct Llama {
+    config: Config,
+    ends: Ends,
     layers: Vec<Layer>,
-    output_norm: Vec<f32>,
-    /// The output projection; `None` when it is tied to the embedding.
-    output: Option<Matrix>,
     rope: Rope,
 }
 
-/// One sequence's part of a [`Model::forward_batch`]: its new tokens, the cache they
-/// are appended to, and what they read.
-pub struct Step<'a> {
-    pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
-    pub reads: Reads<'a>,
-}
-
-/// What a step's tokens attend to besides themselves.
-pub enum Reads<'a> {
-    /// The cache before them, causally ([`Model::forward`]).
-    Causal,
-    /// The cache (the shared prefix, its first `prefix_len` positions, then the query
-    /// side so far) and every context with APE's factors ([`Model::forward_ape`]).
-    Ape {
-        prefix_len: usize,
-        contexts: &'a [&'a KvCache],
-        factors: ApeFactors,
-    },
-    /// The cache holds a context encoded after `prefix` (so far): the tokens go on it,
-    /// attending to the prefix and to the context up to themselves
-    /// ([`Model::extend_context`]).
-    Context { prefix: &'a KvCache },
-    /// The tokens sit at `positions` (increasing, all filled) of the cache and are
-    /// recomputed there, each attending causally to every position up to its own
-    /// ([`Model::recompute`]); the cache does not grow.
-    Recompute { positions: &'a [usize] },
-}
-
-impl Reads<'_> {
-    /// Positions the step's tokens start after, beyond its cache: the longest context's
-    /// for APE, the prefix's for a context.
-    fn positions_before(&self) -> usize {
-        match self {
-            Reads::Causal => 0,
-            Reads::Ape { contexts, .. } => contexts.iter().map(|c| c.len()).max().unwrap_or(0),
-            Reads::Context { prefix } => prefix.len(),
-            Reads::Recompute { .. } => 0,
-        }
-    }
-}
-
-/// (Token, head) rows whose attention weights [`Model::attention_received`] holds at once.
-const ATTENTION_ROWS_PER_BLOCK: usize = 64;
-
-/// Reads tensors out of a GGUF file, checking names and shapes.
-struct Loader<'a> {
-    gguf: &'a Gguf,
-    arch: &'static str,
-}
-
-impl Loader<'_> {
-    fn info(&self, name: &str) -> Result<&TensorInfo> {
-        self.gguf.tensor(name).ok_or_else(|| Error::MissingTensor {
-            name: name.to_string(),
-            arch: self.arch.to_string(),
-        })
-    }
-
-    fn values(&self, info: &TensorInfo, expected: &[usize]) -> Result<Vec<f32>> {
-        check_shape(info, expected)?;
-        let mut out = vec![0f32; info.element_count()];
-        dequantize(info.ggml_type, self.gguf.tensor_bytes(info), &mut out);
-        Ok(out)
-    }
-
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        self.values(self.info(name)?, &[len])
-    }
-
-    /// A `rows x cols` matrix, stored by GGUF as dims `[cols, rows]`.
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let info = self.info(name)?;
-        check_shape(info, &[cols, rows])?;
-        Ok(Matrix::mapped(
-            rows,
-            cols,
-            info.ggml_type,
-            self.gguf.tensor_data(info),
-        ))
-    }
-}
-
-impl Model {
-    pub fn load(gguf: &Gguf) -> Result<Self> {
-        let config = Config::from_gguf(gguf)?;
-        let c = &config;
+impl Llama {
+    pub(super) fn load(gguf: &Gguf, config: &Config) -> Result<Self> {
+        let c = config;
         let loader = Loader {
             gguf,
             arch: c.architecture.name(),
@@ -139,12 +50,12 @@ impl Model {
             .map(|i| {
                 let name = |t: &str| format!("blk.{i}.{t}");
                 let qkv_bias = match c.architecture {
-                    Architecture::Llama => None,
                     Architecture::Qwen2 => Some([
                         loader.vector(&name("attn_q.bias"), q_dim)?,
                         loader.vector(&name("attn_k.bias"), kv_dim)?,
                         loader.vector(&name("attn_v.bias"), kv_dim)?,
                     ]),
+                    _ => None,
                 };
                 Ok(Layer {
                     attn_norm: loader.vector(&name("attn_norm.weight"), c.hidden)?,
@@ -160,432 +71,31 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<Layer>>>()?;
-        let output = match gguf.tensor("output.weight") {
-            Some(_) => Some(loader.matrix("output.weight", c.vocab_size, c.hidden)?),
-            None => None,
-        };
-        Ok(Model {
-            embedding: loader.matrix("token_embd.weight", c.vocab_size, c.hidden)?,
-            output_norm: loader.vector("output_norm.weight", c.hidden)?,
-            output,
+        Ok(Llama {
+            ends: Ends::load(&loader, c.vocab_size, c.hidden)?,
             layers,
             rope: Rope::new(c.rope_style(), c.head_dim, c.rope_base),
-            config,
+            config: c.clone(),
         })
     }
+}
 
-    /// A cache able to hold `capacity` positions (at most the model's window).
-    pub fn new_cache(&self, capacity: usize) -> KvCache {
-        let c = &self.config;
-        KvCache::new(
-            c.layers,
-            c.kv_heads,
-            c.head_dim,
-            capacity.min(c.context_length),
-        )
-    }
-
-    /// Bytes of keys and values `positions` positions take in a cache (f16, every layer).
-    pub fn kv_bytes(&self, positions: usize) -> usize {
-        let c = &self.config;
-        c.layers * 2 * c.kv_heads * c.head_dim * std::mem::size_of::<half::f16>() * positions
-    }
-
-    /// Bytes held by the weights.
-    pub fn weight_bytes(&self) -> usize {
-        let layer_bytes: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                    .iter()
-                    .map(|m| m.bytes())
-                    .sum::<usize>()
-            })
-            .sum();
-        layer_bytes + self.embedding.bytes() + self.output.as_ref().map_or(0, Matrix::bytes)
-    }
-
-    /// Run `tokens` through the model at the positions after what `cache` holds, append
-    /// their keys and values to it, and return the logits of the last token.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
-        self.logits(&self.forward_hidden(tokens, cache))
-    }
-
-    /// [`Model::forward`], returning the logits of each of the last `rows` tokens (in
-    /// order) instead of the last one only; with `rows` 0 no logits are computed.
-    pub fn forward_rows(&self, tokens: &[u32], cache: &mut KvCache, rows: usize) -> Vec<Vec<f32>> {
-        self.last_rows_logits(&self.forward_hidden(tokens, cache), rows)
-    }
-
-    fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
-        self.run_steps(&mut [Step {
-            tokens,
-            cache,
-            reads: Reads::Causal,
-        }])
-    }
-
-    /// Run several sequences' new tokens through the model in one pass, every weight
-    /// matrix read once for all of them, each sequence attending over its own cache as
-    /// `reads` says; returns the logits of each sequence's last token. A sequence's keys,
-    /// values and logits are those [`Model::forward`] or [`Model::forward_ape`] give it
-    /// alone: no token's products depend on the tokens beside it, and each sequence's
-    /// attention is computed on its own.
-    pub fn forward_batch(&self, steps: &mut [Step<'_>]) -> Vec<Vec<f32>> {
-        let x = self.run_steps(steps);
-        let hidden = self.config.hidden;
-        let mut end = 0;
-        let mut last_rows = Vec::with_capacity(steps.len() * hidden);
-        for step in steps.iter() {
-            end += step.tokens.len();
-            last_rows.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
-        }
-        self.rows_logits(&last_rows)
-    }
-
-    /// The layers over every step's tokens, each at the positions after its cache (and,
-    /// for APE, after the longest context); appends each step's keys and values to its
-    /// cache. Returns the hidden states of every token, steps in order.
-    fn run_steps(&self, steps: &mut [Step<'_>]) -> Vec<f32> {
-        let tokens: Vec<u32> = steps
-            .iter()
-            .flat_map(|s| s.tokens.iter().copied())
-            .collect();
-        let mut rows = Vec::with_capacity(steps.len());
-        let mut positions = Vec::with_capacity(tokens.len());
-        for step in steps.iter() {
-            if let Reads::Recompute { positions: at } = step.reads {
-                assert_eq!(at.len(), step.tokens.len(), "a position per token");
-                assert!(
-                    at.iter().all(|&p| p < step.cache.len()),
-                    "recomputing past the cache"
-                );
-                positions.extend_from_slice(at);
-            } else {
-                assert!(
-                    step.cache.len() + step.tokens.len() <= step.cache.capacity(),
-                    "KV cache overflow"
-                );
-                let first = step.cache.len() + step.reads.positions_before();
-                positions.extend(first..first + step.tokens.len());
-            }
-            let start = rows.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
-            rows.push(start..start + step.tokens.len());
-        }
-        let (heads, d) = (self.config.heads, self.config.head_dim);
-        let (q_row, kv_row) = (heads * d, self.config.kv_heads * d);
-        let x = self.run_layers(&tokens, positions, |layer, q, k, v, out| {
-            for (step, r) in steps.iter_mut().zip(&rows) {
-                let (q, out) = (
-                    &q[r.start * q_row..r.end * q_row],
-                    &mut out[r.start * q_row..r.end * q_row],
-                );
-                let (k, v) = (
-                    &k[r.start * kv_row..r.end * kv_row],
-                    &v[r.start * kv_row..r.end * kv_row],
-                );
-                match step.reads {
-                    Reads::Recompute { positions } => {
-                        step.cache.overwrite(layer, positions, k, v);
-                    }
-                    _ => step.cache.write(layer, k, v),
-                }
-                match &step.reads {
-                    Reads::Causal => causal_attention(q, heads, step.cache, layer, out),
-                    Reads::Ape {
-                        prefix_len,
-                        contexts,
-                        factors,
-                    } => ape_attention(
-                        q,
-                        heads,
-                        step.cache,
-                        *prefix_len,
-                        contexts,
-                        *factors,
-                        layer,
-                        out,
-                    ),
-                    Reads::Context { prefix } => {
-                        let own = (0..r.len(), &*step.cache);
-                        context_attention(q, heads, prefix, &[own], layer, out);
-                    }
-                    Reads::Recompute { positions } => {
-                        in_place_attention(q, heads, step.cache, positions, layer, out);
-                    }
-                }
-            }
-        });
-        for step in steps.iter_mut() {
-            if !matches!(step.reads, Reads::Recompute { .. }) {
-                step.cache.advance(step.tokens.len());
-            }
-        }
-        x
-    }
-
-    /// Encode contexts independently after a shared prefix, several in one batch: every
-    /// context takes positions `prefix.len()..` and attends to the prefix and to itself,
-    /// never to another context. Returns each context's keys and values.
-    ///
-    /// A context's result does not depend on the batch it is in: no token's product
-    /// depends on the tokens around it, and attention splits work per context.
-    /// `cancel` is checked before each layer.
-    pub fn encode_contexts(
-        &self,
-        prefix: &KvCache,
-        contexts: &[&[u32]],
-        cancel: &Cancel,
-    ) -> Result<Vec<KvCache>> {
-        let c = &self.config;
-        let mut encoded: Vec<KvCache> = contexts
-            .iter()
-            .map(|t| KvCache::new(c.layers, c.kv_heads, c.head_dim, t.len()))
-            .collect();
-        let tokens: Vec<u32> = contexts.concat();
-        if tokens.is_empty() {
-            return Ok(encoded);
-        }
-        let mut rows = Vec::with_capacity(contexts.len());
-        let mut at = 0;
-        for t in contexts {
-            rows.push(at..at + t.len());
-            at += t.len();
-        }
-        let positions = contexts
-            .iter()
-            .flat_map(|t| prefix.len()..prefix.len() + t.len());
-        let row = c.kv_heads * c.head_dim;
-        self.run_layers_until(&tokens, positions, cancel, |layer, q, k, v, out| {
-            for (own, r) in encoded.iter_mut().zip(&rows) {
-                own.write(
-                    layer,
-                    &k[r.start * row..r.end * row],
-                    &v[r.start * row..r.end * row],
-                );
-            }
-            let batch: Vec<_> = rows.iter().cloned().zip(encoded.iter()).collect();
-            context_attention(q, c.heads, prefix, &batch, layer, out);
-        })?;
-        for (own, t) in encoded.iter_mut().zip(contexts) {
-            own.advance(t.len());
-        }
-        Ok(encoded)
-    }
-
-    /// Encode `tokens` as the continuation of a context encoded after `prefix`, whose
-    /// first tokens' keys and values `own` holds: the tokens take the positions after
-    /// them and attend to the prefix and to the context up to themselves. A context
-    /// encoded in pieces this way gets the bits it gets in one piece. `cancel` is checked
-    /// before each layer; a cancelled call leaves `own` unusable.
-    pub fn extend_context(
-        &self,
-        prefix: &KvCache,
-        own: &mut KvCache,
-        tokens: &[u32],
-        cancel: &Cancel,
-    ) -> Result<()> {
-        assert!(
-            own.len() + tokens.len() <= own.capacity(),
-            "KV cache overflow"
-        );
-        let heads = self.config.heads;
-        let rows = 0..tokens.len();
-        let positions = prefix.len() + own.len()..;
-        self.run_layers_until(tokens, positions, cancel, |layer, q, k, v, out| {
-            own.write(layer, k, v);
-            context_attention(q, heads, prefix, &[(rows.clone(), &*own)], layer, out);
-        })?;
-        own.advance(tokens.len());
-        Ok(())
-    }
-
-    /// Run query-side tokens with APE attention: they attend causally to `cache` (the
-    /// shared prefix, its first `prefix_len` positions, and the query side so far), and to
-    /// all of `contexts` (each encoded after that same prefix) with APE's temperature and
-    /// scale. Their positions follow the longest context. Appends their keys and values to
-    /// `cache` and returns the logits of the last token.
-    pub fn forward_ape(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        prefix_len: usize,
-        contexts: &[&KvCache],
-        factors: ApeFactors,
-    ) -> Vec<f32> {
-        self.logits(&self.forward_ape_hidden(tokens, cache, prefix_len, contexts, factors))
-    }
-
-    /// [`Model::forward_ape`], returning the logits of each of the last `rows` tokens (in
-    /// order) instead of the last one only; with `rows` 0 no logits are computed.
-    pub fn forward_ape_rows(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        prefix_len: usize,
-        contexts: &[&KvCache],
-        factors: ApeFactors,
-        rows: usize,
-    ) -> Vec<Vec<f32>> {
-        self.last_rows_logits(
-            &self.forward_ape_hidden(tokens, cache, prefix_len, contexts, factors),
-            rows,
-        )
-    }
-
-    fn forward_ape_hidden(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        prefix_len: usize,
-        contexts: &[&KvCache],
-        factors: ApeFactors,
-    ) -> Vec<f32> {
-        self.run_steps(&mut [Step {
-            tokens,
-            cache,
-            reads: Reads::Ape {
-                prefix_len,
-                contexts,
-                factors,
-            },
-        }])
-    }
-
-    /// The prefix followed by the contexts one after another, as sequential reading lays
-    /// them out, in a cache with room for `capacity` positions: each context's keys are
-    /// rotated forward by the lengths of the contexts before it, so that every key stays
-    /// consistent with its new position. The values and the tokens' states are those of
-    /// parallel encoding: no context has seen another.
-    pub(crate) fn lay_out_in_order(
-        &self,
-        prefix: &KvCache,
-        contexts: &[&KvCache],
-        capacity: usize,
-    ) -> KvCache {
-        let mut cache = prefix.copy_with_capacity(capacity);
-        let mut offset = 0;
-        for context in contexts {
-            let angles = self.rope.angles(std::iter::once(offset));
-            cache.append_mapped(context, |key| self.rope.apply(key, &angles, 0));
-            offset += context.len();
-        }
-        cache
-    }
-
-    /// Recompute, layer by layer, the keys and values of `tokens`, which sit at `positions`
-    /// (increasing, all filled) of `cache`: each attends causally to every position up to
-    /// its own, where the other recomputed tokens hold their new keys and values and the
-    /// rest keep theirs. Over a cache laid out by [`Model::lay_out_in_order`], recomputing
-    /// every context token is sequential reading of the contexts.
-    pub(crate) fn recompute(
+impl Network for Llama {
+    fn run_layers(
         &self,
         tokens: &[u32],
         positions: &[usize],
-        cache: &mut KvCache,
         cancel: &Cancel,
-    ) -> Result<()> {
-        let heads = self.config.heads;
-        let positions_iter = positions.iter().copied();
-        self.run_layers_until(tokens, positions_iter, cancel, |layer, q, k, v, out| {
-            cache.overwrite(layer, positions, k, v);
-            in_place_attention(q, heads, cache, positions, layer, out);
-        })?;
-        Ok(())
-    }
-
-    /// How much attention `query`, read causally after everything `cache` holds, gives each
-    /// of its positions: softmax weights summed over the query's tokens, every head and
-    /// every layer. `cache` keeps what it held; it needs room for the query.
-    pub(crate) fn attention_received(&self, query: &[u32], cache: &mut KvCache) -> Vec<f32> {
-        let c = &self.config;
-        let (d, held) = (c.head_dim, cache.len());
-        let group = c.heads / c.kv_heads;
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut received = vec![0f32; held];
-        self.run_layers(query, held.., |layer, q, k, v, out| {
-            cache.write(layer, k, v);
-            causal_attention(q, c.heads, cache, layer, out);
-            // A block of (token, head) rows at a time bounds the weights held at once; adding
-            // the blocks in order keeps the sum, and so the choice, the same on every run.
-            let rows: Vec<usize> = (0..query.len() * c.heads).collect();
-            for block in rows.chunks(ATTENTION_ROWS_PER_BLOCK) {
-                let weights: Vec<Vec<f32>> = block
-                    .par_iter()
-                    .map(|&row| {
-                        let (t, h) = (row / c.heads, row % c.heads);
-                        let (keys, _) = cache.head_upto(layer, h / group, held + t + 1);
-                        let q = &q[row * d..(row + 1) * d];
-                        let mut weights: Vec<f32> = keys
-                            .chunks_exact(d)
-                            .map(|k| dot_f16(k, q) * scale)
-                            .collect();
-                        let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0.0;
-                        for w in weights.iter_mut() {
-                            *w = (*w - max).exp();
-                            sum += *w;
-                        }
-                        weights.truncate(held);
-                        weights.iter_mut().for_each(|w| *w /= sum);
-                        weights
-                    })
-                    .collect();
-                for weights in weights {
-                    for (r, w) in received.iter_mut().zip(weights) {
-                        *r += w;
-                    }
-                }
-            }
-        });
-        received
-    }
-
-    /// The transformer layers over `tokens` at `positions`, with `attend(layer, q, k, v,
-    /// out)` supplying attention (it must also keep `k` and `v` wherever it reads keys
-    /// from). Returns the hidden states of every token after the last layer.
-    pub fn run_layers(
-        &self,
-        tokens: &[u32],
-        positions: impl IntoIterator<Item = usize>,
-        attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
-    ) -> Vec<f32> {
-        self.run_layers_until(tokens, positions, &Cancel::default(), attend)
-            .expect("a pass nobody can cancel runs to the end")
-    }
-
-    /// [`Model::run_layers`], checking `cancel` before each layer: a cancelled pass stops
-    /// there with [`Error::Cancelled`], the caches `attend` writes filled part way.
-    pub fn run_layers_until(
-        &self,
-        tokens: &[u32],
-        positions: impl IntoIterator<Item = usize>,
-        cancel: &Cancel,
-        attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
-    ) -> Result<Vec<f32>> {
-        assert!(!tokens.is_empty(), "forward needs at least one token");
-        let angles = self.rope.angles(positions.into_iter().take(tokens.len()));
-        // From a worker thread, each of the ~240 parallel products of a decoded token is
-        // split among the workers directly; called from outside the pool, each one would be
-        // queued and this thread put to sleep until it is done.
-        rayon::scope(|_| self.run_layers_on_worker(tokens, &angles, cancel, attend))
-    }
-
-    fn run_layers_on_worker(
-        &self,
-        tokens: &[u32],
-        angles: &RopeAngles,
-        cancel: &Cancel,
-        mut attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]),
+        attend: &mut Attend<'_>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = tokens.len();
         let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let angles = self.rope.angles(positions.iter().copied());
 
         let mut x = vec![0f32; n * c.hidden];
         for (row, &t) in x.chunks_exact_mut(c.hidden).zip(tokens) {
-            self.embedding.dequantize_row(t as usize, row);
+            self.ends.embedding.dequantize_row(t as usize, row);
         }
 
         let mut h = vec![0f32; n * c.hidden];
@@ -610,9 +120,9 @@ impl Model {
             }
             for t in 0..n {
                 self.rope
-                    .apply(&mut q[t * q_dim..(t + 1) * q_dim], angles, t);
+                    .apply(&mut q[t * q_dim..(t + 1) * q_dim], &angles, t);
                 self.rope
-                    .apply(&mut k[t * kv_dim..(t + 1) * kv_dim], angles, t);
+                    .apply(&mut k[t * kv_dim..(t + 1) * kv_dim], &angles, t);
             }
             attend(li, &q, &k, &v, &mut attn);
             matmul(&attn, &layer.wo, &mut h);
@@ -629,69 +139,25 @@ impl Model {
         Ok(x)
     }
 
-    /// Logits of the last token of hidden states `x`.
-    pub fn logits(&self, x: &[f32]) -> Vec<f32> {
-        self.row_logits(&x[x.len() - self.config.hidden..])
+    fn rope(&self, _layer: usize) -> &Rope {
+        &self.rope
     }
 
-    /// Logits of each of the last `rows` tokens of hidden states `x`, in order.
-    fn last_rows_logits(&self, x: &[f32], rows: usize) -> Vec<Vec<f32>> {
-        let hidden = self.config.hidden;
-        let first = (x.len() / hidden).saturating_sub(rows);
-        self.rows_logits(&x[first * hidden..])
+    fn output(&self) -> (&[f32], &Matrix) {
+        self.ends.output()
     }
 
-    /// Logits of one token's final hidden state.
-    fn row_logits(&self, row: &[f32]) -> Vec<f32> {
-        self.rows_logits(row)
-            .pop()
-            .expect("one row, one row of logits")
+    fn weight_bytes(&self) -> usize {
+        self.ends.bytes_with(
+            self.layers
+                .iter()
+                .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]),
+        )
     }
-
-    /// Logits of each token's final hidden state in `rows` (one after another), in one
-    /// product with the output matrix: read once for all of them, and each row's logits
-    /// the bits it gets alone.
-    fn rows_logits(&self, rows: &[f32]) -> Vec<Vec<f32>> {
-        let c = &self.config;
-        if rows.is_empty() {
-            return Vec::new();
-        }
-        let mut rows = rows.to_vec();
-        for row in rows.chunks_exact_mut(c.hidden) {
-            rms_norm(row, &self.output_norm, c.rms_eps);
-        }
-        let mut logits = vec![0f32; rows.len() / c.hidden * c.vocab_size];
-        matmul(
-            &rows,
-            self.output.as_ref().unwrap_or(&self.embedding),
-            &mut logits,
-        );
-        logits
-            .chunks_exact(c.vocab_size)
-            .map(<[f32]>::to_vec)
-            .collect()
-    }
-}
-
-fn check_shape(info: &TensorInfo, expected: &[usize]) -> Result<()> {
-    if info.dims != expected {
-        return Err(Error::TensorShape {
-            name: info.name.clone(),
-            got: info.dims.clone(),
-            expected: expected.to_vec(),
-        });
-    }
-    Ok(())
 }
 
 fn add_bias(x: &mut [f32], bias: &[f32]) {
     for row in x.chunks_exact_mut(bias.len()) {
         add_in_place(row, bias);
-    }
-}
-
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
     }
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 pub const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
 pub const QWEN2: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
-/// Its tokenizer only, so far: ape does not run the `gemma3` architecture yet.
+/// A base model (no chat template) with local sliding-window layers and a SentencePiece
+/// vocabulary.
 pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
 
 /// The path of a test model: `$APE_MODELS_DIR/<file>`, or `models/<file>` in the workspace.

@@ -1,0 +1,524 @@
+//! The passes ape runs over a model, written once for every family of networks: sequential
+//! reading, contexts encoded after a shared prefix, APE's query side over them, tokens
+//! recomputed in place, and batches of all of these ([`Model::forward_batch`]). Each
+//! supplies the layers' attention (`crate::attention`) with the window of the layer, where
+//! the model has local layers; the family's file supplies everything else.
+
+use rayon::prelude::*;
+
+use super::config::{Architecture, Config};
+use super::gemma3::Gemma3;
+use super::gguf::Gguf;
+use super::llama::Llama;
+use super::Network;
+use crate::attention::{
+    ape_attention, causal_attention, context_attention, in_place_attention, ApeFactors, KvCache,
+};
+use crate::cancel::Cancel;
+use crate::error::Result;
+use crate::kernels::{dot_f16, matmul, rms_norm};
+
+pub struct Model {
+    pub config: Config,
+    network: Box<dyn Network>,
+}
+
+/// One sequence's part of a [`Model::forward_batch`]: its new tokens, the cache they
+/// are appended to, and what they read.
+pub struct Step<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub reads: Reads<'a>,
+}
+
+/// What a step's tokens attend to besides themselves.
+pub enum Reads<'a> {
+    /// The cache before them, causally ([`Model::forward`]).
+    Causal,
+    /// The cache (the shared prefix, its first `prefix_len` positions, then the query
+    /// side so far) and every context with APE's factors ([`Model::forward_ape`]).
+    Ape {
+        prefix_len: usize,
+        contexts: &'a [&'a KvCache],
+        factors: ApeFactors,
+    },
+    /// The cache holds a context encoded after `prefix` (so far): the tokens go on it,
+    /// attending to the prefix and to the context up to themselves
+    /// ([`Model::extend_context`]).
+    Context { prefix: &'a KvCache },
+    /// The tokens sit at `positions` (increasing, all filled) of the cache and are
+    /// recomputed there, each attending causally to every position up to its own
+    /// ([`Model::recompute`]); the cache does not grow.
+    Recompute { positions: &'a [usize] },
+}
+
+impl Reads<'_> {
+    /// Positions the step's tokens start after, beyond its cache: the longest context's
+    /// for APE, the prefix's for a context.
+    fn positions_before(&self) -> usize {
+        match self {
+            Reads::Causal => 0,
+            Reads::Ape { contexts, .. } => contexts.iter().map(|c| c.len()).max().unwrap_or(0),
+            Reads::Context { prefix } => prefix.len(),
+            Reads::Recompute { .. } => 0,
+        }
+    }
+}
+
+/// (Token, head) rows whose attention weights [`Model::attention_received`] holds at once.
+const ATTENTION_ROWS_PER_BLOCK: usize = 64;
+
+impl Model {
+    pub fn load(gguf: &Gguf) -> Result<Self> {
+        let config = Config::from_gguf(gguf)?;
+        let network: Box<dyn Network> = match config.architecture {
+            Architecture::Llama | Architecture::Qwen2 => Box::new(Llama::load(gguf, &config)?),
+            Architecture::Gemma3 => Box::new(Gemma3::load(gguf, &config)?),
+        };
+        Ok(Model { config, network })
+    }
+
+    /// A cache able to hold `capacity` positions (at most the model's window).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        let c = &self.config;
+        KvCache::new(
+            c.layers,
+            c.kv_heads,
+            c.head_dim,
+            capacity.min(c.context_length),
+        )
+    }
+
+    /// Bytes of keys and values `positions` positions take in a cache (f16, every layer).
+    pub fn kv_bytes(&self, positions: usize) -> usize {
+        let c = &self.config;
+        c.layers * 2 * c.kv_heads * c.head_dim * std::mem::size_of::<half::f16>() * positions
+    }
+
+    /// Bytes held by the weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.network.weight_bytes()
+    }
+
+    /// Run `tokens` through the model at the positions after what `cache` holds, append
+    /// their keys and values to it, and return the logits of the last token.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        self.logits(&self.forward_hidden(tokens, cache))
+    }
+
+    /// [`Model::forward`], returning the logits of each of the last `rows` tokens (in
+    /// order) instead of the last one only; with `rows` 0 no logits are computed.
+    pub fn forward_rows(&self, tokens: &[u32], cache: &mut KvCache, rows: usize) -> Vec<Vec<f32>> {
+        self.last_rows_logits(&self.forward_hidden(tokens, cache), rows)
+    }
+
+    fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        self.run_steps(&mut [Step {
+            tokens,
+            cache,
+            reads: Reads::Causal,
+        }])
+    }
+
+    /// Run several sequences' new tokens through the model in one pass, every weight
+    /// matrix read once for all of them, each sequence attending over its own cache as
+    /// `reads` says; returns the logits of each sequence's last token. A sequence's keys,
+    /// values and logits are those [`Model::forward`] or [`Model::forward_ape`] give it
+    /// alone: no token's products depend on the tokens beside it, and each sequence's
+    /// attention is computed on its own.
+    pub fn forward_batch(&self, steps: &mut [Step<'_>]) -> Vec<Vec<f32>> {
+        let x = self.run_steps(steps);
+        let hidden = self.config.hidden;
+        let mut end = 0;
+        let mut last_rows = Vec::with_capacity(steps.len() * hidden);
+        for step in steps.iter() {
+            end += step.tokens.len();
+            last_rows.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
+        }
+        self.rows_logits(&last_rows)
+    }
+
+    /// The layers over every step's tokens, each at the positions after its cache (and,
+    /// for APE, after the longest context); appends each step's keys and values to its
+    /// cache. Returns the hidden states of every token, steps in order.
+    fn run_steps(&self, steps: &mut [Step<'_>]) -> Vec<f32> {
+        let tokens: Vec<u32> = steps
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let mut rows = Vec::with_capacity(steps.len());
+        let mut positions = Vec::with_capacity(tokens.len());
+        for step in steps.iter() {
+            if let Reads::Recompute { positions: at } = step.reads {
+                assert_eq!(at.len(), step.tokens.len(), "a position per token");
+                assert!(
+                    at.iter().all(|&p| p < step.cache.len()),
+                    "recomputing past the cache"
+                );
+                positions.extend_from_slice(at);
+            } else {
+                assert!(
+                    step.cache.len() + step.tokens.len() <= step.cache.capacity(),
+                    "KV cache overflow"
+                );
+                let first = step.cache.len() + step.reads.positions_before();
+                positions.extend(first..first + step.tokens.len());
+            }
+            let start = rows.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
+            rows.push(start..start + step.tokens.len());
+        }
+        let (heads, d) = (self.config.heads, self.config.head_dim);
+        let (q_row, kv_row) = (heads * d, self.config.kv_heads * d);
+        let config = &self.config;
+        let x = self.run_layers(&tokens, positions, |layer, q, k, v, out| {
+            let window = config.window(layer);
+            for (step, r) in steps.iter_mut().zip(&rows) {
+                let (q, out) = (
+                    &q[r.start * q_row..r.end * q_row],
+                    &mut out[r.start * q_row..r.end * q_row],
+                );
+                let (k, v) = (
+                    &k[r.start * kv_row..r.end * kv_row],
+                    &v[r.start * kv_row..r.end * kv_row],
+                );
+                match step.reads {
+                    Reads::Recompute { positions } => {
+                        step.cache.overwrite(layer, positions, k, v);
+                    }
+                    _ => step.cache.write(layer, k, v),
+                }
+                match &step.reads {
+                    Reads::Causal => causal_attention(q, heads, step.cache, layer, window, out),
+                    Reads::Ape {
+                        prefix_len,
+                        contexts,
+                        factors,
+                    } => ape_attention(
+                        q,
+                        heads,
+                        step.cache,
+                        *prefix_len,
+                        contexts,
+                        *factors,
+                        layer,
+                        window,
+                        out,
+                    ),
+                    Reads::Context { prefix } => {
+                        let own = (0..r.len(), &*step.cache);
+                        context_attention(q, heads, prefix, &[own], layer, window, out);
+                    }
+                    Reads::Recompute { positions } => {
+                        in_place_attention(q, heads, step.cache, positions, layer, window, out);
+                    }
+                }
+            }
+        });
+        for step in steps.iter_mut() {
+            if !matches!(step.reads, Reads::Recompute { .. }) {
+                step.cache.advance(step.tokens.len());
+            }
+        }
+        x
+    }
+
+    /// Encode contexts independently after a shared prefix, several in one batch: every
+    /// context takes positions `prefix.len()..` and attends to the prefix and to itself,
+    /// never to another context. Returns each context's keys and values.
+    ///
+    /// A context's result does not depend on the batch it is in: no token's product
+    /// depends on the tokens around it, and attention splits work per context.
+    /// `cancel` is checked before each layer.
+    pub fn encode_contexts(
+        &self,
+        prefix: &KvCache,
+        contexts: &[&[u32]],
+        cancel: &Cancel,
+    ) -> Result<Vec<KvCache>> {
+        let c = &self.config;
+        let mut encoded: Vec<KvCache> = contexts
+            .iter()
+            .map(|t| KvCache::new(c.layers, c.kv_heads, c.head_dim, t.len()))
+            .collect();
+        let tokens: Vec<u32> = contexts.concat();
+        if tokens.is_empty() {
+            return Ok(encoded);
+        }
+        let mut rows = Vec::with_capacity(contexts.len());
+        let mut at = 0;
+        for t in contexts {
+            rows.push(at..at + t.len());
+            at += t.len();
+        }
+        let positions = contexts
+            .iter()
+            .flat_map(|t| prefix.len()..prefix.len() + t.len());
+        let row = c.kv_heads * c.head_dim;
+        self.run_layers_until(&tokens, positions, cancel, |layer, q, k, v, out| {
+            for (own, r) in encoded.iter_mut().zip(&rows) {
+                own.write(
+                    layer,
+                    &k[r.start * row..r.end * row],
+                    &v[r.start * row..r.end * row],
+                );
+            }
+            let batch: Vec<_> = rows.iter().cloned().zip(encoded.iter()).collect();
+            context_attention(q, c.heads, prefix, &batch, layer, c.window(layer), out);
+        })?;
+        for (own, t) in encoded.iter_mut().zip(contexts) {
+            own.advance(t.len());
+        }
+        Ok(encoded)
+    }
+
+    /// Encode `tokens` as the continuation of a context encoded after `prefix`, whose
+    /// first tokens' keys and values `own` holds: the tokens take the positions after
+    /// them and attend to the prefix and to the context up to themselves. A context
+    /// encoded in pieces this way gets the bits it gets in one piece. `cancel` is checked
+    /// before each layer; a cancelled call leaves `own` unusable.
+    pub fn extend_context(
+        &self,
+        prefix: &KvCache,
+        own: &mut KvCache,
+        tokens: &[u32],
+        cancel: &Cancel,
+    ) -> Result<()> {
+        assert!(
+            own.len() + tokens.len() <= own.capacity(),
+            "KV cache overflow"
+        );
+        let c = &self.config;
+        let rows = 0..tokens.len();
+        let positions = prefix.len() + own.len()..;
+        self.run_layers_until(tokens, positions, cancel, |layer, q, k, v, out| {
+            own.write(layer, k, v);
+            let contexts = [(rows.clone(), &*own)];
+            context_attention(q, c.heads, prefix, &contexts, layer, c.window(layer), out);
+        })?;
+        own.advance(tokens.len());
+        Ok(())
+    }
+
+    /// Run query-side tokens with APE attention: they attend causally to `cache` (the
+    /// shared prefix, its first `prefix_len` positions, and the query side so far), and to
+    /// all of `contexts` (each encoded after that same prefix) with APE's temperature and
+    /// scale. Their positions follow the longest context. Appends their keys and values to
+    /// `cache` and returns the logits of the last token.
+    pub fn forward_ape(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        prefix_len: usize,
+        contexts: &[&KvCache],
+        factors: ApeFactors,
+    ) -> Vec<f32> {
+        self.logits(&self.forward_ape_hidden(tokens, cache, prefix_len, contexts, factors))
+    }
+
+    /// [`Model::forward_ape`], returning the logits of each of the last `rows` tokens (in
+    /// order) instead of the last one only; with `rows` 0 no logits are computed.
+    pub fn forward_ape_rows(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        prefix_len: usize,
+        contexts: &[&KvCache],
+        factors: ApeFactors,
+        rows: usize,
+    ) -> Vec<Vec<f32>> {
+        self.last_rows_logits(
+            &self.forward_ape_hidden(tokens, cache, prefix_len, contexts, factors),
+            rows,
+        )
+    }
+
+    fn forward_ape_hidden(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        prefix_len: usize,
+        contexts: &[&KvCache],
+        factors: ApeFactors,
+    ) -> Vec<f32> {
+        self.run_steps(&mut [Step {
+            tokens,
+            cache,
+            reads: Reads::Ape {
+                prefix_len,
+                contexts,
+                factors,
+            },
+        }])
+    }
+
+    /// The prefix followed by the contexts one after another, as sequential reading lays
+    /// them out, in a cache with room for `capacity` positions: each context's keys are
+    /// rotated forward by the lengths of the contexts before it, so that every key stays
+    /// consistent with its new position. The values and the tokens' states are those of
+    /// parallel encoding: no context has seen another.
+    pub(crate) fn lay_out_in_order(
+        &self,
+        prefix: &KvCache,
+        contexts: &[&KvCache],
+        capacity: usize,
+    ) -> KvCache {
+        let mut cache = prefix.copy_with_capacity(capacity);
+        let mut offset = 0;
+        for context in contexts {
+            let angles: Vec<_> = (0..self.config.layers)
+                .map(|layer| self.network.rope(layer).angles(std::iter::once(offset)))
+                .collect();
+            cache.append_mapped(context, |layer, key| {
+                self.network.rope(layer).apply(key, &angles[layer], 0);
+            });
+            offset += context.len();
+        }
+        cache
+    }
+
+    /// Recompute, layer by layer, the keys and values of `tokens`, which sit at `positions`
+    /// (increasing, all filled) of `cache`: each attends causally to every position up to
+    /// its own, where the other recomputed tokens hold their new keys and values and the
+    /// rest keep theirs. Over a cache laid out by [`Model::lay_out_in_order`], recomputing
+    /// every context token is sequential reading of the contexts.
+    pub(crate) fn recompute(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        cache: &mut KvCache,
+        cancel: &Cancel,
+    ) -> Result<()> {
+        let c = &self.config;
+        let positions_iter = positions.iter().copied();
+        self.run_layers_until(tokens, positions_iter, cancel, |layer, q, k, v, out| {
+            cache.overwrite(layer, positions, k, v);
+            in_place_attention(q, c.heads, cache, positions, layer, c.window(layer), out);
+        })?;
+        Ok(())
+    }
+
+    /// How much attention `query`, read causally after everything `cache` holds, gives each
+    /// of its positions: softmax weights summed over the query's tokens, every head and
+    /// every layer. `cache` keeps what it held; it needs room for the query.
+    pub(crate) fn attention_received(&self, query: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        let c = &self.config;
+        let (d, held) = (c.head_dim, cache.len());
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut received = vec![0f32; held];
+        self.run_layers(query, held.., |layer, q, k, v, out| {
+            cache.write(layer, k, v);
+            let window = c.window(layer);
+            causal_attention(q, c.heads, cache, layer, window, out);
+            // A block of (token, head) rows at a time bounds the weights held at once; adding
+            // the blocks in order keeps the sum, and so the choice, the same on every run.
+            let rows: Vec<usize> = (0..query.len() * c.heads).collect();
+            for block in rows.chunks(ATTENTION_ROWS_PER_BLOCK) {
+                let weights: Vec<Vec<f32>> = block
+                    .par_iter()
+                    .map(|&row| {
+                        let (t, h) = (row / c.heads, row % c.heads);
+                        let (keys, _) = cache.head_upto(layer, h / group, held + t + 1);
+                        let q = &q[row * d..(row + 1) * d];
+                        let mut weights: Vec<f32> = keys
+                            .chunks_exact(d)
+                            .map(|k| dot_f16(k, q) * scale)
+                            .collect();
+                        let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0.0;
+                        for w in weights.iter_mut() {
+                            *w = (*w - max).exp();
+                            sum += *w;
+                        }
+                        weights.truncate(held);
+                        weights.iter_mut().for_each(|w| *w /= sum);
+                        weights
+                    })
+                    .collect();
+                for weights in weights {
+                    for (r, w) in received.iter_mut().zip(weights) {
+                        *r += w;
+                    }
+                }
+            }
+        });
+        received
+    }
+
+    /// The transformer layers over `tokens` at `positions`, with `attend(layer, q, k, v,
+    /// out)` supplying attention (it must also keep `k` and `v` wherever it reads keys
+    /// from). Returns the hidden states of every token after the last layer.
+    pub fn run_layers(
+        &self,
+        tokens: &[u32],
+        positions: impl IntoIterator<Item = usize>,
+        attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
+    ) -> Vec<f32> {
+        self.run_layers_until(tokens, positions, &Cancel::default(), attend)
+            .expect("a pass nobody can cancel runs to the end")
+    }
+
+    /// [`Model::run_layers`], checking `cancel` before each layer: a cancelled pass stops
+    /// there with [`Error::Cancelled`], the caches `attend` writes filled part way.
+    pub fn run_layers_until(
+        &self,
+        tokens: &[u32],
+        positions: impl IntoIterator<Item = usize>,
+        cancel: &Cancel,
+        attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
+    ) -> Result<Vec<f32>> {
+        assert!(!tokens.is_empty(), "forward needs at least one token");
+        let positions: Vec<usize> = positions.into_iter().take(tokens.len()).collect();
+        let mut attend = attend;
+        // From a worker thread, each of the ~240 parallel products of a decoded token is
+        // split among the workers directly; called from outside the pool, each one would be
+        // queued and this thread put to sleep until it is done.
+        rayon::scope(|_| {
+            self.network
+                .run_layers(tokens, &positions, cancel, &mut attend)
+        })
+    }
+
+    /// Logits of the last token of hidden states `x`.
+    pub fn logits(&self, x: &[f32]) -> Vec<f32> {
+        self.row_logits(&x[x.len() - self.config.hidden..])
+    }
+
+    /// Logits of each of the last `rows` tokens of hidden states `x`, in order.
+    fn last_rows_logits(&self, x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+        let hidden = self.config.hidden;
+        let first = (x.len() / hidden).saturating_sub(rows);
+        self.rows_logits(&x[first * hidden..])
+    }
+
+    /// Logits of one token's final hidden state.
+    fn row_logits(&self, row: &[f32]) -> Vec<f32> {
+        self.rows_logits(row)
+            .pop()
+            .expect("one row, one row of logits")
+    }
+
+    /// Logits of each token's final hidden state in `rows` (one after another), in one
+    /// product with the output matrix: read once for all of them, and each row's logits
+    /// the bits it gets alone.
+    fn rows_logits(&self, rows: &[f32]) -> Vec<Vec<f32>> {
+        let c = &self.config;
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let (norm, output) = self.network.output();
+        let mut rows = rows.to_vec();
+        for row in rows.chunks_exact_mut(c.hidden) {
+            rms_norm(row, norm, c.rms_eps);
+        }
+        let mut logits = vec![0f32; rows.len() / c.hidden * c.vocab_size];
+        matmul(&rows, output, &mut logits);
+        if let Some(cap) = c.logit_softcap {
+            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+        }
+        logits
+            .chunks_exact(c.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+}
