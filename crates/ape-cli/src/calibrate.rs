@@ -172,6 +172,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
                 draws: 1,
                 seed: args.seed,
                 skip: 0,
+                needle_words: ape_eval::tasks::HAYSTACK_WORDS,
             };
             let set = ape_eval::tasks::load(&Task::from_name("squad")?, &args.data, draw)?;
             let prompts = set

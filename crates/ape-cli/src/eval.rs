@@ -53,6 +53,9 @@ pub struct EvalArgs {
     /// parts (`--skip 0 --n 200`, `--skip 200 --n 200`, ... each write their own files).
     #[arg(long, default_value_t = 0)]
     skip: usize,
+    /// needle: words in each haystack piece (each is one context).
+    #[arg(long, default_value_t = ape_eval::tasks::HAYSTACK_WORDS)]
+    needle_words: usize,
     /// dev (for choosing settings) or test (for reporting).
     #[arg(long, default_value = "test")]
     split: String,
@@ -142,6 +145,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             draws: args.draws,
             seed: args.seed,
             skip: args.skip,
+            needle_words: args.needle_words,
         };
         sets.push((contexts, ape_eval::tasks::load(&task, &args.data, draw)?));
     }
@@ -171,10 +175,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create the results folder {}", args.out.display()))?;
-    let part = match args.skip {
+    let mut part = match args.skip {
         0 => String::new(),
         skip => format!("-from{skip}"),
     };
+    if args.needle_words != ape_eval::tasks::HAYSTACK_WORDS {
+        part += &format!("-words{}", args.needle_words);
+    }
     let stem = format!(
         "{}-{model_name}-{}{}{part}",
         task.name(),

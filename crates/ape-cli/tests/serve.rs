@@ -349,6 +349,50 @@ fn text_completions_read_few_shot_demonstrations_as_documents() {
     assert_eq!((status, e["param"].as_str()), (400, Some("prefix")), "{e}");
 }
 
+/// Gemma 3 is a base model with local sliding-window layers: it labels reviews from
+/// demonstrations sent as documents, and refuses chat with a 400 that says what to send.
+#[test]
+fn a_base_model_serves_completions_over_documents_and_refuses_chat() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::model_file("gemma-3-270m-q4_k_m.gguf");
+    let server = Server::start_model(&model, &["--cache-dir", dir.path().to_str().unwrap()]);
+    let demonstrations = json!([
+        "Review: A wonderful, moving film.\nSentiment: positive",
+        "Review: Dull and far too long.\nSentiment: negative",
+        "Review: The best thing I saw all year.\nSentiment: positive",
+        "Review: A waste of two hours.\nSentiment: negative",
+    ]);
+    for (review, label) in [
+        ("I loved every minute of it.", "positive"),
+        ("Boring from start to finish.", "negative"),
+    ] {
+        let response = server.post(
+            "/v1/completions",
+            &json!({
+                "documents": demonstrations,
+                "prompt": format!("Review: {review}\nSentiment:"),
+                "max_tokens": 2,
+                "temperature": 0,
+            }),
+        );
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().unwrap();
+        assert_eq!(body["choices"][0]["text"].as_str().unwrap().trim(), label);
+    }
+    let chat = json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4});
+    let (status, e) = error(server.post("/v1/chat/completions", &chat));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (400, Some("no_chat_template")),
+        "{e}"
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("/v1/completions"),
+        "{e}"
+    );
+    assert_eq!(server.get("/health").status(), 200);
+}
+
 #[test]
 fn two_servers_share_registered_contexts_through_redis() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,7 +28,8 @@ use crate::error::{EvalError, Result};
 /// Drawn once to fix every task's dev/test partition.
 const SPLIT_SEED: u64 = 0x0a9e_e7a1;
 /// Words per haystack context of the needle task (about 200 tokens).
-const HAYSTACK_WORDS: usize = 150;
+/// Words in each haystack piece of `needle` unless the draw says otherwise.
+pub const HAYSTACK_WORDS: usize = 150;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Task {
@@ -203,6 +204,8 @@ pub struct Draw {
     /// Questions left out from the start of the draw: runs with `skip` 0, n, 2n, ... and
     /// the same seed are the parts of one long run, each question in exactly one part.
     pub skip: usize,
+    /// Words in each haystack piece of `needle` ([`HAYSTACK_WORDS`] by default).
+    pub needle_words: usize,
 }
 
 /// The examples of `task` for `draw`, reading data from `dir`.
@@ -381,8 +384,9 @@ const CITIES: [&str; 24] = [
 ];
 
 /// The needle task: the essays of the split, shuffled by the seed, cut into contexts of
-/// [`HAYSTACK_WORDS`] words; each example hides one vault code in them.
+/// `draw.needle_words` words; each example hides one vault code in them.
 fn needle(essays: &[(String, String)], draw: Draw) -> Result<TaskSet> {
+    let piece_words = draw.needle_words.max(1);
     let mut order: Vec<usize> = (0..essays.len()).collect();
     order.shuffle(&mut rng(SPLIT_SEED));
     let dev = order.len() / 3;
@@ -395,11 +399,11 @@ fn needle(essays: &[(String, String)], draw: Draw) -> Result<TaskSet> {
     let words: Vec<&str> = chosen
         .iter()
         .flat_map(|&i| essays[i].1.split(' '))
-        .take(draw.contexts * HAYSTACK_WORDS)
+        .take(draw.contexts * piece_words)
         .collect();
-    if words.len() < draw.contexts * HAYSTACK_WORDS {
+    if words.len() < draw.contexts * piece_words {
         return Err(EvalError::Setting(format!(
-            "the {} essays hold {} words, too few for {} contexts of {HAYSTACK_WORDS} words; ask for fewer --contexts",
+            "the {} essays hold {} words, too few for {} contexts of {piece_words} words; ask for fewer --contexts",
             draw.split.name(),
             words.len(),
             draw.contexts
@@ -411,9 +415,9 @@ fn needle(essays: &[(String, String)], draw: Draw) -> Result<TaskSet> {
             let code = rng.gen_range(1000..10000).to_string();
             let depth = (i % 5) as f64 / 4.0;
             let mut contexts: Vec<Vec<&str>> =
-                words.chunks(HAYSTACK_WORDS).map(<[&str]>::to_vec).collect();
+                words.chunks(piece_words).map(<[&str]>::to_vec).collect();
             let at = ((depth * words.len() as f64) as usize).min(words.len() - 1);
-            let (piece, mut offset) = (at / HAYSTACK_WORDS, at % HAYSTACK_WORDS);
+            let (piece, mut offset) = (at / piece_words, at % piece_words);
             let piece_words = &mut contexts[piece];
             // Put the needle between sentences: after the next word that ends one.
             while offset < piece_words.len()
@@ -619,6 +623,7 @@ mod tests {
             draws,
             seed: 7,
             skip: 0,
+            needle_words: HAYSTACK_WORDS,
         }
     }
 

@@ -46,6 +46,7 @@ fn run(task: &Task, contexts: usize, settings: &[Setting]) -> Vec<ExampleResult>
         draws: 1,
         seed: 1,
         skip: 0,
+        needle_words: tasks::HAYSTACK_WORDS,
     };
     let set = tasks::load(task, Path::new("unused"), draw).unwrap();
     evaluator()
@@ -180,6 +181,7 @@ fn missing_data_points_at_the_setup_script() {
         draws: 1,
         seed: 1,
         skip: 0,
+        needle_words: tasks::HAYSTACK_WORDS,
     };
     for task in [Task::Squad, Task::Needle, Task::Sentiment, Task::Intent] {
         let err = tasks::load(&task, Path::new("/nonexistent/ape-eval-data"), draw).unwrap_err();

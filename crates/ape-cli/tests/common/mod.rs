@@ -10,8 +10,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn model() -> PathBuf {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct-q4_1.gguf");
+    model_file("smollm2-135m-instruct-q4_1.gguf")
+}
+
+/// A test model by its file name in `models/`.
+pub fn model_file(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models")
+        .join(name);
     assert!(
         path.exists(),
         "run `ape model pull` (or `bash scripts/test.sh`) first"
@@ -84,7 +90,11 @@ pub struct Server {
 impl Server {
     /// Start the server with `extra` arguments and wait until it listens.
     pub fn start(extra: &[&str]) -> Server {
-        let model = model();
+        Server::start_model(&model(), extra)
+    }
+
+    /// [`Server::start`] on another model file.
+    pub fn start_model(model: &Path, extra: &[&str]) -> Server {
         let mut args = vec!["serve", "--model", model.to_str().unwrap(), "--port", "0"];
         args.extend_from_slice(extra);
         let mut child = ape(&args)
