@@ -4,10 +4,11 @@
 # disjoint test split with those settings and with the paper's default (T = S = 0.9).
 # Results go to eval-results/readme/; a sweep already there is not run again.
 # PARTS="rag icl" (the default) picks the task families to run.
-# Needs the models (`ape model pull ...`) and the data (`bash scripts/eval-data.sh`).
+# Needs the models (`ape model pull ...`) and the data (`bash scripts/eval-data.sh`). APE names
+# the binary (default ./target/release/ape; it may carry options, e.g. "ape --threads 1").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APE=./target/release/ape
+APE="${APE:-./target/release/ape}"
 OUT=eval-results/readme
 MODELS="${MODELS:-smollm2-135m-instruct-q4_1 qwen2.5-coder-0.5b-instruct-q4_k_m}"
 PARTS="${PARTS:-rag icl}"

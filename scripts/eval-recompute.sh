@@ -12,9 +12,10 @@
 # Needs ape built (`cargo build --release`), the models (`ape model pull ...`) and the data
 # (`bash scripts/eval-data.sh`). A calibration already beside a model is reused (ape warns
 # and falls back to the paper's defaults if it was written for another file).
+# APE names the binary (default ./target/release/ape; it may carry options).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APE=./target/release/ape
+APE="${APE:-./target/release/ape}"
 OUT=eval-results/recompute
 MODELS="${MODELS:-qwen2.5-coder-0.5b-instruct-q4_k_m smollm2-135m-instruct-q4_1 qwen2.5-coder-1.5b-instruct-q4_k_m}"
 TASKS="${TASKS:-squad needle}"
