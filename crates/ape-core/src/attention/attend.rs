@@ -73,10 +73,9 @@ impl Window {
         positions
     }
 
-    /// Mask, in a run of scores for keys `range`, the keys out of each lane's window.
-    fn mask(&self, span_rows: &[usize], range: Range<usize>, rows: &RowLanes, out: &mut [Lanes]) {
-        let keys = self.key_positions(span_rows, range);
-        for (scores, key) in out.iter_mut().zip(keys) {
+    /// Mask, in the scores of keys at `positions`, the keys out of each lane's window.
+    fn mask(&self, positions: &[Option<usize>], rows: &RowLanes, out: &mut [Lanes]) {
+        for (scores, key) in out.iter_mut().zip(positions) {
             let Some(key) = key else { continue };
             for (s, &query) in scores.iter_mut().zip(&rows.position) {
                 if query >= key + self.size {
@@ -84,6 +83,21 @@ impl Window {
                 }
             }
         }
+    }
+
+    /// Whether no lane sees any of the keys at `positions` (keys `first..` of the job):
+    /// each is past what the lane sees, or out of its window.
+    fn hides_all(&self, positions: &[Option<usize>], first: usize, rows: &RowLanes) -> bool {
+        let newest = positions
+            .iter()
+            .try_fold(0, |newest: usize, key| key.map(|p| newest.max(p)));
+        let Some(newest) = newest else {
+            return false;
+        };
+        rows.seen
+            .iter()
+            .zip(&rows.position)
+            .all(|(&seen, &query)| seen <= first || query >= newest + self.size)
     }
 }
 
@@ -354,10 +368,21 @@ fn score_task(d: usize, task: &Task<'_>, rows: &RowLanes) -> Scored {
         .zip(scores.chunks_mut(CHUNK))
     {
         let range = chunk..chunk + out.len();
-        gather(task.spans, d, range.clone(), |s| s.k, &mut keys);
+        // Keys out of every row's window are not even gathered: in long inputs, local
+        // layers see a small part of them.
+        let positions = task
+            .window
+            .map(|w| (w, w.key_positions(&span_rows, range.clone())));
+        if let Some((window, positions)) = &positions {
+            if window.hides_all(positions, chunk, rows) {
+                out.fill([f32::NEG_INFINITY; LANES]);
+                continue;
+            }
+        }
+        gather(task.spans, d, range, |s| s.k, &mut keys);
         lanes::score(&rows.q, &keys, chunk, &rows.seen, out);
-        if let Some(window) = task.window {
-            window.mask(&span_rows, range, rows, out);
+        if let Some((window, positions)) = &positions {
+            window.mask(positions, rows, out);
         }
     }
     let mut max = [f32::NEG_INFINITY; LANES];
@@ -376,13 +401,20 @@ fn score_task(d: usize, task: &Task<'_>, rows: &RowLanes) -> Scored {
     Scored::Whole { max, sums }
 }
 
-/// The chunk sums of a task's run of keys against the rows' maximum over all their keys.
+/// The chunk sums of a task's run of keys against the rows' maximum over all their keys;
+/// none for the chunks no row sees.
 fn weigh_run(d: usize, task: &Task<'_>, scores: &[Lanes], max: &Lanes) -> Vec<ChunkSums> {
     let mut values = Vec::new();
     let mut weights = Vec::new();
     (task.keys.start..task.keys.end)
         .step_by(CHUNK)
         .zip(scores.chunks(CHUNK))
+        // A chunk no row sees would add exact zeros.
+        .filter(|(_, scores)| {
+            scores
+                .iter()
+                .any(|s| s.iter().any(|&x| x != f32::NEG_INFINITY))
+        })
         .map(|(chunk, scores)| {
             gather(
                 task.spans,
