@@ -11,7 +11,7 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// llama.cpp compute it), written as `x * sigmoid(2z)`, which is `x * (1 + tanh(z)) / 2`
 /// at the cost of one `exp`, as SiLU's.
 pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
-    const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_1;
+    const TWO_SQRT_2_OVER_PI: f32 = 1.595_769;
     for (g, u) in gate.iter_mut().zip(up) {
         let x = *g;
         let two_z = TWO_SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x);
