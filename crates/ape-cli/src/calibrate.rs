@@ -190,8 +190,17 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         }
     };
 
+    let shares = if engine.model.config.sliding_window.is_some() {
+        eprintln!(
+            "this model has sliding-window layers, where recomputing is not supported yet: \
+             only a share of 0 is calibrated"
+        );
+        vec![0.0]
+    } else {
+        args.recompute.clone()
+    };
     let mut grid = Vec::new();
-    for &recompute in &args.recompute {
+    for &recompute in &shares {
         for &temperature in &args.temperatures {
             for &scale in &args.scales {
                 let mode = Mode::ape(temperature, scale)?

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use ape_core::attention::{ApeFactors, KvCache};
 use ape_core::engine::generate::GenerateOptions;
-use ape_core::engine::{Engine, Mode, Prompt};
+use ape_core::engine::{Engine, Mode, Prompt, Recompute, Selection};
 use ape_core::Error;
 
 fn engine() -> &'static Engine {

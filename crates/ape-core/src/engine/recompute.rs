@@ -6,7 +6,7 @@ use super::batch::Reading;
 use super::{Engine, Prompt, Recompute, Selection};
 use crate::attention::KvCache;
 use crate::engine::generate::Cancel;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A request's keys and values after recomputation, in the two groups APE's query side
 /// reads: `own`, the prefix and the recomputed context tokens, read like the prefix; and
@@ -42,6 +42,9 @@ impl Engine {
     /// for the query side; `None` when nothing is to be recomputed, or when the contexts
     /// laid out in order would not leave that room in the window. See [`Recompute`].
     /// `cancel` is checked before each layer of the passes that select and recompute.
+    ///
+    /// Not on a model with local layers: the two groups hold tokens of scattered positions,
+    /// which the sliding window cannot yet be told.
     pub(super) fn repair(
         &self,
         prompt: &Prompt,
@@ -51,6 +54,13 @@ impl Engine {
         room: usize,
         cancel: &Cancel,
     ) -> Result<Option<Repaired>> {
+        if recompute.share > 0.0 && self.model.config.sliding_window.is_some() {
+            return Err(Error::ApeSetting(format!(
+                "recomputing context tokens is not supported yet on models with sliding-window \
+                 layers ({}); ask for a recompute share of 0",
+                self.model.config.architecture.name()
+            )));
+        }
         let p = prefix.len();
         let total: usize = contexts.iter().map(|c| c.len()).sum();
         let fits = p + total + room <= self.model.config.context_length;
