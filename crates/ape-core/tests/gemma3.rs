@@ -129,6 +129,14 @@ fn few_shot_demonstrations_as_contexts_answer_in_every_mode() {
             answer.text
         );
     }
+    // Recomputing is refused, not silently skipped, on local layers.
+    let recompute = Mode::ape(0.9, 0.9)
+        .unwrap()
+        .with_recompute(Recompute::new(0.1, Selection::Attended).unwrap())
+        .unwrap();
+    let refused = e.answer(&prompt, recompute, &options, |_| {}).unwrap_err();
+    assert!(matches!(refused, Error::ApeSetting(_)), "{refused}");
+    assert!(refused.to_string().contains("sliding-window"), "{refused}");
 }
 
 fn ape_logits(e: &Engine, prompt: &Prompt, factors: ApeFactors) -> Vec<f32> {
