@@ -1,10 +1,10 @@
 //! Running requests together: each step of the batcher's thread is one forward pass
 //! ([`Model::forward_batch`]) holding the next token of every request decoding at the
 //! moment and prompt work of at most `chunk_tokens` tokens (chunks of prompts, queries, a
-//! prefix read for the first time, documents being encoded, document tokens being
-//! recomputed), so that the weights, which a
-//! decoding step spends most of its time reading, are read once for all of them, and a
-//! prompt being read does not stall the others' decoding.
+//! prefix read for the first time, documents being encoded, the query's pass that picks
+//! the document tokens to recompute, and those tokens recomputed), so that the weights,
+//! which a decoding step spends most of its time reading, are read once for all of them,
+//! and a prompt being read does not stall the others' decoding.
 //!
 //! Each request keeps its own loop (sampling, stop strings, streaming, cancellation) and
 //! hands its tokens and caches to the batcher's thread, which gathers the tokens of every
@@ -45,6 +45,8 @@ pub(crate) enum Reading {
     Recompute {
         positions: Arc<[usize]>,
     },
+    /// The step gives back the attention each held position received, not logits.
+    Attended,
 }
 
 impl Reading {
@@ -66,7 +68,10 @@ impl Reading {
     fn contexts(&self) -> Vec<&KvCache> {
         match self {
             Reading::Ape { contexts, .. } => contexts.iter().map(Arc::as_ref).collect(),
-            Reading::Causal | Reading::Context { .. } | Reading::Recompute { .. } => Vec::new(),
+            Reading::Causal
+            | Reading::Context { .. }
+            | Reading::Recompute { .. }
+            | Reading::Attended => Vec::new(),
         }
     }
 
@@ -84,6 +89,7 @@ impl Reading {
             },
             Reading::Context { prefix } => Reads::Context { prefix },
             Reading::Recompute { positions } => Reads::Recompute { positions },
+            Reading::Attended => Reads::Attended,
         }
     }
 }

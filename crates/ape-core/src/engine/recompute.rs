@@ -37,6 +37,21 @@ impl Engine {
         batcher.read(tokens, cache, &reading).map(drop)
     }
 
+    /// [`Model::attention_received`](crate::model::Model), in a step of the batch when
+    /// batching.
+    fn attention_received(
+        &self,
+        query: &[u32],
+        cache: &mut KvCache,
+        cancel: &Cancel,
+    ) -> Result<Vec<f32>> {
+        cancel.check()?;
+        match &self.batcher {
+            Some(batcher) => batcher.read(query, cache, &Reading::Attended),
+            None => Ok(self.model.attention_received(query, cache)),
+        }
+    }
+
     /// Recompute the share of `prompt`'s context tokens that `recompute` asks for, over
     /// their keys and values `contexts` (encoded after `prefix`), leaving `room` positions
     /// for the query side; `None` when nothing is to be recomputed, or when the contexts
@@ -83,8 +98,7 @@ impl Engine {
                 chosen
             }
             Selection::Attended => {
-                cancel.check()?;
-                let received = self.model.attention_received(&prompt.query, &mut cache);
+                let received = self.attention_received(&prompt.query, &mut cache, cancel)?;
                 let mut ranked: Vec<usize> = (p..p + total).collect();
                 ranked.sort_by(|&a, &b| received[b].total_cmp(&received[a]).then(a.cmp(&b)));
                 ranked.truncate(share_of(total));

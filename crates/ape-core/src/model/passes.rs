@@ -50,6 +50,10 @@ pub enum Reads<'a> {
     /// recomputed there, each attending causally to every position up to its own
     /// ([`Model::recompute`]); the cache does not grow.
     Recompute { positions: &'a [usize] },
+    /// The tokens (a query) read the cache causally after everything it holds, which it
+    /// keeps as it was: what the step gives back is not logits but how much attention
+    /// the tokens gave each held position ([`Model::attention_received`]).
+    Attended,
 }
 
 impl Reads<'_> {
@@ -60,7 +64,7 @@ impl Reads<'_> {
             Reads::Causal => 0,
             Reads::Ape { contexts, .. } => contexts.iter().map(|c| c.len()).max().unwrap_or(0),
             Reads::Context { prefix } => prefix.len(),
-            Reads::Recompute { .. } => 0,
+            Reads::Recompute { .. } | Reads::Attended => 0,
         }
     }
 }
@@ -118,30 +122,42 @@ impl Model {
             cache,
             reads: Reads::Causal,
         }])
+        .0
     }
 
     /// Run several sequences' new tokens through the model in one pass, every weight
     /// matrix read once for all of them, each sequence attending over its own cache as
-    /// `reads` says; returns the logits of each sequence's last token. A sequence's keys,
-    /// values and logits are those [`Model::forward`] or [`Model::forward_ape`] give it
-    /// alone: no token's products depend on the tokens beside it, and each sequence's
+    /// `reads` says; returns the logits of each sequence's last token (for
+    /// [`Reads::Attended`], the attention its cache's positions received). A sequence's
+    /// keys, values and logits are those [`Model::forward`] or [`Model::forward_ape`] give
+    /// it alone: no token's products depend on the tokens beside it, and each sequence's
     /// attention is computed on its own.
     pub fn forward_batch(&self, steps: &mut [Step<'_>]) -> Vec<Vec<f32>> {
-        let x = self.run_steps(steps);
+        let (x, mut received) = self.run_steps(steps);
         let hidden = self.config.hidden;
         let mut end = 0;
         let mut last_rows = Vec::with_capacity(steps.len() * hidden);
         for step in steps.iter() {
             end += step.tokens.len();
-            last_rows.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
+            if !matches!(step.reads, Reads::Attended) {
+                last_rows.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
+            }
         }
-        self.rows_logits(&last_rows)
+        let mut logits = self.rows_logits(&last_rows).into_iter();
+        received
+            .iter_mut()
+            .map(|r| match r.take() {
+                Some(received) => received,
+                None => logits.next().expect("a row of logits per step"),
+            })
+            .collect()
     }
 
     /// The layers over every step's tokens, each at the positions after its cache (and,
     /// for APE, after the longest context); appends each step's keys and values to its
-    /// cache. Returns the hidden states of every token, steps in order.
-    fn run_steps(&self, steps: &mut [Step<'_>]) -> Vec<f32> {
+    /// cache. Returns the hidden states of every token, steps in order, and for each
+    /// [`Reads::Attended`] step the attention its cache's positions received.
+    fn run_steps(&self, steps: &mut [Step<'_>]) -> (Vec<f32>, Vec<Option<Vec<f32>>>) {
         let tokens: Vec<u32> = steps
             .iter()
             .flat_map(|s| s.tokens.iter().copied())
@@ -169,10 +185,14 @@ impl Model {
         }
         let (heads, d) = (self.config.heads, self.config.head_dim);
         let (q_row, kv_row) = (heads * d, self.config.kv_heads * d);
+        let mut received: Vec<Option<Vec<f32>>> = steps
+            .iter()
+            .map(|s| matches!(s.reads, Reads::Attended).then(|| vec![0f32; s.cache.len()]))
+            .collect();
         let config = &self.config;
         let x = self.run_layers(&tokens, positions, |layer, q, k, v, out| {
             let window = config.window(layer);
-            for (step, r) in steps.iter_mut().zip(&rows) {
+            for ((step, r), received) in steps.iter_mut().zip(&rows).zip(&mut received) {
                 let (q, out) = (
                     &q[r.start * q_row..r.end * q_row],
                     &mut out[r.start * q_row..r.end * q_row],
@@ -211,15 +231,20 @@ impl Model {
                     Reads::Recompute { positions } => {
                         in_place_attention(q, heads, step.cache, positions, layer, window, out);
                     }
+                    Reads::Attended => {
+                        causal_attention(q, heads, step.cache, layer, window, out);
+                        let received = received.as_mut().expect("kept for Attended");
+                        self.add_attention_received(q, step.cache, layer, window, received);
+                    }
                 }
             }
         });
         for step in steps.iter_mut() {
-            if !matches!(step.reads, Reads::Recompute { .. }) {
+            if !matches!(step.reads, Reads::Recompute { .. } | Reads::Attended) {
                 step.cache.advance(step.tokens.len());
             }
         }
-        x
+        (x, received)
     }
 
     /// Encode contexts independently after a shared prefix, several in one batch: every
@@ -349,6 +374,7 @@ impl Model {
                 factors,
             },
         }])
+        .0
     }
 
     /// The prefix followed by the contexts one after another, as sequential reading lays
@@ -401,48 +427,64 @@ impl Model {
     /// of its positions: softmax weights summed over the query's tokens, every head and
     /// every layer. `cache` keeps what it held; it needs room for the query.
     pub(crate) fn attention_received(&self, query: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        let step = Step {
+            tokens: query,
+            cache,
+            reads: Reads::Attended,
+        };
+        self.forward_batch(&mut [step])
+            .pop()
+            .expect("one step, one result")
+    }
+
+    /// Add to `received` (one entry per position `cache` held before the query) the
+    /// attention weights one layer's query rows `q` give those positions; the query's own
+    /// keys follow them in `cache`, unadvanced. A block of (token, head) rows at a time
+    /// bounds the weights held at once; adding the blocks in order keeps the sum, and so
+    /// the choice, the same on every run.
+    fn add_attention_received(
+        &self,
+        q: &[f32],
+        cache: &KvCache,
+        layer: usize,
+        window: Option<usize>,
+        received: &mut [f32],
+    ) {
         let c = &self.config;
-        let (d, held) = (c.head_dim, cache.len());
+        let (d, held) = (c.head_dim, received.len());
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
-        let mut received = vec![0f32; held];
-        self.run_layers(query, held.., |layer, q, k, v, out| {
-            cache.write(layer, k, v);
-            let window = c.window(layer);
-            causal_attention(q, c.heads, cache, layer, window, out);
-            // A block of (token, head) rows at a time bounds the weights held at once; adding
-            // the blocks in order keeps the sum, and so the choice, the same on every run.
-            let rows: Vec<usize> = (0..query.len() * c.heads).collect();
-            for block in rows.chunks(ATTENTION_ROWS_PER_BLOCK) {
-                let weights: Vec<Vec<f32>> = block
-                    .par_iter()
-                    .map(|&row| {
-                        let (t, h) = (row / c.heads, row % c.heads);
-                        let (keys, _) = cache.head_upto(layer, h / group, held + t + 1);
-                        let q = &q[row * d..(row + 1) * d];
-                        let mut weights: Vec<f32> = keys
-                            .chunks_exact(d)
-                            .map(|k| dot_f16(k, q) * scale)
-                            .collect();
-                        let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0.0;
-                        for w in weights.iter_mut() {
-                            *w = (*w - max).exp();
-                            sum += *w;
-                        }
-                        weights.truncate(held);
-                        weights.iter_mut().for_each(|w| *w /= sum);
-                        weights
-                    })
-                    .collect();
-                for weights in weights {
-                    for (r, w) in received.iter_mut().zip(weights) {
-                        *r += w;
+        let rows: Vec<usize> = (0..q.len() / d).collect();
+        for block in rows.chunks(ATTENTION_ROWS_PER_BLOCK) {
+            let weights: Vec<(usize, Vec<f32>)> = block
+                .par_iter()
+                .map(|&row| {
+                    let (t, h) = (row / c.heads, row % c.heads);
+                    let seen = held + t + 1;
+                    let first = window.map_or(0, |w| seen.saturating_sub(w));
+                    let (keys, _) = cache.head_upto(layer, h / group, seen);
+                    let q = &q[row * d..(row + 1) * d];
+                    let mut weights: Vec<f32> = keys[first * d..]
+                        .chunks_exact(d)
+                        .map(|k| dot_f16(k, q) * scale)
+                        .collect();
+                    let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for w in weights.iter_mut() {
+                        *w = (*w - max).exp();
+                        sum += *w;
                     }
+                    weights.truncate(held.saturating_sub(first));
+                    weights.iter_mut().for_each(|w| *w /= sum);
+                    (first, weights)
+                })
+                .collect();
+            for (first, weights) in weights {
+                for (r, w) in received[first..].iter_mut().zip(weights) {
+                    *r += w;
                 }
             }
-        });
-        received
+        }
     }
 
     /// The transformer layers over `tokens` at `positions`, with `attend(layer, q, k, v,
