@@ -9,6 +9,10 @@
 //! share is the largest one the grid has within `--max-recompute`: recomputing more reads
 //! closer to sequential (up to the sample's noise) but costs time to first token in
 //! proportion.
+//!
+//! Requests of many short contexts (in-context learning's demonstrations) read best with
+//! other factors than a few documents do, so they get their own choice
+//! ([`Shape::ManyShot`]), made the same way on a sample of sentiment demonstrations.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -21,7 +25,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use ape_core::engine::generate::GenerateOptions;
-use ape_core::engine::{ApeDefaults, Engine, Mode, Prompt, Recompute, Selection};
+use ape_core::engine::{ApeDefaults, Engine, Mode, Prompt, Recompute, Selection, Shape};
 use ape_eval::metrics::mean_kl;
 use ape_eval::{Draw, Evaluator, Split, Task};
 
@@ -64,23 +68,62 @@ pub struct CalibrateArgs {
     selection: String,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Which shapes of request to choose for: documents, many-shot or both; a shape left
+    /// out keeps what an earlier calibration of the same file chose for it.
+    #[arg(long, default_value = "both")]
+    shape: String,
+    /// Many-shot sample: questions, each after this many sentiment demonstrations of the
+    /// dev split (their labels are part of the demonstrations; the questions' are not read).
+    #[arg(long, default_value_t = 24)]
+    many_shot_n: usize,
+    #[arg(long, default_value_t = 32)]
+    many_shot_contexts: usize,
+    /// Many-shot grid: its best factors lie lower than the documents' (the README's ICL
+    /// sweeps).
+    #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7,0.9,1.0")]
+    many_shot_temperatures: Vec<f32>,
+    #[arg(long, value_delimiter = ',', default_value = "0.6,0.8,1.0")]
+    many_shot_scales: Vec<f32>,
 }
 
-/// What `ape calibrate` chose for one model file, kept beside it as `<model>.ape.json`.
+/// What `ape calibrate` chose for one model file, kept beside it as `<model>.ape.json`:
+/// for requests over documents (at the top level), and for many-shot requests.
 #[derive(Debug, Serialize, Deserialize)]
 struct Calibration {
     /// Which file this is for: its size and the BLAKE3 digest of its first bytes.
     model_bytes: u64,
     model_digest: String,
+    selection: String,
+    #[serde(flatten)]
+    documents: Choice,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    many_shot: Option<Choice>,
+}
+
+/// The factors and share chosen for one shape of request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Choice {
     temperature: f32,
     scale: f32,
     recompute: f32,
-    selection: String,
     /// Mean KL from sequential at the chosen point, and the sample it was measured on.
     kl: f64,
     sample: String,
     /// The best factors at every share tried.
     by_share: Vec<Point>,
+}
+
+impl Choice {
+    fn settings(
+        &self,
+        selection: Selection,
+    ) -> Result<(ape_core::attention::ApeFactors, Recompute)> {
+        let mode = Mode::ape(self.temperature, self.scale)?;
+        Ok((
+            mode.factors().expect("APE has factors"),
+            Recompute::new(self.recompute, selection)?,
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,6 +170,22 @@ pub fn defaults_for(model: &Path) -> ApeDefaults {
 }
 
 fn read_calibration(model: &Path, path: &Path) -> Result<ApeDefaults> {
+    let calibration = read_file(model, path)?;
+    let selection = Selection::from_name(&calibration.selection)?;
+    let (factors, recompute) = calibration.documents.settings(selection)?;
+    let many_shot = match &calibration.many_shot {
+        Some(choice) => Some(choice.settings(selection)?),
+        None => None,
+    };
+    Ok(ApeDefaults {
+        factors,
+        recompute,
+        many_shot,
+    })
+}
+
+/// The calibration at `path`, checked to be one and to be written for `model`.
+fn read_file(model: &Path, path: &Path) -> Result<Calibration> {
     let text = std::fs::read_to_string(path).context("cannot read it")?;
     let calibration: Calibration =
         serde_json::from_str(&text).context("it is not a calibration file")?;
@@ -135,15 +194,7 @@ fn read_calibration(model: &Path, path: &Path) -> Result<ApeDefaults> {
         calibration.model_bytes == bytes && calibration.model_digest == digest,
         "it was written for another model file"
     );
-    let mode = Mode::ape(calibration.temperature, calibration.scale)?;
-    let recompute = Recompute::new(
-        calibration.recompute,
-        Selection::from_name(&calibration.selection)?,
-    )?;
-    Ok(ApeDefaults {
-        factors: mode.factors().expect("APE has factors"),
-        recompute,
-    })
+    Ok(calibration)
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
@@ -159,37 +210,23 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let evaluator =
         Evaluator::load(model).with_context(|| format!("loading {}", model.display()))?;
     let engine = evaluator.engine();
-    let (prompts, sample) = match &args.documents {
-        Some(dir) => (
-            questions_over(engine, dir, args.n, args.contexts, args.seed)?,
-            format!("{} questions over {}", args.n, dir.display()),
-        ),
-        None => {
-            let draw = Draw {
-                split: Split::Dev,
-                n: args.n,
-                contexts: args.contexts,
-                draws: 1,
-                seed: args.seed,
-                skip: 0,
-                needle_words: ape_eval::tasks::HAYSTACK_WORDS,
-            };
-            let set = ape_eval::tasks::load(&Task::from_name("squad")?, &args.data, draw)?;
-            let prompts = set
-                .examples
-                .iter()
-                .map(|e| engine.split_chat(Some(&set.system), &e.contexts, &e.question))
-                .collect::<ape_core::Result<Vec<_>>>()?;
-            (
-                prompts,
-                format!(
-                    "{} SQuAD dev questions, {} documents each",
-                    args.n, args.contexts
-                ),
-            )
-        }
+    let (documents, many_shot) = match args.shape.as_str() {
+        "both" => (true, true),
+        "documents" => (true, false),
+        "many-shot" => (false, true),
+        other => anyhow::bail!("unknown --shape `{other}`: use documents, many-shot or both"),
     };
-
+    let path = calibration_path(model);
+    // A shape not asked for keeps its earlier choice, from a sound file for this model.
+    let earlier = match (documents && many_shot, path.exists()) {
+        (false, true) => Some(read_file(model, &path).with_context(|| {
+            format!(
+                "cannot keep the other shape's choice from {}; calibrate both shapes",
+                path.display()
+            )
+        })?),
+        _ => None,
+    };
     let shares = if engine.model.config.sliding_window.is_some() {
         eprintln!(
             "this model has sliding-window layers, where recomputing is not supported yet: \
@@ -199,31 +236,165 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     } else {
         args.recompute.clone()
     };
-    let mut grid = Vec::new();
-    for &recompute in &shares {
-        for &temperature in &args.temperatures {
-            for &scale in &args.scales {
-                let mode = Mode::ape(temperature, scale)?
-                    .with_recompute(Recompute::new(recompute, selection)?)?;
-                grid.push((recompute, temperature, scale, mode));
-            }
+    let documents = match (documents, &earlier) {
+        (true, _) => {
+            let (prompts, sample) = documents_sample(engine, &args)?;
+            let grid = Grid::new(&shares, &args.temperatures, &args.scales, selection)?;
+            println!("requests over documents ({sample}):");
+            choose(engine, &prompts, sample, &grid, args.max_recompute)?
+        }
+        (false, Some(earlier)) => earlier.documents.clone(),
+        (false, None) => anyhow::bail!(
+            "no earlier calibration beside the model keeps a choice for documents; \
+             calibrate both shapes"
+        ),
+    };
+    let many_shot = match (many_shot, earlier) {
+        (true, _) => {
+            let (prompts, sample) = many_shot_sample(engine, &args)?;
+            let grid = Grid::new(
+                &shares,
+                &args.many_shot_temperatures,
+                &args.many_shot_scales,
+                selection,
+            )?;
+            println!("many-shot requests ({sample}):");
+            Some(choose(engine, &prompts, sample, &grid, args.max_recompute)?)
+        }
+        (false, earlier) => earlier.and_then(|e| e.many_shot),
+    };
+    let (model_bytes, model_digest) = fingerprint(model)?;
+    let calibration = Calibration {
+        model_bytes,
+        model_digest,
+        selection: selection.name().to_string(),
+        documents,
+        many_shot,
+    };
+    std::fs::write(&path, serde_json::to_string_pretty(&calibration)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    for (shape, choice) in [
+        (Shape::Documents, Some(&calibration.documents)),
+        (Shape::ManyShot, calibration.many_shot.as_ref()),
+    ] {
+        if let Some(c) = choice {
+            println!(
+                "{shape:?}: T {} S {} recompute {} ({}), mean KL {:.4}",
+                c.temperature, c.scale, c.recompute, calibration.selection, c.kl
+            );
         }
     }
-    let progress = ProgressBar::new((prompts.len() * grid.len()) as u64).with_style(
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// The points a sample is scored at: every factor pair at every share.
+struct Grid {
+    points: Vec<(f32, f32, f32, Mode)>,
+}
+
+impl Grid {
+    fn new(
+        shares: &[f32],
+        temperatures: &[f32],
+        scales: &[f32],
+        selection: Selection,
+    ) -> Result<Grid> {
+        let mut points = Vec::new();
+        for &recompute in shares {
+            for &temperature in temperatures {
+                for &scale in scales {
+                    let mode = Mode::ape(temperature, scale)?
+                        .with_recompute(Recompute::new(recompute, selection)?)?;
+                    points.push((recompute, temperature, scale, mode));
+                }
+            }
+        }
+        Ok(Grid { points })
+    }
+}
+
+/// The documents sample: questions over the documents in `--documents`, or SQuAD's dev
+/// split; and its description.
+fn documents_sample(engine: &Engine, args: &CalibrateArgs) -> Result<(Vec<Prompt>, String)> {
+    if let Some(dir) = &args.documents {
+        return Ok((
+            questions_over(engine, dir, args.n, args.contexts, args.seed)?,
+            format!("{} questions over {}", args.n, dir.display()),
+        ));
+    }
+    let prompts = dev_prompts(engine, args, "squad", args.n, args.contexts)?;
+    Ok((
+        prompts,
+        format!(
+            "{} SQuAD dev questions, {} documents each",
+            args.n, args.contexts
+        ),
+    ))
+}
+
+/// The many-shot sample: sentiment questions of the dev split after demonstrations.
+fn many_shot_sample(engine: &Engine, args: &CalibrateArgs) -> Result<(Vec<Prompt>, String)> {
+    let (n, contexts) = (args.many_shot_n, args.many_shot_contexts);
+    let prompts = dev_prompts(engine, args, "sentiment", n, contexts)?;
+    Ok((
+        prompts,
+        format!("{n} sentiment dev questions, {contexts} demonstrations each"),
+    ))
+}
+
+/// `n` prompts of `task`'s dev split with `contexts` contexts each, laid out as `ape eval`
+/// lays them out.
+fn dev_prompts(
+    engine: &Engine,
+    args: &CalibrateArgs,
+    task: &str,
+    n: usize,
+    contexts: usize,
+) -> Result<Vec<Prompt>> {
+    let draw = Draw {
+        split: Split::Dev,
+        n,
+        contexts,
+        draws: 1,
+        seed: args.seed,
+        skip: 0,
+        needle_words: ape_eval::tasks::HAYSTACK_WORDS,
+    };
+    let set = ape_eval::tasks::load(&Task::from_name(task)?, &args.data, draw)?;
+    let prompts = set
+        .examples
+        .iter()
+        .map(|e| set.prompt(engine, e))
+        .collect::<ape_core::Result<Vec<_>>>()?;
+    Ok(prompts)
+}
+
+/// Score every point of `grid` on `prompts` (each against sequential reading's own
+/// greedy answer), print the best factors at each share, and choose: the largest share
+/// within `max_recompute`, with its best factors.
+fn choose(
+    engine: &Engine,
+    prompts: &[Prompt],
+    sample: String,
+    grid: &Grid,
+    max_recompute: f32,
+) -> Result<Choice> {
+    let progress = ProgressBar::new((prompts.len() * grid.points.len()) as u64).with_style(
         ProgressStyle::with_template("calibrating [{elapsed_precise}] {wide_bar} {pos}/{len}")
             .expect("the progress template is valid"),
     );
-    let mut kl_sums = vec![0f64; grid.len()];
+    let modes: Vec<Mode> = grid.points.iter().map(|&(.., mode)| mode).collect();
+    let mut kl_sums = vec![0f64; modes.len()];
     let mut read = 0;
-    for prompt in &prompts {
+    for prompt in prompts {
         let Some(answer) = sequential_answer(engine, prompt)? else {
-            progress.inc(grid.len() as u64);
+            progress.inc(modes.len() as u64);
             continue;
         };
         let reference = engine
             .score(prompt, Mode::Sequential, &[&answer])?
             .remove(0);
-        let modes: Vec<Mode> = grid.iter().map(|&(.., mode)| mode).collect();
         for (mut scores, sum) in engine
             .score_modes(prompt, &modes, &[&answer])?
             .into_iter()
@@ -231,14 +402,14 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         {
             *sum += mean_kl(&reference, &scores.remove(0));
         }
-        progress.inc(grid.len() as u64);
+        progress.inc(modes.len() as u64);
         read += 1;
     }
     progress.finish_and_clear();
     anyhow::ensure!(read > 0, "no question of the sample could be answered");
 
     let mut by_share: Vec<Point> = Vec::new();
-    for (&(recompute, temperature, scale, _), sum) in grid.iter().zip(&kl_sums) {
+    for (&(recompute, temperature, scale, _), sum) in grid.points.iter().zip(&kl_sums) {
         let point = Point {
             recompute,
             temperature,
@@ -261,35 +432,18 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     }
     let chosen = by_share
         .iter()
-        .filter(|p| p.recompute <= args.max_recompute)
+        .filter(|p| p.recompute <= max_recompute)
         .max_by(|a, b| a.recompute.total_cmp(&b.recompute))
-        .expect("checked above")
+        .context("no share of the grid is within --max-recompute")?
         .clone();
-    let (model_bytes, model_digest) = fingerprint(model)?;
-    let calibration = Calibration {
-        model_bytes,
-        model_digest,
+    Ok(Choice {
         temperature: chosen.temperature,
         scale: chosen.scale,
         recompute: chosen.recompute,
-        selection: selection.name().to_string(),
         kl: chosen.kl,
         sample: format!("{sample} ({read} read; the others were empty or too long)"),
         by_share,
-    };
-    let path = calibration_path(model);
-    std::fs::write(&path, serde_json::to_string_pretty(&calibration)? + "\n")
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    println!(
-        "chose T {} S {} recompute {} ({}), mean KL {:.4}; wrote {}",
-        calibration.temperature,
-        calibration.scale,
-        calibration.recompute,
-        calibration.selection,
-        calibration.kl,
-        path.display()
-    );
-    Ok(())
+    })
 }
 
 /// Sequential reading's greedy answer to `prompt` (at most 16 tokens, up to a line

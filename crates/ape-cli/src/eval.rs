@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use ape_core::engine::{Mode, Recompute, Selection};
+use ape_core::engine::{Mode, Recompute, Selection, Shape};
+use ape_eval::tasks::Family;
 use ape_eval::{Draw, Evaluator, Report, Setting, Split, Task};
 
 #[derive(Args)]
@@ -90,17 +91,36 @@ pub fn run(args: EvalArgs) -> Result<()> {
         !args.contexts.is_empty(),
         "--contexts needs at least one number"
     );
-    let defaults = crate::calibrate::defaults_for(&args.model.model);
+    let mut sets = Vec::new();
+    for &contexts in &args.contexts {
+        let draw = Draw {
+            split,
+            n: args.n,
+            contexts,
+            draws: args.draws,
+            seed: args.seed,
+            skip: args.skip,
+            needle_words: args.needle_words,
+        };
+        sets.push((contexts, ape_eval::tasks::load(&task, &args.data, draw)?));
+    }
+    // The calibrated defaults for the task's shape: demonstrations are many-shot.
+    let shape = match sets[0].1.family {
+        Family::Icl => Shape::ManyShot,
+        Family::Rag => Shape::Documents,
+    };
+    let (factors, default_recompute) =
+        crate::calibrate::defaults_for(&args.model.model).for_shape(shape);
     let selection = match &args.selection {
         Some(name) => Selection::from_name(name)?,
-        None => defaults.recompute.selection,
+        None => default_recompute.selection,
     };
-    let temperature = args.ape_temperature.unwrap_or(defaults.factors.temperature);
-    let scale = args.ape_scale.unwrap_or(defaults.factors.scale);
+    let temperature = args.ape_temperature.unwrap_or(factors.temperature);
+    let scale = args.ape_scale.unwrap_or(factors.scale);
     let shares = args
         .recompute
         .clone()
-        .unwrap_or(vec![defaults.recompute.share]);
+        .unwrap_or(vec![default_recompute.share]);
     let mut settings = Vec::new();
     for name in &args.modes {
         let mode = parse_mode(name.trim(), temperature, scale)?;
@@ -136,19 +156,6 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .file_stem()
         .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
 
-    let mut sets = Vec::new();
-    for &contexts in &args.contexts {
-        let draw = Draw {
-            split,
-            n: args.n,
-            contexts,
-            draws: args.draws,
-            seed: args.seed,
-            skip: args.skip,
-            needle_words: args.needle_words,
-        };
-        sets.push((contexts, ape_eval::tasks::load(&task, &args.data, draw)?));
-    }
     let metric = sets[0].1.metric;
     let total = sets.iter().map(|(_, s)| s.examples.len() as u64).sum();
     let progress = ProgressBar::new(total).with_style(

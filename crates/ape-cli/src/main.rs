@@ -229,12 +229,6 @@ fn generate(args: GenerateArgs) -> Result<()> {
          or --contexts-dir DIR to ask over documents"
     );
     let engine = args.model.load()?;
-    let mode = engine.ape_defaults().mode(
-        Some(&args.mode),
-        args.ape_temperature,
-        args.ape_scale,
-        args.recompute,
-    )?;
     // A plain chat has no contexts to look up, so it does not pay for opening the store.
     let store = match args.prompt {
         Some(_) => None,
@@ -267,6 +261,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
     } else {
         let question = args.query.as_deref().unwrap_or_default();
         let prompt = engine.split_chat(args.system.as_deref(), &documents, question)?;
+        let mode = engine.ape_defaults().mode(
+            &prompt.contexts,
+            Some(&args.mode),
+            args.ape_temperature,
+            args.ape_scale,
+            args.recompute,
+        )?;
         engine.answer(&prompt, mode, &options, print)?
     };
     let _ = writeln!(stdout).and_then(|_| stdout.flush());

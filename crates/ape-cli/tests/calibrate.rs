@@ -1,5 +1,6 @@
 //! `ape calibrate` on the real model: it writes its choice beside the model, `generate`
-//! reads it back as its defaults, and a damaged or stale file is reported and ignored.
+//! reads it back as its defaults (a many-shot request its own choice), and a damaged or
+//! stale file is reported and ignored.
 
 mod common;
 
@@ -8,9 +9,16 @@ use std::path::Path;
 use common::ape;
 use serde_json::Value;
 
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/documents");
+
 /// `ape generate --stats` over the example documents with `model`: its answer and what it
 /// printed on stderr.
 fn generate(model: &Path, cache: &Path) -> (String, String) {
+    generate_over(model, cache, Path::new(EXAMPLES))
+}
+
+/// `ape generate --stats` over the documents in `documents`.
+fn generate_over(model: &Path, cache: &Path, documents: &Path) -> (String, String) {
     let output = ape(&[
         "generate",
         "-m",
@@ -18,7 +26,7 @@ fn generate(model: &Path, cache: &Path) -> (String, String) {
         "--cache-dir",
         cache.to_str().unwrap(),
         "--contexts-dir",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/documents"),
+        documents.to_str().unwrap(),
         "--query",
         "Where does Alice keep her bicycle?",
         "--max-tokens",
@@ -57,8 +65,10 @@ fn a_calibration_is_written_beside_the_model_and_read_back_as_the_defaults() {
         "calibrate",
         "-m",
         model.to_str().unwrap(),
+        "--shape",
+        "documents",
         "--documents",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/documents"),
+        EXAMPLES,
         "--n",
         "2",
         "--contexts",
@@ -101,6 +111,70 @@ fn a_calibration_is_written_beside_the_model_and_read_back_as_the_defaults() {
         recomputed(&stats) > 0,
         "the calibrated share is the default: {stats}"
     );
+    assert!(written.get("many_shot").is_none(), "{written}");
+
+    // Many-shot requests get their own choice, calibrated on sentiment demonstrations;
+    // the documents' choice stays. A tiny labelled set stands in for the real data.
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let rows: String = (0..1600)
+        .map(|i| match i % 2 {
+            0 => format!("\"1\",\"a warm and wonderful film , number {i} .\"\n"),
+            _ => format!("\"-1\",\"a dull and lifeless film , number {i} .\"\n"),
+        })
+        .collect();
+    std::fs::write(data.join("polarity-pang-lee.csv"), rows).unwrap();
+    let output = ape(&[
+        "calibrate",
+        "-m",
+        model.to_str().unwrap(),
+        "--shape",
+        "many-shot",
+        "--data",
+        data.to_str().unwrap(),
+        "--many-shot-n",
+        "2",
+        "--many-shot-contexts",
+        "8",
+        "--many-shot-temperatures",
+        "0.5",
+        "--many-shot-scales",
+        "0.7",
+        "--recompute",
+        "0",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let both: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(both["recompute"], written["recompute"], "{both}");
+    assert_eq!(both["temperature"], written["temperature"], "{both}");
+    let many_shot = &both["many_shot"];
+    assert_eq!(
+        (
+            many_shot["temperature"].as_f64(),
+            many_shot["scale"].as_f64(),
+            many_shot["recompute"].as_f64()
+        ),
+        (Some(0.5), Some(0.7), Some(0.0)),
+        "{both}"
+    );
+    // Eight short documents are a many-shot request: nothing recomputed by default.
+    let demonstrations = dir.path().join("demonstrations");
+    std::fs::create_dir(&demonstrations).unwrap();
+    for i in 0..8 {
+        let text = format!("Fact {i}: the box number {i} is blue.");
+        std::fs::write(demonstrations.join(format!("{i}.txt")), text).unwrap();
+    }
+    let (_, stats) = generate_over(&model, &cache, &demonstrations);
+    assert_eq!(recomputed(&stats), 0, "{stats}");
+    let (_, stats) = generate(&model, &cache);
+    assert!(recomputed(&stats) > 0, "documents keep theirs: {stats}");
+    let written = both;
 
     for (damage, says) in [
         ("{\"temperature\": ".to_string(), "not a calibration file"),

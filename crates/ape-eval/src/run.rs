@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::metrics::{contains_answer, exact_match, f1, log_likelihood, mean_kl};
 use crate::store::RunStore;
-use crate::tasks::{Example, Format, Target, TaskSet};
+use crate::tasks::{Example, Target, TaskSet};
 
 /// Encoded contexts kept at most (then dropped and encoded again as needed).
 const STORE_BUDGET: usize = 6 << 30;
@@ -141,16 +141,7 @@ impl Evaluator {
         settings: &[Setting],
     ) -> Result<ExampleResult> {
         let engine = &self.engine;
-        let prompt = match set.format {
-            Format::Chat => {
-                engine.split_chat(Some(&set.system), &example.contexts, &example.question)?
-            }
-            Format::Text => engine.split_text(
-                &format!("{}\n\n", set.system),
-                &example.contexts,
-                &example.question,
-            )?,
-        };
+        let prompt = set.prompt(engine, example)?;
         // Sequential reading with the contexts folded into the prefix: the same tokens in
         // the same causal pass, but the engine keeps the prefix's keys and values, so the
         // demonstrations shared by an ICL run's questions are read once.

@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ape_core::engine::{Engine, Prompt};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -187,6 +188,24 @@ pub struct TaskSet {
     pub format: Format,
     pub system: String,
     pub examples: Vec<Example>,
+}
+
+impl TaskSet {
+    /// `example` split for `engine` as the task lays it out: through the chat template
+    /// (the system text, then a user turn of the contexts and the question), or as plain
+    /// text (the system text and a blank line, the contexts, the question).
+    pub fn prompt(&self, engine: &Engine, example: &Example) -> ape_core::Result<Prompt> {
+        match self.format {
+            Format::Chat => {
+                engine.split_chat(Some(&self.system), &example.contexts, &example.question)
+            }
+            Format::Text => engine.split_text(
+                &format!("{}\n\n", self.system),
+                &example.contexts,
+                &example.question,
+            ),
+        }
+    }
 }
 
 /// Which examples a run draws.
@@ -459,6 +478,14 @@ fn classification(
     label_name: &str,
     [test, dev]: [usize; 2],
 ) -> Result<TaskSet> {
+    if data.len() <= test + dev {
+        return Err(EvalError::Setting(format!(
+            "the data has {} labelled examples, too few for the task's {test} test and {dev} \
+             dev questions and a pool of demonstrations; run `bash scripts/eval-data.sh` for \
+             the full set",
+            data.len()
+        )));
+    }
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.shuffle(&mut rng(SPLIT_SEED));
     let (split, pool) = order.split_at(test + dev);
@@ -656,6 +683,9 @@ mod tests {
         assert!(err.to_string().contains("--draws 3"), "{err}");
         let err = load(&Task::Squad, Path::new("unused"), draw(4, 10, 2)).unwrap_err();
         assert!(err.to_string().contains("raise --n"), "{err}");
+        let err =
+            classification(&labelled(70), draw(4, 2, 1), "Text", "Label", [60, 20]).unwrap_err();
+        assert!(err.to_string().contains("70 labelled examples"), "{err}");
     }
 
     #[test]

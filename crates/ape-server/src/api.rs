@@ -347,17 +347,18 @@ fn answer(
     ape: Option<&ApeOptions>,
     options: &GenerateOptions,
 ) -> Result<Work, ApiError> {
-    let mode = engine.ape_defaults().mode(
-        ape.and_then(|a| a.mode.as_deref()),
-        ape.and_then(|a| a.temperature),
-        ape.and_then(|a| a.scale),
-        ape.and_then(|a| a.recompute),
-    )?;
     for document in documents {
         prompt
             .contexts
             .extend(document_contexts(engine, store, document, &options.cancel)?);
     }
+    let mode = engine.ape_defaults().mode(
+        &prompt.contexts,
+        ape.and_then(|a| a.mode.as_deref()),
+        ape.and_then(|a| a.temperature),
+        ape.and_then(|a| a.scale),
+        ape.and_then(|a| a.recompute),
+    )?;
     engine.check_window(&prompt, mode, options.max_tokens)?;
     Ok(Work::Answer(prompt, mode))
 }

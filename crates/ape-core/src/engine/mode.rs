@@ -173,12 +173,44 @@ impl Recompute {
     }
 }
 
+/// What a request over contexts looks like, for defaults chosen apart per shape: APE's
+/// best factors differ between a few long documents and many short demonstrations (on
+/// Qwen2.5-Coder-0.5B, T = S = 1 for the first, T 0.3 and S 0.6 for the second).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// A few documents (RAG).
+    Documents,
+    /// Many short contexts: the demonstrations of in-context learning.
+    ManyShot,
+}
+
+/// A request is many-shot from this many contexts on...
+pub const MANY_SHOT_CONTEXTS: usize = 8;
+/// ...averaging at most this many tokens.
+pub const MANY_SHOT_TOKENS: usize = 64;
+
+impl Shape {
+    /// The shape of a request with these contexts.
+    pub fn of(contexts: &[Vec<u32>]) -> Shape {
+        let tokens: usize = contexts.iter().map(Vec::len).sum();
+        if contexts.len() >= MANY_SHOT_CONTEXTS && tokens <= MANY_SHOT_TOKENS * contexts.len() {
+            Shape::ManyShot
+        } else {
+            Shape::Documents
+        }
+    }
+}
+
 /// APE's settings where a request names none: the paper's factors and no recomputation,
-/// or what `ape calibrate` chose for the model.
+/// or what `ape calibrate` chose for the model (for many-shot requests apart, where it
+/// chose for them).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ApeDefaults {
     pub factors: ApeFactors,
     pub recompute: Recompute,
+    /// The factors and share for [`Shape::ManyShot`] requests, where calibration chose
+    /// them apart.
+    pub many_shot: Option<(ApeFactors, Recompute)>,
 }
 
 impl Default for ApeDefaults {
@@ -189,32 +221,77 @@ impl Default for ApeDefaults {
                 scale: DEFAULT_APE_SCALE,
             },
             recompute: Recompute::NONE,
+            many_shot: None,
         }
     }
 }
 
 impl ApeDefaults {
-    /// The mode a request asks for by name (`ape` when `None`), each setting it leaves out
-    /// taken from these defaults: how `ape generate` and the server turn a request's APE
-    /// fields into a mode.
+    /// The factors and share for a request of `shape`.
+    pub fn for_shape(&self, shape: Shape) -> (ApeFactors, Recompute) {
+        match (shape, self.many_shot) {
+            (Shape::ManyShot, Some(chosen)) => chosen,
+            _ => (self.factors, self.recompute),
+        }
+    }
+
+    /// The mode a request over `contexts` asks for by name (`ape` when `None`), each
+    /// setting it leaves out taken from the defaults for its shape: how `ape generate` and
+    /// the server turn a request's APE fields into a mode.
     pub fn mode(
         &self,
+        contexts: &[Vec<u32>],
         name: Option<&str>,
         temperature: Option<f32>,
         scale: Option<f32>,
         recompute: Option<f32>,
     ) -> Result<Mode> {
+        let (factors, default_recompute) = self.for_shape(Shape::of(contexts));
         let mode = Mode::from_name(
             name.unwrap_or("ape"),
-            temperature.unwrap_or(self.factors.temperature),
-            scale.unwrap_or(self.factors.scale),
+            temperature.unwrap_or(factors.temperature),
+            scale.unwrap_or(factors.scale),
         )?;
         match (mode, recompute) {
-            (Mode::Ape { .. }, None) => mode.with_recompute(self.recompute),
+            (Mode::Ape { .. }, None) => mode.with_recompute(default_recompute),
             (_, None) => Ok(mode),
             (_, Some(share)) => {
-                mode.with_recompute(Recompute::new(share, self.recompute.selection)?)
+                mode.with_recompute(Recompute::new(share, default_recompute.selection)?)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_short_contexts_are_many_shot_and_take_their_own_defaults() {
+        let demonstrations = vec![vec![1; 20]; 8];
+        let documents = vec![vec![1; 200]; 8];
+        assert_eq!(Shape::of(&demonstrations), Shape::ManyShot);
+        assert_eq!(Shape::of(&documents), Shape::Documents);
+        assert_eq!(Shape::of(&demonstrations[..7]), Shape::Documents);
+
+        let many_shot = ApeFactors {
+            temperature: 0.3,
+            scale: 0.6,
+        };
+        let defaults = ApeDefaults {
+            many_shot: Some((many_shot, Recompute::NONE)),
+            ..ApeDefaults::default()
+        };
+        let ape = |contexts: &[Vec<u32>], t: Option<f32>| {
+            defaults
+                .mode(contexts, None, t, None, None)
+                .unwrap()
+                .factors()
+        };
+        assert_eq!(ape(&demonstrations, None), Some(many_shot));
+        assert_eq!(ape(&documents, None), Some(defaults.factors));
+        // A factor the request names wins over either default.
+        assert_eq!(ape(&demonstrations, Some(1.0)).unwrap().temperature, 1.0);
+        assert_eq!(ape(&demonstrations, Some(1.0)).unwrap().scale, 0.6);
     }
 }
