@@ -3,8 +3,9 @@ the paper, from the test-split reports that scripts/eval-readme.sh writes:
 python3 scripts/eval-tables.py [RESULTS_DIR]."""
 import json, os, sys
 D = sys.argv[1] if len(sys.argv) > 1 else 'eval-results/readme'
-MODELS = ['smollm2-135m-instruct-q4_1', 'qwen2.5-coder-0.5b-instruct-q4_k_m']
-NAMES = {'smollm2-135m-instruct-q4_1': 'SmolLM2-135M', 'qwen2.5-coder-0.5b-instruct-q4_k_m': 'Qwen2.5-Coder-0.5B'}
+MODELS = ['smollm2-135m-instruct-q4_1', 'qwen2.5-coder-0.5b-instruct-q4_k_m', 'gemma-3-270m-q4_k_m']
+NAMES = {'smollm2-135m-instruct-q4_1': 'SmolLM2-135M', 'qwen2.5-coder-0.5b-instruct-q4_k_m': 'Qwen2.5-Coder-0.5B',
+         'gemma-3-270m-q4_k_m': 'Gemma-3-270M'}
 FAMILY = {'squad': 'RAG', 'needle': 'RAG', 'sentiment': 'ICL', 'intent': 'ICL'}
 def pct(x): return '–' if x is None else f'{100*x:.1f}'
 def rat(x): return '–' if x is None else f'{100*x:.0f}%'

@@ -20,7 +20,7 @@ use crate::kernels::{Matrix, Rope};
 
 /// Attention supplied to a network's layers: `attend(layer, q, k, v, out)`, with `q` and
 /// `k` after RoPE; it keeps `k` and `v` wherever it reads keys from and writes `out`.
-pub type Attend<'a> = dyn FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send + 'a;
+type Attend<'a> = dyn FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send + 'a;
 
 /// One family of networks: its weights and its layers, from a token's embedding to its
 /// last hidden state. The passes over a model are written once, over this.
