@@ -117,9 +117,9 @@ fn special_token_text(gguf: &Gguf, id_key: &str) -> String {
         .and_then(gguf::Value::as_u64)
         .zip(
             gguf.get("tokenizer.ggml.tokens")
-                .and_then(gguf::Value::as_array),
+                .and_then(gguf::Value::as_strings),
         )
-        .and_then(|(id, tokens)| tokens.get(usize::try_from(id).ok()?)?.as_str())
+        .and_then(|(id, tokens)| tokens.get(usize::try_from(id).ok()?))
         .unwrap_or_default()
         .to_string()
 }

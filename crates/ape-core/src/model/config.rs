@@ -114,7 +114,7 @@ impl Config {
         let vocab_size = match optional("vocab_size") {
             Some(v) => v,
             None => gguf
-                .require("tokenizer.ggml.tokens", "string array", Value::as_array)?
+                .require("tokenizer.ggml.tokens", "string array", Value::as_strings)?
                 .len(),
         };
         let sliding_window = match (architecture, optional("attention.sliding_window")) {

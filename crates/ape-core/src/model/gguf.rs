@@ -15,8 +15,8 @@ use crate::kernels::quant::GgmlType;
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 
-/// One metadata value. Arrays keep their element values; the tokenizer arrays of a
-/// 150K-token vocabulary are the biggest thing held here.
+/// One metadata value. The tokenizer arrays of a 262K-token vocabulary are the biggest
+/// thing held here, so arrays of strings and of numbers are held packed.
 #[derive(Debug, Clone)]
 pub enum Value {
     U8(u8),
@@ -31,7 +31,56 @@ pub enum Value {
     F64(f64),
     Bool(bool),
     String(String),
+    /// An array of strings.
+    Strings(Strings),
+    /// An array of integers or floats, each widened to f64 (exactly).
+    Numbers(Vec<f64>),
+    /// An array of anything else (booleans, arrays).
     Array(Vec<Value>),
+}
+
+/// Strings one after another in one buffer: held one allocation each, the texts of a
+/// 262K-token vocabulary would take several times their size.
+#[derive(Debug, Clone, Default)]
+pub struct Strings {
+    text: String,
+    /// `ends[i]` is where string `i` ends in `text`.
+    ends: Vec<usize>,
+}
+
+impl Strings {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = i.checked_sub(1).map_or(0, |j| self.ends[j]);
+        Some(&self.text[start..end])
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        (0..self.len()).map(|i| self.get(i).expect("in range"))
+    }
+
+    fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.ends.push(self.text.len());
+    }
+}
+
+impl<'a> FromIterator<&'a str> for Strings {
+    fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
+        let mut strings = Strings::default();
+        for s in iter {
+            strings.push(s);
+        }
+        strings
+    }
 }
 
 impl Value {
@@ -81,9 +130,16 @@ impl Value {
         }
     }
 
-    pub fn as_array(&self) -> Option<&[Value]> {
+    pub fn as_strings(&self) -> Option<&Strings> {
         match self {
-            Value::Array(a) => Some(a),
+            Value::Strings(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_numbers(&self) -> Option<&[f64]> {
+        match self {
+            Value::Numbers(n) => Some(n),
             _ => None,
         }
     }
@@ -319,9 +375,13 @@ impl<'a> Cursor<'a> {
     }
 
     fn string(&mut self) -> ParseResult<String> {
+        Ok(self.str()?.into_owned())
+    }
+
+    fn str(&mut self) -> ParseResult<std::borrow::Cow<'_, str>> {
         let len = self.u64()? as usize;
         let bytes = self.take(len)?;
-        Ok(String::from_utf8_lossy(bytes).into_owned())
+        Ok(String::from_utf8_lossy(bytes))
     }
 
     fn value(&mut self, value_type: u32) -> ParseResult<Value> {
@@ -343,11 +403,30 @@ impl<'a> Cursor<'a> {
                 if count > self.bytes.len() - self.pos {
                     return Err(format!("array of {count} elements overruns the file"));
                 }
-                let mut items = Vec::with_capacity(count);
-                for _ in 0..count {
-                    items.push(self.value(item_type)?);
+                match item_type {
+                    8 => {
+                        let mut strings = Strings::default();
+                        for _ in 0..count {
+                            strings.push(&self.str()?);
+                        }
+                        Value::Strings(strings)
+                    }
+                    7 | 9 => {
+                        let mut items = Vec::with_capacity(count);
+                        for _ in 0..count {
+                            items.push(self.value(item_type)?);
+                        }
+                        Value::Array(items)
+                    }
+                    _ => {
+                        let mut numbers = Vec::with_capacity(count);
+                        for _ in 0..count {
+                            let item = self.value(item_type)?;
+                            numbers.push(item.as_f64().expect("a number type"));
+                        }
+                        Value::Numbers(numbers)
+                    }
                 }
-                Value::Array(items)
             }
             10 => Value::U64(self.u64()?),
             11 => Value::I64(i64::from_le_bytes(self.array()?)),

@@ -12,6 +12,8 @@
 
 mod spm;
 
+use std::sync::Arc;
+
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -19,7 +21,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{Error, Result};
-use crate::model::gguf::{Gguf, Value};
+use crate::model::gguf::{Gguf, Strings, Value};
 
 /// The GPT-2 pre-tokenizer regex, as llama.cpp writes it. The usual trailing `|\s+` is
 /// left out because a whitespace run it would match ends up as its own piece anyway:
@@ -162,7 +164,7 @@ impl PreTokenizer {
 /// A model's tokenizer: text to token ids and back.
 pub struct Tokenizer {
     encoder: Encoder,
-    tokens: Vec<String>,
+    tokens: Arc<Strings>,
     pieces: Pieces,
     bos: Option<u32>,
     eos: Option<u32>,
@@ -188,7 +190,7 @@ enum Encoder {
 impl Tokenizer {
     pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
         let model = gguf.require("tokenizer.ggml.model", "string", Value::as_str)?;
-        let tokens = string_array(gguf, "tokenizer.ggml.tokens")?;
+        let tokens = Arc::new(string_array(gguf, "tokenizer.ggml.tokens")?.clone());
         let kinds = token_kinds(gguf, &tokens)?;
         let (encoder, add_bos_by_default) = match model {
             "gpt2" => {
@@ -207,7 +209,7 @@ impl Tokenizer {
                     Value::as_bool,
                 )?
                 .unwrap_or(true);
-                let spm = spm::Spm::new(&tokens, &kinds, scores, space_prefix)?;
+                let spm = spm::Spm::new(tokens.clone(), &kinds, scores, space_prefix)?;
                 (Encoder::Spm(spm), true)
             }
             other => {
@@ -304,7 +306,7 @@ impl Tokenizer {
     /// The token as the vocabulary spells it (byte-level BPE writes a leading space
     /// as `Ġ`), or `None` for an id outside the vocabulary.
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize).map(String::as_str)
+        self.tokens.get(id as usize)
     }
 
     /// Every token that ends generation: EOS and the end-of-turn tokens of chat models.
@@ -385,7 +387,7 @@ struct Pieces {
 impl Pieces {
     /// The bytes of every token, from its text: in GPT-2's byte alphabet when
     /// `byte_level`, else SentencePiece's (`▁` for a space).
-    fn new(tokens: &[String], kinds: &[TokenKind], byte_level: bool) -> Self {
+    fn new(tokens: &Strings, kinds: &[TokenKind], byte_level: bool) -> Self {
         let mut bytes = Vec::new();
         let mut starts = Vec::with_capacity(tokens.len() + 1);
         starts.push(0);
@@ -481,7 +483,7 @@ fn special_id(gguf: &Gguf, key: &str, n_vocab: usize) -> Result<Option<u32>> {
 /// The byte-level BPE encoders of a vocabulary: one parsing control tokens' text, one not.
 fn bpe_encoder(
     gguf: &Gguf,
-    tokens: &[String],
+    tokens: &Strings,
     kinds: &[TokenKind],
     pre: &PreTokenizer,
 ) -> Result<Encoder> {
@@ -492,7 +494,7 @@ fn bpe_encoder(
             .iter()
             .zip(kinds)
             .filter(|&(_, &kind)| kind == wanted)
-            .map(|(text, _)| AddedToken::from(text.as_str(), special).normalized(false))
+            .map(|(text, _)| AddedToken::from(text, special).normalized(false))
             .collect::<Vec<_>>()
     };
     parsing_special.add_special_tokens(&added(TokenKind::Control, true));
@@ -505,17 +507,17 @@ fn bpe_encoder(
     })
 }
 
-fn bpe_model(gguf: &Gguf, tokens: &[String], pre: &PreTokenizer) -> Result<BPE> {
+fn bpe_model(gguf: &Gguf, tokens: &Strings, pre: &PreTokenizer) -> Result<BPE> {
     let mut vocab = Vocab::with_capacity(tokens.len());
     for (id, text) in tokens.iter().enumerate() {
-        if let Some(first) = vocab.insert(text.clone(), id as u32) {
+        if let Some(first) = vocab.insert(text.to_string(), id as u32) {
             return Err(Error::Tokenizer(format!(
                 "the vocabulary lists `{text}` twice (ids {first} and {id})"
             )));
         }
     }
     let merges = string_array(gguf, "tokenizer.ggml.merges")?
-        .into_iter()
+        .iter()
         .map(|merge| match merge.split_once(' ') {
             Some((left, right)) => Ok((left.to_string(), right.to_string())),
             None => Err(Error::Tokenizer(format!(
@@ -532,11 +534,11 @@ fn bpe_model(gguf: &Gguf, tokens: &[String], pre: &PreTokenizer) -> Result<BPE> 
 
 /// Sorted and without duplicates: the tokens named like end-of-turn markers plus the
 /// EOS, EOT and EOM ids the file records.
-fn end_of_generation_ids(gguf: &Gguf, tokens: &[String]) -> Result<Vec<u32>> {
+fn end_of_generation_ids(gguf: &Gguf, tokens: &Strings) -> Result<Vec<u32>> {
     let mut eog: Vec<u32> = tokens
         .iter()
         .enumerate()
-        .filter(|(_, text)| EOG_TEXTS.contains(&text.as_str()))
+        .filter(|(_, text)| EOG_TEXTS.contains(text))
         .map(|(id, _)| id as u32)
         .collect();
     for key in [
@@ -552,40 +554,18 @@ fn end_of_generation_ids(gguf: &Gguf, tokens: &[String]) -> Result<Vec<u32>> {
 }
 
 fn float_array(gguf: &Gguf, key: &str) -> Result<Vec<f32>> {
-    array(gguf, key, "array of numbers", |item| {
-        item.as_f64().map(|x| x as f32)
-    })
+    let numbers = gguf.require(key, "array of numbers", Value::as_numbers)?;
+    Ok(numbers.iter().map(|&x| x as f32).collect())
 }
 
-fn string_array(gguf: &Gguf, key: &str) -> Result<Vec<String>> {
-    array(gguf, key, "array of strings", |item| {
-        item.as_str().map(str::to_string)
-    })
+fn string_array<'a>(gguf: &'a Gguf, key: &str) -> Result<&'a Strings> {
+    gguf.require(key, "array of strings", Value::as_strings)
 }
 
-/// Every item of the array at `key`, each read by `get`.
-fn array<T>(
-    gguf: &Gguf,
-    key: &str,
-    expected: &'static str,
-    get: impl Fn(&Value) -> Option<T>,
-) -> Result<Vec<T>> {
-    let wrong_type = || Error::Metadata {
-        key: key.to_string(),
-        expected,
-    };
-    gguf.get(key)
-        .and_then(Value::as_array)
-        .ok_or_else(wrong_type)?
-        .iter()
-        .map(|item| get(item).ok_or_else(wrong_type))
-        .collect()
-}
-
-fn token_kinds(gguf: &Gguf, tokens: &[String]) -> Result<Vec<TokenKind>> {
+fn token_kinds(gguf: &Gguf, tokens: &Strings) -> Result<Vec<TokenKind>> {
     const KEY: &str = "tokenizer.ggml.token_type";
     const EXPECTED: &str = "array of integers";
-    let mut kinds = match optional(gguf, KEY, EXPECTED, Value::as_array)? {
+    let mut kinds = match optional(gguf, KEY, EXPECTED, Value::as_numbers)? {
         None => vec![TokenKind::Normal; tokens.len()],
         Some(codes) if codes.len() != tokens.len() => {
             return Err(Error::Tokenizer(format!(
@@ -596,20 +576,13 @@ fn token_kinds(gguf: &Gguf, tokens: &[String]) -> Result<Vec<TokenKind>> {
         }
         Some(codes) => codes
             .iter()
-            .map(|code| {
-                code.as_i64()
-                    .map(TokenKind::from_gguf)
-                    .ok_or_else(|| Error::Metadata {
-                        key: KEY.into(),
-                        expected: EXPECTED,
-                    })
-            })
-            .collect::<Result<_>>()?,
+            .map(|&code| TokenKind::from_gguf(code as i64))
+            .collect(),
     };
     // An end-of-generation token typed as plain text would let user input end the
     // turn; llama.cpp makes such tokens control tokens as well.
-    for (kind, text) in kinds.iter_mut().zip(tokens) {
-        if EOG_TEXTS.contains(&text.as_str()) {
+    for (kind, text) in kinds.iter_mut().zip(tokens.iter()) {
+        if EOG_TEXTS.contains(&text) {
             *kind = TokenKind::Control;
         }
     }

@@ -9,19 +9,23 @@
 //! longest first where two start at the same place.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+use std::sync::Arc;
 
 use aho_corasick::{AhoCorasick, MatchKind};
 
 use super::TokenKind;
 use crate::error::{Error, Result};
+use crate::model::gguf::Strings;
 
 /// How SentencePiece writes a space.
 const SPACE: char = '\u{2581}';
 
 pub(super) struct Spm {
-    /// Every token's text, the last id where two share one (as llama.cpp maps them).
-    ids: HashMap<String, u32>,
+    tokens: Arc<Strings>,
+    /// Every id, ordered by its token's text (then by id): the texts are looked up by
+    /// binary search, with no second copy of them in a map.
+    by_text: Vec<u32>,
     scores: Vec<f32>,
     /// The `<0xNN>` token of every byte.
     byte_ids: Vec<Option<u32>>,
@@ -38,13 +42,13 @@ struct Specials {
 }
 
 impl Specials {
-    fn new(tokens: &[String], kinds: &[TokenKind], wanted: &[TokenKind]) -> Result<Specials> {
+    fn new(tokens: &Strings, kinds: &[TokenKind], wanted: &[TokenKind]) -> Result<Specials> {
         let (texts, ids): (Vec<&str>, Vec<u32>) = tokens
             .iter()
             .zip(kinds)
             .enumerate()
             .filter(|(_, (text, kind))| wanted.contains(kind) && !text.is_empty())
-            .map(|(id, (text, _))| (text.as_str(), id as u32))
+            .map(|(id, (text, _))| (text, id as u32))
             .unzip();
         let matcher = match texts.is_empty() {
             true => None,
@@ -61,7 +65,7 @@ impl Specials {
 
 impl Spm {
     pub(super) fn new(
-        tokens: &[String],
+        tokens: Arc<Strings>,
         kinds: &[TokenKind],
         scores: Vec<f32>,
         add_space_prefix: bool,
@@ -73,26 +77,42 @@ impl Spm {
                 tokens.len()
             )));
         }
-        let ids: HashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(id, text)| (text.clone(), id as u32))
-            .collect();
-        let byte_ids = (0..=255u8)
-            .map(|b| ids.get(&format!("<0x{b:02X}>")).copied())
-            .collect();
-        Ok(Spm {
-            byte_ids,
+        let mut by_text: Vec<u32> = (0..tokens.len() as u32).collect();
+        by_text.sort_by(|&a, &b| {
+            tokens
+                .get(a as usize)
+                .cmp(&tokens.get(b as usize))
+                .then(a.cmp(&b))
+        });
+        let with_control = Specials::new(
+            &tokens,
+            kinds,
+            &[TokenKind::Control, TokenKind::UserDefined],
+        )?;
+        let plain = Specials::new(&tokens, kinds, &[TokenKind::UserDefined])?;
+        let mut spm = Spm {
+            tokens,
+            by_text,
+            byte_ids: Vec::new(),
             scores,
             add_space_prefix,
-            with_control: Specials::new(
-                tokens,
-                kinds,
-                &[TokenKind::Control, TokenKind::UserDefined],
-            )?,
-            plain: Specials::new(tokens, kinds, &[TokenKind::UserDefined])?,
-            ids,
-        })
+            with_control,
+            plain,
+        };
+        spm.byte_ids = (0..=255u8)
+            .map(|b| spm.id(&format!("<0x{b:02X}>")))
+            .collect();
+        Ok(spm)
+    }
+
+    /// The id of the token spelled `text`: the last where two share one text (as
+    /// llama.cpp maps them).
+    fn id(&self, text: &str) -> Option<u32> {
+        let past = self
+            .by_text
+            .partition_point(|&id| self.tokens.get(id as usize) <= Some(text));
+        let last = *self.by_text.get(past.checked_sub(1)?)?;
+        (self.tokens.get(last as usize) == Some(text)).then_some(last)
     }
 
     /// Token ids of `text`; with `parse_special`, control tokens' text becomes them.
@@ -150,8 +170,8 @@ impl Spm {
         let mut at = Some(0);
         while let Some(i) = at {
             let piece = pieces.text(i);
-            match self.ids.get(piece) {
-                Some(&id) => out.push(id),
+            match self.id(piece) {
+                Some(id) => out.push(id),
                 None => {
                     for byte in piece.bytes() {
                         let id = self.byte_ids[byte as usize].ok_or_else(|| {
@@ -175,7 +195,7 @@ impl Spm {
         };
         let len = pieces.len[left] + pieces.len[right];
         let joined = &pieces.text[pieces.start[left]..pieces.start[left] + len];
-        if let Some(&id) = self.ids.get(joined) {
+        if let Some(id) = self.id(joined) {
             queue.push(Join {
                 score: self.scores[id as usize],
                 left,
