@@ -22,6 +22,12 @@ TASKS="${TASKS:-squad needle}"
 SQUAD_N="${SQUAD_N:-200}"
 NEEDLE_N="${NEEDLE_N:-60}"
 SHARES=0,0.05,0.15,0.3
+# ICL_TASKS (default none; "intent sentiment" for the README's ICL tables) read each task's
+# test split at 8 to 256 demonstrations (3 sets of 24 questions), sequentially and with
+# APE at ICL_MODES (default: Qwen2.5-Coder-0.5B's dev-chosen ICL factors and T = S = 1), at
+# every share of SHARES.
+ICL_TASKS="${ICL_TASKS:-}"
+ICL_MODES="${ICL_MODES:-sequential,ape:0.3:0.6,ape:1:1}"
 SQUAD_MORE="${SQUAD_MORE:-0}"
 MORE_SHARES="${MORE_SHARES:-0,0.05,0.3}"
 mkdir -p "$OUT"
@@ -48,6 +54,12 @@ for model in $MODELS; do
                     --contexts 5 --modes sequential,ape --recompute "$MORE_SHARES" --out "$OUT"
         done
     fi
+    for task in $ICL_TASKS; do
+        [ -f "$OUT/$task-$model-test.json" ] ||
+            $APE --threads 2 eval -m "$m" --task "$task" --split test --n 24 --draws 3 \
+                --contexts 8,16,32,64,128,256 --modes "$ICL_MODES" --recompute "$SHARES" \
+                --out "$OUT"
+    done
     [ -f "$OUT/ttft-$model.md" ] ||
         $APE --threads 2 bench ttft -m "$m" --total 8192 --repeats 1 --recompute "$SHARES" \
             >"$OUT/ttft-$model.md"

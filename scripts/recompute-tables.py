@@ -1,4 +1,5 @@
-"""Prints the README's recompute tables from what scripts/eval-recompute.sh writes, and draws
+"""Prints the README's recompute tables (RAG tasks, then ICL tasks by number of
+demonstrations) from what scripts/eval-recompute.sh writes, and draws
 accuracy (as a share of sequential's) against time to first token over 8K stored context
 tokens, one line per model and task, one point per recompute share:
 python3 scripts/recompute-tables.py [RESULTS_DIR]  (writes RESULTS_DIR/recompute.svg)."""
@@ -42,8 +43,10 @@ def paired_difference(run, metric, setting):
     diffs = []
     for example in run['examples']:
         by = {o['setting']: o for o in example['outcomes']}
-        if setting in by and 'sequential' in by and by[setting][metric] is not None:
-            diffs.append(by[setting][metric] - by['sequential'][metric])
+        if setting in by and 'sequential' in by:
+            ours, theirs = by[setting].get(metric), by['sequential'].get(metric)
+            if ours is not None and theirs is not None:
+                diffs.append(ours - theirs)
     n = len(diffs)
     if n < 2:
         return None
@@ -119,6 +122,39 @@ for model, name in MODELS.items():
                 points.append((t, 100 * ratio, r))
         if points:
             curves.append((f'{name}, {task}', sorted(points)))
+
+# ICL: one run per number of demonstrations; each cell is the setting's accuracy, its ratio
+# to sequential's over the same questions and the paired difference's standard error.
+for model, name in MODELS.items():
+    for task in ['intent', 'sentiment']:
+        path = f'{D}/{task}-{model}-test.json'
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            report = json.load(f)
+        runs = report['runs']
+        questions = len(runs[0]['examples'])
+        print(f"\n{name}, {task} ({questions} test questions per cell, accuracy; ÷ sequential;"
+              f" − sequential in points with its paired s.e.; KL from sequential)\n")
+        print('| setting | ' + ' | '.join(f"{run['contexts']} demonstrations" for run in runs) + ' |')
+        print('|---|' + '---:|' * len(runs))
+        for setting in report['settings']:
+            cells = []
+            for run in runs:
+                summary = next(x for x in run['summaries'] if x['setting'] == setting)
+                if summary['metric'] is None:
+                    cells.append('beyond the window')
+                    continue
+                ratio = summary.get('ratio_to_sequential')
+                cell = f"{100 * summary['metric']:.1f}"
+                if setting != 'sequential':
+                    paired = paired_difference(run, 'accuracy', setting)
+                    cell += f" ({'–' if ratio is None else f'{100 * ratio:.0f}%'}"
+                    cell += '' if paired is None else f"; {paired[0]:+.1f} ± {paired[1]:.1f}"
+                    kl = summary['kl_vs_sequential']
+                    cell += ')' if kl is None else f"; KL {kl:.3f})"
+                cells.append(cell)
+            print(f'| {setting} | ' + ' | '.join(cells) + ' |')
 
 if curves:
     W, H, L, B = 640, 400, 60, 50
