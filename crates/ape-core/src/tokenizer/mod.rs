@@ -2,39 +2,24 @@
 //!
 //! Two kinds of vocabulary are read:
 //! - GPT-2 style byte-level BPE (`tokenizer.ggml.model = "gpt2"`: Llama 3, Qwen 2,
-//!   SmolLM), encoded by the Hugging Face `tokenizers` crate set up to split text the way
-//!   llama.cpp does for the pre-tokenizer named in `tokenizer.ggml.pre`;
-//! - SentencePiece (`"llama"`: Gemma, Mistral, Llama 2), merged by score in `spm.rs`.
+//!   SmolLM), cut into words the way llama.cpp does for the pre-tokenizer named in
+//!   `tokenizer.ggml.pre`, then merged by rank (`bpe.rs`);
+//! - SentencePiece (`"llama"`: Gemma, Mistral, Llama 2), merged by score (`spm.rs`).
 //!
-//! Either way prompts get exactly the ids llama.cpp gives them. Decoding is done here,
+//! Special tokens are matched first and the merge loop is shared (`merge.rs`); the
+//! vocabulary is looked up in the file's own token list, so a process holds no second
+//! copy of it. Either way prompts get exactly the ids llama.cpp gives them. Decoding is done here,
 //! from a per-token byte table, because streamed generation needs the raw bytes of every
 //! token.
 
+mod bpe;
+mod merge;
 mod spm;
 
 use std::sync::Arc;
 
-use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
-
 use crate::error::{Error, Result};
 use crate::model::gguf::{Gguf, Strings, Value};
-
-/// The GPT-2 pre-tokenizer regex, as llama.cpp writes it. The usual trailing `|\s+` is
-/// left out because a whitespace run it would match ends up as its own piece anyway:
-/// the splits keep unmatched text as separate pieces.
-const GPT2_PATTERN: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-
-/// Llama 3's pattern with the case-insensitive contractions spelled out, as llama.cpp
-/// does, so that only ASCII letters case-fold.
-const LLAMA3_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// Qwen 2: the Llama 3 pattern, but every digit is a piece of its own.
-const QWEN2_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Token texts that end generation. llama.cpp finds these by name too, because GGUF
 /// files only record one EOS id while chat models stop on several tokens. The FIM pad,
@@ -90,79 +75,9 @@ impl TokenKind {
     }
 }
 
-/// How llama.cpp pre-tokenizes for one `tokenizer.ggml.pre` value.
-struct PreTokenizer {
-    /// Applied one after the other, each splitting the pieces left by the previous one.
-    patterns: &'static [&'static str],
-    /// Whole pieces that are in the vocabulary skip the merges (Llama 3 does this).
-    ignore_merges: bool,
-    /// Whether a BOS token is prepended when the file does not say.
-    add_bos: bool,
-}
-
-impl PreTokenizer {
-    const DEFAULT: PreTokenizer = PreTokenizer {
-        patterns: &[
-            r"[\p{P}\$\+<=>\^~\|]+",
-            GPT2_PATTERN,
-            r"\p{N}+",
-            "[0-9][0-9][0-9]",
-        ],
-        ignore_merges: false,
-        add_bos: false,
-    };
-
-    fn named(name: &str) -> Result<Self> {
-        let (patterns, ignore_merges, add_bos): (&'static [&'static str], _, _) = match name {
-            "default" => return Ok(Self::DEFAULT),
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => (&[LLAMA3_PATTERN], true, true),
-            "dbrx" | "smaug-bpe" => (&[LLAMA3_PATTERN], false, false),
-            "qwen2" | "stablelm2" | "deepseek-r1-qwen" | "megrez" => {
-                (&[QWEN2_PATTERN], false, false)
-            }
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-            | "minerva-7b" => (&[r"\p{N}", GPT2_PATTERN], false, false),
-            "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "roberta-bpe" => {
-                (&[GPT2_PATTERN], false, false)
-            }
-            other => {
-                return Err(Error::Tokenizer(format!(
-                    "unknown pre-tokenizer `{other}` in tokenizer.ggml.pre; ape knows llama3/llama-bpe, qwen2, smollm, gpt2 and their aliases"
-                )))
-            }
-        };
-        Ok(PreTokenizer {
-            patterns,
-            ignore_merges,
-            add_bos,
-        })
-    }
-
-    fn build(&self) -> Result<Sequence> {
-        let mut steps = self
-            .patterns
-            .iter()
-            .map(|&pattern| {
-                Split::new(
-                    SplitPattern::Regex(pattern.to_string()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map(PreTokenizerWrapper::from)
-                .map_err(|e| {
-                    Error::Tokenizer(format!("pre-tokenizer regex `{pattern}` is invalid: {e}"))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // The regexes already split the text; this step only maps bytes to the
-        // printable alphabet the vocabulary is written in.
-        steps.push(ByteLevel::new(false, false, false).into());
-        Ok(Sequence::new(steps))
-    }
-}
-
 /// A model's tokenizer: text to token ids and back.
 pub struct Tokenizer {
+    specials: merge::Specials,
     encoder: Encoder,
     tokens: Arc<Strings>,
     pieces: Pieces,
@@ -175,15 +90,9 @@ pub struct Tokenizer {
     longest_token_bytes: usize,
 }
 
-/// Text to ids, for one kind of vocabulary.
+/// Text without special tokens to ids, for one kind of vocabulary.
 enum Encoder {
-    Bpe {
-        /// Encodes with control-token text (`<|im_start|>`) becoming the control token.
-        parsing_special: Box<tokenizers::Tokenizer>,
-        /// The same vocabulary, but control-token text is tokenized like any other
-        /// text, so user input cannot forge chat markers.
-        plain: Box<tokenizers::Tokenizer>,
-    },
+    Bpe(bpe::Bpe),
     Spm(spm::Spm),
 }
 
@@ -192,14 +101,12 @@ impl Tokenizer {
         let model = gguf.require("tokenizer.ggml.model", "string", Value::as_str)?;
         let tokens = Arc::new(string_array(gguf, "tokenizer.ggml.tokens")?.clone());
         let kinds = token_kinds(gguf, &tokens)?;
-        let (encoder, add_bos_by_default) = match model {
-            "gpt2" => {
-                let pre = match optional(gguf, "tokenizer.ggml.pre", "string", Value::as_str)? {
-                    None => PreTokenizer::DEFAULT,
-                    Some(name) => PreTokenizer::named(name)?,
-                };
-                (bpe_encoder(gguf, &tokens, &kinds, &pre)?, pre.add_bos)
-            }
+        let encoder = match model {
+            "gpt2" => Encoder::Bpe(bpe::Bpe::new(
+                tokens.clone(),
+                string_array(gguf, "tokenizer.ggml.merges")?,
+                optional(gguf, "tokenizer.ggml.pre", "string", Value::as_str)?,
+            )?),
             "llama" => {
                 let scores = float_array(gguf, "tokenizer.ggml.scores")?;
                 let space_prefix = optional(
@@ -209,14 +116,17 @@ impl Tokenizer {
                     Value::as_bool,
                 )?
                 .unwrap_or(true);
-                let spm = spm::Spm::new(tokens.clone(), &kinds, scores, space_prefix)?;
-                (Encoder::Spm(spm), true)
+                Encoder::Spm(spm::Spm::new(tokens.clone(), scores, space_prefix)?)
             }
             other => {
                 return Err(Error::Tokenizer(format!(
                     "tokenizer model `{other}` is not supported; ape reads GPT-2 style byte-level BPE (`gpt2`) and SentencePiece (`llama`) vocabularies"
                 )))
             }
+        };
+        let add_bos_by_default = match &encoder {
+            Encoder::Bpe(bpe) => bpe.adds_bos(),
+            Encoder::Spm(_) => true,
         };
         let bos = special_id(gguf, "tokenizer.ggml.bos_token_id", tokens.len())?;
         let add_bos = optional(gguf, "tokenizer.ggml.add_bos_token", "bool", Value::as_bool)?
@@ -227,8 +137,9 @@ impl Tokenizer {
                     .into(),
             ));
         }
-        let pieces = Pieces::new(&tokens, &kinds, matches!(encoder, Encoder::Bpe { .. }));
+        let pieces = Pieces::new(&tokens, &kinds, matches!(encoder, Encoder::Bpe(_)));
         Ok(Tokenizer {
+            specials: merge::Specials::new(&tokens, &kinds)?,
             encoder,
             longest_token_bytes: pieces.longest().max(1),
             pieces,
@@ -244,22 +155,11 @@ impl Tokenizer {
     /// tokens (`<|im_start|>`) becomes those tokens; use it for rendered chat templates,
     /// never for raw user input.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let (parsing_special, plain) = match &self.encoder {
-            Encoder::Spm(spm) => return spm.encode(text, parse_special),
-            Encoder::Bpe {
-                parsing_special,
-                plain,
-            } => (parsing_special, plain),
-        };
-        let tokenizer = if parse_special {
-            parsing_special
-        } else {
-            plain
-        };
-        let encoding = tokenizer
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
-        Ok(encoding.get_ids().to_vec())
+        self.specials
+            .encode(text, parse_special, |stretch, out| match &self.encoder {
+                Encoder::Bpe(bpe) => bpe.encode_text(stretch, out),
+                Encoder::Spm(spm) => spm.encode_text(stretch, out),
+            })
     }
 
     /// The fewest tokens `text` can encode to, known without encoding it: no token
@@ -480,58 +380,6 @@ fn special_id(gguf: &Gguf, key: &str, n_vocab: usize) -> Result<Option<u32>> {
     }
 }
 
-/// The byte-level BPE encoders of a vocabulary: one parsing control tokens' text, one not.
-fn bpe_encoder(
-    gguf: &Gguf,
-    tokens: &Strings,
-    kinds: &[TokenKind],
-    pre: &PreTokenizer,
-) -> Result<Encoder> {
-    let mut parsing_special = tokenizers::Tokenizer::new(bpe_model(gguf, tokens, pre)?);
-    parsing_special.with_pre_tokenizer(Some(pre.build()?));
-    let added = |wanted: TokenKind, special: bool| {
-        tokens
-            .iter()
-            .zip(kinds)
-            .filter(|&(_, &kind)| kind == wanted)
-            .map(|(text, _)| AddedToken::from(text, special).normalized(false))
-            .collect::<Vec<_>>()
-    };
-    parsing_special.add_special_tokens(&added(TokenKind::Control, true));
-    parsing_special.add_tokens(&added(TokenKind::UserDefined, false));
-    let mut plain = parsing_special.clone();
-    plain.set_encode_special_tokens(true);
-    Ok(Encoder::Bpe {
-        parsing_special: Box::new(parsing_special),
-        plain: Box::new(plain),
-    })
-}
-
-fn bpe_model(gguf: &Gguf, tokens: &Strings, pre: &PreTokenizer) -> Result<BPE> {
-    let mut vocab = Vocab::with_capacity(tokens.len());
-    for (id, text) in tokens.iter().enumerate() {
-        if let Some(first) = vocab.insert(text.to_string(), id as u32) {
-            return Err(Error::Tokenizer(format!(
-                "the vocabulary lists `{text}` twice (ids {first} and {id})"
-            )));
-        }
-    }
-    let merges = string_array(gguf, "tokenizer.ggml.merges")?
-        .iter()
-        .map(|merge| match merge.split_once(' ') {
-            Some((left, right)) => Ok((left.to_string(), right.to_string())),
-            None => Err(Error::Tokenizer(format!(
-                "BPE merge `{merge}` is not two tokens separated by a space"
-            ))),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(pre.ignore_merges)
-        .build()
-        .map_err(|e| Error::Tokenizer(format!("cannot build the BPE model: {e}")))
-}
-
 /// Sorted and without duplicates: the tokens named like end-of-turn markers plus the
 /// EOS, EOT and EOM ids the file records.
 fn end_of_generation_ids(gguf: &Gguf, tokens: &Strings) -> Result<Vec<u32>> {
@@ -592,51 +440,6 @@ fn token_kinds(gguf: &Gguf, tokens: &Strings) -> Result<Vec<TokenKind>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _};
-
-    /// The pieces `pre` cuts `text` into, in the byte-level alphabet (`Ġ` is a space).
-    fn split(pre: &PreTokenizer, text: &str) -> Vec<String> {
-        let mut pieces = PreTokenizedString::from(text);
-        pre.build().unwrap().pre_tokenize(&mut pieces).unwrap();
-        pieces
-            .get_splits(OffsetReferential::Original, OffsetType::Byte)
-            .into_iter()
-            .map(|(piece, _, _)| piece.to_string())
-            .collect()
-    }
-
-    #[test]
-    fn every_named_pre_tokenizer_compiles() {
-        for name in [
-            "default",
-            "llama3",
-            "llama-bpe",
-            "dbrx",
-            "qwen2",
-            "stablelm2",
-            "smollm",
-            "starcoder",
-            "gpt2",
-            "gpt-2",
-        ] {
-            PreTokenizer::named(name).unwrap().build().unwrap();
-        }
-        let err = PreTokenizer::named("nonesuch").err().unwrap().to_string();
-        assert!(err.contains("unknown pre-tokenizer `nonesuch`"), "{err}");
-    }
-
-    #[test]
-    fn digits_are_grouped_as_llama_cpp_groups_them() {
-        let named = |name| PreTokenizer::named(name).unwrap();
-        assert_eq!(
-            split(&named("llama3"), "Hello 12345 world's"),
-            ["Hello", "Ġ", "123", "45", "Ġworld", "'s"]
-        );
-        assert_eq!(split(&named("qwen2"), "x 42"), ["x", "Ġ", "4", "2"]);
-        assert_eq!(split(&named("smollm"), "x 42"), ["x", "Ġ", "4", "2"]);
-        assert_eq!(split(&named("gpt2"), "x 42"), ["x", "Ġ42"]);
-        assert_eq!(split(&PreTokenizer::DEFAULT, "1234"), ["123", "4"]);
-    }
 
     #[test]
     fn byte_alphabet_covers_every_byte_once() {

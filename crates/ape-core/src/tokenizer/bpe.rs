@@ -1,0 +1,279 @@
+//! GPT-2 style byte-level BPE (`tokenizer.ggml.model = "gpt2"`: Llama 3, Qwen 2, SmolLM),
+//! encoded as llama.cpp encodes it: the text cut into words by the regexes of the
+//! pre-tokenizer `tokenizer.ggml.pre` names (run by the Hugging Face `tokenizers` crate),
+//! each word's bytes written in GPT-2's byte alphabet and merged pair by pair, the
+//! earliest of `tokenizer.ggml.merges` first.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{
+    OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _, PreTokenizerWrapper,
+    SplitDelimiterBehavior,
+};
+
+use super::merge::{merge, Vocabulary};
+use crate::error::{Error, Result};
+use crate::model::gguf::Strings;
+
+/// The GPT-2 pre-tokenizer regex, as llama.cpp writes it. The usual trailing `|\s+` is
+/// left out because a whitespace run it would match ends up as its own piece anyway:
+/// the splits keep unmatched text as separate pieces.
+const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+
+/// Llama 3's pattern with the case-insensitive contractions spelled out, as llama.cpp
+/// does, so that only ASCII letters case-fold.
+const LLAMA3_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen 2: the Llama 3 pattern, but every digit is a piece of its own.
+const QWEN2_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// How llama.cpp pre-tokenizes for one `tokenizer.ggml.pre` value.
+struct PreTokenizer {
+    /// Applied one after the other, each splitting the pieces left by the previous one.
+    patterns: &'static [&'static str],
+    /// Whole pieces that are in the vocabulary skip the merges (Llama 3 does this).
+    ignore_merges: bool,
+    /// Whether a BOS token is prepended when the file does not say.
+    add_bos: bool,
+}
+
+impl PreTokenizer {
+    const DEFAULT: PreTokenizer = PreTokenizer {
+        patterns: &[
+            r"[\p{P}\$\+<=>\^~\|]+",
+            GPT2_PATTERN,
+            r"\p{N}+",
+            "[0-9][0-9][0-9]",
+        ],
+        ignore_merges: false,
+        add_bos: false,
+    };
+
+    fn named(name: &str) -> Result<Self> {
+        let (patterns, ignore_merges, add_bos): (&'static [&'static str], _, _) = match name {
+            "default" => return Ok(Self::DEFAULT),
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => (&[LLAMA3_PATTERN], true, true),
+            "dbrx" | "smaug-bpe" => (&[LLAMA3_PATTERN], false, false),
+            "qwen2" | "stablelm2" | "deepseek-r1-qwen" | "megrez" => {
+                (&[QWEN2_PATTERN], false, false)
+            }
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
+            | "minerva-7b" => (&[r"\p{N}", GPT2_PATTERN], false, false),
+            "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "roberta-bpe" => {
+                (&[GPT2_PATTERN], false, false)
+            }
+            other => {
+                return Err(Error::Tokenizer(format!(
+                    "unknown pre-tokenizer `{other}` in tokenizer.ggml.pre; ape knows llama3/llama-bpe, qwen2, smollm, gpt2 and their aliases"
+                )))
+            }
+        };
+        Ok(PreTokenizer {
+            patterns,
+            ignore_merges,
+            add_bos,
+        })
+    }
+
+    fn build(&self) -> Result<Sequence> {
+        let mut steps = self
+            .patterns
+            .iter()
+            .map(|&pattern| {
+                Split::new(
+                    SplitPattern::Regex(pattern.to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map(PreTokenizerWrapper::from)
+                .map_err(|e| {
+                    Error::Tokenizer(format!("pre-tokenizer regex `{pattern}` is invalid: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // The regexes already split the text; this step only maps bytes to the
+        // printable alphabet the vocabulary is written in.
+        steps.push(ByteLevel::new(false, false, false).into());
+        Ok(Sequence::new(steps))
+    }
+}
+
+pub(super) struct Bpe {
+    vocabulary: Vocabulary,
+    /// The rank of every merge (its place in the list), by the ids of its two sides.
+    ranks: HashMap<(u32, u32), u32>,
+    words: Sequence,
+    ignore_merges: bool,
+    add_bos: bool,
+}
+
+impl Bpe {
+    /// `pre` is `tokenizer.ggml.pre`, if the file names one.
+    pub(super) fn new(tokens: Arc<Strings>, merges: &Strings, pre: Option<&str>) -> Result<Bpe> {
+        let pre = match pre {
+            None => PreTokenizer::DEFAULT,
+            Some(name) => PreTokenizer::named(name)?,
+        };
+        let vocabulary = Vocabulary::new(tokens);
+        if let Some((first, second)) = vocabulary.duplicate() {
+            return Err(Error::Tokenizer(format!(
+                "the vocabulary lists `{}` twice (ids {first} and {second})",
+                vocabulary.text(first).unwrap_or_default()
+            )));
+        }
+        let mut ranks = HashMap::with_capacity(merges.len());
+        for (rank, merge) in merges.iter().enumerate() {
+            let id = |text: &str| {
+                vocabulary.id(text).ok_or_else(|| {
+                    Error::Tokenizer(format!(
+                        "BPE merge `{merge}` (number {rank}) names `{text}`, which is not in the vocabulary"
+                    ))
+                })
+            };
+            let Some((left, right)) = merge.split_once(' ') else {
+                return Err(Error::Tokenizer(format!(
+                    "BPE merge `{merge}` is not two tokens separated by a space"
+                )));
+            };
+            id(&[left, right].concat())?;
+            // The first of two equal merges counts, as in llama.cpp.
+            ranks.entry((id(left)?, id(right)?)).or_insert(rank as u32);
+        }
+        Ok(Bpe {
+            vocabulary,
+            ranks,
+            words: pre.build()?,
+            ignore_merges: pre.ignore_merges,
+            add_bos: pre.add_bos,
+        })
+    }
+
+    /// Whether prompts start with BOS when the file does not say.
+    pub(super) fn adds_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// `text`, which holds no special tokens, appended to `out`.
+    pub(super) fn encode_text(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        let mut words = PreTokenizedString::from(text);
+        self.words
+            .pre_tokenize(&mut words)
+            .map_err(|e| Error::Tokenizer(format!("cannot split the text into words: {e}")))?;
+        let id = |text: &str| self.vocabulary.id(text);
+        // Earlier merges first: the rank, negated, is the priority.
+        let rank = |joined: &str, left_len: usize| {
+            let sides = (id(&joined[..left_len])?, id(&joined[left_len..])?);
+            self.ranks.get(&sides).map(|&rank| -(rank as f32))
+        };
+        for (word, _, _) in words.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            if let Some(whole) = id(word).filter(|_| self.ignore_merges) {
+                out.push(whole);
+                continue;
+            }
+            for piece in merge(word, rank) {
+                out.push(id(piece).ok_or_else(|| {
+                    Error::Tokenizer(format!(
+                        "the byte-level vocabulary has no token for `{piece}`; the model file's vocabulary is incomplete"
+                    ))
+                })?);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pieces `pre` cuts `text` into, in the byte-level alphabet (`Ġ` is a space).
+    fn split(pre: &PreTokenizer, text: &str) -> Vec<String> {
+        let mut pieces = PreTokenizedString::from(text);
+        pre.build().unwrap().pre_tokenize(&mut pieces).unwrap();
+        pieces
+            .get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(piece, _, _)| piece.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_named_pre_tokenizer_compiles() {
+        for name in [
+            "default",
+            "llama3",
+            "llama-bpe",
+            "dbrx",
+            "qwen2",
+            "stablelm2",
+            "smollm",
+            "starcoder",
+            "gpt2",
+            "gpt-2",
+        ] {
+            PreTokenizer::named(name).unwrap().build().unwrap();
+        }
+        let err = PreTokenizer::named("nonesuch").err().unwrap().to_string();
+        assert!(err.contains("unknown pre-tokenizer `nonesuch`"), "{err}");
+    }
+
+    #[test]
+    fn digits_are_grouped_as_llama_cpp_groups_them() {
+        let named = |name| PreTokenizer::named(name).unwrap();
+        assert_eq!(
+            split(&named("llama3"), "Hello 12345 world's"),
+            ["Hello", "Ġ", "123", "45", "Ġworld", "'s"]
+        );
+        assert_eq!(split(&named("qwen2"), "x 42"), ["x", "Ġ", "4", "2"]);
+        assert_eq!(split(&named("smollm"), "x 42"), ["x", "Ġ", "4", "2"]);
+        assert_eq!(split(&named("gpt2"), "x 42"), ["x", "Ġ42"]);
+        assert_eq!(split(&PreTokenizer::DEFAULT, "1234"), ["123", "4"]);
+    }
+
+    fn tiny(tokens: &[&str], merges: &[&str]) -> Result<Bpe> {
+        let tokens = Arc::new(tokens.iter().copied().collect::<Strings>());
+        Bpe::new(tokens, &merges.iter().copied().collect(), Some("gpt2"))
+    }
+
+    #[test]
+    fn earlier_merges_join_first_and_the_leftmost_among_equals() {
+        // "aaa": the rank-0 merge `a a` joins the first two, then nothing joins `aa a`;
+        // "abc": `b c` ranks before `a b`, so the word ends as `a` + `bc`.
+        let bpe = tiny(&["a", "b", "c", "aa", "ab", "bc"], &["b c", "a a", "a b"]).unwrap();
+        let mut ids = Vec::new();
+        bpe.encode_text("aaa", &mut ids).unwrap();
+        assert_eq!(ids, [3, 0]);
+        ids.clear();
+        bpe.encode_text("abc", &mut ids).unwrap();
+        assert_eq!(ids, [0, 5]);
+    }
+
+    #[test]
+    fn a_broken_merge_list_is_refused_with_the_merge_named() {
+        let missing = tiny(&["a", "b"], &["a b"]).err().unwrap().to_string();
+        assert!(
+            missing.contains("`a b`") && missing.contains("`ab`"),
+            "{missing}"
+        );
+        let malformed = tiny(&["a", "b", "ab"], &["ab"]).err().unwrap().to_string();
+        assert!(malformed.contains("not two tokens"), "{malformed}");
+        let twice = tiny(&["a", "a"], &[]).err().unwrap().to_string();
+        assert!(twice.contains("twice"), "{twice}");
+    }
+
+    #[test]
+    fn a_character_the_vocabulary_lacks_is_an_error() {
+        let bpe = tiny(&["a"], &[]).unwrap();
+        let err = bpe
+            .encode_text("ab", &mut Vec::new())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("no token for `b`"), "{err}");
+    }
+}
