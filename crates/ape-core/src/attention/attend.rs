@@ -4,10 +4,10 @@
 use std::ops::Range;
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::lanes;
+use crate::kernels::dense::widen;
 
 /// Query rows one task holds, one per vector lane.
 pub(super) const LANES: usize = 16;
@@ -426,7 +426,14 @@ fn weigh_run(d: usize, task: &Task<'_>, scores: &[Lanes], max: &Lanes) -> Vec<Ch
             weights.clear();
             weights.extend_from_slice(scores);
             let mut sums = ChunkSums::zero(d);
-            lanes::weigh(&mut weights, max, &values, &mut sums.sum, &mut sums.acc);
+            lanes::weigh(
+                &mut weights,
+                max,
+                &values,
+                &mut sums.sum,
+                &mut sums.acc,
+                task.rows.len(),
+            );
             sums
         })
         .collect()
@@ -449,7 +456,7 @@ fn gather<'a>(
         let (from, to) = (range.start.max(start), range.end.min(start + len));
         if from < to {
             let src = &part(span)[(from - start) * d..(to - start) * d];
-            src.convert_to_f32_slice(&mut out[filled..filled + src.len()]);
+            widen(src, &mut out[filled..filled + src.len()]);
             filled += src.len();
         }
         start += len;

@@ -25,19 +25,21 @@ pub fn score(q: &[Lanes], keys: &[f32], first: usize, seen: &[usize; LANES], out
 }
 
 /// Turn `scores` into weights `exp(score - max)` in place and add, for each row, the
-/// weights to `sum` and the weighted `values` (rows of `d`) to `acc`, key by key.
+/// weights to `sum` and the weighted `values` (rows of `d`) to `acc`, key by key. Only the
+/// first `rows` lanes hold rows; the others may be left as they are.
 pub fn weigh(
     scores: &mut [Lanes],
     max: &Lanes,
     values: &[f32],
     sum: &mut Lanes,
     acc: &mut [Lanes],
+    rows: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::kernels::dense::simd::avx512_available() {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { avx512::weigh(scores, max, values, sum, acc) };
+            return unsafe { avx512::weigh(scores, max, values, sum, acc, rows) };
         }
         if crate::kernels::dense::simd::available() {
             // SAFETY: as above.
@@ -75,7 +77,7 @@ unsafe fn weigh_avx2(
 /// the compiler does not keep the generic version's tiles in registers.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Lanes, KEY_TILE, LANES, VALUE_TILE};
+    use super::{Lanes, FEW_ROWS, FEW_ROWS_TILE, KEY_TILE, LANES, VALUE_TILE};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -129,6 +131,7 @@ mod avx512 {
         values: &[f32],
         sum: &mut Lanes,
         acc: &mut [Lanes],
+        rows: usize,
     ) {
         let d = acc.len();
         assert_eq!(values.len(), scores.len() * d);
@@ -142,6 +145,17 @@ mod avx512 {
             total = _mm512_add_ps(total, w);
         }
         _mm512_storeu_ps(sum.as_mut_ptr(), total);
+        if rows <= FEW_ROWS && d.is_multiple_of(FEW_ROWS_TILE) {
+            for first in (0..rows).step_by(4) {
+                match rows - first {
+                    1 => weigh_few::<1>(scores, values, acc, first),
+                    2 => weigh_few::<2>(scores, values, acc, first),
+                    3 => weigh_few::<3>(scores, values, acc, first),
+                    _ => weigh_few::<4>(scores, values, acc, first),
+                }
+            }
+            return;
+        }
         let v = values.as_ptr();
         for (tile, acc) in (0..d).step_by(VALUE_TILE).zip(acc.chunks_mut(VALUE_TILE)) {
             let width = acc.len();
@@ -164,6 +178,54 @@ mod avx512 {
             }
             for (a, acc) in a.iter().zip(acc.iter_mut()) {
                 _mm512_storeu_ps(acc.as_mut_ptr(), *a);
+            }
+        }
+    }
+
+    /// The weighted values of `R` rows from lane `first` on, with a row's value elements
+    /// in the vector lanes instead: a few rows (a decoded token's heads) then take a few
+    /// multiply-adds per key instead of one per element. Each element's sum is the same
+    /// chain of multiply-adds in key order as in the row lanes, so the bits are the same.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn weigh_few<const R: usize>(
+        weights: &[Lanes],
+        values: &[f32],
+        acc: &mut [Lanes],
+        first: usize,
+    ) {
+        let d = acc.len();
+        const VECTORS: usize = FEW_ROWS_TILE / 16;
+        // Element e of row lane l is at `e * LANES + l` in `acc`.
+        let stride = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(LANES as i32),
+        );
+        let base = acc.as_mut_ptr().cast::<f32>();
+        for tile in (0..d).step_by(FEW_ROWS_TILE) {
+            let mut a = [[_mm512_setzero_ps(); VECTORS]; R];
+            for (r, a) in a.iter_mut().enumerate() {
+                for (c, a) in a.iter_mut().enumerate() {
+                    let at = base.add((tile + 16 * c) * LANES + first + r);
+                    *a = _mm512_i32gather_ps::<4>(stride, at.cast());
+                }
+            }
+            for (j, w) in weights.iter().enumerate() {
+                let row = values.as_ptr().add(j * d + tile);
+                let v: [__m512; VECTORS] =
+                    std::array::from_fn(|c| _mm512_loadu_ps(row.add(16 * c)));
+                for (r, a) in a.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(w[first + r]);
+                    for (a, v) in a.iter_mut().zip(v) {
+                        *a = _mm512_fmadd_ps(w, v, *a);
+                    }
+                }
+            }
+            for (r, a) in a.iter().enumerate() {
+                for (c, a) in a.iter().enumerate() {
+                    let at = base.add((tile + 16 * c) * LANES + first + r);
+                    _mm512_i32scatter_ps::<4>(at.cast(), stride, *a);
+                }
             }
         }
     }
@@ -249,6 +311,12 @@ fn masked(s: Lanes, key: usize, seen: &[usize; LANES]) -> Lanes {
 
 /// Value elements one pass keeps in registers for every lane.
 const VALUE_TILE: usize = 16;
+
+/// At most this many rows are weighed with value elements in the vector lanes.
+const FEW_ROWS: usize = 8;
+
+/// Value elements a few-rows pass keeps in registers for each row.
+const FEW_ROWS_TILE: usize = 64;
 
 #[inline(always)]
 fn weigh_body(
@@ -368,10 +436,18 @@ mod tests {
         let mut fast = vec![[0.0; LANES]; keys];
         score(&q, &k, 10, &seen, &mut fast);
         assert_eq!(fast, portable);
-        let (mut sum, mut acc) = ([0.0; LANES], vec![[0.0; LANES]; d]);
+        let start = lanes(d, 4);
+        let (mut sum, mut acc) = ([0.0; LANES], start.clone());
         weigh_body(&mut portable, &max, &v, &mut sum, &mut acc);
-        let (mut fast_sum, mut fast_acc) = ([0.0; LANES], vec![[0.0; LANES]; d]);
-        weigh(&mut fast, &max, &v, &mut fast_sum, &mut fast_acc);
-        assert_eq!((fast, fast_sum, fast_acc), (portable, sum, acc));
+        // Every row in the lanes, and a few rows (a decoded token's heads) on their own.
+        for rows in [LANES, 7, 4, 3, 1] {
+            let (mut weights, mut fast_sum, mut fast_acc) =
+                (fast.clone(), [0.0; LANES], start.clone());
+            weigh(&mut weights, &max, &v, &mut fast_sum, &mut fast_acc, rows);
+            assert_eq!((&weights, fast_sum), (&portable, sum), "{rows} rows");
+            for (fast, portable) in fast_acc.iter().zip(&acc) {
+                assert_eq!(fast[..rows], portable[..rows], "{rows} rows");
+            }
+        }
     }
 }

@@ -14,6 +14,20 @@ pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(a, b)| a.to_f32() * b).sum()
 }
 
+/// `out[i] = src[i]` widened to f32 (exact). Attention widens every stored key and value
+/// it reads, so this runs 16 at a time where the CPU can.
+pub fn widen(src: &[f16], out: &mut [f32]) {
+    assert_eq!(src.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx512_available() {
+        // SAFETY: the CPU has the features the function is compiled for; lengths checked.
+        return unsafe { simd::widen_avx512(src, out) };
+    }
+    for (o, x) in out.iter_mut().zip(src) {
+        *o = x.to_f32();
+    }
+}
+
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
@@ -81,6 +95,22 @@ pub(crate) mod simd {
         total
     }
 
+    /// [`super::widen`] on AVX-512: `src` and `out` of one length.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn widen_avx512(src: &[f16], out: &mut [f32]) {
+        let n = src.len();
+        let (s, o) = (src.as_ptr(), out.as_mut_ptr());
+        let mut i = 0;
+        while i + 16 <= n {
+            let halves = _mm256_loadu_si256(s.add(i).cast());
+            _mm512_storeu_ps(o.add(i), _mm512_cvtph_ps(halves));
+            i += 16;
+        }
+        for j in i..n {
+            *o.add(j) = (*s.add(j)).to_f32();
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
@@ -119,6 +149,20 @@ pub(crate) mod simd {
 mod tests {
     use super::*;
     use crate::kernels::tests::pseudo_random;
+
+    #[test]
+    fn widening_is_exact_on_every_length() {
+        for len in [0, 1, 15, 16, 17, 100] {
+            let src: Vec<f16> = pseudo_random(len, 5)
+                .iter()
+                .map(|&v| f16::from_f32(v))
+                .collect();
+            let mut out = vec![f32::NAN; len];
+            widen(&src, &mut out);
+            let want: Vec<f32> = src.iter().map(|x| x.to_f32()).collect();
+            assert_eq!(out, want, "len {len}");
+        }
+    }
 
     #[test]
     fn simd_dot_matches_scalar_on_odd_lengths() {
