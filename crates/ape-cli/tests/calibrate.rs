@@ -140,8 +140,6 @@ fn a_calibration_is_written_beside_the_model_and_read_back_as_the_defaults() {
         "0.5",
         "--many-shot-scales",
         "0.7",
-        "--recompute",
-        "0",
     ])
     .output()
     .unwrap();
@@ -163,7 +161,8 @@ fn a_calibration_is_written_beside_the_model_and_read_back_as_the_defaults() {
         (Some(0.5), Some(0.7), Some(0.0)),
         "{both}"
     );
-    // Eight short documents are a many-shot request: nothing recomputed by default.
+    // Many-shot requests recompute nothing unless asked (`--many-shot-recompute`), and eight
+    // short documents are a many-shot request.
     let demonstrations = dir.path().join("demonstrations");
     std::fs::create_dir(&demonstrations).unwrap();
     for i in 0..8 {
