@@ -5,6 +5,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::attend::Span;
+use crate::kernels::dense::widen;
 
 /// Keys and values of one layer for up to `capacity` positions.
 #[derive(Clone)]
@@ -169,7 +170,7 @@ impl KvCache {
                 let src = g * other.capacity * d;
                 to.v[dst..dst + n * d].copy_from_slice(&from.v[src..src + n * d]);
                 for t in 0..n {
-                    from.k[src + t * d..src + (t + 1) * d].convert_to_f32_slice(&mut key);
+                    widen(&from.k[src + t * d..src + (t + 1) * d], &mut key);
                     map_key(layer, &mut key);
                     to.k[dst + t * d..dst + (t + 1) * d].convert_from_f32_slice(&key);
                 }

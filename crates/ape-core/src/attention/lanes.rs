@@ -27,6 +27,7 @@ pub fn score(q: &[Lanes], keys: &[f32], first: usize, seen: &[usize; LANES], out
 /// Turn `scores` into weights `exp(score - max)` in place and add, for each row, the
 /// weights to `sum` and the weighted `values` (rows of `d`) to `acc`, key by key. Only the
 /// first `rows` lanes hold rows; the others may be left as they are.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub fn weigh(
     scores: &mut [Lanes],
     max: &Lanes,

@@ -120,10 +120,9 @@ impl Bpe {
             Some(name) => PreTokenizer::named(name)?,
         };
         let vocabulary = Vocabulary::new(tokens);
-        if let Some((first, second)) = vocabulary.duplicate() {
+        if let Some((text, first, second)) = vocabulary.duplicate() {
             return Err(Error::Tokenizer(format!(
-                "the vocabulary lists `{}` twice (ids {first} and {second})",
-                vocabulary.text(first).unwrap_or_default()
+                "the vocabulary lists `{text}` twice (ids {first} and {second})"
             )));
         }
         let mut ranks = HashMap::with_capacity(merges.len());

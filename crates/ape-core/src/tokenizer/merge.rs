@@ -43,16 +43,12 @@ impl Vocabulary {
         (self.tokens.get(last as usize) == Some(text)).then_some(last)
     }
 
-    /// Two ids with the same text, if the vocabulary has any.
-    pub(super) fn duplicate(&self) -> Option<(u32, u32)> {
-        self.by_text
-            .windows(2)
-            .find(|pair| self.tokens.get(pair[0] as usize) == self.tokens.get(pair[1] as usize))
-            .map(|pair| (pair[0], pair[1]))
-    }
-
-    pub(super) fn text(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize)
+    /// A text two ids share, and the two ids, if the vocabulary has one.
+    pub(super) fn duplicate(&self) -> Option<(&str, u32, u32)> {
+        self.by_text.windows(2).find_map(|pair| {
+            let text = self.tokens.get(pair[0] as usize)?;
+            (self.tokens.get(pair[1] as usize) == Some(text)).then_some((text, pair[0], pair[1]))
+        })
     }
 }
 

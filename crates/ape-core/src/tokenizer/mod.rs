@@ -8,9 +8,9 @@
 //!
 //! Special tokens are matched first and the merge loop is shared (`merge.rs`); the
 //! vocabulary is looked up in the file's own token list, so a process holds no second
-//! copy of it. Either way prompts get exactly the ids llama.cpp gives them. Decoding is done here,
-//! from a per-token byte table, because streamed generation needs the raw bytes of every
-//! token.
+//! copy of it. Either way prompts get exactly the ids llama.cpp gives them. Decoding is
+//! done here, from a per-token byte table, because streamed generation needs the raw
+//! bytes of every token.
 
 mod bpe;
 mod merge;
