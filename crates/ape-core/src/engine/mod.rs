@@ -717,20 +717,16 @@ impl Engine {
             room,
             &options.cancel,
         )?;
-        let (own, contexts, max_tokens, recomputed) = match repaired {
+        let (contexts, max_tokens, recomputed, factors) = match repaired {
             Some(repaired) => {
-                let read = repaired.own.len() + repaired.rest.len() + prompt.query.len();
+                let read = prefix.len() + repaired.contexts.len() + prompt.query.len();
                 let window = self.model.config.context_length;
                 let max_tokens = options.max_tokens.unwrap_or(window - read);
-                let rest = vec![Arc::new(repaired.rest)];
-                (
-                    Arc::new(repaired.own),
-                    rest,
-                    max_tokens,
-                    repaired.recomputed,
-                )
+                let factors = repaired.factors(factors);
+                let contexts = vec![Arc::new(repaired.contexts)];
+                (contexts, max_tokens, repaired.recomputed, factors)
             }
-            None => (prefix, encoded, max_tokens, 0),
+            None => (encoded, max_tokens, 0, factors),
         };
         let decoding = Decoding {
             tokenizer: &self.tokenizer,
@@ -741,7 +737,7 @@ impl Engine {
             start,
         };
         let mut generation =
-            self.answer_over(&own, contexts, &prompt.query, factors, decoding, on_text)?;
+            self.answer_over(&prefix, contexts, &prompt.query, factors, decoding, on_text)?;
         generation.cached_tokens = prefix_found + contexts_found;
         generation.recomputed_tokens = recomputed;
         Ok(generation)
@@ -749,7 +745,7 @@ impl Engine {
 
     /// Most positions of keys and values an APE request holds besides its contexts: its
     /// own cache (prefix copy, query, answer) and, when it recomputes, the contexts laid
-    /// out in order and the two groups gathered from them.
+    /// out in order and the copy of them gathered for the query side.
     fn ape_positions(
         &self,
         prompt: &Prompt,

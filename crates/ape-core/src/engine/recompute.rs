@@ -1,21 +1,38 @@
 //! Recomputing a share of the context tokens over the contexts laid out in order, before
-//! the query reads them ([`Recompute`]): which tokens, at which positions, and what the
-//! query then reads plainly and what with APE's factors.
+//! the query reads them ([`Recompute`]): which tokens, at which positions, and with which
+//! factors the query then reads them.
 
 use super::batch::Reading;
 use super::{Engine, Prompt, Recompute, Selection};
-use crate::attention::KvCache;
+use crate::attention::{ApeFactors, KvCache};
 use crate::engine::generate::Cancel;
 use crate::error::{Error, Result};
 
-/// A request's keys and values after recomputation, in the two groups APE's query side
-/// reads: `own`, the prefix and the recomputed context tokens, read like the prefix; and
-/// `rest`, the context tokens left as they were encoded, read with APE's temperature and
-/// scale. The query side's positions start after both, where sequential reading puts them.
+/// The contexts of a request laid out in order after the prefix, a share of their tokens
+/// recomputed over everything before them: one context, which the query side reads as APE
+/// reads contexts, with the factors [`Repaired::factors`] gives. The query side's
+/// positions start after it, where sequential reading puts them.
 pub(super) struct Repaired {
-    pub(super) own: KvCache,
-    pub(super) rest: KvCache,
+    pub(super) contexts: KvCache,
     pub(super) recomputed: usize,
+}
+
+impl Repaired {
+    /// `factors` moved towards 1 by the square root of the share of tokens recomputed.
+    /// Tokens that have seen the other contexts need less of APE's correction, and with
+    /// every token recomputed there is nothing left to correct: T = S = 1 exactly, one
+    /// softmax over the prefix, the contexts in order and the query side, which is
+    /// sequential reading. (Reading the repaired tokens plainly and the rest with the
+    /// factors gave the query a split no reading gives: on many-shot requests at T 0.3 it
+    /// moved answers away from sequential's; see the README's recompute section.)
+    pub(super) fn factors(&self, factors: ApeFactors) -> ApeFactors {
+        let kept = 1.0 - (self.recomputed as f32 / self.contexts.len() as f32).sqrt();
+        let toward_one = |x: f32| 1.0 - (1.0 - x) * kept;
+        ApeFactors {
+            temperature: toward_one(factors.temperature),
+            scale: toward_one(factors.scale),
+        }
+    }
 }
 
 impl Engine {
@@ -115,13 +132,8 @@ impl Engine {
             let chunk: Vec<u32> = positions.iter().map(|&at| tokens[at]).collect();
             self.recompute_in_place(&chunk, positions, &mut cache, cancel)?;
         }
-        let mut is_chosen = vec![false; p + total];
-        chosen.iter().for_each(|&at| is_chosen[at] = true);
-        let own: Vec<usize> = (0..p).chain(chosen.iter().copied()).collect();
-        let rest: Vec<usize> = (p..p + total).filter(|&at| !is_chosen[at]).collect();
         Ok(Some(Repaired {
-            own: cache.gather(&own, own.len()),
-            rest: cache.gather(&rest, rest.len()),
+            contexts: cache.gather(&(p..p + total).collect::<Vec<_>>(), total),
             recomputed: chosen.len(),
         }))
     }

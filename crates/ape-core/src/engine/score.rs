@@ -71,10 +71,10 @@ impl Engine {
             };
             scores.push(match &repaired[at].1 {
                 Some(repaired) => self.score_encoded(
-                    &repaired.own,
-                    &[&repaired.rest],
+                    &prefix,
+                    &[&repaired.contexts],
                     &prompt.query,
-                    factors,
+                    repaired.factors(factors),
                     continuations,
                 )?,
                 None => {
