@@ -22,18 +22,21 @@ pub use rope::{Rope, RopeAngles, RopeStyle};
 use rayon::prelude::*;
 
 use crate::model::gguf::TensorData;
-use qdot::{dot_rows, dot_rows_tokens, prepare, Prepared};
+use qdot::{dot_groups_tokens, dot_rows_tokens, packs_in_sixteens, prepare, sixteen, Prepared};
 use quant::{dequantize, GgmlType};
 
-/// A weight matrix of `rows x cols`, one row per output feature, held exactly as the GGUF
-/// file stores it and read from the mapped file in place: the weights take no memory
-/// beyond the file's pages. Every product reads the quantized rows directly, whatever the
-/// number of tokens: one arithmetic for every token.
+/// A weight matrix of `rows x cols`, one row per output feature, held as the GGUF file
+/// stores it and read from the mapped file in place (the weights take no memory beyond
+/// the file's pages), or, for Q5_0 on CPUs with AVX-512 VNNI, repacked sixteen rows at a
+/// time into as many bytes, the file's pages handed back ([`qdot::sixteen`]). Every product
+/// reads the quantized rows directly, whatever the number of tokens: one arithmetic for
+/// every token.
 pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     ty: GgmlType,
     quantized: WeightBytes,
+    in_sixteens: bool,
 }
 
 /// Where a matrix's bytes live.
@@ -57,11 +60,20 @@ impl Matrix {
     /// A matrix over a tensor of the mapped file (`rows` rows of `cols` elements of `ty`).
     pub fn mapped(rows: usize, cols: usize, ty: GgmlType, data: TensorData) -> Self {
         assert_eq!(data.len(), rows * ty.row_bytes(cols));
+        let in_sixteens = packs_in_sixteens(ty, rows);
+        let quantized = if in_sixteens {
+            let packed = sixteen::pack(&data, rows, cols);
+            data.release();
+            WeightBytes::Owned(packed)
+        } else {
+            WeightBytes::Mapped(data)
+        };
         Matrix {
             rows,
             cols,
             ty,
-            quantized: WeightBytes::Mapped(data),
+            quantized,
+            in_sixteens,
         }
     }
 
@@ -73,17 +85,30 @@ impl Matrix {
             cols,
             ty: GgmlType::F32,
             quantized: WeightBytes::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            in_sixteens: false,
         }
-    }
-
-    fn quantized_row(&self, r: usize) -> &[u8] {
-        let len = self.ty.row_bytes(self.cols);
-        &self.quantized[r * len..(r + 1) * len]
     }
 
     /// Row `r` exactly as stored, widened to f32 (an embedding lookup).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        dequantize(self.ty, self.quantized_row(r), out);
+        let len = self.ty.row_bytes(self.cols);
+        if self.in_sixteens {
+            let mut row = vec![0u8; len];
+            sixteen::unpack_row(&self.quantized, self.cols, r, &mut row);
+            dequantize(self.ty, &row, out);
+        } else {
+            dequantize(self.ty, &self.quantized[r * len..(r + 1) * len], out);
+        }
+    }
+
+    /// `out[t * count + r]` is the product of row `r` of `rows`, `count` whole rows of
+    /// this matrix as it holds them, with `xs[t]`.
+    fn products(&self, rows: &[u8], xs: &[Prepared], out: &mut [f32]) {
+        if self.in_sixteens {
+            dot_groups_tokens(rows, xs, out);
+        } else {
+            dot_rows_tokens(self.ty, rows, xs, out);
+        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -126,7 +151,7 @@ pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
                 .chunks(TOKENS_PER_PASS)
                 .zip(block.chunks_mut(TOKENS_PER_PASS * count))
             {
-                dot_rows_tokens(w.ty, rows, xs, out);
+                w.products(rows, xs, out);
             }
             block
         })
@@ -152,7 +177,7 @@ pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
     let task_bytes = ROWS_PER_TASK * w.ty.row_bytes(w.cols);
     out.par_chunks_mut(ROWS_PER_TASK)
         .zip(w.quantized.par_chunks(task_bytes))
-        .for_each(|(out, rows)| dot_rows(w.ty, rows, &x, out));
+        .for_each(|(out, rows)| w.products(rows, std::slice::from_ref(&x), out));
 }
 
 #[cfg(test)]

@@ -174,6 +174,22 @@ pub struct TensorData {
     range: std::ops::Range<usize>,
 }
 
+impl TensorData {
+    /// Hands the pages under this tensor back to the kernel, for a tensor whose bytes were
+    /// copied elsewhere: they stop counting as resident until read again.
+    pub fn release(self) {
+        // SAFETY: the map is read-only and backed by the file, so a page dropped here reads
+        // the same bytes from the file if anything touches it again.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.range.start,
+                self.range.len(),
+            )
+        };
+    }
+}
+
 impl std::ops::Deref for TensorData {
     type Target = [u8];
 

@@ -30,6 +30,7 @@
 //! multiply.
 
 use crate::kernels::quant::{dequantize, GgmlType};
+use sixteen::GROUP_ROWS;
 
 /// Elements per block of a quantized vector.
 const QBLOCK: usize = 32;
@@ -42,6 +43,8 @@ pub struct QuantizedVector {
     d: Vec<f32>,
     /// Per block, the sum of its dequantized elements, for the formats with offsets.
     s: Vec<f32>,
+    /// Per block, the sum of its quants.
+    sums: Vec<i32>,
 }
 
 impl QuantizedVector {
@@ -65,6 +68,7 @@ pub fn quantize(x: &[f32]) -> QuantizedVector {
         qs: vec![0; x.len()],
         d: vec![0.0; blocks],
         s: vec![0.0; blocks],
+        sums: vec![0; blocks],
     };
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
@@ -78,11 +82,12 @@ pub fn quantize(x: &[f32]) -> QuantizedVector {
 
 /// The portable `quantize`, into a vector sized for `x`.
 fn quantize_scalar(x: &[f32], v: &mut QuantizedVector) {
-    for (((x, q), d), s) in x
+    for ((((x, q), d), s), sums) in x
         .chunks_exact(QBLOCK)
         .zip(v.qs.chunks_exact_mut(QBLOCK))
         .zip(&mut v.d)
         .zip(&mut v.s)
+        .zip(&mut v.sums)
     {
         let amax = x.iter().fold(0f32, |m, x| m.max(x.abs()));
         let inverse = if amax > 0.0 { 127.0 / amax } else { 0.0 };
@@ -93,6 +98,7 @@ fn quantize_scalar(x: &[f32], v: &mut QuantizedVector) {
             sum += *q as i32;
         }
         *s = *d * sum as f32;
+        *sums = sum;
     }
 }
 
@@ -117,7 +123,7 @@ fn is_dense(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16)
 }
 
-/// `x` prepared once for any number of `dot_rows` calls with rows of type `ty`.
+/// `x` prepared once for any number of `dot_rows_tokens` calls with rows of type `ty`.
 pub fn prepare(ty: GgmlType, x: &[f32]) -> Prepared<'_> {
     if is_dense(ty) {
         Prepared::Dense(x)
@@ -156,19 +162,86 @@ impl Kernels {
 /// all of them.
 const TILE: usize = 8;
 
-/// `out[r]` is the dot product of row `r` of `rows` with `x`: `rows` holds `out.len()` rows
-/// of exactly `x.len()` elements of type `ty`, and `x` was prepared for `ty`.
-pub fn dot_rows(ty: GgmlType, rows: &[u8], x: &Prepared, out: &mut [f32]) {
-    dot_rows_with(Kernels::best(), ty, rows, &[x], out);
-}
-
 /// `out[t * count + r]` is the dot product of row `r` of `rows` with `xs[t]`, where
 /// `count = out.len() / xs.len()` rows of `ty` fill `rows`. Every product is computed by
-/// the same sequence of operations as [`dot_rows`] with that vector alone: a tile of
+/// the same sequence of operations as with that vector alone: a tile of
 /// tokens shares the unpacking of the weights, never an accumulator.
 pub fn dot_rows_tokens(ty: GgmlType, rows: &[u8], xs: &[Prepared], out: &mut [f32]) {
     let xs: Vec<&Prepared> = xs.iter().collect();
     dot_rows_with(Kernels::best(), ty, rows, &xs, out);
+}
+
+/// Whether a `rows`-row matrix of `ty` is repacked sixteen rows at a time on this CPU
+/// ([`sixteen`]): Q5_0 in whole groups, where AVX-512 with VNNI runs their kernel.
+pub fn packs_in_sixteens(ty: GgmlType, rows: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if Kernels::best() == Kernels::Avx512 {
+        return ty == GgmlType::Q5_0 && rows.is_multiple_of(GROUP_ROWS);
+    }
+    false
+}
+
+/// `out[t * count + r]` is the product of row `r` of the Q5_0 rows `groups` packed by
+/// [`sixteen::pack`] with `xs[t]` (prepared for Q5_0), where `count = out.len() /
+/// xs.len()`. As in [`dot_rows_tokens`], a token's products never depend on the others.
+/// Only where [`packs_in_sixteens`] is true (never off x86-64).
+#[cfg(target_arch = "x86_64")]
+pub fn dot_groups_tokens(groups: &[u8], xs: &[Prepared], out: &mut [f32]) {
+    assert_eq!(
+        Kernels::best(),
+        Kernels::Avx512,
+        "no AVX-512 VNNI for packed rows"
+    );
+    let vs: Vec<&QuantizedVector> = xs
+        .iter()
+        .map(|x| match x {
+            Prepared::Quantized(v) => v,
+            Prepared::Dense(_) => panic!("vector prepared for another type"),
+        })
+        .collect();
+    let Some(first) = vs.first() else {
+        return;
+    };
+    let group_bytes = GROUP_ROWS * GgmlType::Q5_0.row_bytes(first.len());
+    let count = out.len() / vs.len();
+    assert_eq!(out.len(), count * vs.len());
+    assert_eq!(
+        groups.len() * GROUP_ROWS,
+        count * group_bytes,
+        "byte length mismatch"
+    );
+    assert!(
+        vs.iter().all(|v| v.len() == first.len()),
+        "vectors of different lengths"
+    );
+    let mut put = |t: usize, g: usize, rows: [f32; GROUP_ROWS]| {
+        out[t * count + g * GROUP_ROWS..][..GROUP_ROWS].copy_from_slice(&rows);
+    };
+    let mut tiles = vs.chunks_exact(TILE);
+    for (tile, at) in tiles.by_ref().zip((0..).step_by(TILE)) {
+        let tile: &[&QuantizedVector; TILE] = tile.try_into().expect("a whole tile");
+        for (g, group) in groups.chunks_exact(group_bytes).enumerate() {
+            // SAFETY: the CPU has AVX-512 with VNNI (asserted above), and the lengths
+            // were checked.
+            let products = unsafe { sixteen::avx512::dot_group(group, *tile) };
+            for (i, rows) in products.into_iter().enumerate() {
+                put(at + i, g, rows);
+            }
+        }
+    }
+    let done = vs.len() - tiles.remainder().len();
+    for (t, v) in (done..).zip(tiles.remainder()) {
+        for (g, group) in groups.chunks_exact(group_bytes).enumerate() {
+            // SAFETY: as above.
+            let [rows] = unsafe { sixteen::avx512::dot_group(group, [*v]) };
+            put(t, g, rows);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub fn dot_groups_tokens(_: &[u8], _: &[Prepared], _: &mut [f32]) {
+    unreachable!("rows are packed in sixteens only on x86-64")
 }
 
 fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], xs: &[&Prepared], out: &mut [f32]) {
@@ -292,6 +365,7 @@ fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &Prepared) -> f32 {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod sixteen;
 
 #[cfg(test)]
 mod tests {
@@ -458,6 +532,59 @@ mod tests {
     }
 
     #[test]
+    fn rows_packed_in_sixteens_unpack_to_the_file_bytes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(15);
+        let (n, rows) = (896, 32);
+        let ty = GgmlType::Q5_0;
+        let matrix: Vec<u8> = (0..rows)
+            .flat_map(|_| random_row(ty, n, &mut rng))
+            .collect();
+        let packed = sixteen::pack(&matrix, rows, n);
+        assert_eq!(packed.len(), matrix.len());
+        let mut row = vec![0u8; ty.row_bytes(n)];
+        for (r, want) in matrix.chunks_exact(ty.row_bytes(n)).enumerate() {
+            sixteen::unpack_row(&packed, n, r, &mut row);
+            assert_eq!(row, want, "row {r}");
+        }
+    }
+
+    /// Rows packed in sixteens give the products of the rows they were packed from, up to
+    /// f32 rounding, and a token in a tile of several gets the bits it gets alone.
+    #[test]
+    fn rows_packed_in_sixteens_match_dequantize_and_keep_a_token_to_itself() {
+        if !packs_in_sixteens(GgmlType::Q5_0, GROUP_ROWS) {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(16);
+        let ty = GgmlType::Q5_0;
+        for n in [32, 896, 4864] {
+            let (rows, tokens) = (3 * GROUP_ROWS, TILE + 3);
+            let matrix: Vec<u8> = (0..rows)
+                .flat_map(|_| random_row(ty, n, &mut rng))
+                .collect();
+            let packed = sixteen::pack(&matrix, rows, n);
+            let xs: Vec<Vec<f32>> = (0..tokens).map(|_| random_vector(n, &mut rng)).collect();
+            let prepared: Vec<Prepared> = xs.iter().map(|x| prepare(ty, x)).collect();
+            let mut together = vec![0.0; tokens * rows];
+            dot_groups_tokens(&packed, &prepared, &mut together);
+            for (t, x) in prepared.iter().enumerate() {
+                let mut alone = vec![0.0; rows];
+                dot_groups_tokens(&packed, std::slice::from_ref(x), &mut alone);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&together[t * rows..(t + 1) * rows]), bits(&alone));
+                for (r, row) in matrix.chunks_exact(ty.row_bytes(n)).enumerate() {
+                    let (want, magnitude) = reference(ty, row, &effective(x));
+                    let got = alone[r] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * magnitude,
+                        "n={n} token {t} row {r}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn rows_are_taken_in_order() {
         let mut rng = ChaCha8Rng::seed_from_u64(13);
         for ty in ALL_TYPES {
@@ -468,7 +595,7 @@ mod tests {
             let x = random_vector(n, &mut rng);
             let prepared = prepare(ty, &x);
             let mut out = vec![0.0; rows];
-            dot_rows(ty, &matrix, &prepared, &mut out);
+            dot_rows_tokens(ty, &matrix, std::slice::from_ref(&prepared), &mut out);
             for (r, row) in matrix.chunks_exact(ty.row_bytes(n)).enumerate() {
                 assert_eq!(out[r], dot_row(Kernels::best(), ty, row, &prepared));
             }
@@ -532,10 +659,12 @@ mod tests {
             qs: vec![0; x.len()],
             d: vec![0.0; x.len() / QBLOCK],
             s: vec![0.0; x.len() / QBLOCK],
+            sums: vec![0; x.len() / QBLOCK],
         };
         quantize_scalar(&x, &mut scalar);
         assert_eq!(v.qs, scalar.qs);
         assert_eq!(v.d, scalar.d);
+        assert_eq!(v.sums, scalar.sums);
         for (a, b) in v.s.iter().zip(&scalar.s) {
             assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
         }
