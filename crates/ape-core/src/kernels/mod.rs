@@ -57,23 +57,34 @@ impl std::ops::Deref for WeightBytes {
 }
 
 impl Matrix {
-    /// A matrix over a tensor of the mapped file (`rows` rows of `cols` elements of `ty`).
+    /// A matrix over a tensor of the mapped file (`rows` rows of `cols` elements of `ty`),
+    /// read in place.
     pub fn mapped(rows: usize, cols: usize, ty: GgmlType, data: TensorData) -> Self {
         assert_eq!(data.len(), rows * ty.row_bytes(cols));
-        let in_sixteens = packs_in_sixteens(ty, rows);
-        let quantized = if in_sixteens {
-            let packed = sixteen::pack(&data, rows, cols);
-            data.release();
-            WeightBytes::Owned(packed)
-        } else {
-            WeightBytes::Mapped(data)
-        };
         Matrix {
             rows,
             cols,
             ty,
-            quantized,
-            in_sixteens,
+            quantized: WeightBytes::Mapped(data),
+            in_sixteens: false,
+        }
+    }
+
+    /// [`Matrix::mapped`] for a matrix only multiplied with, never looked up by row: packed
+    /// in sixteens where this CPU has the kernel for it, the file's pages handed back.
+    pub fn for_products(rows: usize, cols: usize, ty: GgmlType, data: TensorData) -> Self {
+        if !packs_in_sixteens(ty, rows) {
+            return Matrix::mapped(rows, cols, ty, data);
+        }
+        assert_eq!(data.len(), rows * ty.row_bytes(cols));
+        let packed = sixteen::pack(ty, &data, rows, cols);
+        data.release();
+        Matrix {
+            rows,
+            cols,
+            ty,
+            quantized: WeightBytes::Owned(packed),
+            in_sixteens: true,
         }
     }
 
@@ -89,15 +100,23 @@ impl Matrix {
         }
     }
 
-    /// Row `r` exactly as stored, widened to f32 (an embedding lookup).
+    /// Row `r` exactly as stored, widened to f32 (an embedding lookup); not on a matrix
+    /// made [`Matrix::for_products`].
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert!(
+            !self.in_sixteens,
+            "rows packed for products are not looked up"
+        );
         let len = self.ty.row_bytes(self.cols);
+        dequantize(self.ty, &self.quantized[r * len..(r + 1) * len], out);
+    }
+
+    /// Bytes holding `ROWS_PER_TASK` rows (a whole number of groups when packed).
+    fn task_bytes(&self) -> usize {
         if self.in_sixteens {
-            let mut row = vec![0u8; len];
-            sixteen::unpack_row(&self.quantized, self.cols, r, &mut row);
-            dequantize(self.ty, &row, out);
+            ROWS_PER_TASK / sixteen::GROUP_ROWS * sixteen::group_bytes(self.ty, self.cols)
         } else {
-            dequantize(self.ty, &self.quantized[r * len..(r + 1) * len], out);
+            ROWS_PER_TASK * self.ty.row_bytes(self.cols)
         }
     }
 
@@ -105,7 +124,7 @@ impl Matrix {
     /// this matrix as it holds them, with `xs[t]`.
     fn products(&self, rows: &[u8], xs: &[Prepared], out: &mut [f32]) {
         if self.in_sixteens {
-            dot_groups_tokens(rows, xs, out);
+            dot_groups_tokens(self.ty, rows, xs, out);
         } else {
             dot_rows_tokens(self.ty, rows, xs, out);
         }
@@ -140,12 +159,13 @@ pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
         return;
     }
     let tokens: Vec<Prepared> = x.par_chunks(w.cols).map(|x| prepare(w.ty, x)).collect();
-    let task_bytes = ROWS_PER_TASK * w.ty.row_bytes(w.cols);
+    let task_bytes = w.task_bytes();
     let blocks: Vec<Vec<f32>> = w
         .quantized
         .par_chunks(task_bytes)
-        .map(|rows| {
-            let count = rows.len() / w.ty.row_bytes(w.cols);
+        .enumerate()
+        .map(|(task, rows)| {
+            let count = ROWS_PER_TASK.min(w.rows - task * ROWS_PER_TASK);
             let mut block = vec![0f32; n * count];
             for (xs, out) in tokens
                 .chunks(TOKENS_PER_PASS)
@@ -174,9 +194,8 @@ pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
         return;
     }
     let x = prepare(w.ty, x);
-    let task_bytes = ROWS_PER_TASK * w.ty.row_bytes(w.cols);
     out.par_chunks_mut(ROWS_PER_TASK)
-        .zip(w.quantized.par_chunks(task_bytes))
+        .zip(w.quantized.par_chunks(w.task_bytes()))
         .for_each(|(out, rows)| w.products(rows, std::slice::from_ref(&x), out));
 }
 

@@ -1,8 +1,9 @@
 //! Reading a family's tensors out of a GGUF file, checking names and shapes.
 
+use super::gguf::TensorData;
 use super::gguf::{Gguf, TensorInfo};
 use crate::error::{Error, Result};
-use crate::kernels::quant::dequantize;
+use crate::kernels::quant::{dequantize, GgmlType};
 use crate::kernels::Matrix;
 
 pub(super) struct Loader<'a> {
@@ -27,11 +28,26 @@ impl Loader<'_> {
         Ok(out)
     }
 
-    /// A `rows x cols` matrix, stored by GGUF as dims `[cols, rows]`.
+    /// A `rows x cols` matrix, stored by GGUF as dims `[cols, rows]`, for products.
     pub(super) fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        self.matrix_as(name, rows, cols, Matrix::for_products)
+    }
+
+    /// A `rows x cols` table whose rows are also looked up (the token embedding).
+    fn table(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        self.matrix_as(name, rows, cols, Matrix::mapped)
+    }
+
+    fn matrix_as(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        make: fn(usize, usize, GgmlType, TensorData) -> Matrix,
+    ) -> Result<Matrix> {
         let info = self.info(name)?;
         check_shape(info, &[cols, rows])?;
-        Ok(Matrix::mapped(
+        Ok(make(
             rows,
             cols,
             info.ggml_type,
@@ -55,7 +71,7 @@ impl Ends {
             None => None,
         };
         Ok(Ends {
-            embedding: loader.matrix("token_embd.weight", vocab_size, hidden)?,
+            embedding: loader.table("token_embd.weight", vocab_size, hidden)?,
             output_norm: loader.vector("output_norm.weight", hidden)?,
             output,
         })

@@ -33,10 +33,13 @@ pub unsafe fn quantize(x: &[f32], v: &mut QuantizedVector) {
         _mm256_storeu_si256(v.qs.as_mut_ptr().add(QBLOCK * i).cast(), bytes);
         let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
         let d = amax / 127.0;
+        let first = hsum(_mm256_cvtepi32_ps(_mm256_add_epi32(q[0], q[1])));
         let sum = hsum(_mm256_cvtepi32_ps(sum));
         v.d[i] = d;
         v.s[i] = d * sum;
         v.sums[i] = sum as i32;
+        v.halves[2 * i] = first as i32;
+        v.halves[2 * i + 1] = (sum - first) as i32;
     }
 }
 

@@ -45,6 +45,8 @@ pub struct QuantizedVector {
     s: Vec<f32>,
     /// Per block, the sum of its quants.
     sums: Vec<i32>,
+    /// Per block, the sums of its quants' first and second halves.
+    halves: Vec<i32>,
 }
 
 impl QuantizedVector {
@@ -69,6 +71,7 @@ pub fn quantize(x: &[f32]) -> QuantizedVector {
         d: vec![0.0; blocks],
         s: vec![0.0; blocks],
         sums: vec![0; blocks],
+        halves: vec![0; 2 * blocks],
     };
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
@@ -82,12 +85,13 @@ pub fn quantize(x: &[f32]) -> QuantizedVector {
 
 /// The portable `quantize`, into a vector sized for `x`.
 fn quantize_scalar(x: &[f32], v: &mut QuantizedVector) {
-    for ((((x, q), d), s), sums) in x
+    for (((((x, q), d), s), sums), halves) in x
         .chunks_exact(QBLOCK)
         .zip(v.qs.chunks_exact_mut(QBLOCK))
         .zip(&mut v.d)
         .zip(&mut v.s)
         .zip(&mut v.sums)
+        .zip(v.halves.chunks_exact_mut(2))
     {
         let amax = x.iter().fold(0f32, |m, x| m.max(x.abs()));
         let inverse = if amax > 0.0 { 127.0 / amax } else { 0.0 };
@@ -99,6 +103,8 @@ fn quantize_scalar(x: &[f32], v: &mut QuantizedVector) {
         }
         *s = *d * sum as f32;
         *sums = sum;
+        let first: i32 = q[..QBLOCK / 2].iter().map(|&q| q as i32).sum();
+        halves.copy_from_slice(&[first, sum - first]);
     }
 }
 
@@ -172,21 +178,22 @@ pub fn dot_rows_tokens(ty: GgmlType, rows: &[u8], xs: &[Prepared], out: &mut [f3
 }
 
 /// Whether a `rows`-row matrix of `ty` is repacked sixteen rows at a time on this CPU
-/// ([`sixteen`]): Q5_0 in whole groups, where AVX-512 with VNNI runs their kernel.
+/// ([`sixteen`]): Q5_0, Q4_K and Q6_K in whole groups, where AVX-512 with VNNI runs their
+/// kernel.
 pub fn packs_in_sixteens(ty: GgmlType, rows: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     if Kernels::best() == Kernels::Avx512 {
-        return ty == GgmlType::Q5_0 && rows.is_multiple_of(GROUP_ROWS);
+        return sixteen::packs(ty) && rows.is_multiple_of(GROUP_ROWS);
     }
     false
 }
 
-/// `out[t * count + r]` is the product of row `r` of the Q5_0 rows `groups` packed by
-/// [`sixteen::pack`] with `xs[t]` (prepared for Q5_0), where `count = out.len() /
-/// xs.len()`. As in [`dot_rows_tokens`], a token's products never depend on the others.
-/// Only where [`packs_in_sixteens`] is true (never off x86-64).
+/// `out[t * count + r]` is the product of row `r` of the rows of `ty` that
+/// [`sixteen::pack`] packed into `groups` with `xs[t]` (prepared for `ty`), where `count =
+/// out.len() / xs.len()`. As in [`dot_rows_tokens`], a token's products never depend on
+/// the others. Only where [`packs_in_sixteens`] is true (never off x86-64).
 #[cfg(target_arch = "x86_64")]
-pub fn dot_groups_tokens(groups: &[u8], xs: &[Prepared], out: &mut [f32]) {
+pub fn dot_groups_tokens(ty: GgmlType, groups: &[u8], xs: &[Prepared], out: &mut [f32]) {
     assert_eq!(
         Kernels::best(),
         Kernels::Avx512,
@@ -202,7 +209,7 @@ pub fn dot_groups_tokens(groups: &[u8], xs: &[Prepared], out: &mut [f32]) {
     let Some(first) = vs.first() else {
         return;
     };
-    let group_bytes = GROUP_ROWS * GgmlType::Q5_0.row_bytes(first.len());
+    let group_bytes = sixteen::group_bytes(ty, first.len());
     let count = out.len() / vs.len();
     assert_eq!(out.len(), count * vs.len());
     assert_eq!(
@@ -223,7 +230,7 @@ pub fn dot_groups_tokens(groups: &[u8], xs: &[Prepared], out: &mut [f32]) {
         for (g, group) in groups.chunks_exact(group_bytes).enumerate() {
             // SAFETY: the CPU has AVX-512 with VNNI (asserted above), and the lengths
             // were checked.
-            let products = unsafe { sixteen::avx512::dot_group(group, *tile) };
+            let products = unsafe { sixteen::avx512::dot_group(ty, group, *tile) };
             for (i, rows) in products.into_iter().enumerate() {
                 put(at + i, g, rows);
             }
@@ -233,14 +240,14 @@ pub fn dot_groups_tokens(groups: &[u8], xs: &[Prepared], out: &mut [f32]) {
     for (t, v) in (done..).zip(tiles.remainder()) {
         for (g, group) in groups.chunks_exact(group_bytes).enumerate() {
             // SAFETY: as above.
-            let [rows] = unsafe { sixteen::avx512::dot_group(group, [*v]) };
+            let [rows] = unsafe { sixteen::avx512::dot_group(ty, group, [*v]) };
             put(t, g, rows);
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub fn dot_groups_tokens(_: &[u8], _: &[Prepared], _: &mut [f32]) {
+pub fn dot_groups_tokens(_: GgmlType, _: &[u8], _: &[Prepared], _: &mut [f32]) {
     unreachable!("rows are packed in sixteens only on x86-64")
 }
 
@@ -531,54 +538,39 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rows_packed_in_sixteens_unpack_to_the_file_bytes() {
-        let mut rng = ChaCha8Rng::seed_from_u64(15);
-        let (n, rows) = (896, 32);
-        let ty = GgmlType::Q5_0;
-        let matrix: Vec<u8> = (0..rows)
-            .flat_map(|_| random_row(ty, n, &mut rng))
-            .collect();
-        let packed = sixteen::pack(&matrix, rows, n);
-        assert_eq!(packed.len(), matrix.len());
-        let mut row = vec![0u8; ty.row_bytes(n)];
-        for (r, want) in matrix.chunks_exact(ty.row_bytes(n)).enumerate() {
-            sixteen::unpack_row(&packed, n, r, &mut row);
-            assert_eq!(row, want, "row {r}");
-        }
-    }
-
     /// Rows packed in sixteens give the products of the rows they were packed from, up to
     /// f32 rounding, and a token in a tile of several gets the bits it gets alone.
     #[test]
     fn rows_packed_in_sixteens_match_dequantize_and_keep_a_token_to_itself() {
-        if !packs_in_sixteens(GgmlType::Q5_0, GROUP_ROWS) {
-            return;
-        }
         let mut rng = ChaCha8Rng::seed_from_u64(16);
-        let ty = GgmlType::Q5_0;
-        for n in [32, 896, 4864] {
-            let (rows, tokens) = (3 * GROUP_ROWS, TILE + 3);
-            let matrix: Vec<u8> = (0..rows)
-                .flat_map(|_| random_row(ty, n, &mut rng))
-                .collect();
-            let packed = sixteen::pack(&matrix, rows, n);
-            let xs: Vec<Vec<f32>> = (0..tokens).map(|_| random_vector(n, &mut rng)).collect();
-            let prepared: Vec<Prepared> = xs.iter().map(|x| prepare(ty, x)).collect();
-            let mut together = vec![0.0; tokens * rows];
-            dot_groups_tokens(&packed, &prepared, &mut together);
-            for (t, x) in prepared.iter().enumerate() {
-                let mut alone = vec![0.0; rows];
-                dot_groups_tokens(&packed, std::slice::from_ref(x), &mut alone);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&together[t * rows..(t + 1) * rows]), bits(&alone));
-                for (r, row) in matrix.chunks_exact(ty.row_bytes(n)).enumerate() {
-                    let (want, magnitude) = reference(ty, row, &effective(x));
-                    let got = alone[r] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-6 * magnitude,
-                        "n={n} token {t} row {r}: {got} vs {want}"
-                    );
+        for ty in ALL_TYPES {
+            if !packs_in_sixteens(ty, GROUP_ROWS) {
+                continue;
+            }
+            for &n in lengths(ty) {
+                let (rows, tokens) = (3 * GROUP_ROWS, TILE + 3);
+                let matrix: Vec<u8> = (0..rows)
+                    .flat_map(|_| random_row(ty, n, &mut rng))
+                    .collect();
+                let packed = sixteen::pack(ty, &matrix, rows, n);
+                assert_eq!(packed.len(), 3 * sixteen::group_bytes(ty, n));
+                let xs: Vec<Vec<f32>> = (0..tokens).map(|_| random_vector(n, &mut rng)).collect();
+                let prepared: Vec<Prepared> = xs.iter().map(|x| prepare(ty, x)).collect();
+                let mut together = vec![0.0; tokens * rows];
+                dot_groups_tokens(ty, &packed, &prepared, &mut together);
+                for (t, x) in prepared.iter().enumerate() {
+                    let mut alone = vec![0.0; rows];
+                    dot_groups_tokens(ty, &packed, std::slice::from_ref(x), &mut alone);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&together[t * rows..(t + 1) * rows]), bits(&alone));
+                    for (r, row) in matrix.chunks_exact(ty.row_bytes(n)).enumerate() {
+                        let (want, magnitude) = reference(ty, row, &effective(x));
+                        let got = alone[r] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-6 * magnitude,
+                            "{ty:?} n={n} token {t} row {r}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -660,11 +652,13 @@ mod tests {
             d: vec![0.0; x.len() / QBLOCK],
             s: vec![0.0; x.len() / QBLOCK],
             sums: vec![0; x.len() / QBLOCK],
+            halves: vec![0; 2 * x.len() / QBLOCK],
         };
         quantize_scalar(&x, &mut scalar);
         assert_eq!(v.qs, scalar.qs);
         assert_eq!(v.d, scalar.d);
         assert_eq!(v.sums, scalar.sums);
+        assert_eq!(v.halves, scalar.halves);
         for (a, b) in v.s.iter().zip(&scalar.s) {
             assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
         }

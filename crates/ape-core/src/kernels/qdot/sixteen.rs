@@ -1,110 +1,206 @@
-//! Q5_0 weights repacked sixteen rows at a time, for CPUs with AVX-512 VNNI.
+//! Q5_0, Q4_K and Q6_K weights repacked sixteen rows at a time, for CPUs with AVX-512 VNNI.
 //!
 //! In the file a row's blocks follow each other, and the product of one row with a vector
-//! sums each block's 32 byte pairs in eight lanes that are then scaled and reduced: per
-//! block, as much f32 work as integer work. Repacked, a 512-bit register holds four quants
-//! of each of sixteen rows, so one `dpbusd` with four bytes of the vector broadcast
-//! advances sixteen rows, and each lane is one row's sum: eight of them cover a block of
-//! sixteen rows, whose scales are then applied once. A row's sum runs over its blocks in
+//! sums each 32-element block's byte pairs in eight lanes that are then scaled and reduced:
+//! per block, as much f32 work as integer work. Repacked, a 512-bit register holds four
+//! quants of each of sixteen rows, so one `dpbusd` with four bytes of the vector broadcast
+//! advances sixteen rows, and each lane is one row's sum: eight of them cover 32 elements
+//! of sixteen rows, whose scales are then applied once. A row's sum runs over its blocks in
 //! order, in its own lane, whatever else shares the pass: the result of a token does not
 //! depend on the tokens beside it, and a token decoded alone gets what it gets in prefill.
 //!
-//! Per block, a group of sixteen rows takes exactly the bytes the file gives those rows'
-//! blocks (352), laid out as:
-//! - the sixteen f16 scales, row by row;
+//! A group of sixteen rows holds, per block of the format (32 elements for Q5_0, 256 for
+//! the K-quants), the rows' scales side by side (each field sixteen times, row by row),
+//! then each 32-element run of quants as
 //! - four runs of 64 bytes of nibbles: byte `4r + i` of run `m` holds quant `4m + i` of row
 //!   `r` in its low nibble and quant `16 + 4m + i` in its high one;
-//! - eight 64-bit masks: bit `4r + i` of mask `j` is the fifth bit of quant `4j + i` of row
-//!   `r`.
+//! - for each bit above the fourth (Q5_0 one, Q6_K two), eight 64-bit masks: bit `4r + i`
+//!   of mask `j` is that bit of quant `4j + i` of row `r`.
 //!
 //! Register `j` (quants `4j..4j + 4` of every row) is thus run `j % 4`'s low or high
-//! nibbles, plus 16 where mask `j` says.
+//! nibbles plus the high bits its masks set. The scales: Q5_0 its f16 `d`; Q4_K `d` and
+//! `dmin`, then its eight 6-bit scales and eight mins unpacked to a byte each (2.8% more
+//! bytes than the file); Q6_K `d`, then its sixteen signed scales.
 
 use super::QBLOCK;
+use crate::kernels::quant::GgmlType;
 
 /// Rows per group.
 pub const GROUP_ROWS: usize = 16;
-const BLOCK_BYTES: usize = 22;
-const GROUP_BLOCK_BYTES: usize = GROUP_ROWS * BLOCK_BYTES;
-const NIBBLES_AT: usize = 2 * GROUP_ROWS;
-const MASKS_AT: usize = NIBBLES_AT + 4 * 64;
+const NIBBLE_BYTES: usize = 256;
 
-/// The 32 five-bit quants of a Q5_0 block of the file.
-fn quants(block: &[u8]) -> [u8; QBLOCK] {
-    let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-    std::array::from_fn(|k| {
-        let nibble = if k < 16 {
-            block[6 + k] & 0x0f
-        } else {
-            block[6 + k - 16] >> 4
-        };
-        nibble | (((qh >> k) & 1) as u8) << 4
-    })
+/// The layout of one format's group blocks.
+#[derive(Clone, Copy)]
+struct Layout {
+    /// Elements per block.
+    block_len: usize,
+    /// Bytes of the scales at the start of a group block.
+    scale_bytes: usize,
+    /// Quant bits above the fourth.
+    high_bits: usize,
 }
 
-/// Where quant `k` of row `r` of a group block sits: its nibble's byte and shift, and its
-/// fifth bit's byte and bit.
+impl Layout {
+    fn of(ty: GgmlType) -> Option<Layout> {
+        let (block_len, scale_bytes, high_bits) = match ty {
+            GgmlType::Q5_0 => (QBLOCK, 2 * GROUP_ROWS, 1),
+            GgmlType::Q4K => (256, 4 * GROUP_ROWS + 16 * GROUP_ROWS, 0),
+            GgmlType::Q6K => (256, 2 * GROUP_ROWS + 16 * GROUP_ROWS, 2),
+            _ => return None,
+        };
+        Some(Layout {
+            block_len,
+            scale_bytes,
+            high_bits,
+        })
+    }
+
+    fn run_bytes(self) -> usize {
+        NIBBLE_BYTES + 64 * self.high_bits
+    }
+
+    fn block_bytes(self) -> usize {
+        self.scale_bytes + self.block_len / QBLOCK * self.run_bytes()
+    }
+}
+
+/// Whether rows of `ty` can be packed in sixteens.
+pub fn packs(ty: GgmlType) -> bool {
+    Layout::of(ty).is_some()
+}
+
+/// Bytes of one group of sixteen packed rows of `cols` elements of `ty`.
+pub fn group_bytes(ty: GgmlType, cols: usize) -> usize {
+    let layout = Layout::of(ty).expect("a format packed in sixteens");
+    cols / layout.block_len * layout.block_bytes()
+}
+
+/// One row's block decoded: its scale bytes (in the group block's order, one slice per
+/// field) and its quants, unsigned, in element order.
+struct RowBlock {
+    fields: Vec<Vec<u8>>,
+    quants: Vec<u8>,
+}
+
+fn decode(ty: GgmlType, b: &[u8]) -> RowBlock {
+    match ty {
+        GgmlType::Q5_0 => {
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let quants = (0..QBLOCK)
+                .map(|k| {
+                    let nibble = if k < 16 {
+                        b[6 + k] & 0x0f
+                    } else {
+                        b[6 + k - 16] >> 4
+                    };
+                    nibble | (((qh >> k) & 1) as u8) << 4
+                })
+                .collect();
+            RowBlock {
+                fields: vec![b[..2].to_vec()],
+                quants,
+            }
+        }
+        GgmlType::Q4K => {
+            let (scales, mins): (Vec<u8>, Vec<u8>) =
+                (0..8).map(|s| k_scale_min(s, &b[4..16])).unzip();
+            let quants = (0..256)
+                .map(|k| {
+                    let q = b[16 + 32 * (k / 64) + k % 32];
+                    if k % 64 < 32 {
+                        q & 0x0f
+                    } else {
+                        q >> 4
+                    }
+                })
+                .collect();
+            let mut fields = vec![b[..2].to_vec(), b[2..4].to_vec()];
+            fields.extend(scales.into_iter().map(|s| vec![s]));
+            fields.extend(mins.into_iter().map(|m| vec![m]));
+            RowBlock { fields, quants }
+        }
+        GgmlType::Q6K => {
+            let quants = (0..256)
+                .map(|k| {
+                    let (half, e) = (k / 128, k % 128);
+                    let (quarter, l) = (e / 32, e % 32);
+                    let ql = b[64 * half + l + 32 * (quarter % 2)];
+                    let low = if quarter < 2 { ql & 0x0f } else { ql >> 4 };
+                    let high = (b[128 + 32 * half + l] >> (2 * quarter)) & 3;
+                    low | high << 4
+                })
+                .collect();
+            let mut fields = vec![b[208..210].to_vec()];
+            fields.extend((0..16).map(|g| vec![b[192 + g]]));
+            RowBlock { fields, quants }
+        }
+        _ => unreachable!("a format packed in sixteens"),
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` in the 12-byte table of Q4_K.
+fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Where quant `k` (of 32) of row `r` sits in a run: its nibble's byte and shift, and the
+/// byte and bit of its bits above the fourth in the first mask set.
 fn place(r: usize, k: usize) -> (usize, u32, usize, u32) {
     let (j, i) = (k / 4, k % 4);
     let bit = 4 * r + i;
     (
-        NIBBLES_AT + 64 * (j % 4) + bit,
+        64 * (j % 4) + bit,
         if j < 4 { 0 } else { 4 },
-        MASKS_AT + 8 * j + bit / 8,
+        NIBBLE_BYTES + 8 * j + bit / 8,
         (bit % 8) as u32,
     )
 }
 
-/// Q5_0 rows as the file stores them (`rows`, a multiple of 16, of `cols` elements),
-/// repacked in groups of sixteen; the same number of bytes.
-pub fn pack(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    let blocks = cols / QBLOCK;
-    let row_bytes = blocks * BLOCK_BYTES;
+/// Rows of `ty` as the file stores them (`rows`, a multiple of 16, of `cols` elements),
+/// repacked in groups of sixteen.
+pub fn pack(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    let layout = Layout::of(ty).expect("a format packed in sixteens");
+    let blocks = cols / layout.block_len;
+    let row_bytes = ty.row_bytes(cols);
     assert_eq!(rows % GROUP_ROWS, 0, "rows do not fill whole groups");
     assert_eq!(bytes.len(), rows * row_bytes, "byte length mismatch");
-    let mut packed = vec![0u8; bytes.len()];
+    let mut packed = vec![0u8; rows / GROUP_ROWS * blocks * layout.block_bytes()];
     for (group, out) in packed
-        .chunks_exact_mut(blocks * GROUP_BLOCK_BYTES)
+        .chunks_exact_mut(blocks * layout.block_bytes())
         .enumerate()
     {
-        for (b, out) in out.chunks_exact_mut(GROUP_BLOCK_BYTES).enumerate() {
+        for (b, out) in out.chunks_exact_mut(layout.block_bytes()).enumerate() {
             for r in 0..GROUP_ROWS {
-                let at = (group * GROUP_ROWS + r) * row_bytes + b * BLOCK_BYTES;
-                let block = &bytes[at..at + BLOCK_BYTES];
-                out[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
-                for (k, q) in quants(block).into_iter().enumerate() {
-                    let (byte, shift, mask_byte, bit) = place(r, k);
-                    out[byte] |= (q & 0x0f) << shift;
-                    out[mask_byte] |= (q >> 4) << bit;
+                let at = (group * GROUP_ROWS + r) * row_bytes + b * ty.block_bytes();
+                let block = decode(ty, &bytes[at..at + ty.block_bytes()]);
+                let mut field_at = 0;
+                for field in &block.fields {
+                    let n = field.len();
+                    out[field_at + n * r..field_at + n * (r + 1)].copy_from_slice(field);
+                    field_at += n * GROUP_ROWS;
+                }
+                debug_assert_eq!(field_at, layout.scale_bytes);
+                for (run, quants) in block.quants.chunks_exact(QBLOCK).enumerate() {
+                    let area = &mut out[layout.scale_bytes + run * layout.run_bytes()..];
+                    for (k, &q) in quants.iter().enumerate() {
+                        let (byte, shift, mask_byte, bit) = place(r, k);
+                        area[byte] |= (q & 0x0f) << shift;
+                        for h in 0..layout.high_bits {
+                            area[mask_byte + 64 * h] |= ((q >> (4 + h)) & 1) << bit;
+                        }
+                    }
                 }
             }
         }
     }
     packed
-}
-
-/// Row `r` of packed groups of `cols` elements as the file stores it, into `out`.
-pub fn unpack_row(packed: &[u8], cols: usize, r: usize, out: &mut [u8]) {
-    let blocks = cols / QBLOCK;
-    let group = &packed[(r / GROUP_ROWS) * blocks * GROUP_BLOCK_BYTES..];
-    let r = r % GROUP_ROWS;
-    for (b, block) in out.chunks_exact_mut(BLOCK_BYTES).take(blocks).enumerate() {
-        let g = &group[b * GROUP_BLOCK_BYTES..(b + 1) * GROUP_BLOCK_BYTES];
-        block[..2].copy_from_slice(&g[2 * r..2 * r + 2]);
-        block[6..].fill(0);
-        let mut qh = 0u32;
-        for k in 0..QBLOCK {
-            let (byte, shift, mask_byte, bit) = place(r, k);
-            let nibble = (g[byte] >> shift) & 0x0f;
-            qh |= (((g[mask_byte] >> bit) & 1) as u32) << k;
-            if k < 16 {
-                block[6 + k] |= nibble;
-            } else {
-                block[6 + k - 16] |= nibble << 4;
-            }
-        }
-        block[2..6].copy_from_slice(&qh.to_le_bytes());
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -113,40 +209,119 @@ pub(super) mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// The sixteen products of a group's rows (`group`: its packed blocks) with each of
-    /// `vs`, one vector in each register.
+    /// The eight registers of a 32-element run of sixteen rows (quants `4j..4j + 4` of
+    /// every row in register `j`), unsigned.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn run(area: *const u8, high_bits: usize) -> [__m512i; 8] {
+        let low = _mm512_set1_epi8(0x0f);
+        let mut w = [_mm512_setzero_si512(); 8];
+        for m in 0..4 {
+            let z = _mm512_loadu_si512(area.add(64 * m).cast());
+            w[m] = _mm512_and_si512(z, low);
+            w[m + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
+        }
+        for h in 0..high_bits {
+            let bit = _mm512_set1_epi8(16 << h);
+            for (j, w) in w.iter_mut().enumerate() {
+                let at = area.add(NIBBLE_BYTES + 64 * h + 8 * j);
+                *w = _mm512_mask_add_epi8(*w, at.cast::<u64>().read_unaligned(), *w, bit);
+            }
+        }
+        w
+    }
+
+    /// `sum` over registers `js` of `w` with the vector's matching four quants of block
+    /// `b`, starting from `start` in every lane.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn sum(
+        w: &[__m512i; 8],
+        js: std::ops::Range<usize>,
+        v: &QuantizedVector,
+        b: usize,
+        start: i32,
+    ) -> __m512 {
+        let x = v.qs.as_ptr().add(QBLOCK * b).cast::<i32>();
+        let mut p = _mm512_set1_epi32(start);
+        for j in js {
+            p = _mm512_dpbusd_epi32(p, w[j], _mm512_set1_epi32(x.add(j).read_unaligned()));
+        }
+        _mm512_cvtepi32_ps(p)
+    }
+
+    /// Sixteen bytes at `p`, one per row, as f32 (`signed`: as i8).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn bytes(p: *const u8, signed: bool) -> __m512 {
+        let b = _mm_loadu_si128(p.cast());
+        _mm512_cvtepi32_ps(if signed {
+            _mm512_cvtepi8_epi32(b)
+        } else {
+            _mm512_cvtepu8_epi32(b)
+        })
+    }
+
+    /// The sixteen products of a group's rows of `ty` (`group`: its packed blocks) with
+    /// each of `vs`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn dot_group<const N: usize>(
+        ty: GgmlType,
         group: &[u8],
         vs: [&QuantizedVector; N],
     ) -> [[f32; GROUP_ROWS]; N] {
-        let blocks = vs[0].d.len();
-        assert_eq!(group.len(), blocks * GROUP_BLOCK_BYTES);
-        let (low, fifth) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x10));
+        let layout = Layout::of(ty).expect("a format packed in sixteens");
+        let blocks = vs[0].d.len() * QBLOCK / layout.block_len;
+        assert_eq!(group.len(), blocks * layout.block_bytes());
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..blocks {
-            let g = group.as_ptr().add(b * GROUP_BLOCK_BYTES);
+            let g = group.as_ptr().add(b * layout.block_bytes());
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(g.cast()));
-            let mut w = [_mm512_setzero_si512(); 8];
-            for m in 0..4 {
-                let z = _mm512_loadu_si512(g.add(NIBBLES_AT + 64 * m).cast());
-                w[m] = _mm512_and_si512(z, low);
-                w[m + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
-            }
-            for (j, w) in w.iter_mut().enumerate() {
-                let mask = g.add(MASKS_AT + 8 * j).cast::<u64>().read_unaligned();
-                *w = _mm512_mask_add_epi8(*w, mask, *w, fifth);
-            }
-            for (acc, v) in acc.iter_mut().zip(vs) {
-                let x = v.qs.as_ptr().add(QBLOCK * b).cast::<i32>();
-                // The quants are unsigned; their bias of 16 comes off through the
-                // block's sum of vector quants.
-                let mut p = _mm512_set1_epi32(-16 * v.sums[b]);
-                for (j, w) in w.iter().enumerate() {
-                    p = _mm512_dpbusd_epi32(p, *w, _mm512_set1_epi32(x.add(j).read_unaligned()));
+            let runs = g.add(layout.scale_bytes);
+            match ty {
+                GgmlType::Q5_0 => {
+                    let w = run(runs, 1);
+                    for (acc, v) in acc.iter_mut().zip(vs) {
+                        // Unsigned quants: the bias of 16 comes off through the block's
+                        // sum of vector quants.
+                        let p = sum(&w, 0..8, v, b, -16 * v.sums[b]);
+                        *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(v.d[b])), *acc);
+                    }
                 }
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(v.d[b]));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, *acc);
+                GgmlType::Q4K => {
+                    let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(g.add(32).cast()));
+                    for s in 0..8 {
+                        let scale = _mm512_mul_ps(d, bytes(g.add(64 + 16 * s), false));
+                        let min = _mm512_mul_ps(dmin, bytes(g.add(192 + 16 * s), false));
+                        let w = run(runs.add(s * NIBBLE_BYTES), 0);
+                        for (acc, v) in acc.iter_mut().zip(vs) {
+                            let vb = 8 * b + s;
+                            let p = sum(&w, 0..8, v, vb, 0);
+                            let x_scale = _mm512_mul_ps(scale, _mm512_set1_ps(v.d[vb]));
+                            *acc = _mm512_fmadd_ps(p, x_scale, *acc);
+                            *acc = _mm512_fnmadd_ps(min, _mm512_set1_ps(v.s[vb]), *acc);
+                        }
+                    }
+                }
+                GgmlType::Q6K => {
+                    for s in 0..8 {
+                        let scales = [2 * s, 2 * s + 1]
+                            .map(|h| _mm512_mul_ps(d, bytes(g.add(32 + 16 * h), true)));
+                        let w = run(runs.add(s * layout.run_bytes()), 2);
+                        for (acc, v) in acc.iter_mut().zip(vs) {
+                            let vb = 8 * b + s;
+                            // Each 16 quants have their own scale; their bias of 32 comes
+                            // off through the sums of each half of the vector block.
+                            for (half, scale) in scales.iter().enumerate() {
+                                let js = 4 * half..4 * half + 4;
+                                let p = sum(&w, js, v, vb, -32 * v.halves[2 * vb + half]);
+                                let x_scale = _mm512_mul_ps(*scale, _mm512_set1_ps(v.d[vb]));
+                                *acc = _mm512_fmadd_ps(p, x_scale, *acc);
+                            }
+                        }
+                    }
+                }
+                _ => unreachable!("a format packed in sixteens"),
             }
         }
         acc.map(|a| {
