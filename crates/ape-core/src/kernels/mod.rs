@@ -2,7 +2,8 @@
 //! the formats of `quant` through the dot products of `qdot`), dense dot products, RMS
 //! norm, rotary embeddings and activations. Everything accumulates in f32.
 //!
-//! The weights stay as the file stores them. Each token's activations are quantized to
+//! The weights stay as the file stores them, or, for the formats `qdot::sixteen` packs,
+//! in as many bytes sixteen rows at a time. Each token's activations are quantized to
 //! 8 bits on their own and meet the weight rows through integer dot products (`qdot`), a
 //! tile of tokens at a time in prefill and one token in decoding, with the same arithmetic
 //! for each: what a token computes never depends on the tokens computed with it.
