@@ -24,6 +24,7 @@
 
 use super::QBLOCK;
 use crate::kernels::quant::GgmlType;
+use rayon::prelude::*;
 
 /// Rows per group.
 pub const GROUP_ROWS: usize = 16;
@@ -75,64 +76,57 @@ pub fn group_bytes(ty: GgmlType, cols: usize) -> usize {
     cols / layout.block_len * layout.block_bytes()
 }
 
-/// One row's block decoded: its scale bytes (in the group block's order, one slice per
-/// field) and its quants, unsigned, in element order.
-struct RowBlock {
-    fields: Vec<Vec<u8>>,
-    quants: Vec<u8>,
+/// Writes row `r`'s scales from its file block `b` into the group block `out`, each field
+/// beside the other rows' values of it.
+fn put_scales(ty: GgmlType, b: &[u8], r: usize, out: &mut [u8]) {
+    out[2 * r..2 * r + 2].copy_from_slice(&b[if ty == GgmlType::Q6K { 208 } else { 0 }..][..2]);
+    match ty {
+        GgmlType::Q4K => {
+            out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&b[2..4]);
+            for s in 0..8 {
+                let (scale, min) = k_scale_min(s, &b[4..16]);
+                out[64 + 16 * s + r] = scale;
+                out[192 + 16 * s + r] = min;
+            }
+        }
+        GgmlType::Q6K => {
+            for g in 0..16 {
+                out[32 + 16 * g + r] = b[192 + g];
+            }
+        }
+        _ => {}
+    }
 }
 
-fn decode(ty: GgmlType, b: &[u8]) -> RowBlock {
+/// The quants of file block `b`, unsigned, in element order.
+fn quants(ty: GgmlType, b: &[u8], out: &mut [u8]) {
     match ty {
         GgmlType::Q5_0 => {
             let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-            let quants = (0..QBLOCK)
-                .map(|k| {
-                    let nibble = if k < 16 {
-                        b[6 + k] & 0x0f
-                    } else {
-                        b[6 + k - 16] >> 4
-                    };
-                    nibble | (((qh >> k) & 1) as u8) << 4
-                })
-                .collect();
-            RowBlock {
-                fields: vec![b[..2].to_vec()],
-                quants,
+            for l in 0..16 {
+                out[l] = b[6 + l] & 0x0f | (((qh >> l) & 1) as u8) << 4;
+                out[l + 16] = b[6 + l] >> 4 | (((qh >> (l + 16)) & 1) as u8) << 4;
             }
         }
         GgmlType::Q4K => {
-            let (scales, mins): (Vec<u8>, Vec<u8>) =
-                (0..8).map(|s| k_scale_min(s, &b[4..16])).unzip();
-            let quants = (0..256)
-                .map(|k| {
-                    let q = b[16 + 32 * (k / 64) + k % 32];
-                    if k % 64 < 32 {
-                        q & 0x0f
-                    } else {
-                        q >> 4
-                    }
-                })
-                .collect();
-            let mut fields = vec![b[..2].to_vec(), b[2..4].to_vec()];
-            fields.extend(scales.into_iter().map(|s| vec![s]));
-            fields.extend(mins.into_iter().map(|m| vec![m]));
-            RowBlock { fields, quants }
+            for (qs, out) in b[16..144].chunks_exact(32).zip(out.chunks_exact_mut(64)) {
+                for l in 0..32 {
+                    out[l] = qs[l] & 0x0f;
+                    out[l + 32] = qs[l] >> 4;
+                }
+            }
         }
         GgmlType::Q6K => {
-            let quants = (0..256)
-                .map(|k| {
-                    let (half, e) = (k / 128, k % 128);
-                    let (quarter, l) = (e / 32, e % 32);
-                    let ql = b[64 * half + l + 32 * (quarter % 2)];
-                    let low = if quarter < 2 { ql & 0x0f } else { ql >> 4 };
-                    let high = (b[128 + 32 * half + l] >> (2 * quarter)) & 3;
-                    low | high << 4
-                })
-                .collect();
-            let mut fields = vec![b[208..210].to_vec()];
-            fields.extend((0..16).map(|g| vec![b[192 + g]]));
-            RowBlock { fields, quants }
+            for half in 0..2 {
+                let (ql, qh) = (&b[64 * half..64 * half + 64], &b[128 + 32 * half..][..32]);
+                let out = &mut out[128 * half..128 * half + 128];
+                for l in 0..32 {
+                    out[l] = ql[l] & 0x0f | (qh[l] & 3) << 4;
+                    out[l + 32] = ql[l + 32] & 0x0f | ((qh[l] >> 2) & 3) << 4;
+                    out[l + 64] = ql[l] >> 4 | ((qh[l] >> 4) & 3) << 4;
+                    out[l + 96] = ql[l + 32] >> 4 | ((qh[l] >> 6) & 3) << 4;
+                }
+            }
         }
         _ => unreachable!("a format packed in sixteens"),
     }
@@ -150,17 +144,23 @@ fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Where quant `k` (of 32) of row `r` sits in a run: its nibble's byte and shift, and the
-/// byte and bit of its bits above the fourth in the first mask set.
-fn place(r: usize, k: usize) -> (usize, u32, usize, u32) {
-    let (j, i) = (k / 4, k % 4);
-    let bit = 4 * r + i;
-    (
-        64 * (j % 4) + bit,
-        if j < 4 { 0 } else { 4 },
-        NIBBLE_BYTES + 8 * j + bit / 8,
-        (bit % 8) as u32,
-    )
+/// Writes the 32 quants `q` of row `r` into a run: quants `4j..4j + 4` are four
+/// consecutive nibbles of run `j % 4`, and their bits above the fourth half a byte of
+/// mask `j` of each set.
+fn put_run(area: &mut [u8], r: usize, q: &[u8], high_bits: usize) {
+    for (j, q) in q.chunks_exact(4).enumerate() {
+        let (at, shift) = (64 * (j % 4) + 4 * r, if j < 4 { 0 } else { 4 });
+        for (byte, q) in area[at..at + 4].iter_mut().zip(q) {
+            *byte |= (q & 0x0f) << shift;
+        }
+        for h in 0..high_bits {
+            let bits = q
+                .iter()
+                .enumerate()
+                .fold(0u8, |bits, (i, q)| bits | ((q >> (4 + h)) & 1) << i);
+            area[NIBBLE_BYTES + 64 * h + 8 * j + r / 2] |= bits << (4 * (r % 2));
+        }
+    }
 }
 
 /// Rows of `ty` as the file stores them (`rows`, a multiple of 16, of `cols` elements),
@@ -172,34 +172,25 @@ pub fn pack(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
     assert_eq!(rows % GROUP_ROWS, 0, "rows do not fill whole groups");
     assert_eq!(bytes.len(), rows * row_bytes, "byte length mismatch");
     let mut packed = vec![0u8; rows / GROUP_ROWS * blocks * layout.block_bytes()];
-    for (group, out) in packed
-        .chunks_exact_mut(blocks * layout.block_bytes())
+    packed
+        .par_chunks_exact_mut(blocks * layout.block_bytes())
         .enumerate()
-    {
-        for (b, out) in out.chunks_exact_mut(layout.block_bytes()).enumerate() {
-            for r in 0..GROUP_ROWS {
-                let at = (group * GROUP_ROWS + r) * row_bytes + b * ty.block_bytes();
-                let block = decode(ty, &bytes[at..at + ty.block_bytes()]);
-                let mut field_at = 0;
-                for field in &block.fields {
-                    let n = field.len();
-                    out[field_at + n * r..field_at + n * (r + 1)].copy_from_slice(field);
-                    field_at += n * GROUP_ROWS;
-                }
-                debug_assert_eq!(field_at, layout.scale_bytes);
-                for (run, quants) in block.quants.chunks_exact(QBLOCK).enumerate() {
-                    let area = &mut out[layout.scale_bytes + run * layout.run_bytes()..];
-                    for (k, &q) in quants.iter().enumerate() {
-                        let (byte, shift, mask_byte, bit) = place(r, k);
-                        area[byte] |= (q & 0x0f) << shift;
-                        for h in 0..layout.high_bits {
-                            area[mask_byte + 64 * h] |= ((q >> (4 + h)) & 1) << bit;
-                        }
+        .for_each(|(group, out)| {
+            let mut q = [0u8; 256];
+            for (b, out) in out.chunks_exact_mut(layout.block_bytes()).enumerate() {
+                for r in 0..GROUP_ROWS {
+                    let at = (group * GROUP_ROWS + r) * row_bytes + b * ty.block_bytes();
+                    let block = &bytes[at..at + ty.block_bytes()];
+                    put_scales(ty, block, r, out);
+                    let q = &mut q[..layout.block_len];
+                    quants(ty, block, q);
+                    for (run, q) in q.chunks_exact(QBLOCK).enumerate() {
+                        let area = &mut out[layout.scale_bytes + run * layout.run_bytes()..];
+                        put_run(area, r, q, layout.high_bits);
                     }
                 }
             }
-        }
-    }
+        });
     packed
 }
 
