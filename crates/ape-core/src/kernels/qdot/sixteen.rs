@@ -148,16 +148,16 @@ fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 /// consecutive nibbles of run `j % 4`, and their bits above the fourth half a byte of
 /// mask `j` of each set.
 fn put_run(area: &mut [u8], r: usize, q: &[u8], high_bits: usize) {
-    for (j, q) in q.chunks_exact(4).enumerate() {
-        let (at, shift) = (64 * (j % 4) + 4 * r, if j < 4 { 0 } else { 4 });
-        for (byte, q) in area[at..at + 4].iter_mut().zip(q) {
-            *byte |= (q & 0x0f) << shift;
-        }
-        for h in 0..high_bits {
-            let bits = q
-                .iter()
-                .enumerate()
-                .fold(0u8, |bits, (i, q)| bits | ((q >> (4 + h)) & 1) << i);
+    let word = |j: usize| u32::from_le_bytes([q[4 * j], q[4 * j + 1], q[4 * j + 2], q[4 * j + 3]]);
+    for m in 0..4 {
+        let nibbles = word(m) & 0x0f0f_0f0f | (word(m + 4) & 0x0f0f_0f0f) << 4;
+        area[64 * m + 4 * r..64 * m + 4 * r + 4].copy_from_slice(&nibbles.to_le_bytes());
+    }
+    for h in 0..high_bits {
+        for j in 0..8 {
+            // Bit 4 + h of each byte to bits 24..28, byte i to bit 24 + i.
+            let ones = (word(j) >> (4 + h)) & 0x0101_0101;
+            let bits = (ones.wrapping_mul(0x0102_0408) >> 24) as u8;
             area[NIBBLE_BYTES + 64 * h + 8 * j + r / 2] |= bits << (4 * (r % 2));
         }
     }
