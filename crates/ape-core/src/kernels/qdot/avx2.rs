@@ -37,7 +37,6 @@ pub unsafe fn quantize(x: &[f32], v: &mut QuantizedVector) {
         let sum = hsum(_mm256_cvtepi32_ps(sum));
         v.d[i] = d;
         v.s[i] = d * sum;
-        v.sums[i] = sum as i32;
         v.halves[2 * i] = first as i32;
         v.halves[2 * i + 1] = (sum - first) as i32;
     }

@@ -43,8 +43,6 @@ pub struct QuantizedVector {
     d: Vec<f32>,
     /// Per block, the sum of its dequantized elements, for the formats with offsets.
     s: Vec<f32>,
-    /// Per block, the sum of its quants.
-    sums: Vec<i32>,
     /// Per block, the sums of its quants' first and second halves.
     halves: Vec<i32>,
 }
@@ -52,6 +50,11 @@ pub struct QuantizedVector {
 impl QuantizedVector {
     fn len(&self) -> usize {
         self.qs.len()
+    }
+
+    /// The sum of block `b`'s quants.
+    fn sum(&self, b: usize) -> i32 {
+        self.halves[2 * b] + self.halves[2 * b + 1]
     }
 
     /// Elements `start..start + out.len()` dequantized.
@@ -70,7 +73,6 @@ pub fn quantize(x: &[f32]) -> QuantizedVector {
         qs: vec![0; x.len()],
         d: vec![0.0; blocks],
         s: vec![0.0; blocks],
-        sums: vec![0; blocks],
         halves: vec![0; 2 * blocks],
     };
     #[cfg(target_arch = "x86_64")]
@@ -85,12 +87,11 @@ pub fn quantize(x: &[f32]) -> QuantizedVector {
 
 /// The portable `quantize`, into a vector sized for `x`.
 fn quantize_scalar(x: &[f32], v: &mut QuantizedVector) {
-    for (((((x, q), d), s), sums), halves) in x
+    for ((((x, q), d), s), halves) in x
         .chunks_exact(QBLOCK)
         .zip(v.qs.chunks_exact_mut(QBLOCK))
         .zip(&mut v.d)
         .zip(&mut v.s)
-        .zip(&mut v.sums)
         .zip(v.halves.chunks_exact_mut(2))
     {
         let amax = x.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -102,7 +103,6 @@ fn quantize_scalar(x: &[f32], v: &mut QuantizedVector) {
             sum += *q as i32;
         }
         *s = *d * sum as f32;
-        *sums = sum;
         let first: i32 = q[..QBLOCK / 2].iter().map(|&q| q as i32).sum();
         halves.copy_from_slice(&[first, sum - first]);
     }
@@ -651,13 +651,11 @@ mod tests {
             qs: vec![0; x.len()],
             d: vec![0.0; x.len() / QBLOCK],
             s: vec![0.0; x.len() / QBLOCK],
-            sums: vec![0; x.len() / QBLOCK],
             halves: vec![0; 2 * x.len() / QBLOCK],
         };
         quantize_scalar(&x, &mut scalar);
         assert_eq!(v.qs, scalar.qs);
         assert_eq!(v.d, scalar.d);
-        assert_eq!(v.sums, scalar.sums);
         assert_eq!(v.halves, scalar.halves);
         for (a, b) in v.s.iter().zip(&scalar.s) {
             assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");

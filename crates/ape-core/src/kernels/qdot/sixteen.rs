@@ -23,7 +23,7 @@
 //! bytes than the file); Q6_K `d`, then its sixteen signed scales.
 
 use super::QBLOCK;
-use crate::kernels::quant::GgmlType;
+use crate::kernels::quant::{k_scale_min, GgmlType};
 use rayon::prelude::*;
 
 /// Rows per group.
@@ -129,18 +129,6 @@ fn quants(ty: GgmlType, b: &[u8], out: &mut [u8]) {
             }
         }
         _ => unreachable!("a format packed in sixteens"),
-    }
-}
-
-/// The 6-bit scale and min of sub-block `j` in the 12-byte table of Q4_K.
-fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
     }
 }
 
@@ -275,7 +263,7 @@ pub(super) mod avx512 {
                     for (acc, v) in acc.iter_mut().zip(vs) {
                         // Unsigned quants: the bias of 16 comes off through the block's
                         // sum of vector quants.
-                        let p = sum(&w, 0..8, v, b, -16 * v.sums[b]);
+                        let p = sum(&w, 0..8, v, b, -16 * v.sum(b));
                         *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(v.d[b])), *acc);
                     }
                 }
