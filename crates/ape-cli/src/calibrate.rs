@@ -150,9 +150,9 @@ fn fingerprint(model: &Path) -> Result<(u64, String)> {
     let file = std::fs::File::open(model)
         .with_context(|| format!("cannot read the model file {}", model.display()))?;
     let bytes = file.metadata()?.len();
-    let mut head = Vec::new();
-    file.take(FINGERPRINT_BYTES).read_to_end(&mut head)?;
-    Ok((bytes, blake3::hash(&head).to_hex().to_string()))
+    let mut hasher = blake3::Hasher::new();
+    std::io::copy(&mut file.take(FINGERPRINT_BYTES), &mut hasher)?;
+    Ok((bytes, hasher.finalize().to_hex().to_string()))
 }
 
 /// The APE defaults for `model`: its calibration where there is a sound one beside it,

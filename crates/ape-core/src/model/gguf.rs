@@ -15,6 +15,9 @@ use crate::kernels::quant::GgmlType;
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 
+/// The smallest page size: the header is released up to a multiple of it.
+const HEADER_PAGE: usize = 4096;
+
 /// One metadata value. The tokenizer arrays of a 262K-token vocabulary are the biggest
 /// thing held here, so arrays of strings and of numbers are held packed.
 #[derive(Debug, Clone)]
@@ -178,16 +181,17 @@ impl TensorData {
     /// Hands the pages under this tensor back to the kernel, for a tensor whose bytes were
     /// copied elsewhere: they stop counting as resident until read again.
     pub fn release(self) {
-        // SAFETY: the map is read-only and backed by the file, so a page dropped here reads
-        // the same bytes from the file if anything touches it again.
-        let _ = unsafe {
-            self.map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                self.range.start,
-                self.range.len(),
-            )
-        };
+        release(&self.map, self.range);
     }
+}
+
+/// Hands the pages of `map` under `range` back to the kernel.
+fn release(map: &Mmap, range: std::ops::Range<usize>) {
+    // SAFETY: the map is read-only and backed by the file, so a page dropped here reads
+    // the same bytes from the file if anything touches it again.
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len())
+    };
 }
 
 impl std::ops::Deref for TensorData {
@@ -309,6 +313,9 @@ impl Gguf {
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
+        // Everything before the tensors has been copied out (a 262K-token vocabulary is
+        // megabytes); the page the first tensor starts in stays.
+        release(&mmap, 0..data_start / HEADER_PAGE * HEADER_PAGE);
         Ok(Gguf {
             path,
             version,
