@@ -83,8 +83,11 @@ pub fn run(args: LoadArgs) -> Result<()> {
         args.clients > 0 && args.requests > 0,
         "--clients and --requests must be at least 1"
     );
+    // A fresh connection per request: a server may close a kept-alive connection just as
+    // the client reuses it (llama-server does, under load), failing a request it never saw.
     let client = Client::builder()
         .timeout(Duration::from_secs(600))
+        .pool_max_idle_per_host(0)
         .build()
         .context("could not build the HTTP client")?;
     let base = args.url.trim_end_matches('/');

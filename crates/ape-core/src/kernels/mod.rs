@@ -28,7 +28,7 @@ use quant::{dequantize, GgmlType};
 
 /// A weight matrix of `rows x cols`, one row per output feature, held as the GGUF file
 /// stores it and read from the mapped file in place (the weights take no memory beyond
-/// the file's pages), or, for Q5_0, Q4_K and Q6_K on CPUs with AVX-512 VNNI, repacked
+/// the file's pages), or, for Q5_0, Q8_0, Q4_K and Q6_K on CPUs with AVX-512 VNNI, repacked
 /// sixteen rows at a time, the file's pages handed back ([`qdot::sixteen`]). Every product
 /// reads the quantized rows directly, whatever the number of tokens: one arithmetic for
 /// every token.

@@ -178,8 +178,8 @@ pub fn dot_rows_tokens(ty: GgmlType, rows: &[u8], xs: &[Prepared], out: &mut [f3
 }
 
 /// Whether a `rows`-row matrix of `ty` is repacked sixteen rows at a time on this CPU
-/// ([`sixteen`]): Q5_0, Q4_K and Q6_K in whole groups, where AVX-512 with VNNI runs their
-/// kernel.
+/// ([`sixteen`]): Q5_0, Q8_0, Q4_K and Q6_K in whole groups, where AVX-512 with VNNI runs
+/// their kernel.
 pub fn packs_in_sixteens(ty: GgmlType, rows: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     if Kernels::best() == Kernels::Avx512 {

@@ -1,4 +1,5 @@
-//! Q5_0, Q4_K and Q6_K weights repacked sixteen rows at a time, for CPUs with AVX-512 VNNI.
+//! Q5_0, Q8_0, Q4_K and Q6_K weights repacked sixteen rows at a time, for CPUs with
+//! AVX-512 VNNI.
 //!
 //! In the file a row's blocks follow each other, and the product of one row with a vector
 //! sums each 32-element block's byte pairs in eight lanes that are then scaled and reduced:
@@ -9,18 +10,20 @@
 //! order, in its own lane, whatever else shares the pass: the result of a token does not
 //! depend on the tokens beside it, and a token decoded alone gets what it gets in prefill.
 //!
-//! A group of sixteen rows holds, per block of the format (32 elements for Q5_0, 256 for
-//! the K-quants), the rows' scales side by side (each field sixteen times, row by row),
-//! then each 32-element run of quants as
+//! A group of sixteen rows holds, per block of the format (32 elements for Q5_0 and Q8_0,
+//! 256 for the K-quants), the rows' scales side by side (each field sixteen times, row by
+//! row), then each 32-element run of quants as
 //! - four runs of 64 bytes of nibbles: byte `4r + i` of run `m` holds quant `4m + i` of row
 //!   `r` in its low nibble and quant `16 + 4m + i` in its high one;
 //! - for each bit above the fourth (Q5_0 one, Q6_K two), eight 64-bit masks: bit `4r + i`
 //!   of mask `j` is that bit of quant `4j + i` of row `r`.
 //!
 //! Register `j` (quants `4j..4j + 4` of every row) is thus run `j % 4`'s low or high
-//! nibbles plus the high bits its masks set. The scales: Q5_0 its f16 `d`; Q4_K `d` and
-//! `dmin`, then its eight 6-bit scales and eight mins unpacked to a byte each (2.8% more
-//! bytes than the file); Q6_K `d`, then its sixteen signed scales.
+//! nibbles plus the high bits its masks set. Q8_0's quants are whole bytes, so its run is
+//! the eight registers themselves: byte `4r + i` of register `j` is quant `4j + i` of row
+//! `r`, plus 128. The scales: Q5_0 and Q8_0 their f16 `d`; Q4_K `d` and `dmin`, then its
+//! eight 6-bit scales and eight mins unpacked to a byte each (2.8% more bytes than the
+//! file); Q6_K `d`, then its sixteen signed scales.
 
 use super::QBLOCK;
 use crate::kernels::quant::{k_scale_min, GgmlType};
@@ -39,25 +42,32 @@ struct Layout {
     scale_bytes: usize,
     /// Quant bits above the fourth.
     high_bits: usize,
+    /// Whole bytes per quant (Q8_0), not nibbles and masks.
+    whole_bytes: bool,
 }
 
 impl Layout {
     fn of(ty: GgmlType) -> Option<Layout> {
-        let (block_len, scale_bytes, high_bits) = match ty {
-            GgmlType::Q5_0 => (QBLOCK, 2 * GROUP_ROWS, 1),
-            GgmlType::Q4K => (256, 4 * GROUP_ROWS + 16 * GROUP_ROWS, 0),
-            GgmlType::Q6K => (256, 2 * GROUP_ROWS + 16 * GROUP_ROWS, 2),
+        let (block_len, scale_bytes, high_bits, whole_bytes) = match ty {
+            GgmlType::Q5_0 => (QBLOCK, 2 * GROUP_ROWS, 1, false),
+            GgmlType::Q8_0 => (QBLOCK, 2 * GROUP_ROWS, 0, true),
+            GgmlType::Q4K => (256, 4 * GROUP_ROWS + 16 * GROUP_ROWS, 0, false),
+            GgmlType::Q6K => (256, 2 * GROUP_ROWS + 16 * GROUP_ROWS, 2, false),
             _ => return None,
         };
         Some(Layout {
             block_len,
             scale_bytes,
             high_bits,
+            whole_bytes,
         })
     }
 
     fn run_bytes(self) -> usize {
-        NIBBLE_BYTES + 64 * self.high_bits
+        match self.whole_bytes {
+            true => QBLOCK * GROUP_ROWS,
+            false => NIBBLE_BYTES + 64 * self.high_bits,
+        }
     }
 
     fn block_bytes(self) -> usize {
@@ -108,6 +118,11 @@ fn quants(ty: GgmlType, b: &[u8], out: &mut [u8]) {
                 out[l + 16] = b[6 + l] >> 4 | (((qh >> (l + 16)) & 1) as u8) << 4;
             }
         }
+        GgmlType::Q8_0 => {
+            for (q, out) in b[2..34].iter().zip(out) {
+                *out = q ^ 0x80;
+            }
+        }
         GgmlType::Q4K => {
             for (qs, out) in b[16..144].chunks_exact(32).zip(out.chunks_exact_mut(64)) {
                 for l in 0..32 {
@@ -134,8 +149,15 @@ fn quants(ty: GgmlType, b: &[u8], out: &mut [u8]) {
 
 /// Writes the 32 quants `q` of row `r` into a run: quants `4j..4j + 4` are four
 /// consecutive nibbles of run `j % 4`, and their bits above the fourth half a byte of
-/// mask `j` of each set.
-fn put_run(area: &mut [u8], r: usize, q: &[u8], high_bits: usize) {
+/// mask `j` of each set; or, as whole bytes, four consecutive bytes of register `j`.
+fn put_run(area: &mut [u8], r: usize, q: &[u8], layout: Layout) {
+    if layout.whole_bytes {
+        for (j, q) in q.chunks_exact(4).enumerate() {
+            area[64 * j + 4 * r..64 * j + 4 * r + 4].copy_from_slice(q);
+        }
+        return;
+    }
+    let high_bits = layout.high_bits;
     let word = |j: usize| u32::from_le_bytes([q[4 * j], q[4 * j + 1], q[4 * j + 2], q[4 * j + 3]]);
     for m in 0..4 {
         let nibbles = word(m) & 0x0f0f_0f0f | (word(m + 4) & 0x0f0f_0f0f) << 4;
@@ -174,7 +196,7 @@ pub fn pack(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
                     quants(ty, block, q);
                     for (run, q) in q.chunks_exact(QBLOCK).enumerate() {
                         let area = &mut out[layout.scale_bytes + run * layout.run_bytes()..];
-                        put_run(area, r, q, layout.high_bits);
+                        put_run(area, r, q, layout);
                     }
                 }
             }
@@ -264,6 +286,14 @@ pub(super) mod avx512 {
                         // Unsigned quants: the bias of 16 comes off through the block's
                         // sum of vector quants.
                         let p = sum(&w, 0..8, v, b, -16 * v.sum(b));
+                        *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(v.d[b])), *acc);
+                    }
+                }
+                GgmlType::Q8_0 => {
+                    let w: [__m512i; 8] =
+                        std::array::from_fn(|j| _mm512_loadu_si512(runs.add(64 * j).cast()));
+                    for (acc, v) in acc.iter_mut().zip(vs) {
+                        let p = sum(&w, 0..8, v, b, -128 * v.sum(b));
                         *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(v.d[b])), *acc);
                     }
                 }
