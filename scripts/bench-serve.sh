@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 APE=./target/release/ape
 MODEL="${MODEL:-models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf}"
-CONCURRENCY="${CONCURRENCY:-8}"
+CONCURRENCY="${CONCURRENCY:-32}"
 PORT=8197
 
 wait_for() {

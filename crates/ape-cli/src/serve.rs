@@ -20,8 +20,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// Requests in flight at once, their decoding batched together (each holds its KV
-    /// cache meanwhile).
-    #[arg(long, default_value_t = 8)]
+    /// cache meanwhile). 32 gave the most answers per second under 32 clients on two cores.
+    #[arg(long, default_value_t = 32)]
     concurrency: usize,
     /// Requests waiting for a slot; beyond this, new ones are refused with 429.
     #[arg(long, default_value_t = 32)]
