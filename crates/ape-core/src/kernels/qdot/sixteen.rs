@@ -214,7 +214,10 @@ pub(super) mod avx512 {
     /// every row in register `j`), unsigned.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn run(area: *const u8, high_bits: usize) -> [__m512i; 8] {
+    unsafe fn run(area: *const u8, layout: Layout) -> [__m512i; 8] {
+        if layout.whole_bytes {
+            return std::array::from_fn(|j| _mm512_loadu_si512(area.add(64 * j).cast()));
+        }
         let low = _mm512_set1_epi8(0x0f);
         let mut w = [_mm512_setzero_si512(); 8];
         for m in 0..4 {
@@ -222,7 +225,7 @@ pub(super) mod avx512 {
             w[m] = _mm512_and_si512(z, low);
             w[m + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
         }
-        for h in 0..high_bits {
+        for h in 0..layout.high_bits {
             let bit = _mm512_set1_epi8(16 << h);
             for (j, w) in w.iter_mut().enumerate() {
                 let at = area.add(NIBBLE_BYTES + 64 * h + 8 * j);
@@ -280,20 +283,13 @@ pub(super) mod avx512 {
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(g.cast()));
             let runs = g.add(layout.scale_bytes);
             match ty {
-                GgmlType::Q5_0 => {
-                    let w = run(runs, 1);
+                GgmlType::Q5_0 | GgmlType::Q8_0 => {
+                    let w = run(runs, layout);
+                    let bias = if layout.whole_bytes { 128 } else { 16 };
                     for (acc, v) in acc.iter_mut().zip(vs) {
-                        // Unsigned quants: the bias of 16 comes off through the block's
-                        // sum of vector quants.
-                        let p = sum(&w, 0..8, v, b, -16 * v.sum(b));
-                        *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(v.d[b])), *acc);
-                    }
-                }
-                GgmlType::Q8_0 => {
-                    let w: [__m512i; 8] =
-                        std::array::from_fn(|j| _mm512_loadu_si512(runs.add(64 * j).cast()));
-                    for (acc, v) in acc.iter_mut().zip(vs) {
-                        let p = sum(&w, 0..8, v, b, -128 * v.sum(b));
+                        // Unsigned quants: the bias comes off through the block's sum of
+                        // vector quants.
+                        let p = sum(&w, 0..8, v, b, -bias * v.sum(b));
                         *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(v.d[b])), *acc);
                     }
                 }
@@ -302,7 +298,7 @@ pub(super) mod avx512 {
                     for s in 0..8 {
                         let scale = _mm512_mul_ps(d, bytes(g.add(64 + 16 * s), false));
                         let min = _mm512_mul_ps(dmin, bytes(g.add(192 + 16 * s), false));
-                        let w = run(runs.add(s * NIBBLE_BYTES), 0);
+                        let w = run(runs.add(s * NIBBLE_BYTES), layout);
                         for (acc, v) in acc.iter_mut().zip(vs) {
                             let vb = 8 * b + s;
                             let p = sum(&w, 0..8, v, vb, 0);
@@ -316,7 +312,7 @@ pub(super) mod avx512 {
                     for s in 0..8 {
                         let scales = [2 * s, 2 * s + 1]
                             .map(|h| _mm512_mul_ps(d, bytes(g.add(32 + 16 * h), true)));
-                        let w = run(runs.add(s * layout.run_bytes()), 2);
+                        let w = run(runs.add(s * layout.run_bytes()), layout);
                         for (acc, v) in acc.iter_mut().zip(vs) {
                             let vb = 8 * b + s;
                             // Each 16 quants have their own scale; their bias of 32 comes
