@@ -213,8 +213,9 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     );
     let selection = Selection::from_name(&args.selection)?;
     let model = &args.model.model;
-    let evaluator =
-        Evaluator::load(model).with_context(|| format!("loading {}", model.display()))?;
+    // Many-shot factors are for requests read one demonstration per context: grouped,
+    // a many-shot request reads as documents do (`Engine::group_contexts`).
+    let evaluator = Evaluator::new(args.model.load()?.with_group_tokens(0));
     let engine = evaluator.engine();
     let (documents, many_shot) = match args.shape.as_str() {
         "both" => (true, true),

@@ -9,7 +9,6 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ape_core::engine::{Mode, Recompute, Selection, Shape};
-use ape_eval::tasks::Family;
 use ape_eval::{Draw, Evaluator, Report, Setting, Split, Task};
 
 #[derive(Args)]
@@ -104,10 +103,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
         };
         sets.push((contexts, ape_eval::tasks::load(&task, &args.data, draw)?));
     }
-    // The calibrated defaults for the task's shape: demonstrations are many-shot.
-    let shape = match sets[0].1.family {
-        Family::Icl => Shape::ManyShot,
-        Family::Rag => Shape::Documents,
+    let model = &args.model.model;
+    let mut evaluator = Evaluator::new(args.model.load()?);
+    // The calibrated defaults for the shape the engine reads the task's requests in:
+    // demonstrations are many-shot, unless grouped (`--group-tokens`).
+    let first = &sets[0].1;
+    let shape = match first.examples.first() {
+        Some(example) => Shape::of(&first.prompt(evaluator.engine(), example)?.contexts),
+        None => Shape::Documents,
     };
     let (factors, default_recompute) =
         crate::calibrate::defaults_for(&args.model.model).for_shape(shape);
@@ -148,9 +151,6 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "nothing to run: give --modes or --sweep"
     );
 
-    let model = &args.model.model;
-    let mut evaluator =
-        Evaluator::load(model).with_context(|| format!("loading {}", model.display()))?;
     evaluator.max_answer_tokens = args.max_answer_tokens;
     let model_name = model
         .file_stem()

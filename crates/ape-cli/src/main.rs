@@ -18,7 +18,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use ape_core::engine::generate::GenerateOptions;
 use ape_core::engine::sampler::SamplingParams;
-use ape_core::engine::{Engine, DEFAULT_CHUNK_TOKENS};
+use ape_core::engine::{Engine, DEFAULT_CHUNK_TOKENS, DEFAULT_GROUP_TOKENS};
 
 #[derive(Parser)]
 #[command(
@@ -73,6 +73,11 @@ struct ModelArg {
     /// Documents longer than this many tokens are cut into several contexts.
     #[arg(long, default_value_t = DEFAULT_CHUNK_TOKENS)]
     chunk_tokens: usize,
+    /// A many-shot request's contexts (at least 8, averaging at most 64 tokens: the
+    /// demonstrations of in-context learning) are joined in order into groups of at most
+    /// this many tokens, each encoded as one context; 0 keeps each apart.
+    #[arg(long, default_value_t = DEFAULT_GROUP_TOKENS)]
+    group_tokens: usize,
 }
 
 impl ModelArg {
@@ -83,6 +88,7 @@ impl ModelArg {
             .with_context(|| format!("loading {}", self.model.display()))?;
         Ok(engine
             .with_chunk_tokens(self.chunk_tokens)?
+            .with_group_tokens(self.group_tokens)
             .with_ape_defaults(calibrate::defaults_for(&self.model)))
     }
 }

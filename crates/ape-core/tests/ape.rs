@@ -546,3 +546,61 @@ fn chat_markers_written_in_documents_and_questions_stay_text() {
         .unwrap();
     assert_eq!(prompt.contexts, plain.contexts);
 }
+
+/// The demonstrations of a many-shot request are encoded in groups of consecutive ones,
+/// each at most the group size, made of the same tokens in the same order; a request of a
+/// few documents keeps one context per document, and a group size of 0 one context per
+/// demonstration.
+#[test]
+fn many_short_contexts_are_encoded_in_groups_of_their_own_tokens() {
+    let demonstrations: Vec<String> = (0..40)
+        .map(|i| {
+            let (word, label) = [("loved", "positive"), ("hated", "negative")][i % 2];
+            format!("Review: I {word} film number {i}.\nSentiment: {label}")
+        })
+        .collect();
+    let question = "Review: I loved the last one.\nSentiment:";
+    let apart = Engine::load(common::model_path(common::SMOLLM2))
+        .unwrap()
+        .with_group_tokens(0);
+    let one_each = apart.split_text("", &demonstrations, question).unwrap();
+    assert_eq!(one_each.contexts.len(), demonstrations.len());
+
+    let grouped = apart.with_group_tokens(128);
+    let prompt = grouped.split_text("", &demonstrations, question).unwrap();
+    assert!(
+        prompt.contexts.len() > 1 && prompt.contexts.len() < demonstrations.len() / 4,
+        "{} groups",
+        prompt.contexts.len()
+    );
+    assert!(prompt.contexts.iter().all(|group| group.len() <= 128));
+    assert_eq!(prompt.sequential_tokens(), one_each.sequential_tokens());
+    let demonstration = one_each.contexts[0].len();
+    assert!(
+        prompt.contexts.windows(2).all(|pair| pair[0].len() + demonstration > 128),
+        "a group ends only where the next demonstration would not fit"
+    );
+
+    let few_documents = grouped
+        .split_text("", &documents(), "Where is the Eiffel Tower?")
+        .unwrap();
+    assert_eq!(few_documents.contexts.len(), documents().len());
+}
+
+/// A many-shot request that fits one group is read by APE at T = S = 1 exactly as
+/// sequential reading reads it.
+#[test]
+fn a_many_shot_request_in_one_group_reads_as_sequential_reading() {
+    let e = engine();
+    let demonstrations: Vec<String> = (0..12)
+        .map(|i| format!("Utterance: play song {i}\nIntent: play_music"))
+        .collect();
+    let prompt = e
+        .split_text("", &demonstrations, "Utterance: play song 12\nIntent:")
+        .unwrap();
+    assert_eq!(prompt.contexts.len(), 1);
+    let sequential = prompt.sequential_tokens();
+    let mut cache = e.model.new_cache(sequential.len());
+    let want = e.model.forward(&sequential, &mut cache);
+    assert_eq!(ape_logits(e, &prompt, UNIT), want);
+}

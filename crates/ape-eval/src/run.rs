@@ -2,7 +2,6 @@
 //! given factors), each prediction scored, and the gold answer's log-likelihood and the
 //! next-token distributions on it compared with sequential reading.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use ape_core::engine::generate::GenerateOptions;
@@ -104,14 +103,15 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    pub fn load(model: &Path) -> Result<Evaluator> {
+    /// An evaluator running `engine` (loaded and set up as the caller wants it), with a
+    /// store of its own that keeps the run's encoded contexts.
+    pub fn new(engine: Engine) -> Evaluator {
         let store = Arc::new(RunStore::new(STORE_BUDGET));
-        let engine = Engine::load(model)?.with_store(store.clone());
-        Ok(Evaluator {
-            engine,
+        Evaluator {
+            engine: engine.with_store(store.clone()),
             store,
             max_answer_tokens: 24,
-        })
+        }
     }
 
     pub fn engine(&self) -> &Engine {

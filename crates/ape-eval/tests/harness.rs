@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use ape_core::engine::Mode;
+use ape_core::engine::{Engine, Mode};
 use ape_eval::run::ExampleResult;
 use ape_eval::tasks::{self, Draw, Split, Task};
 use ape_eval::{EvalError, Evaluator, Report, Setting};
@@ -26,7 +26,7 @@ fn evaluator() -> &'static Evaluator {
             "model file {} is missing: run `ape model pull` (or `bash scripts/test.sh`), or point APE_MODELS_DIR at it",
             path.display()
         );
-        Evaluator::load(&path).expect("the model loads")
+        Evaluator::new(Engine::load(&path).expect("the model loads"))
     })
 }
 

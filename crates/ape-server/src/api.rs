@@ -347,11 +347,11 @@ fn answer(
     ape: Option<&ApeOptions>,
     options: &GenerateOptions,
 ) -> Result<Work, ApiError> {
+    let mut contexts = Vec::new();
     for document in documents {
-        prompt
-            .contexts
-            .extend(document_contexts(engine, store, document, &options.cancel)?);
+        contexts.extend(document_contexts(engine, store, document, &options.cancel)?);
     }
+    prompt.contexts = engine.group_contexts(contexts);
     let mode = engine.ape_defaults().mode(
         &prompt.contexts,
         ape.and_then(|a| a.mode.as_deref()),

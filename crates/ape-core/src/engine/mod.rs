@@ -96,6 +96,9 @@ fn pieces_at_lone_line_breaks(text: &str, bytes: usize) -> impl Iterator<Item = 
 /// so that a document longer than the window can still be asked about, and the query,
 /// which starts after the longest context, keeps room in the window.
 pub const DEFAULT_CHUNK_TOKENS: usize = 2048;
+/// Most tokens in a group of a many-shot request's contexts, unless the engine is told
+/// otherwise ([`Engine::with_group_tokens`]).
+pub const DEFAULT_GROUP_TOKENS: usize = 512;
 
 /// Positions an answer without a token limit keeps at least, for its contexts to be
 /// recomputed (which moves the answer's start later in the window).
@@ -157,6 +160,8 @@ pub struct Engine {
     store: Option<Arc<dyn ContextStore>>,
     /// Longest context, in tokens: longer documents are cut into several.
     chunk_tokens: usize,
+    /// Longest group of a many-shot request's contexts, in tokens; 0 leaves them apart.
+    group_tokens: usize,
     /// Whether plain generation reuses and keeps conversations' keys and values.
     reuse_prompts: bool,
     /// APE's settings for requests that name none.
@@ -177,6 +182,7 @@ impl Engine {
             budget,
             store: None,
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
+            group_tokens: DEFAULT_GROUP_TOKENS,
             reuse_prompts: false,
             ape_defaults: ApeDefaults::default(),
             batcher: None,
@@ -246,6 +252,39 @@ impl Engine {
         }
         self.chunk_tokens = tokens;
         Ok(self)
+    }
+
+    /// Join a many-shot request's contexts ([`Shape::ManyShot`]: many short ones, the
+    /// demonstrations of in-context learning) into groups of at most `tokens` tokens, each
+    /// encoded as one context; 0 keeps every context apart. See [`Engine::group_contexts`].
+    pub fn with_group_tokens(mut self, tokens: usize) -> Self {
+        self.group_tokens = tokens;
+        self
+    }
+
+    /// `contexts` as the engine encodes them: those of a many-shot request joined in
+    /// order into groups of at most the group size ([`Engine::with_group_tokens`]), a
+    /// context longer than that alone; any other request's unchanged. Demonstrations
+    /// encoded one per context never see each other, and on many of them APE keeps well
+    /// under sequential reading's accuracy (Qwen2.5-Coder-0.5B, 128 sentiment
+    /// demonstrations: 84% of it at the best factors); in groups they see their
+    /// neighbours as sequential reading shows them, at the cost of reusing a stored group
+    /// only with the same demonstrations in the same order. The joined tokens are the
+    /// contexts' own, so sequential reading reads the same tokens either way.
+    pub fn group_contexts(&self, contexts: Vec<Vec<u32>>) -> Vec<Vec<u32>> {
+        if self.group_tokens == 0 || Shape::of(&contexts) != Shape::ManyShot {
+            return contexts;
+        }
+        let mut groups: Vec<Vec<u32>> = Vec::new();
+        for context in contexts {
+            match groups.last_mut() {
+                Some(group) if group.len() + context.len() <= self.group_tokens => {
+                    group.extend(context)
+                }
+                _ => groups.push(context),
+            }
+        }
+        groups
     }
 
     /// Look contexts up in `store` before encoding them, and keep what is encoded there.
@@ -417,7 +456,7 @@ impl Engine {
         }
         Ok(Prompt {
             prefix: self.encode_prompt(head)?,
-            contexts,
+            contexts: self.group_contexts(contexts),
             query: self.encode_within_window(question, false)?,
         })
     }
