@@ -31,17 +31,18 @@ rag() {
 }
 
 # ICL: three demonstration sets per run, each with its own questions; the sweep covers a
-# wider grid than RAG's because the first one chose its corner.
+# wider grid than RAG's because the first one chose its corner. One demonstration per
+# context (--group-tokens 0), as the README's tables were measured.
 icl() {
     local model=$1 m=$2
     [ -f "$OUT/sentiment-$model-dev-sweep.json" ] ||
-        $APE eval -m "$m" --task sentiment --split dev --n 16 --draws 3 --contexts 16,64 \
+        $APE eval -m "$m" --group-tokens 0 --task sentiment --split dev --n 16 --draws 3 --contexts 16,64 \
             --sweep --sweep-temperatures 0.3,0.5,0.7,0.9,1.0 --sweep-scales 0.6,0.7,0.8,0.9,1.0 \
             --out "$OUT"
     read -r t s < <(choice "$OUT/sentiment-$model-dev-sweep.json")
     echo "== $model: ICL on the test split, chosen T=$t S=$s"
     for task in sentiment intent; do
-        $APE eval -m "$m" --task "$task" --split test --n 24 --draws 3 \
+        $APE eval -m "$m" --group-tokens 0 --task "$task" --split test --n 24 --draws 3 \
             --contexts 8,16,32,64,128,256 --modes "sequential,parallel,ape:0.9:0.9,ape:$t:$s" \
             --out "$OUT"
     done

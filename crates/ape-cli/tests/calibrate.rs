@@ -14,12 +14,12 @@ const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/docu
 /// `ape generate --stats` over the example documents with `model`: its answer and what it
 /// printed on stderr.
 fn generate(model: &Path, cache: &Path) -> (String, String) {
-    generate_over(model, cache, Path::new(EXAMPLES))
+    generate_over(model, cache, Path::new(EXAMPLES), &[])
 }
 
-/// `ape generate --stats` over the documents in `documents`.
-fn generate_over(model: &Path, cache: &Path, documents: &Path) -> (String, String) {
-    let output = ape(&[
+/// `ape generate --stats` over the documents in `documents`, with `more` arguments.
+fn generate_over(model: &Path, cache: &Path, documents: &Path, more: &[&str]) -> (String, String) {
+    let mut args = vec![
         "generate",
         "-m",
         model.to_str().unwrap(),
@@ -32,9 +32,9 @@ fn generate_over(model: &Path, cache: &Path, documents: &Path) -> (String, Strin
         "--max-tokens",
         "8",
         "--stats",
-    ])
-    .output()
-    .unwrap();
+    ];
+    args.extend(more);
+    let output = ape(&args).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "{stderr}");
     (String::from_utf8_lossy(&output.stdout).into_owned(), stderr)
@@ -162,14 +162,15 @@ fn a_calibration_is_written_beside_the_model_and_read_back_as_the_defaults() {
         "{both}"
     );
     // Many-shot requests recompute nothing unless asked (`--many-shot-recompute`), and eight
-    // short documents are a many-shot request.
+    // short documents are a many-shot request: read one per context (`--group-tokens 0`);
+    // grouped, they are one context and read as documents.
     let demonstrations = dir.path().join("demonstrations");
     std::fs::create_dir(&demonstrations).unwrap();
     for i in 0..8 {
         let text = format!("Fact {i}: the box number {i} is blue.");
         std::fs::write(demonstrations.join(format!("{i}.txt")), text).unwrap();
     }
-    let (_, stats) = generate_over(&model, &cache, &demonstrations);
+    let (_, stats) = generate_over(&model, &cache, &demonstrations, &["--group-tokens", "0"]);
     assert_eq!(recomputed(&stats), 0, "{stats}");
     let (_, stats) = generate(&model, &cache);
     assert!(recomputed(&stats) > 0, "documents keep theirs: {stats}");

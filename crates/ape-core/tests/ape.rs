@@ -577,7 +577,10 @@ fn many_short_contexts_are_encoded_in_groups_of_their_own_tokens() {
     assert_eq!(prompt.sequential_tokens(), one_each.sequential_tokens());
     let demonstration = one_each.contexts[0].len();
     assert!(
-        prompt.contexts.windows(2).all(|pair| pair[0].len() + demonstration > 128),
+        prompt
+            .contexts
+            .windows(2)
+            .all(|pair| pair[0].len() + demonstration > 128),
         "a group ends only where the next demonstration would not fit"
     );
 
