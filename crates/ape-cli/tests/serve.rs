@@ -349,6 +349,44 @@ fn text_completions_read_few_shot_demonstrations_as_documents() {
     assert_eq!((status, e["param"].as_str()), (400, Some("prefix")), "{e}");
 }
 
+/// A many-shot request's demonstrations are encoded as one group: the same ones in the same
+/// order find it stored, the same ones in another order do not.
+#[test]
+fn many_short_demonstrations_are_encoded_and_stored_as_a_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&["--cache-dir", dir.path().to_str().unwrap()]);
+    let mut demonstrations: Vec<String> = (0..8)
+        .map(|i| {
+            let (word, label) = [("loved", "positive"), ("hated", "negative")][i % 2];
+            format!("Review: I {word} film number {i}.\nSentiment: {label}")
+        })
+        .collect();
+    let cached = |demonstrations: &[String]| -> u64 {
+        let response = server.post(
+            "/v1/completions",
+            &json!({
+                "documents": demonstrations,
+                "prompt": "Review: I loved the last one.\nSentiment:",
+                "max_tokens": 1,
+                "temperature": 0,
+            }),
+        );
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().unwrap();
+        body["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    cached(&demonstrations);
+    let same_order = cached(&demonstrations);
+    demonstrations.reverse();
+    let other_order = cached(&demonstrations);
+    assert!(
+        other_order + 40 < same_order,
+        "cached tokens: {same_order} in the same order, {other_order} in another"
+    );
+}
+
 /// Gemma 3 is a base model with local sliding-window layers: it labels reviews from
 /// demonstrations sent as documents, and refuses chat with a 400 that says what to send.
 #[test]
