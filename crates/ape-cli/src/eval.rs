@@ -112,8 +112,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(example) => Shape::of(&first.prompt(evaluator.engine(), example)?.contexts),
         None => Shape::Documents,
     };
-    let (factors, default_recompute) =
-        crate::calibrate::defaults_for(&args.model.model).for_shape(shape);
+    let (factors, default_recompute) = evaluator.engine().ape_defaults().for_shape(shape);
     let selection = match &args.selection {
         Some(name) => Selection::from_name(name)?,
         None => default_recompute.selection,

@@ -110,9 +110,9 @@ impl Mode {
 /// (each key rotated to its new position), and the chosen tokens are run through the
 /// model again, layer by layer, attending to the prefix and to every earlier context
 /// token (the other chosen ones with their new keys and values). The query then reads the
-/// chosen tokens like the prefix, and APE's temperature and scale apply to the rest,
-/// which still have not seen each other. Recomputing every token is sequential reading;
-/// recomputing none is APE as it is, at reused positions.
+/// contexts so laid out as one, with APE's temperature and scale moved towards 1 by the
+/// share recomputed (see `Repaired::factors`). Recomputing every token is sequential
+/// reading; recomputing none is APE as it is, at reused positions.
 ///
 /// Laying the contexts out in order needs the prefix, every context, the query and the
 /// answer's token limit to fit the window together: a request for which they do not is
