@@ -174,7 +174,7 @@ const QUESTION: &str = "Which of the reports above mentions the largest number?"
 fn run_ttft(args: TtftArgs) -> Result<()> {
     anyhow::ensure!(args.context_len > 0, "--context-len must be at least 1");
     let store = Arc::new(RunStore::new(usize::MAX));
-    let defaults = crate::calibrate::defaults_for(&args.model);
+    let defaults = crate::calibrate::defaults_for(&args.model).documents;
     let engine = Engine::load(&args.model)
         .with_context(|| format!("loading {}", args.model.display()))?
         .with_store(store.clone());
@@ -187,17 +187,18 @@ fn run_ttft(args: TtftArgs) -> Result<()> {
         max_tokens: Some(1),
         ..GenerateOptions::default()
     };
-    let factors = defaults.factors;
     let ape = |share: f32| -> Result<Mode> {
+        let factors = defaults.factors_at(share);
         Ok(Mode::ape(factors.temperature, factors.scale)?
             .with_recompute(Recompute::new(share, defaults.recompute.selection)?)?)
     };
     let sequential_room = window - base.prefix.len() - base.query.len() - 1;
 
     println!(
-        "APE T {} S {}, {} tokens recomputed; times to first token in seconds, speedups over sequential",
+        "APE at the calibrated factors of each share (T {} S {} at {}), {} tokens recomputed; times to first token in seconds, speedups over sequential",
         defaults.factors.temperature,
         defaults.factors.scale,
+        defaults.recompute.share,
         defaults.recompute.selection.name()
     );
     let in_memory: Vec<String> = args

@@ -24,8 +24,11 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use ape_core::attention::ApeFactors;
 use ape_core::engine::generate::GenerateOptions;
-use ape_core::engine::{ApeDefaults, Engine, Mode, Prompt, Recompute, Selection, Shape};
+use ape_core::engine::{
+    ApeDefaults, Engine, Mode, Prompt, Recompute, Selection, Shape, ShapeDefaults,
+};
 use ape_eval::metrics::mean_kl;
 use ape_eval::{Draw, Evaluator, Split, Task};
 
@@ -120,15 +123,26 @@ struct Choice {
 }
 
 impl Choice {
-    fn settings(
-        &self,
-        selection: Selection,
-    ) -> Result<(ape_core::attention::ApeFactors, Recompute)> {
-        let mode = Mode::ape(self.temperature, self.scale)?;
-        Ok((
-            mode.factors().expect("APE has factors"),
-            Recompute::new(self.recompute, selection)?,
-        ))
+    /// The settings for this shape; every factor checked as a request's would be.
+    fn settings(&self, selection: Selection) -> Result<ShapeDefaults> {
+        let factors = |t: f32, s: f32| -> Result<ApeFactors> {
+            Ok(Mode::ape(t, s)?.factors().expect("APE has factors"))
+        };
+        let by_share = self
+            .by_share
+            .iter()
+            .map(|p| {
+                Ok((
+                    Recompute::new(p.recompute, selection)?.share,
+                    factors(p.temperature, p.scale)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(ShapeDefaults {
+            factors: factors(self.temperature, self.scale)?,
+            recompute: Recompute::new(self.recompute, selection)?,
+            by_share,
+        })
     }
 }
 
@@ -178,14 +192,12 @@ pub fn defaults_for(model: &Path) -> ApeDefaults {
 fn read_calibration(model: &Path, path: &Path) -> Result<ApeDefaults> {
     let calibration = read_file(model, path)?;
     let selection = Selection::from_name(&calibration.selection)?;
-    let (factors, recompute) = calibration.documents.settings(selection)?;
     let many_shot = match &calibration.many_shot {
         Some(choice) => Some(choice.settings(selection)?),
         None => None,
     };
     Ok(ApeDefaults {
-        factors,
-        recompute,
+        documents: calibration.documents.settings(selection)?,
         many_shot,
     })
 }

@@ -112,26 +112,34 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(example) => Shape::of(&first.prompt(evaluator.engine(), example)?.contexts),
         None => Shape::Documents,
     };
-    let (factors, default_recompute) = evaluator.engine().ape_defaults().for_shape(shape);
+    let defaults = evaluator.engine().ape_defaults().for_shape(shape).clone();
     let selection = match &args.selection {
         Some(name) => Selection::from_name(name)?,
-        None => default_recompute.selection,
+        None => defaults.recompute.selection,
     };
-    let temperature = args.ape_temperature.unwrap_or(factors.temperature);
-    let scale = args.ape_scale.unwrap_or(factors.scale);
     let shares = args
         .recompute
         .clone()
-        .unwrap_or(vec![default_recompute.share]);
+        .unwrap_or(vec![defaults.recompute.share]);
     let mut settings = Vec::new();
     for name in &args.modes {
-        let mode = parse_mode(name.trim(), temperature, scale)?;
-        let shares = match mode {
+        let name = name.trim();
+        // `ape` takes the factors calibrated at each share, unless they are given.
+        let mode_at = |share: f32| {
+            let factors = defaults.factors_at(share);
+            parse_mode(
+                name,
+                args.ape_temperature.unwrap_or(factors.temperature),
+                args.ape_scale.unwrap_or(factors.scale),
+            )
+        };
+        let shares = match mode_at(defaults.recompute.share)? {
             Mode::Ape { .. } => &shares[..],
             _ => &[0.0],
         };
         for &share in shares {
-            let setting = Setting::of(mode.with_recompute(Recompute::new(share, selection)?)?);
+            let setting =
+                Setting::of(mode_at(share)?.with_recompute(Recompute::new(share, selection)?)?);
             // The same factors asked for twice (ape and ape:T:S) are read once.
             if !settings.contains(&setting) {
                 settings.push(setting);

@@ -257,13 +257,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
             .write_all(text.as_bytes())
             .and_then(|_| stdout.flush());
     };
-    let generation = if let Some(user) = &args.prompt {
+    let (generation, read_as) = if let Some(user) = &args.prompt {
         let prompt = if args.raw {
             engine.encode_prompt(user)?
         } else {
             engine.chat_prompt(args.system.as_deref(), user)?
         };
-        engine.generate(&prompt, &options, print)?
+        (engine.generate(&prompt, &options, print)?, String::new())
     } else {
         let question = args.query.as_deref().unwrap_or_default();
         let prompt = engine.split_chat(args.system.as_deref(), &documents, question)?;
@@ -274,13 +274,17 @@ fn generate(args: GenerateArgs) -> Result<()> {
             args.ape_scale,
             args.recompute,
         )?;
-        engine.answer(&prompt, mode, &options, print)?
+        let read_as = match mode.factors() {
+            Some(f) => format!(", read {} T {} S {}", mode.name(), f.temperature, f.scale),
+            None => format!(", read {}", mode.name()),
+        };
+        (engine.answer(&prompt, mode, &options, print)?, read_as)
     };
     let _ = writeln!(stdout).and_then(|_| stdout.flush());
     if args.stats {
         let decoded = generation.tokens.len().saturating_sub(1);
         eprintln!(
-            "prompt {} tokens ({} recomputed), generated {} tokens ({:?}); first token after {:.1} ms; decode {:.1} tokens/s",
+            "prompt {} tokens ({} recomputed{read_as}), generated {} tokens ({:?}); first token after {:.1} ms; decode {:.1} tokens/s",
             generation.prompt_tokens,
             generation.recomputed_tokens,
             generation.tokens.len(),

@@ -46,8 +46,14 @@ fn recomputed(stats: &str) -> usize {
         .lines()
         .find(|l| l.starts_with("prompt "))
         .expect(stats);
-    let (before, _) = line.split_once(" recomputed)").expect(stats);
+    let (before, _) = line.split_once(" recomputed").expect(stats);
     before.rsplit('(').next().unwrap().parse().unwrap()
+}
+
+/// The APE temperature `generate --stats` reports reading the documents with.
+fn temperature(stats: &str) -> f64 {
+    let (_, after) = stats.split_once(", read ape T ").expect(stats);
+    after.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 #[test]
@@ -111,6 +117,23 @@ fn a_calibration_is_written_beside_the_model_and_read_back_as_the_defaults() {
         recomputed(&stats) > 0,
         "the calibrated share is the default: {stats}"
     );
+    assert_eq!(
+        temperature(&stats),
+        written["temperature"].as_f64().unwrap()
+    );
+    // A request for another share reads with the factors calibrated at the share
+    // nearest to it (the file edited so that each share's temperature tells them apart).
+    let mut edited = written.clone();
+    for (i, t) in [0.6, 0.8, 1.2].into_iter().enumerate() {
+        edited["by_share"][i]["temperature"] = t.into();
+    }
+    std::fs::write(&path, edited.to_string()).unwrap();
+    for (share, chosen) in [("0", 0.6), ("0.02", 0.6), ("0.4", 1.2)] {
+        let more = ["--recompute", share];
+        let (_, stats) = generate_over(&model, &cache, Path::new(EXAMPLES), &more);
+        assert_eq!(temperature(&stats), chosen, "share {share}: {stats}");
+    }
+    std::fs::write(&path, written.to_string()).unwrap();
     assert!(written.get("many_shot").is_none(), "{written}");
 
     // Many-shot requests get their own choice, calibrated on sentiment demonstrations;

@@ -25,7 +25,8 @@ pub mod sampler;
 mod score;
 
 pub use mode::{
-    ApeDefaults, Mode, Recompute, Selection, Shape, DEFAULT_APE_SCALE, DEFAULT_APE_TEMPERATURE,
+    ApeDefaults, Mode, Recompute, Selection, Shape, ShapeDefaults, DEFAULT_APE_SCALE,
+    DEFAULT_APE_TEMPERATURE,
 };
 pub use score::Scores;
 

@@ -204,40 +204,68 @@ impl Shape {
 /// APE's settings where a request names none: the paper's factors and no recomputation,
 /// or what `ape calibrate` chose for the model (for many-shot requests apart, where it
 /// chose for them).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ApeDefaults {
-    pub factors: ApeFactors,
-    pub recompute: Recompute,
-    /// The factors and share for [`Shape::ManyShot`] requests, where calibration chose
-    /// them apart.
-    pub many_shot: Option<(ApeFactors, Recompute)>,
+    pub documents: ShapeDefaults,
+    /// The settings for [`Shape::ManyShot`] requests, where calibration chose them apart.
+    pub many_shot: Option<ShapeDefaults>,
 }
 
-impl Default for ApeDefaults {
+/// The settings chosen for one shape of request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShapeDefaults {
+    /// The factors at the default share.
+    pub factors: ApeFactors,
+    /// The default share and selection.
+    pub recompute: Recompute,
+    /// The best factors calibration found at each share it tried (share, factors): the
+    /// factors that read closest to sequential move with the share (on SmolLM2, T 0.9
+    /// with nothing recomputed, T 1 at 5%).
+    pub by_share: Vec<(f32, ApeFactors)>,
+}
+
+impl Default for ShapeDefaults {
     fn default() -> Self {
-        ApeDefaults {
+        ShapeDefaults {
             factors: ApeFactors {
                 temperature: DEFAULT_APE_TEMPERATURE,
                 scale: DEFAULT_APE_SCALE,
             },
             recompute: Recompute::NONE,
-            many_shot: None,
+            by_share: Vec::new(),
         }
     }
 }
 
+impl ShapeDefaults {
+    /// The factors for a request recomputing `share`: those calibrated at the nearest
+    /// share tried (the smaller of two as near), else the default share's.
+    pub fn factors_at(&self, share: f32) -> ApeFactors {
+        let distance = |s: f32| (s - share).abs();
+        self.by_share
+            .iter()
+            .min_by(|a, b| {
+                distance(a.0)
+                    .total_cmp(&distance(b.0))
+                    .then(a.0.total_cmp(&b.0))
+            })
+            .map_or(self.factors, |&(_, factors)| factors)
+    }
+}
+
 impl ApeDefaults {
-    /// The factors and share for a request of `shape`.
-    pub fn for_shape(&self, shape: Shape) -> (ApeFactors, Recompute) {
-        match (shape, self.many_shot) {
+    /// The settings for a request of `shape`.
+    pub fn for_shape(&self, shape: Shape) -> &ShapeDefaults {
+        match (shape, &self.many_shot) {
             (Shape::ManyShot, Some(chosen)) => chosen,
-            _ => (self.factors, self.recompute),
+            _ => &self.documents,
         }
     }
 
     /// The mode a request over `contexts` asks for by name (`ape` when `None`), each
-    /// setting it leaves out taken from the defaults for its shape: how `ape generate` and
-    /// the server turn a request's APE fields into a mode.
+    /// setting it leaves out taken from the defaults for its shape (the factors from
+    /// those calibrated at the share it recomputes): how `ape generate` and the server
+    /// turn a request's APE fields into a mode.
     pub fn mode(
         &self,
         contexts: &[Vec<u32>],
@@ -246,17 +274,18 @@ impl ApeDefaults {
         scale: Option<f32>,
         recompute: Option<f32>,
     ) -> Result<Mode> {
-        let (factors, default_recompute) = self.for_shape(Shape::of(contexts));
+        let defaults = self.for_shape(Shape::of(contexts));
+        let factors = defaults.factors_at(recompute.unwrap_or(defaults.recompute.share));
         let mode = Mode::from_name(
             name.unwrap_or("ape"),
             temperature.unwrap_or(factors.temperature),
             scale.unwrap_or(factors.scale),
         )?;
         match (mode, recompute) {
-            (Mode::Ape { .. }, None) => mode.with_recompute(default_recompute),
+            (Mode::Ape { .. }, None) => mode.with_recompute(defaults.recompute),
             (_, None) => Ok(mode),
             (_, Some(share)) => {
-                mode.with_recompute(Recompute::new(share, default_recompute.selection)?)
+                mode.with_recompute(Recompute::new(share, defaults.recompute.selection)?)
             }
         }
     }
@@ -279,7 +308,10 @@ mod tests {
             scale: 0.6,
         };
         let defaults = ApeDefaults {
-            many_shot: Some((many_shot, Recompute::NONE)),
+            many_shot: Some(ShapeDefaults {
+                factors: many_shot,
+                ..ShapeDefaults::default()
+            }),
             ..ApeDefaults::default()
         };
         let ape = |contexts: &[Vec<u32>], t: Option<f32>| {
@@ -289,9 +321,48 @@ mod tests {
                 .factors()
         };
         assert_eq!(ape(&demonstrations, None), Some(many_shot));
-        assert_eq!(ape(&documents, None), Some(defaults.factors));
+        assert_eq!(ape(&documents, None), Some(defaults.documents.factors));
         // A factor the request names wins over either default.
         assert_eq!(ape(&demonstrations, Some(1.0)).unwrap().temperature, 1.0);
         assert_eq!(ape(&demonstrations, Some(1.0)).unwrap().scale, 0.6);
+    }
+
+    #[test]
+    fn each_share_takes_the_factors_calibrated_nearest_to_it() {
+        let at = |temperature: f32| ApeFactors {
+            temperature,
+            scale: 1.0,
+        };
+        let documents = ShapeDefaults {
+            factors: at(1.0),
+            recompute: Recompute::new(0.05, Selection::Attended).unwrap(),
+            by_share: vec![(0.0, at(0.9)), (0.05, at(1.0)), (0.15, at(0.8))],
+        };
+        assert_eq!(documents.factors_at(0.0), at(0.9));
+        assert_eq!(documents.factors_at(0.05), at(1.0));
+        assert_eq!(
+            documents.factors_at(0.1),
+            at(1.0),
+            "as near: the smaller share's"
+        );
+        assert_eq!(documents.factors_at(0.5), at(0.8));
+        let uncalibrated = ShapeDefaults::default();
+        assert_eq!(uncalibrated.factors_at(0.3), uncalibrated.factors);
+
+        let defaults = ApeDefaults {
+            documents,
+            many_shot: None,
+        };
+        let one_document = [vec![1; 100]];
+        let factors = |recompute: Option<f32>, temperature: Option<f32>| {
+            defaults
+                .mode(&one_document, None, temperature, None, recompute)
+                .unwrap()
+                .factors()
+                .unwrap()
+        };
+        assert_eq!(factors(None, None), at(1.0), "the default share's");
+        assert_eq!(factors(Some(0.0), None), at(0.9));
+        assert_eq!(factors(Some(0.0), Some(0.7)).temperature, 0.7);
     }
 }
