@@ -252,3 +252,46 @@ fn a_document_named_twice_and_a_long_question_read_like_sequential_at_the_full_s
         assert_logits_agree(g, w);
     }
 }
+
+#[test]
+fn a_lone_context_is_not_recomputed_but_read_as_if_it_were() {
+    let e = qwen();
+    let prompt = e
+        .split_chat(
+            None,
+            &["Alice keeps her bicycle in the blue shed behind the bakery, next to the old oven."],
+            "Where does Alice keep her bicycle?",
+        )
+        .unwrap();
+    let answer = e.tokenizer.encode("In the blue shed.", false).unwrap();
+    let sequential = rows(e, &prompt, Mode::Sequential, &answer);
+    // Its tokens have seen everything sequential reading shows them; once all of them
+    // count as repaired, the factors are 1 and the reading is sequential's, bit for bit.
+    for selection in [Selection::Attended, Selection::First] {
+        let all = rows(e, &prompt, ape(0.5, 1.2, 1.0, selection), &answer);
+        assert_eq!(all, sequential, "{selection:?}");
+    }
+    let mean_kl = |share: f32| {
+        let got = rows(
+            e,
+            &prompt,
+            ape(0.5, 1.2, share, Selection::Attended),
+            &answer,
+        );
+        let total: f64 = sequential.iter().zip(&got).map(|(p, q)| kl(p, q)).sum();
+        total / got.len() as f64
+    };
+    let (none, some) = (mean_kl(0.0), mean_kl(0.3));
+    assert!(
+        some < none,
+        "KL from sequential: share 0 {none}, 0.3 {some}"
+    );
+
+    let options = GenerateOptions {
+        max_tokens: Some(4),
+        ..Default::default()
+    };
+    let mode = ape(0.5, 1.2, 0.3, Selection::Attended);
+    let generation = e.answer(&prompt, mode, &options, |_| {}).unwrap();
+    assert_eq!(generation.recomputed_tokens, 0, "nothing is run again");
+}

@@ -14,7 +14,12 @@ use crate::error::{Error, Result};
 /// positions start after it, where sequential reading puts them.
 pub(super) struct Repaired {
     pub(super) contexts: KvCache,
+    /// Tokens run through the model again.
     pub(super) recomputed: usize,
+    /// Share of the context tokens whose keys and values are now those sequential
+    /// reading gives them: those recomputed, or those chosen in a lone context, which
+    /// has them already.
+    repaired: f32,
 }
 
 impl Repaired {
@@ -26,7 +31,7 @@ impl Repaired {
     /// factors gave the query a split no reading gives: on many-shot requests at T 0.3 it
     /// moved answers away from sequential's; see the README's recompute section.)
     pub(super) fn factors(&self, factors: ApeFactors) -> ApeFactors {
-        let kept = 1.0 - (self.recomputed as f32 / self.contexts.len() as f32).sqrt();
+        let kept = 1.0 - self.repaired.sqrt();
         let toward_one = |x: f32| 1.0 - (1.0 - x) * kept;
         ApeFactors {
             temperature: toward_one(factors.temperature),
@@ -99,11 +104,21 @@ impl Engine {
         if recompute.share == 0.0 || total == 0 || !fits {
             return Ok(None);
         }
+        let share_of = |n: usize| ((recompute.share * n as f32).ceil() as usize).min(n);
+        if let [context] = contexts {
+            // A lone context already sits where sequential reading puts it, after
+            // everything it would see there: recomputing its tokens gives back the keys
+            // and values it has. Only the reading moves.
+            return Ok(Some(Repaired {
+                contexts: context.copy_with_capacity(total),
+                recomputed: 0,
+                repaired: share_of(total) as f32 / total as f32,
+            }));
+        }
         let query = prompt.query.len();
         let mut cache = self
             .model
             .lay_out_in_order(prefix, contexts, p + total + query);
-        let share_of = |n: usize| ((recompute.share * n as f32).ceil() as usize).min(n);
         let chosen: Vec<usize> = match recompute.selection {
             Selection::First => {
                 let mut chosen = Vec::new();
@@ -135,6 +150,7 @@ impl Engine {
         Ok(Some(Repaired {
             contexts: cache.gather(&(p..p + total).collect::<Vec<_>>(), total),
             recomputed: chosen.len(),
+            repaired: chosen.len() as f32 / total as f32,
         }))
     }
 }
