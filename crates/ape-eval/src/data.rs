@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::error::{EvalError, Result};
 
-pub const SQUAD_FILE: &str = "squad-dev-v1.1.json";
+pub const SQUAD_FILE: &str = "squad-dev-v1.1-sample.json";
 pub const INTENT_FILE: &str = "intent-recognition.json";
 pub const POLARITY_FILE: &str = "polarity-pang-lee.csv";
 pub const ESSAYS_DIR: &str = "paul-graham";
