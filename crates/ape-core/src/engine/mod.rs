@@ -740,7 +740,6 @@ impl Engine {
         let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
         let (encoded, contexts_found, _encoded_charge) =
             self.find_contexts_kv(&prompt.prefix, &prefix, &contexts, &options.cancel)?;
-        let borrowed: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
         // Without a token limit, the answer may run to the end of the window from wherever
         // the query side starts, which recomputation moves later: it is done only where the
         // answer keeps room for at least `UNLIMITED_ANSWER_ROOM` tokens (or what APE alone
@@ -752,7 +751,7 @@ impl Engine {
         let repaired = self.repair(
             prompt,
             &prefix,
-            &borrowed,
+            &encoded,
             mode.recompute(),
             room,
             &options.cancel,
@@ -763,8 +762,12 @@ impl Engine {
                 let window = self.model.config.context_length;
                 let max_tokens = options.max_tokens.unwrap_or(window - read);
                 let factors = repaired.factors(factors);
-                let contexts = vec![Arc::new(repaired.contexts)];
-                (contexts, max_tokens, repaired.recomputed, factors)
+                (
+                    vec![repaired.contexts],
+                    max_tokens,
+                    repaired.recomputed,
+                    factors,
+                )
             }
             None => (encoded, max_tokens, 0, factors),
         };

@@ -2,6 +2,8 @@
 //! the query reads them ([`Recompute`]): which tokens, at which positions, and with which
 //! factors the query then reads them.
 
+use std::sync::Arc;
+
 use super::batch::Reading;
 use super::{Engine, Prompt, Recompute, Selection};
 use crate::attention::{ApeFactors, KvCache};
@@ -13,7 +15,7 @@ use crate::error::{Error, Result};
 /// reads contexts, with the factors [`Repaired::factors`] gives. The query side's
 /// positions start after it, where sequential reading puts them.
 pub(super) struct Repaired {
-    pub(super) contexts: KvCache,
+    pub(super) contexts: Arc<KvCache>,
     /// Tokens run through the model again.
     pub(super) recomputed: usize,
     /// Share of the context tokens whose keys and values are now those sequential
@@ -86,7 +88,7 @@ impl Engine {
         &self,
         prompt: &Prompt,
         prefix: &KvCache,
-        contexts: &[&KvCache],
+        contexts: &[Arc<KvCache>],
         recompute: Recompute,
         room: usize,
         cancel: &Cancel,
@@ -110,15 +112,16 @@ impl Engine {
             // everything it would see there: recomputing its tokens gives back the keys
             // and values it has. Only the reading moves.
             return Ok(Some(Repaired {
-                contexts: context.copy_with_capacity(total),
+                contexts: context.clone(),
                 recomputed: 0,
                 repaired: share_of(total) as f32 / total as f32,
             }));
         }
         let query = prompt.query.len();
+        let borrowed: Vec<&KvCache> = contexts.iter().map(Arc::as_ref).collect();
         let mut cache = self
             .model
-            .lay_out_in_order(prefix, contexts, p + total + query);
+            .lay_out_in_order(prefix, &borrowed, p + total + query);
         let chosen: Vec<usize> = match recompute.selection {
             Selection::First => {
                 let mut chosen = Vec::new();
@@ -148,7 +151,7 @@ impl Engine {
             self.recompute_in_place(&chunk, positions, &mut cache, cancel)?;
         }
         Ok(Some(Repaired {
-            contexts: cache.gather(&(p..p + total).collect::<Vec<_>>(), total),
+            contexts: Arc::new(cache.gather(&(p..p + total).collect::<Vec<_>>(), total)),
             recomputed: chosen.len(),
             repaired: chosen.len() as f32 / total as f32,
         }))

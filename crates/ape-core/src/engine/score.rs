@@ -57,14 +57,13 @@ impl Engine {
                 let contexts: Vec<&[u32]> = prompt.contexts.iter().map(Vec::as_slice).collect();
                 encoded = Some(self.contexts_kv(&prompt.prefix, &prefix, &contexts, &cancel)?);
             }
-            let encoded: Vec<&KvCache> = encoded.iter().flatten().map(Arc::as_ref).collect();
+            let encoded = encoded.as_deref().expect("encoded above");
             let recompute = mode.recompute();
             let at = match repaired.iter().position(|(r, _)| *r == recompute) {
                 Some(at) => at,
                 None => {
                     let room = prompt.query.len() + longest_continuation;
-                    let repair =
-                        self.repair(prompt, &prefix, &encoded, recompute, room, &cancel)?;
+                    let repair = self.repair(prompt, &prefix, encoded, recompute, room, &cancel)?;
                     repaired.push((recompute, repair));
                     repaired.len() - 1
                 }
@@ -72,12 +71,13 @@ impl Engine {
             scores.push(match &repaired[at].1 {
                 Some(repaired) => self.score_encoded(
                     &prefix,
-                    &[&repaired.contexts],
+                    &[repaired.contexts.as_ref()],
                     &prompt.query,
                     repaired.factors(factors),
                     continuations,
                 )?,
                 None => {
+                    let encoded: Vec<&KvCache> = encoded.iter().map(Arc::as_ref).collect();
                     self.score_encoded(&prefix, &encoded, &prompt.query, factors, continuations)?
                 }
             });
