@@ -109,10 +109,12 @@ impl Mode {
 /// out one after another after the prefix, at the positions sequential reading gives them
 /// (each key rotated to its new position), and the chosen tokens are run through the
 /// model again, layer by layer, attending to the prefix and to every earlier context
-/// token (the other chosen ones with their new keys and values). The query then reads the
-/// contexts so laid out as one, with APE's temperature and scale moved towards 1 by the
-/// share recomputed (see `Repaired::factors`). Recomputing every token is sequential
-/// reading; recomputing none is APE as it is, at reused positions.
+/// token (the other chosen ones with their new keys and values). The first context needs
+/// none of that (it sees only the prefix in sequential reading too), so the share, counted
+/// over all context tokens, is spent on the others. The query then reads the contexts so
+/// laid out as one, with APE's temperature and scale moved towards 1 by the share (see
+/// `Repaired::factors`). Recomputing every token is sequential reading; recomputing none
+/// is APE as it is, at reused positions.
 ///
 /// Laying the contexts out in order needs the prefix, every context, the query and the
 /// answer's token limit to fit the window together: a request for which they do not is
@@ -127,12 +129,12 @@ pub struct Recompute {
 /// How the tokens to recompute are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Selection {
-    /// The first tokens of every context (EPIC's choice): the share of each context's
-    /// tokens, from its start.
+    /// The first tokens of every context after the first (EPIC's choice): the same share
+    /// of each one's tokens, from its start.
     First,
-    /// The context tokens the query attends to most, when it reads the contexts in order
-    /// without recomputation: weights summed over the query's tokens, heads and layers.
-    /// Ties go to the earlier token.
+    /// The tokens of the contexts after the first that the query attends to most, when it
+    /// reads the contexts in order without recomputation: weights summed over the query's
+    /// tokens, heads and the later half of the layers. Ties go to the earlier token.
     Attended,
 }
 

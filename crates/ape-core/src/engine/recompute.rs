@@ -18,14 +18,14 @@ pub(super) struct Repaired {
     pub(super) contexts: Arc<KvCache>,
     /// Tokens run through the model again.
     pub(super) recomputed: usize,
-    /// Share of the context tokens whose keys and values are now those sequential
-    /// reading gives them: those recomputed, or those chosen in a lone context, which
-    /// has them already.
+    /// The share of the context tokens asked for, which the factors are moved by (fewer
+    /// are run again where the first context would have taken some: it has sequential's
+    /// keys and values already).
     repaired: f32,
 }
 
 impl Repaired {
-    /// `factors` moved towards 1 by the square root of the share of tokens recomputed.
+    /// `factors` moved towards 1 by the square root of the share asked for.
     /// Tokens that have seen the other contexts need less of APE's correction, and with
     /// every token recomputed there is nothing left to correct: T = S = 1 exactly, one
     /// softmax over the prefix, the contexts in order and the query side, which is
@@ -122,21 +122,31 @@ impl Engine {
         let mut cache = self
             .model
             .lay_out_in_order(prefix, &borrowed, p + total + query);
+        // The first context keeps the positions it was encoded at, after the prefix alone,
+        // which is all it sees in sequential reading too: its keys and values are already
+        // sequential's, and recomputing them would give them back. The share is spent on
+        // the contexts after it.
+        let first = p + contexts[0].len();
+        let later = total - contexts[0].len();
+        let budget = share_of(total).min(later);
         let chosen: Vec<usize> = match recompute.selection {
             Selection::First => {
+                let share = budget as f32 / later.max(1) as f32;
                 let mut chosen = Vec::new();
-                let mut start = p;
-                for context in contexts {
-                    chosen.extend(start..start + share_of(context.len()));
+                let mut start = first;
+                for context in &contexts[1..] {
+                    let n = ((share * context.len() as f32).ceil() as usize).min(context.len());
+                    chosen.extend(start..start + n);
                     start += context.len();
                 }
+                chosen.truncate(budget);
                 chosen
             }
             Selection::Attended => {
                 let received = self.attention_received(&prompt.query, &mut cache, cancel)?;
-                let mut ranked: Vec<usize> = (p..p + total).collect();
+                let mut ranked: Vec<usize> = (first..p + total).collect();
                 ranked.sort_by(|&a, &b| received[b].total_cmp(&received[a]).then(a.cmp(&b)));
-                ranked.truncate(share_of(total));
+                ranked.truncate(budget);
                 ranked.sort_unstable();
                 ranked
             }
@@ -153,7 +163,7 @@ impl Engine {
         Ok(Some(Repaired {
             contexts: Arc::new(cache.gather(&(p..p + total).collect::<Vec<_>>(), total)),
             recomputed: chosen.len(),
-            repaired: chosen.len() as f32 / total as f32,
+            repaired: share_of(total) as f32 / total as f32,
         }))
     }
 }

@@ -234,7 +234,9 @@ impl Model {
                     Reads::Attended => {
                         causal_attention(q, heads, step.cache, layer, window, out);
                         let received = received.as_mut().expect("kept for Attended");
-                        self.add_attention_received(q, step.cache, layer, window, received);
+                        if layer >= self.config.layers / 2 {
+                            self.add_attention_received(q, step.cache, layer, window, received);
+                        }
                     }
                 }
             }
@@ -425,7 +427,10 @@ impl Model {
 
     /// How much attention `query`, read causally after everything `cache` holds, gives each
     /// of its positions: softmax weights summed over the query's tokens, every head and
-    /// every layer. `cache` keeps what it held; it needs room for the query.
+    /// the later half of the layers, where a token's weight says what the query reads
+    /// rather than where a layer parks attention it does not need (chosen on SQuAD's dev
+    /// split: see the README's recompute section). `cache` keeps what it held; it needs
+    /// room for the query.
     pub(crate) fn attention_received(&self, query: &[u32], cache: &mut KvCache) -> Vec<f32> {
         let step = Step {
             tokens: query,
