@@ -139,6 +139,7 @@ pub enum Selection {
 }
 
 impl Selection {
+    /// The selection a command line or request names: `first` or `attended`.
     pub fn from_name(name: &str) -> Result<Selection> {
         match name {
             "first" => Ok(Selection::First),
@@ -149,6 +150,7 @@ impl Selection {
         }
     }
 
+    /// The name [`Selection::from_name`] reads back.
     pub fn name(self) -> &'static str {
         match self {
             Selection::First => "first",
