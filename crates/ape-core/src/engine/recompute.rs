@@ -106,15 +106,21 @@ impl Engine {
         if recompute.share == 0.0 || total == 0 || !fits {
             return Ok(None);
         }
-        let share_of = |n: usize| ((recompute.share * n as f32).ceil() as usize).min(n);
-        if let [context] = contexts {
-            // A lone context already sits where sequential reading puts it, after
-            // everything it would see there: recomputing its tokens gives back the keys
-            // and values it has. Only the reading moves.
+        let asked = ((recompute.share * total as f32).ceil() as usize).min(total);
+        let repaired = asked as f32 / total as f32;
+        // The first context keeps the positions it was encoded at, after the prefix alone,
+        // which is all it sees in sequential reading too: its keys and values are already
+        // sequential's, and recomputing them would give them back. The share is spent on
+        // the contexts after it; with none, nothing is run again and only the reading
+        // moves.
+        let Some((first_context, after_first)) = contexts.split_first() else {
+            return Ok(None);
+        };
+        if after_first.is_empty() {
             return Ok(Some(Repaired {
-                contexts: context.clone(),
+                contexts: first_context.clone(),
                 recomputed: 0,
-                repaired: share_of(total) as f32 / total as f32,
+                repaired,
             }));
         }
         let query = prompt.query.len();
@@ -122,19 +128,15 @@ impl Engine {
         let mut cache = self
             .model
             .lay_out_in_order(prefix, &borrowed, p + total + query);
-        // The first context keeps the positions it was encoded at, after the prefix alone,
-        // which is all it sees in sequential reading too: its keys and values are already
-        // sequential's, and recomputing them would give them back. The share is spent on
-        // the contexts after it.
-        let first = p + contexts[0].len();
-        let later = total - contexts[0].len();
-        let budget = share_of(total).min(later);
+        let first = p + first_context.len();
+        let later = total - first_context.len();
+        let budget = asked.min(later);
         let chosen: Vec<usize> = match recompute.selection {
             Selection::First => {
                 let share = budget as f32 / later.max(1) as f32;
                 let mut chosen = Vec::new();
                 let mut start = first;
-                for context in &contexts[1..] {
+                for context in after_first {
                     let n = ((share * context.len() as f32).ceil() as usize).min(context.len());
                     chosen.extend(start..start + n);
                     start += context.len();
@@ -163,7 +165,7 @@ impl Engine {
         Ok(Some(Repaired {
             contexts: Arc::new(cache.gather(&(p..p + total).collect::<Vec<_>>(), total)),
             recomputed: chosen.len(),
-            repaired: share_of(total) as f32 / total as f32,
+            repaired,
         }))
     }
 }
