@@ -155,8 +155,37 @@ struct Point {
 }
 
 /// Where the calibration of `model` is kept: `x.gguf` has `x.ape.json`.
-fn calibration_path(model: &Path) -> PathBuf {
+pub fn calibration_path(model: &Path) -> PathBuf {
     model.with_extension("ape.json")
+}
+
+/// Write `text`, a calibration made for the file at `model`, beside it, unless a
+/// calibration is there already: its path when written. `text` is checked to be a sound
+/// calibration of that very file first, and appears whole or not at all.
+pub fn install(model: &Path, text: &str) -> Result<Option<PathBuf>> {
+    let path = calibration_path(model);
+    if path.exists() {
+        return Ok(None);
+    }
+    let calibration: Calibration =
+        serde_json::from_str(text).context("the shipped calibration is not a calibration file")?;
+    let (bytes, digest) = fingerprint(model)?;
+    anyhow::ensure!(
+        calibration.model_bytes == bytes && calibration.model_digest == digest,
+        "the shipped calibration was made for another file than {}; run `ape calibrate`",
+        model.display()
+    );
+    write_whole(&path, text)?;
+    Ok(Some(path))
+}
+
+/// Write `text` to `path` through a file beside it, renamed into place: a reader finds the
+/// old file or the new one, never part of one.
+fn write_whole(path: &Path, text: &str) -> Result<()> {
+    let partial = path.with_extension("json.partial");
+    std::fs::write(&partial, text)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Size and digest of the start of `model`, which a calibration must match.
@@ -290,8 +319,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         documents,
         many_shot,
     };
-    std::fs::write(&path, serde_json::to_string_pretty(&calibration)? + "\n")
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    write_whole(&path, &(serde_json::to_string_pretty(&calibration)? + "\n"))?;
     for (shape, choice) in [
         (Shape::Documents, Some(&calibration.documents)),
         (Shape::ManyShot, calibration.many_shot.as_ref()),

