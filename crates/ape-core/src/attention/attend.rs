@@ -20,6 +20,11 @@ const CHUNK: usize = 256;
 /// between threads.
 const MIN_SPLIT_KEYS: usize = 512;
 
+/// The most blocks of [`LANES`] rows one task scores and weighs together, where there are
+/// blocks enough to keep the threads busy: they share each chunk of keys and values
+/// widened to f32, which a block alone would widen for itself.
+const BLOCKS_PER_TASK: usize = 4;
+
 /// One KV head's keys and values for consecutive positions: rows of `head_dim`.
 #[derive(Clone, Copy)]
 pub(super) struct Span<'a> {
@@ -128,13 +133,14 @@ pub(super) struct Attended {
     pub(super) lse: Vec<f32>,
 }
 
-/// A piece of work: up to [`LANES`] query rows of one job's KV group over a run of its keys
-/// (all of them, or one of several runs when the rows alone leave threads idle).
+/// A piece of work: up to [`BLOCKS_PER_TASK`] blocks of [`LANES`] query rows of one job's
+/// KV group over all their keys, or one block over a run of its keys when the rows alone
+/// leave threads idle.
 struct Task<'a> {
     job: usize,
     group: usize,
     /// Rows of the group: row `r` is token `r / group_size` of the job, head `r % group_size`
-    /// of the group.
+    /// of the group; blocks of [`LANES`] from the first.
     rows: Range<usize>,
     /// Indices into the job's key sequence; a run starts on a [`CHUNK`] boundary.
     keys: Range<usize>,
@@ -142,6 +148,16 @@ struct Task<'a> {
     whole: bool,
     spans: &'a [Span<'a>],
     window: Option<&'a Window>,
+}
+
+impl Task<'_> {
+    /// The task's blocks of rows.
+    fn blocks(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        self.rows
+            .clone()
+            .step_by(LANES)
+            .map(|start| start..(start + LANES).min(self.rows.end))
+    }
 }
 
 /// One query row per lane.
@@ -192,13 +208,16 @@ pub(super) fn attend(q: &[f32], heads: usize, d: usize, jobs: Vec<Job<'_>>) -> V
         .iter()
         .map(|j| (j.tokens.len() * group_size).div_ceil(LANES) * kv_heads)
         .sum();
+    // Enough tasks for the threads to share the work out evenly, each as many blocks as
+    // that leaves.
+    let blocks_per_task = (units / (4 * threads)).clamp(1, BLOCKS_PER_TASK);
     let mut tasks = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
         let rows = job.tokens.len() * group_size;
         for (g, spans) in job.spans.iter().enumerate() {
             let total: usize = spans.iter().map(|s| s.rows(d)).sum();
-            for start in (0..rows).step_by(LANES) {
-                let block = start..(start + LANES).min(rows);
+            for start in (0..rows).step_by(LANES * blocks_per_task) {
+                let block = start..(start + LANES * blocks_per_task).min(rows);
                 let last_token = (block.end - 1) / group_size;
                 let seen = job.visible.keys_seen_by(last_token).min(total);
                 let runs = if units >= 2 * threads {
@@ -231,16 +250,25 @@ pub(super) fn attend(q: &[f32], heads: usize, d: usize, jobs: Vec<Job<'_>>) -> V
         }
     }
 
-    let scored: Vec<Scored> = tasks
+    let scored: Vec<Vec<Scored>> = tasks
         .par_iter()
         .map(|task| {
-            let rows = row_lanes(q, heads, d, group_size, &jobs[task.job], task);
-            score_task(d, task, &rows)
+            let blocks: Vec<RowLanes> = task
+                .blocks()
+                .map(|rows| row_lanes(q, heads, d, group_size, &jobs[task.job], (task.group, rows)))
+                .collect();
+            score_task(d, task, &blocks)
         })
         .collect();
+    // Each block of rows with the task that scored it (or one of the runs of its keys).
+    let blocks: Vec<(&Task<'_>, Range<usize>, Scored)> = tasks
+        .iter()
+        .zip(scored)
+        .flat_map(|(task, scored)| task.blocks().zip(scored).map(move |(b, s)| (task, b, s)))
+        .collect();
 
-    // Runs of one block of rows are neighbours in `tasks`: take the maximum over them, then
-    // weigh each run against it, and add up every run's chunks in key order.
+    // Runs of one block of rows are neighbours in `blocks`: take the maximum over them,
+    // then weigh each run against it, and add up every run's chunks in key order.
     let mut results: Vec<Attended> = jobs
         .iter()
         .map(|job| Attended {
@@ -249,20 +277,21 @@ pub(super) fn attend(q: &[f32], heads: usize, d: usize, jobs: Vec<Job<'_>>) -> V
         })
         .collect();
     let mut i = 0;
-    while i < tasks.len() {
+    while i < blocks.len() {
+        let (task, rows, _) = &blocks[i];
         let same_block = |k: usize| {
-            (tasks[k].job, tasks[k].group, tasks[k].rows.start)
-                == (tasks[i].job, tasks[i].group, tasks[i].rows.start)
+            let (other, other_rows, _) = &blocks[k];
+            (other.job, other.group, other_rows.start) == (task.job, task.group, rows.start)
         };
         let mut next = i + 1;
-        while next < tasks.len() && same_block(next) {
+        while next < blocks.len() && same_block(next) {
             next += 1;
         }
-        let (max, sums) = match &scored[i] {
+        let (max, sums) = match &blocks[i].2 {
             Scored::Whole { max, sums } if next == i + 1 => (*max, sums.clone()),
             _ => {
                 let mut max = [f32::NEG_INFINITY; LANES];
-                for s in &scored[i..next] {
+                for (_, _, s) in &blocks[i..next] {
                     let Scored::Part { max: m, .. } = s else {
                         unreachable!("a block split into runs has parts only")
                     };
@@ -270,13 +299,14 @@ pub(super) fn attend(q: &[f32], heads: usize, d: usize, jobs: Vec<Job<'_>>) -> V
                         *a = a.max(*b);
                     }
                 }
-                let parts: Vec<Vec<ChunkSums>> = (i..next)
-                    .into_par_iter()
-                    .map(|k| {
-                        let Scored::Part { scores, .. } = &scored[k] else {
+                let parts: Vec<Vec<ChunkSums>> = blocks[i..next]
+                    .par_iter()
+                    .map(|(run, rows, s)| {
+                        let Scored::Part { scores, .. } = s else {
                             unreachable!("checked above")
                         };
-                        weigh_run(d, &tasks[k], scores, &max)
+                        let mut sums = weigh(d, run, &[(scores, &max, rows.len())]);
+                        sums.pop().expect("one block, one list")
                     })
                     .collect();
                 let mut total = ChunkSums::zero(d);
@@ -286,9 +316,8 @@ pub(super) fn attend(q: &[f32], heads: usize, d: usize, jobs: Vec<Job<'_>>) -> V
                 (max, total)
             }
         };
-        let task = &tasks[i];
         let result = &mut results[task.job];
-        for (l, r) in task.rows.clone().enumerate() {
+        for (l, r) in rows.clone().enumerate() {
             let (t, h) = (r / group_size, task.group * group_size + r % group_size);
             let at = t * heads + h;
             let out = &mut result.out[at * d..(at + 1) * d];
@@ -307,24 +336,24 @@ pub(super) fn attend(q: &[f32], heads: usize, d: usize, jobs: Vec<Job<'_>>) -> V
     results
 }
 
-/// The task's query rows, scaled and transposed into lanes (unused lanes hold zeros and
-/// see no key).
+/// A block of a task's query rows, scaled and transposed into lanes (unused lanes hold
+/// zeros and see no key).
 fn row_lanes(
     q: &[f32],
     heads: usize,
     d: usize,
     group_size: usize,
     job: &Job<'_>,
-    task: &Task<'_>,
+    (group, rows): (usize, Range<usize>),
 ) -> RowLanes {
     let mut lanes = RowLanes {
         q: vec![[0.0; LANES]; d],
         seen: [0; LANES],
         position: [0; LANES],
     };
-    for (l, r) in task.rows.clone().enumerate() {
+    for (l, r) in rows.enumerate() {
         let t = r / group_size;
-        let h = task.group * group_size + r % group_size;
+        let h = group * group_size + r % group_size;
         let row = &q[(job.tokens.start + t) * heads * d + h * d..][..d];
         for (lane, x) in lanes.q.iter_mut().zip(row) {
             lane[l] = x * job.score_scale;
@@ -357,86 +386,127 @@ impl ChunkSums {
     }
 }
 
-/// Score a task's rows against its run of keys; a task with every key of its rows goes on
-/// to weigh them.
-fn score_task(d: usize, task: &Task<'_>, rows: &RowLanes) -> Scored {
-    let mut scores = vec![[0.0; LANES]; task.keys.len()];
+/// Score each block of a task's rows against its run of keys; a task with every key of
+/// its rows goes on to weigh them.
+fn score_task(d: usize, task: &Task<'_>, blocks: &[RowLanes]) -> Vec<Scored> {
+    let mut scores: Vec<Vec<Lanes>> = blocks
+        .iter()
+        .map(|_| vec![[0.0; LANES]; task.keys.len()])
+        .collect();
     let mut keys = Vec::new();
     let span_rows: Vec<usize> = task.spans.iter().map(|s| s.rows(d)).collect();
-    for (chunk, out) in (task.keys.start..task.keys.end)
-        .step_by(CHUNK)
-        .zip(scores.chunks_mut(CHUNK))
-    {
-        let range = chunk..chunk + out.len();
+    for chunk in (task.keys.start..task.keys.end).step_by(CHUNK) {
+        let range = chunk..(chunk + CHUNK).min(task.keys.end);
+        let at = chunk - task.keys.start..range.end - task.keys.start;
         // Keys out of every row's window are not even gathered: in long inputs, local
         // layers see a small part of them.
         let positions = task
             .window
             .map(|w| (w, w.key_positions(&span_rows, range.clone())));
-        if let Some((window, positions)) = &positions {
-            if window.hides_all(positions, chunk, rows) {
+        let hidden: Vec<bool> = blocks
+            .iter()
+            .map(|rows| {
+                positions
+                    .as_ref()
+                    .is_some_and(|(window, positions)| window.hides_all(positions, chunk, rows))
+            })
+            .collect();
+        if !hidden.iter().all(|&h| h) {
+            gather(task.spans, d, range.clone(), |s| s.k, &mut keys);
+        }
+        for ((rows, scores), hidden) in blocks.iter().zip(&mut scores).zip(hidden) {
+            let out = &mut scores[at.clone()];
+            if hidden {
                 out.fill([f32::NEG_INFINITY; LANES]);
                 continue;
             }
-        }
-        gather(task.spans, d, range, |s| s.k, &mut keys);
-        lanes::score(&rows.q, &keys, chunk, &rows.seen, out);
-        if let Some((window, positions)) = &positions {
-            window.mask(positions, rows, out);
-        }
-    }
-    let mut max = [f32::NEG_INFINITY; LANES];
-    for s in &scores {
-        for (m, s) in max.iter_mut().zip(s) {
-            *m = m.max(*s);
+            lanes::score(&rows.q, &keys, chunk, &rows.seen, out);
+            if let Some((window, positions)) = &positions {
+                window.mask(positions, rows, out);
+            }
         }
     }
+    let maxima: Vec<Lanes> = scores
+        .iter()
+        .map(|scores| {
+            let mut max = [f32::NEG_INFINITY; LANES];
+            for s in scores {
+                for (m, s) in max.iter_mut().zip(s) {
+                    *m = m.max(*s);
+                }
+            }
+            max
+        })
+        .collect();
     if !task.whole {
-        return Scored::Part { max, scores };
+        return scores
+            .into_iter()
+            .zip(maxima)
+            .map(|(scores, max)| Scored::Part { max, scores })
+            .collect();
     }
-    let mut sums = ChunkSums::zero(d);
-    for chunk in weigh_run(d, task, &scores, &max) {
-        sums.add(&chunk);
-    }
-    Scored::Whole { max, sums }
+    let weighed: Vec<(&[Lanes], &Lanes, usize)> = scores
+        .iter()
+        .zip(&maxima)
+        .zip(task.blocks())
+        .map(|((scores, max), rows)| (scores.as_slice(), max, rows.len()))
+        .collect();
+    weigh(d, task, &weighed)
+        .into_iter()
+        .zip(&maxima)
+        .map(|(chunks, max)| {
+            let mut sums = ChunkSums::zero(d);
+            for chunk in &chunks {
+                sums.add(chunk);
+            }
+            Scored::Whole { max: *max, sums }
+        })
+        .collect()
 }
 
-/// The chunk sums of a task's run of keys against the rows' maximum over all their keys;
-/// none for the chunks no row sees.
-fn weigh_run(d: usize, task: &Task<'_>, scores: &[Lanes], max: &Lanes) -> Vec<ChunkSums> {
+/// For each block of rows (its scores over the task's run of keys, its maximum over all
+/// the keys it sees, and how many rows it has), the chunk sums of its weights against
+/// that maximum; none for the chunks no row of the block sees. The blocks share each
+/// chunk of values widened to f32.
+fn weigh(d: usize, task: &Task<'_>, blocks: &[(&[Lanes], &Lanes, usize)]) -> Vec<Vec<ChunkSums>> {
     let mut values = Vec::new();
     let mut weights = Vec::new();
-    (task.keys.start..task.keys.end)
-        .step_by(CHUNK)
-        .zip(scores.chunks(CHUNK))
+    let mut sums: Vec<Vec<ChunkSums>> = blocks.iter().map(|_| Vec::new()).collect();
+    for chunk in (task.keys.start..task.keys.end).step_by(CHUNK) {
+        let range = chunk..(chunk + CHUNK).min(task.keys.end);
+        let at = chunk - task.keys.start..range.end - task.keys.start;
         // A chunk no row sees would add exact zeros.
-        .filter(|(_, scores)| {
-            scores
-                .iter()
-                .any(|s| s.iter().any(|&x| x != f32::NEG_INFINITY))
-        })
-        .map(|(chunk, scores)| {
-            gather(
-                task.spans,
-                d,
-                chunk..chunk + scores.len(),
-                |s| s.v,
-                &mut values,
-            );
+        let seen: Vec<bool> = blocks
+            .iter()
+            .map(|(scores, _, _)| {
+                scores[at.clone()]
+                    .iter()
+                    .any(|s| s.iter().any(|&x| x != f32::NEG_INFINITY))
+            })
+            .collect();
+        if !seen.iter().any(|&s| s) {
+            continue;
+        }
+        gather(task.spans, d, range, |s| s.v, &mut values);
+        for ((&(scores, max, rows), sums), seen) in blocks.iter().zip(&mut sums).zip(seen) {
+            if !seen {
+                continue;
+            }
             weights.clear();
-            weights.extend_from_slice(scores);
-            let mut sums = ChunkSums::zero(d);
+            weights.extend_from_slice(&scores[at.clone()]);
+            let mut chunk_sums = ChunkSums::zero(d);
             lanes::weigh(
                 &mut weights,
                 max,
                 &values,
-                &mut sums.sum,
-                &mut sums.acc,
-                task.rows.len(),
+                &mut chunk_sums.sum,
+                &mut chunk_sums.acc,
+                rows,
             );
-            sums
-        })
-        .collect()
+            sums.push(chunk_sums);
+        }
+    }
+    sums
 }
 
 /// Keys `range` of a job's key sequence (its spans one after another), each row of `d`
