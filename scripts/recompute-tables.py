@@ -64,8 +64,10 @@ def mean_and_error(values):
 
 def merged_run(model, task):
     """The test run of `model` on `task`, with its parts run later with `ape eval --skip K`
-    (files ending in -fromK.json) joined on: every setting is summarised over the questions
-    that have it."""
+    (files ending in -fromK.json) joined on: a question read in several parts is one
+    example with every setting it was read in (the first part's outcome where two read it
+    in the same setting), and every setting is summarised over the questions that have
+    it."""
     paths = sorted(glob.glob(f'{D}/{task}-{model}-test-from*.json'),
                    key=lambda p: int(re.search(r'-from([0-9]+)\.json$', p).group(1)))
     first = f'{D}/{task}-{model}-test.json'
@@ -78,7 +80,13 @@ def merged_run(model, task):
     settings = []
     for report in reports:
         settings += [s for s in report['settings'] if s not in settings]
-    examples = [e for report in reports for e in report['runs'][0]['examples']]
+    examples = {}
+    for report in reports:
+        for e in report['runs'][0]['examples']:
+            joined = examples.setdefault((e['id'], e['question']), dict(e, outcomes=[]))
+            read = {o['setting'] for o in joined['outcomes']}
+            joined['outcomes'] += [o for o in e['outcomes'] if o['setting'] not in read]
+    examples = list(examples.values())
     return reports[0], {'contexts': reports[0]['runs'][0]['contexts'], 'settings': settings,
                         'examples': examples}
 
