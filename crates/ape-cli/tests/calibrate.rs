@@ -279,4 +279,26 @@ fn pulling_a_model_brings_its_calibration_and_keeps_one_already_there() {
     );
     let (_, stats) = generate(&model, &cache);
     assert_eq!(temperature(&stats), 0.7, "{stats}");
+
+    // A file of the model's name and size but other bytes keeps its place and gets no
+    // calibration, with a warning; the pull still succeeds.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::File::create(other.path().join(file))
+        .unwrap()
+        .set_len(std::fs::metadata(common::model()).unwrap().len())
+        .unwrap();
+    let output = ape(&["model", "pull", "smollm2-135m", "--dir"])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: no calibration written"),
+        "{stderr}"
+    );
+    assert!(!other
+        .path()
+        .join("smollm2-135m-instruct-q4_1.ape.json")
+        .exists());
 }
