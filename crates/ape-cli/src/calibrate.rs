@@ -170,14 +170,12 @@ pub fn install(model: &Path, text: &str) -> Result<Option<PathBuf>> {
     if path.exists() {
         return Ok(None);
     }
-    let calibration: Calibration =
-        serde_json::from_str(text).context("the shipped calibration is not a calibration file")?;
-    let (bytes, digest) = fingerprint(model)?;
-    anyhow::ensure!(
-        calibration.model_bytes == bytes && calibration.model_digest == digest,
-        "the shipped calibration was made for another file than {}; run `ape calibrate`",
-        model.display()
-    );
+    parse_for(model, text).with_context(|| {
+        format!(
+            "the shipped calibration does not fit {}; run `ape calibrate`",
+            model.display()
+        )
+    })?;
     write_whole(&path, text)?;
     Ok(Some(path))
 }
@@ -237,8 +235,13 @@ fn read_calibration(model: &Path, path: &Path) -> Result<ApeDefaults> {
 /// The calibration at `path`, checked to be one and to be written for `model`.
 fn read_file(model: &Path, path: &Path) -> Result<Calibration> {
     let text = std::fs::read_to_string(path).context("cannot read it")?;
+    parse_for(model, &text)
+}
+
+/// `text` read as a calibration, checked to be one written for `model`.
+fn parse_for(model: &Path, text: &str) -> Result<Calibration> {
     let calibration: Calibration =
-        serde_json::from_str(&text).context("it is not a calibration file")?;
+        serde_json::from_str(text).context("it is not a calibration file")?;
     let (bytes, digest) = fingerprint(model)?;
     anyhow::ensure!(
         calibration.model_bytes == bytes && calibration.model_digest == digest,
