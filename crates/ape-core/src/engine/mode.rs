@@ -133,8 +133,8 @@ pub enum Selection {
     /// of each one's tokens, from its start.
     First,
     /// The tokens of the contexts after the first that the query attends to most, when it
-    /// reads the contexts in order without recomputation: weights summed over the query's
-    /// tokens, heads and the later half of the layers. Ties go to the earlier token.
+    /// reads the contexts in order without recomputation: the weights of its last token,
+    /// summed over heads and the later half of the layers. Ties go to the earlier token.
     Attended,
 }
 

@@ -69,9 +69,6 @@ impl Reads<'_> {
     }
 }
 
-/// (Token, head) rows whose attention weights [`Model::attention_received`] holds at once.
-const ATTENTION_ROWS_PER_BLOCK: usize = 64;
-
 impl Model {
     pub fn load(gguf: &Gguf) -> Result<Self> {
         let config = Config::from_gguf(gguf)?;
@@ -426,11 +423,11 @@ impl Model {
     }
 
     /// How much attention `query`, read causally after everything `cache` holds, gives each
-    /// of its positions: softmax weights summed over the query's tokens, every head and
-    /// the later half of the layers, where a token's weight says what the query reads
-    /// rather than where a layer parks attention it does not need (chosen on SQuAD's dev
-    /// split: see the README's recompute section). `cache` keeps what it held; it needs
-    /// room for the query.
+    /// of its positions: the softmax weights of the query's last token (the one whose next
+    /// token is the answer's first), summed over every head and the later half of the
+    /// layers, where a token's weight says what the answer reads rather than where a layer
+    /// parks attention it does not need (chosen on SQuAD's dev split: see the README's
+    /// recompute section). `cache` keeps what it held; it needs room for the query.
     pub(crate) fn attention_received(&self, query: &[u32], cache: &mut KvCache) -> Vec<f32> {
         let step = Step {
             tokens: query,
@@ -443,10 +440,10 @@ impl Model {
     }
 
     /// Add to `received` (one entry per position `cache` held before the query) the
-    /// attention weights one layer's query rows `q` give those positions; the query's own
-    /// keys follow them in `cache`, unadvanced. A block of (token, head) rows at a time
-    /// bounds the weights held at once; adding the blocks in order keeps the sum, and so
-    /// the choice, the same on every run.
+    /// attention weights one layer gives those positions from the query's last token, over
+    /// every head: `q` holds the layer's query rows of every query token, whose own keys
+    /// follow the held positions in `cache`, unadvanced. The heads' weights are added in
+    /// head order, so the sum, and the choice, are the same on every run.
     fn add_attention_received(
         &self,
         q: &[f32],
@@ -459,35 +456,33 @@ impl Model {
         let (d, held) = (c.head_dim, received.len());
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
-        let rows: Vec<usize> = (0..q.len() / d).collect();
-        for block in rows.chunks(ATTENTION_ROWS_PER_BLOCK) {
-            let weights: Vec<(usize, Vec<f32>)> = block
-                .par_iter()
-                .map(|&row| {
-                    let (t, h) = (row / c.heads, row % c.heads);
-                    let seen = held + t + 1;
-                    let first = window.map_or(0, |w| seen.saturating_sub(w));
-                    let (keys, _) = cache.head_upto(layer, h / group, seen);
-                    let q = &q[row * d..(row + 1) * d];
-                    let mut weights: Vec<f32> = keys[first * d..]
-                        .chunks_exact(d)
-                        .map(|k| dot_f16(k, q) * scale)
-                        .collect();
-                    let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for w in weights.iter_mut() {
-                        *w = (*w - max).exp();
-                        sum += *w;
-                    }
-                    weights.truncate(held.saturating_sub(first));
-                    weights.iter_mut().for_each(|w| *w /= sum);
-                    (first, weights)
-                })
-                .collect();
-            for (first, weights) in weights {
-                for (r, w) in received[first..].iter_mut().zip(weights) {
-                    *r += w;
+        let row = c.heads * d;
+        let seen = held + q.len() / row;
+        let first = window.map_or(0, |w| seen.saturating_sub(w));
+        let last_token = &q[q.len() - row..];
+        let weights: Vec<Vec<f32>> = last_token
+            .par_chunks_exact(d)
+            .enumerate()
+            .map(|(h, q)| {
+                let (keys, _) = cache.head_upto(layer, h / group, seen);
+                let mut weights: Vec<f32> = keys[first * d..]
+                    .chunks_exact(d)
+                    .map(|k| dot_f16(k, q) * scale)
+                    .collect();
+                let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for w in weights.iter_mut() {
+                    *w = (*w - max).exp();
+                    sum += *w;
                 }
+                weights.truncate(held.saturating_sub(first));
+                weights.iter_mut().for_each(|w| *w /= sum);
+                weights
+            })
+            .collect();
+        for weights in weights {
+            for (r, w) in received[first..].iter_mut().zip(weights) {
+                *r += w;
             }
         }
     }
