@@ -8,6 +8,9 @@ shares by name with BASE (or, where each holds one setting and the names differ,
 pair) the mean per-question difference from BASE in KL from sequential and in the task's
 metric, each with its standard error, over the questions both read. Reports joined by
 commas are read as one: draws of other seeds, or parts of one long sample (`--skip`).
+`@SETTING` after the reports keeps that setting alone, so two settings of the same
+reports compare: `A.json,B.json@ape T=1 S=1 r=0.05 attended` against
+`A.json,B.json@ape T=1 S=1 r=0.08 attended`.
 """
 
 import json
@@ -16,7 +19,9 @@ import sys
 
 
 def outcomes(paths):
-    """{setting: {(seed, id, question): outcome}} over every setting but sequential."""
+    """{setting: {(seed, id, question): outcome}} over every setting but sequential, or
+    the one setting named after `@`."""
+    paths, _, only = paths.partition("@")
     joined, metric = {}, None
     for path in paths.split(","):
         with open(path) as f:
@@ -24,9 +29,11 @@ def outcomes(paths):
         metric = report["metric"]
         for e in report["runs"][0]["examples"]:
             for setting, outcome in zip(report["settings"], e["outcomes"]):
-                if setting != "sequential":
+                if setting != "sequential" and only in ("", setting):
                     key = (report["seed"], e["id"], e["question"])
                     joined.setdefault(setting, {})[key] = outcome
+    if only and not joined:
+        sys.exit(f"no report of {paths} holds the setting `{only}`")
     return joined, metric
 
 

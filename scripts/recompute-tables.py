@@ -91,6 +91,34 @@ def merged_run(model, task):
                         'examples': examples}
 
 
+def by_document(run, metric):
+    """Each setting's metric by the context that holds the answer (SQuAD notes it as
+    `gold document K`), with its paired difference from sequential's over those questions."""
+    groups = {}
+    for e in run['examples']:
+        found = re.fullmatch(r'gold document ([0-9]+)', e.get('note') or '')
+        if found:
+            groups.setdefault(int(found.group(1)), []).append(e)
+    if not groups:
+        return
+    documents = sorted(groups)
+    print('\nBy the context holding the answer (first is 1): ' + METRIC[metric]
+          + ', − sequential (paired s.e.), questions\n')
+    print('| setting | ' + ' | '.join(str(k + 1) for k in documents) + ' |')
+    print('|---|' + '---:|' * len(documents))
+    for setting in run['settings']:
+        cells = []
+        for k in documents:
+            values = [o[metric] for e in groups[k] for o in e['outcomes']
+                      if o['setting'] == setting and o[metric] is not None]
+            paired = paired_difference({'examples': groups[k]}, metric, setting)
+            cell = f'{100 * sum(values) / len(values):.1f}' if values else '–'
+            if setting != 'sequential' and paired is not None:
+                cell += f' ({paired[0]:+.1f} ({paired[1]:.1f}))'
+            cells.append(f'{cell}, {len(values)}')
+        print(f'| {setting} | ' + ' | '.join(cells) + ' |')
+
+
 curves = []
 for model, name in MODELS.items():
     sequential_time, times = ttft_by_share(model)
@@ -130,6 +158,7 @@ for model, name in MODELS.items():
                 points.append((t, 100 * ratio, r))
         if points:
             curves.append((f'{name}, {task}', sorted(points)))
+        by_document(run, metric)
 
 # ICL: one run per number of demonstrations; each cell is the setting's accuracy, its ratio
 # to sequential's over the same questions and the paired difference's standard error.
