@@ -2,10 +2,15 @@
 demonstrations) from what scripts/eval-recompute.sh writes, and draws
 accuracy (as a share of sequential's) against time to first token over 8K stored context
 tokens, one line per model and task, one point per recompute share:
-python3 scripts/recompute-tables.py [RESULTS_DIR]  (writes RESULTS_DIR/recompute.svg)."""
+python3 scripts/recompute-tables.py [RESULTS_DIR [MORE_DIR ...]]  (writes
+RESULTS_DIR/recompute.svg). Reports in MORE_DIRs (other settings of the same test
+questions, read by other runs) are joined onto RESULTS_DIR's, question by question; the
+first directory that read a setting gives its outcomes, and the first that holds a
+model's `ape bench ttft` table gives its times."""
 import glob, json, math, os, re, sys
 
-D = sys.argv[1] if len(sys.argv) > 1 else 'eval-results/recompute'
+DIRS = sys.argv[1:] or ['eval-results/recompute']
+D = DIRS[0]
 MODELS = {
     'smollm2-135m-instruct-q4_1': 'SmolLM2-135M',
     'qwen2.5-coder-0.5b-instruct-q4_k_m': 'Qwen2.5-Coder-0.5B',
@@ -21,9 +26,10 @@ def share(setting):
 
 def ttft_by_share(model):
     """Sequential's time and APE's at each share, from `ape bench ttft`'s table."""
-    path = f'{D}/ttft-{model}.md'
-    if not os.path.exists(path):
+    paths = [f'{d}/ttft-{model}.md' for d in DIRS if os.path.exists(f'{d}/ttft-{model}.md')]
+    if not paths:
         return None, {}
+    path = paths[0]
     with open(path) as f:
         lines = [l for l in f if l.startswith('|')]
     head = [c.strip() for c in lines[0].strip('|\n').split('|')]
@@ -64,29 +70,43 @@ def mean_and_error(values):
 
 def merged_run(model, task):
     """The test run of `model` on `task`, with its parts run later with `ape eval --skip K`
-    (files ending in -fromK.json) joined on: a question read in several parts is one
-    example with every setting it was read in (the first part's outcome where two read it
-    in the same setting), and every setting is summarised over the questions that have
-    it."""
-    paths = sorted(glob.glob(f'{D}/{task}-{model}-test-from*.json'),
-                   key=lambda p: int(re.search(r'-from([0-9]+)\.json$', p).group(1)))
-    first = f'{D}/{task}-{model}-test.json'
-    if not os.path.exists(first):
+    (files ending in -fromK.json) and the runs in the other directories joined on: a
+    question read in several parts is one example with every setting it was read in (the
+    first part's outcome where two read it in the same setting), and every setting is
+    summarised over the questions that have it."""
+    paths = []
+    for d in DIRS:
+        first = f'{d}/{task}-{model}-test.json'
+        if os.path.exists(first):
+            paths.append(first)
+            paths += sorted(glob.glob(f'{d}/{task}-{model}-test-from*.json'),
+                            key=lambda p: int(re.search(r'-from([0-9]+)\.json$', p).group(1)))
+    if not paths:
         return None, None
     reports = []
-    for path in [first] + paths:
+    for path in paths:
         with open(path) as f:
             reports.append(json.load(f))
     settings = []
     for report in reports:
         settings += [s for s in report['settings'] if s not in settings]
-    examples = {}
+    examples, differing = {}, set()
     for report in reports:
         for e in report['runs'][0]['examples']:
             joined = examples.setdefault((e['id'], e['question']), dict(e, outcomes=[]))
-            read = {o['setting'] for o in joined['outcomes']}
+            read = {o['setting']: o for o in joined['outcomes']}
             joined['outcomes'] += [o for o in e['outcomes'] if o['setting'] not in read]
+            # Every run's KL is from its own sequential reading: joining runs is sound only
+            # where they read the question sequentially alike.
+            ours, theirs = read.get('sequential'), next(
+                (o for o in e['outcomes'] if o['setting'] == 'sequential'), None)
+            if ours and theirs and ours['prediction'] != theirs['prediction']:
+                differing.add(e['id'])
+    if differing:
+        print(f'warning: {len(differing)} {task} questions of {model} were answered differently '
+              'by sequential reading in the runs joined', file=sys.stderr)
     examples = list(examples.values())
+    settings.sort(key=lambda s: (s != 'sequential', s != 'parallel', share(s)))
     return reports[0], {'contexts': reports[0]['runs'][0]['contexts'], 'settings': settings,
                         'examples': examples}
 
