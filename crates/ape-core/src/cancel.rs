@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 pub struct Cancel(Arc<AtomicBool>);
 
 impl Cancel {
+    /// A flag not raised yet, shared by the clones made of it.
     pub fn new() -> Self {
         Cancel::default()
     }
@@ -21,6 +22,7 @@ impl Cancel {
         self.0.store(true, Ordering::Relaxed);
     }
 
+    /// Whether [`Cancel::cancel`] was called on this flag or any clone of it.
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }

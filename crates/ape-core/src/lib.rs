@@ -8,10 +8,12 @@
 //! query, caches and encodes, recomputes, scores, and runs the generation loop and the
 //! sampler. Nothing here is asynchronous or knows about HTTP.
 
+#![warn(missing_docs)]
+
 pub mod attention;
 mod cancel;
 pub mod engine;
-pub mod error;
+mod error;
 pub mod kernels;
 pub mod model;
 pub mod tokenizer;

@@ -15,7 +15,6 @@ pub const ESSAYS_DIR: &str = "paul-graham";
 /// One SQuAD article: its paragraphs and their questions.
 #[derive(Debug, Deserialize)]
 pub struct Article {
-    pub title: String,
     pub paragraphs: Vec<Paragraph>,
 }
 

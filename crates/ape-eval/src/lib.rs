@@ -12,8 +12,10 @@
 //! distributions and the gold answer's log-likelihood. These stay informative for models
 //! too small to get many answers right.
 
-pub mod data;
-pub mod error;
+#![warn(missing_docs)]
+
+mod data;
+mod error;
 pub mod metrics;
 pub mod report;
 pub mod run;

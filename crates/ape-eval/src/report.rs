@@ -17,6 +17,7 @@ use crate::tasks::Metric;
 /// One setting's results over a run's examples.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// The setting's label, as in [`Report::settings`].
     pub setting: String,
     /// Examples this setting could read.
     pub examples: usize,
@@ -24,12 +25,16 @@ pub struct Summary {
     pub unavailable: usize,
     /// The task's metric (see [`Metric`]), a mean over the examples.
     pub metric: Option<f64>,
+    /// Generation tasks: the share (0 to 1) of answers equal to a gold one once normalised.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exact_match: Option<f64>,
+    /// Generation tasks: the mean token F1 (0 to 1) of the answers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub f1: Option<f64>,
+    /// Generation tasks: the share (0 to 1) of answers that contain a gold one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub contains: Option<f64>,
+    /// Label tasks: the share (0 to 1) of questions given the gold label.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<f64>,
     /// The standard error of `metric` (its spread over the examples, over the square root
@@ -40,39 +45,61 @@ pub struct Summary {
     pub agrees_with_sequential: Option<f64>,
     /// This setting's metric over sequential's.
     pub ratio_to_sequential: Option<f64>,
+    /// The mean log-likelihood (nats) of the gold answer's tokens.
     pub gold_logprob: Option<f64>,
+    /// The mean KL divergence (nats) of sequential's next-token distributions on the gold
+    /// answer from this setting's; none where sequential reading is beyond the window.
     pub kl_vs_sequential: Option<f64>,
 }
 
 /// The results of one number of contexts.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
+    /// Contexts per question in this run.
     pub contexts: usize,
+    /// One summary per setting, in the order of [`Report::settings`].
     pub summaries: Vec<Summary>,
+    /// Every example of the run with each setting's outcome.
     pub examples: Vec<ExampleResult>,
 }
 
 /// The APE setting a sweep chose.
 #[derive(Debug, Clone, Serialize)]
 pub struct Choice {
+    /// APE's attention temperature T at the chosen point.
     pub temperature: f32,
+    /// APE's scaling factor S at the chosen point.
     pub scale: f32,
+    /// How the point was chosen, in words: by the least KL from sequential, or by the
+    /// metric where sequential reading was beyond the window.
     pub rule: &'static str,
 }
 
+/// Everything one evaluation measured on a task, a run per number of contexts, written out
+/// as JSON ([`Report::write_json`]), Markdown ([`Report::markdown`]) or SVG
+/// ([`Report::plot_svg`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The task's name (`squad`, `needle`, ..., or a task file's name without extension).
     pub task: String,
+    /// The model's name, as shown in the tables and the plot's title.
     pub model: String,
+    /// `dev` or `test`.
     pub split: String,
+    /// The seed that drew the questions, demonstrations and distractors.
     pub seed: u64,
     /// Questions of the draw left out from its start (`--skip`): this report is a part of
     /// a longer run.
     #[serde(skip_serializing_if = "is_zero")]
     pub skip: usize,
+    /// The number the task is judged by, in the tables and the plot.
     pub metric: Metric,
+    /// The labels of the settings, in the order of every run's summaries and outcomes.
     pub settings: Vec<String>,
+    /// One per number of contexts, in the order they were added.
     pub runs: Vec<RunReport>,
+    /// The APE sweep point closest to sequential reading over all runs; none without a
+    /// sweep.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sweep_choice: Option<Choice>,
     #[serde(skip)]
@@ -97,7 +124,11 @@ fn standard_error(values: impl Iterator<Item = f64>) -> Option<f64> {
 }
 
 /// The summaries of every setting over `examples`.
-pub fn summarize(examples: &[ExampleResult], settings: &[Setting], metric: Metric) -> Vec<Summary> {
+pub(crate) fn summarize(
+    examples: &[ExampleResult],
+    settings: &[Setting],
+    metric: Metric,
+) -> Vec<Summary> {
     let column = |i: usize| examples.iter().map(move |e| &e.outcomes[i]);
     let sequential_at = settings.iter().position(|s| s.mode == Mode::Sequential);
     let metric_of = move |o: &Outcome| match metric {
@@ -152,6 +183,8 @@ pub fn summarize(examples: &[ExampleResult], settings: &[Setting], metric: Metri
 }
 
 impl Report {
+    /// A report with no runs yet of `task` read by `model` on `split`; every run added
+    /// must hold outcomes for these `settings`, in this order.
     pub fn new(
         task: String,
         model: String,
@@ -179,6 +212,9 @@ impl Report {
         Report { skip, ..self }
     }
 
+    /// Adds the run with `contexts` contexts per question (its `examples` as
+    /// [`Evaluator::run`](crate::Evaluator::run) returned them for `settings`), summarises
+    /// it and chooses the sweep point anew.
     pub fn add_run(&mut self, contexts: usize, examples: Vec<ExampleResult>, settings: &[Setting]) {
         let summaries = summarize(&examples, settings, self.metric);
         self.runs.push(RunReport {
@@ -229,6 +265,8 @@ impl Report {
         })
     }
 
+    /// Writes the whole report, every prediction included, to `path` as JSON; fails with
+    /// [`EvalError::Write`] where the file cannot be written.
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(|e| write_error(path, e))?;
         std::fs::write(path, text).map_err(|e| write_error(path, e))

@@ -17,13 +17,14 @@ use crate::tasks::{Example, Target, TaskSet};
 /// Encoded contexts kept at most (then dropped and encoded again as needed).
 const STORE_BUDGET: usize = 6 << 30;
 
-/// A named way of reading the contexts.
+/// A named way of reading the contexts, made by [`Setting::of`] or [`Setting::ape_point`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Setting {
-    pub label: String,
-    pub mode: Mode,
+    /// How reports name the setting: the mode's name, or `ape T=.. S=..` with its factors.
+    pub(crate) label: String,
+    pub(crate) mode: Mode,
     /// A point of a T x S sweep (reported in the sweep's grid, not the main table).
-    pub in_sweep: bool,
+    pub(crate) in_sweep: bool,
 }
 
 impl Setting {
@@ -61,15 +62,24 @@ impl Setting {
 /// contexts do not fit the model's window sequentially) has only `unavailable`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Outcome {
+    /// The label of the setting (see [`Setting`]) this is the outcome of.
     pub setting: String,
+    /// The generated answer, trimmed, or for label tasks the label chosen; none for a sweep
+    /// point on a generation task (sweep points generate nothing).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prediction: Option<String>,
+    /// Generation tasks: 1 when the prediction equals a gold answer after SQuAD's
+    /// normalisation, else 0.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exact_match: Option<f64>,
+    /// Generation tasks: the best token F1 (0 to 1) of the prediction against the gold
+    /// answers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub f1: Option<f64>,
+    /// Generation tasks: 1 when the prediction holds a gold answer as whole words, else 0.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub contains: Option<f64>,
+    /// Label tasks: 1 when the label chosen is the gold one, else 0.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<f64>,
     /// Log-likelihood (nats) of the gold answer's tokens.
@@ -79,18 +89,27 @@ pub struct Outcome {
     /// setting's, over the gold answer's tokens.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kl_vs_sequential: Option<f64>,
+    /// Why the setting could not read the example (the request does not fit the model's
+    /// window this way); every other field but `setting` is then none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<String>,
 }
 
+/// One example of a run and how every setting did on it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExampleResult {
+    /// The example's id (see [`Example::id`](crate::tasks::Example::id)).
     pub id: String,
+    /// The question as asked (for label tasks, the input line and the label's prompt).
     pub question: String,
+    /// The answer whose log-likelihood is measured: the first gold answer, or the gold label.
     pub gold: String,
+    /// Where the evidence sits (gold document, needle depth, demonstration set).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Tokens of the whole prompt (system text, contexts and question), each counted once.
     pub prompt_tokens: usize,
+    /// One outcome per setting, in the order the settings were given.
     pub outcomes: Vec<Outcome>,
 }
 
@@ -114,6 +133,7 @@ impl Evaluator {
         }
     }
 
+    /// The engine the examples are read with, its contexts shared through the run's store.
     pub fn engine(&self) -> &Engine {
         &self.engine
     }

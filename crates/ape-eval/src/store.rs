@@ -21,6 +21,8 @@ struct Kept {
 }
 
 impl RunStore {
+    /// An empty store of at most `budget` bytes of encoded contexts (keys and values): a
+    /// context that would pass the budget drops every context kept before it.
     pub fn new(budget: usize) -> Self {
         RunStore {
             budget,

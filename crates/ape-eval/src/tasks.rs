@@ -28,16 +28,22 @@ use crate::error::{EvalError, Result};
 
 /// Drawn once to fix every task's dev/test partition.
 const SPLIT_SEED: u64 = 0x0a9e_e7a1;
-/// Words per haystack context of the needle task (about 200 tokens).
-/// Words in each haystack piece of `needle` unless the draw says otherwise.
+/// Words in each haystack piece (context) of `needle` unless the draw says otherwise
+/// (about 200 tokens).
 pub const HAYSTACK_WORDS: usize = 150;
 
+/// A task to evaluate on, named on the command line (see the module's list).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Task {
+    /// SQuAD v1.1 questions among distractor paragraphs (RAG).
     Squad,
+    /// A made-up fact hidden in Paul Graham essays (RAG).
     Needle,
+    /// Movie review polarity from demonstrations (ICL).
     Sentiment,
+    /// Voice-assistant request intents from demonstrations (ICL).
     Intent,
+    /// Examples written by hand in this JSON file (see [`TaskFile`]).
     File(PathBuf),
 }
 
@@ -76,6 +82,8 @@ impl Format {
 }
 
 impl Task {
+    /// The task called `name` (`squad`, `needle`, `sentiment`, `intent` or `file:PATH`);
+    /// [`EvalError::UnknownTask`] for any other.
     pub fn from_name(name: &str) -> Result<Task> {
         match name {
             "squad" => Ok(Task::Squad),
@@ -89,6 +97,7 @@ impl Task {
         }
     }
 
+    /// The task's name for reports and file names; a task file's name without extension.
     pub fn name(&self) -> String {
         match self {
             Task::Squad => "squad".into(),
@@ -102,13 +111,17 @@ impl Task {
     }
 }
 
+/// Which fixed part of a task's data a run draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
+    /// The part settings are chosen on (sweeps, calibration).
     Dev,
+    /// The part results are reported on.
     Test,
 }
 
 impl Split {
+    /// The split called `name` (`dev` or `test`); [`EvalError::Setting`] for any other.
     pub fn from_name(name: &str) -> Result<Split> {
         match name {
             "dev" => Ok(Split::Dev),
@@ -119,6 +132,7 @@ impl Split {
         }
     }
 
+    /// `dev` or `test`, as [`Split::from_name`] reads it.
     pub fn name(self) -> &'static str {
         match self {
             Split::Dev => "dev",
@@ -134,7 +148,12 @@ pub enum Target {
     /// log-likelihood is measured.
     Answer(Vec<String>),
     /// The label of highest log-likelihood among `labels`; `gold` is the right one.
-    Choice { labels: Vec<String>, gold: usize },
+    Choice {
+        /// The labels to choose among.
+        labels: Vec<String>,
+        /// The index of the right label in `labels`.
+        gold: usize,
+    },
 }
 
 impl Target {
@@ -147,11 +166,17 @@ impl Target {
     }
 }
 
+/// One question with the contexts it is read with.
 #[derive(Debug, Clone)]
 pub struct Example {
+    /// Names the example in reports: SQuAD's question id, the task file's, or one made up
+    /// (`needle-3`, `sentiment-17`).
     pub id: String,
+    /// The documents, haystack pieces or demonstrations, each read as one context.
     pub contexts: Vec<String>,
+    /// What is asked after the contexts.
     pub question: String,
+    /// What the answer is scored against.
     pub target: Target,
     /// Where the evidence sits, for the report (gold paragraph index, needle depth).
     pub note: Option<String>,
@@ -170,7 +195,8 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub fn name(self) -> &'static str {
+    /// The metric's name in reports' tables and plots.
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Metric::F1 => "F1",
             Metric::Contains => "answer contains",
@@ -182,11 +208,17 @@ impl Metric {
 /// The examples of one run, with the system text they are asked under.
 #[derive(Debug, Clone)]
 pub struct TaskSet {
+    /// The task's name (see [`Task::name`]).
     pub name: String,
+    /// Whether the contexts are documents or demonstrations.
     pub family: Family,
+    /// The number the task's results are judged by.
     pub metric: Metric,
+    /// How the prompt is laid out (chat template or plain text).
     pub format: Format,
+    /// The instruction the examples are asked under (the system turn, or the text's head).
     pub system: String,
+    /// The questions of the run, in the order they are asked.
     pub examples: Vec<Example>,
 }
 
@@ -211,6 +243,7 @@ impl TaskSet {
 /// Which examples a run draws.
 #[derive(Debug, Clone, Copy)]
 pub struct Draw {
+    /// The part of the data the questions come from.
     pub split: Split,
     /// Examples (questions) in the run.
     pub n: usize,
@@ -219,6 +252,8 @@ pub struct Draw {
     /// Sets of demonstrations (ICL tasks), each with its own `n` questions. RAG tasks draw
     /// distractors per question already and take 1.
     pub draws: usize,
+    /// Picks the questions, demonstrations and distractors within the split (never the
+    /// split itself).
     pub seed: u64,
     /// Questions left out from the start of the draw: runs with `skip` 0, n, 2n, ... and
     /// the same seed are the parts of one long run, each question in exactly one part.
@@ -555,21 +590,32 @@ fn classification(
 /// `"format": "text"` lays the prompt out as plain text instead of a chat (see [`Format`]).
 #[derive(Debug, Deserialize)]
 pub struct TaskFile {
+    /// The instruction every example is asked under.
     pub system: String,
+    /// `"chat"` (the default) or `"text"`.
     #[serde(default)]
     pub format: Format,
+    /// The examples; a run takes the first `n`. All answer examples or all choice examples.
     pub examples: Vec<FileExample>,
 }
 
+/// One example of a [`TaskFile`]: either `answers` (answered by generation) or `labels`
+/// with `gold` (answered by choosing a label).
 #[derive(Debug, Deserialize)]
 pub struct FileExample {
+    /// Names the example in reports.
     pub id: String,
+    /// Its contexts, of which a run keeps the first `contexts`.
     pub contexts: Vec<String>,
+    /// What is asked after the contexts.
     pub question: String,
+    /// Acceptable answers; the first is the one whose log-likelihood is measured.
     #[serde(default)]
     pub answers: Vec<String>,
+    /// The labels to choose among.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// The index of the right label in `labels` (0 when not given).
     #[serde(default)]
     pub gold: usize,
 }

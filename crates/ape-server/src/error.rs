@@ -14,9 +14,12 @@ pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
     Err(_) => StatusCode::BAD_REQUEST,
 };
 
+/// An error answered to a client, in OpenAI's shape.
 #[derive(Debug, Clone)]
-pub struct ApiError {
+pub(crate) struct ApiError {
+    /// The HTTP status; it also gives OpenAI's error `type`.
     pub status: StatusCode,
+    /// The explanation sent to the client: what went wrong and, where it can, how to fix it.
     pub message: String,
     /// The request field at fault, where there is one.
     pub param: Option<&'static str>,
@@ -27,6 +30,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error with `status` and `message`, no `param`, `code` or `Retry-After`.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -37,19 +41,23 @@ impl ApiError {
         }
     }
 
+    /// 400: the request is malformed or asks for what cannot be done.
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 
+    /// 404: no such route, model or stored context.
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::NOT_FOUND, message)
     }
 
+    /// Names the request field at fault.
     pub fn param(mut self, param: &'static str) -> Self {
         self.param = Some(param);
         self
     }
 
+    /// Adds a machine-readable reason.
     pub fn code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self

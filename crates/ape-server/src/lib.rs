@@ -14,6 +14,8 @@
 //! every error is OpenAI's JSON error object with a 4xx status for bad input. The core
 //! stays synchronous: model work runs on the blocking thread pool.
 
+#![warn(missing_docs)]
+
 mod api;
 mod error;
 mod metrics;
@@ -27,11 +29,10 @@ use std::time::{Duration, Instant};
 use ape_core::engine::Engine;
 use ape_store::Store;
 
-pub use error::ApiError;
-
 /// How the server listens and how much work it takes on.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// Where to listen; port 0 takes any free port (the one bound is printed).
     pub address: SocketAddr,
     /// Requests running the model at once.
     pub concurrency: usize,

@@ -23,6 +23,8 @@ const ENTRY_EXTENSION: &str = "kv";
 /// Temporary files older than this were left by a writer that died; they are removed.
 const STALE_TEMPORARY: Duration = Duration::from_secs(3600);
 
+/// Entries kept as files in a cache folder, shared by the processes that open the same
+/// folder; optionally bounded in bytes, the least recently used files going first.
 pub struct DiskTier {
     codec: Codec,
     entries: PathBuf,

@@ -145,6 +145,8 @@ impl fmt::Debug for Fingerprint {
 pub struct Key(pub [u8; 32]);
 
 impl Key {
+    /// The key of `context` encoded after `prefix` by the model `model` and stored as
+    /// `dtype`; it also commits to [`FORMAT_VERSION`].
     pub fn new(model: &Fingerprint, prefix: &[u32], context: &[u32], dtype: KvDtype) -> Key {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"ape context kv");
@@ -165,6 +167,8 @@ impl Key {
         hex(&self.0)
     }
 
+    /// The key written as by [`Key::to_hex`] (either case); `None` for anything but 64
+    /// hex digits.
     pub fn from_hex(text: &str) -> Option<Key> {
         if text.len() != 64 || !text.is_ascii() {
             return None;
@@ -197,8 +201,11 @@ fn hex(bytes: &[u8]) -> String {
 /// keys and values.
 #[derive(Clone)]
 pub struct Entry {
+    /// Tokens of the prefix the context was encoded after (the prefix is not stored).
     pub prefix_len: usize,
+    /// The context's own tokens.
     pub tokens: Vec<u32>,
+    /// The context's keys and values, every layer and KV head; the prefix's are not in it.
     pub kv: Arc<KvCache>,
 }
 
@@ -238,10 +245,19 @@ fn entry_bytes(
 /// shape and dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Codec {
+    /// Fingerprint of the model file; entries written for another are refused
+    /// ([`Corrupt::Model`]).
     pub model: Fingerprint,
+    /// The model's layers; with `kv_heads` and `head_dim`, the shape every entry must
+    /// have ([`Corrupt::Shape`] otherwise).
     pub layers: usize,
+    /// Key/value heads per layer (as many as the query heads, or fewer with grouped-query
+    /// attention).
     pub kv_heads: usize,
+    /// Values per head and token, in keys and in values alike.
     pub head_dim: usize,
+    /// How entries are written; it is part of the key, and entries stored otherwise are
+    /// refused ([`Corrupt::Dtype`]).
     pub dtype: KvDtype,
 }
 
@@ -261,10 +277,13 @@ impl Codec {
         })
     }
 
+    /// The key of `context` encoded after `prefix` with this codec's model and dtype.
     pub fn key(&self, prefix: &[u32], context: &[u32]) -> Key {
         Key::new(&self.model, prefix, context, self.dtype)
     }
 
+    /// The bytes that store `entry` under `key`: header, tokens, keys and values in this
+    /// codec's dtype, and a checksum over all of it.
     pub fn encode(&self, key: &Key, entry: &Entry) -> Vec<u8> {
         let kv = &entry.kv;
         let mut out = Vec::with_capacity(entry.encoded_len(self.dtype));

@@ -15,6 +15,8 @@
 //! never used: it is reported in a log line, deleted, and the engine encodes the context
 //! again.
 
+#![warn(missing_docs)]
+
 mod disk;
 mod entry;
 mod error;
@@ -65,7 +67,9 @@ pub trait Tier: Send + Sync {
 /// An entry as a listing shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
+    /// The key the entry is stored under.
     pub key: Key,
+    /// Bytes it takes in the tier: encoded on disk or in Redis, decoded in memory.
     pub bytes: u64,
     /// The context's length, where the tier knows it without reading the entry.
     pub tokens: Option<usize>,

@@ -10,6 +10,8 @@ use crate::entry::{Entry, Key};
 use crate::error::Result;
 use crate::{Listed, Tier};
 
+/// Decoded entries kept in this process, charged to the engine's KV budget; nothing
+/// survives the process.
 pub struct MemoryTier {
     held: Arc<Held>,
 }

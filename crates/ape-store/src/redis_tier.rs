@@ -21,6 +21,8 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// How long after a failed connection the tier fails at once instead of trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// Entries kept in a Redis server, shared by every ape server pointed at it; while Redis
+/// is unreachable its operations fail at once and the other tiers carry on.
 pub struct RedisTier {
     codec: Codec,
     url: String,

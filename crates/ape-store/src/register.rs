@@ -10,7 +10,9 @@ use crate::{Key, Store};
 pub struct Registered {
     /// Which of the documents it belongs to (a long document is several contexts).
     pub document: usize,
+    /// Where the context is stored; its hex form is the context's id in the server's API.
     pub key: Key,
+    /// The context's length in tokens.
     pub tokens: usize,
     /// Whether the store already held it, so that nothing was encoded.
     pub already_stored: bool,
@@ -20,7 +22,9 @@ pub struct Registered {
 
 /// The contexts of every registered document, and the prefix they were encoded after.
 pub struct Registration {
+    /// Length in tokens of the chat prefix every context was encoded after.
     pub prefix_tokens: usize,
+    /// Every context of every document, in order, document after document.
     pub contexts: Vec<Registered>,
 }
 

@@ -10,7 +10,9 @@ use crate::Tier;
 
 /// Tiers read in order (memory, then disk, then Redis, as given) and written together.
 pub struct Store {
-    pub codec: Codec,
+    /// Makes each context's key; with a dtype other than f16, what is stored is first
+    /// rounded through it, so that every tier gives back the same values.
+    pub(crate) codec: Codec,
     tiers: Vec<Box<dyn Tier>>,
     stats: Vec<TierStats>,
 }
@@ -18,14 +20,21 @@ pub struct Store {
 /// Lookups answered and not answered by one tier since the store was opened.
 #[derive(Debug, Default)]
 pub struct TierStats {
+    /// The tier's [`Tier::name`].
     pub name: &'static str,
+    /// Lookups this tier answered with a sound entry.
     pub hits: AtomicU64,
+    /// Lookups that reached this tier and found no sound entry there (none, a damaged one
+    /// or an unreadable one).
     pub misses: AtomicU64,
     /// Entries found damaged and deleted.
     pub corrupt: AtomicU64,
 }
 
 impl Store {
+    /// A store keying entries with `codec`, over `tiers` in the order they are to be read
+    /// (the fastest first). The tiers that encode entries should have been opened with the
+    /// same codec.
     pub fn new(codec: Codec, tiers: Vec<Box<dyn Tier>>) -> Self {
         let stats = tiers
             .iter()
@@ -41,10 +50,12 @@ impl Store {
         }
     }
 
+    /// The tiers, in reading order.
     pub fn tiers(&self) -> &[Box<dyn Tier>] {
         &self.tiers
     }
 
+    /// Each tier's counts, in the order of [`Store::tiers`].
     pub fn stats(&self) -> &[TierStats] {
         &self.stats
     }

@@ -5,6 +5,7 @@ use crate::{Key, Result, Tier};
 
 /// What [`verify`] found in one tier.
 pub struct Verified {
+    /// How many entries passed every check.
     pub sound: usize,
     /// Each damaged or unreadable entry, with why.
     pub damaged: Vec<(Key, String)>,

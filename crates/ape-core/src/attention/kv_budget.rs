@@ -30,6 +30,8 @@ pub trait Evict: Send + Sync {
     fn release(&self, bytes: usize) -> usize;
 }
 
+/// The bytes of keys and values the process may hold at once, what is charged against
+/// them now, and the caches that give entries up when a request needs room.
 pub struct KvBudget {
     limit: usize,
     used: AtomicUsize,
@@ -43,6 +45,7 @@ pub struct Charge {
 }
 
 impl Charge {
+    /// Bytes this charge holds, given back to the budget when it is dropped.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -86,6 +89,7 @@ impl KvBudget {
         KvBudget::new(limit)
     }
 
+    /// The budget's size in bytes, fixed when it was made.
     pub fn limit(&self) -> usize {
         self.limit
     }

@@ -18,7 +18,10 @@ struct LayerKv {
 /// generated, a shared prefix, or one encoded context.
 #[derive(Clone)]
 pub struct KvCache {
+    /// Key/value heads per layer (fewer than the query heads under grouped-query
+    /// attention).
     pub kv_heads: usize,
+    /// Values per head and position, in keys and in values alike.
     pub head_dim: usize,
     capacity: usize,
     len: usize,
@@ -26,7 +29,9 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+    /// An empty cache of `layers` layers with room for `capacity` positions, allocated
+    /// (zeroed) in full now.
+    pub(crate) fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
         let size = kv_heads * capacity * head_dim;
         KvCache {
             kv_heads,
@@ -98,14 +103,17 @@ impl KvCache {
         self.len
     }
 
+    /// Whether no position is filled yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
-    pub fn capacity(&self) -> usize {
+    /// Positions the cache has room for, filled or not; it never grows past them.
+    pub(crate) fn capacity(&self) -> usize {
         self.capacity
     }
 
+    /// Layers the cache holds keys and values for: the model's.
     pub fn layer_count(&self) -> usize {
         self.layers.len()
     }

@@ -143,7 +143,12 @@ pub(crate) fn in_place_attention(
 /// APE's temperature and scale, applied to the query side's attention over contexts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ApeFactors {
+    /// `T`: the query side's scores over the contexts are divided by it (below 1
+    /// sharpens that attention).
     pub temperature: f32,
+    /// `S`: with `T`, multiplies the contexts' log-sum-exp in the merge
+    /// (`softmax([S*T*lse_C, lse_O])`), weighting the contexts against the prefix and
+    /// the query side.
     pub scale: f32,
 }
 

@@ -129,7 +129,9 @@ pub(crate) struct Batcher {
 /// How many batched steps ran, and how many decoding requests' tokens they held.
 #[derive(Debug, Default)]
 pub struct DecodeSteps {
+    /// Steps that held at least one decoding request's token, since the batcher started.
     pub steps: AtomicU64,
+    /// Decoding tokens summed over those steps: divided by `steps`, the mean batch size.
     pub tokens: AtomicU64,
 }
 

@@ -18,10 +18,12 @@ const TEMPLATE_NAME: &str = "chat_template";
 pub struct Message {
     /// `system`, `user` or `assistant` (templates may know more, such as `tool`).
     pub role: String,
+    /// What the turn says; the template puts the role's markers around it.
     pub content: String,
 }
 
 impl Message {
+    /// A turn with any role, for those the shorthands below do not cover.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Message {
             role: role.into(),
@@ -29,14 +31,17 @@ impl Message {
         }
     }
 
+    /// A `system` turn: instructions that hold for the whole conversation.
     pub fn system(content: impl Into<String>) -> Self {
         Message::new("system", content)
     }
 
+    /// A `user` turn: what the model is asked.
     pub fn user(content: impl Into<String>) -> Self {
         Message::new("user", content)
     }
 
+    /// An `assistant` turn: what the model answered earlier in the conversation.
     pub fn assistant(content: impl Into<String>) -> Self {
         Message::new("assistant", content)
     }

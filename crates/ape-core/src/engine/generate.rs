@@ -14,17 +14,21 @@ use crate::tokenizer::Tokenizer;
 /// Prompt tokens run through the model in one forward call; bounds activation memory.
 pub const PREFILL_CHUNK: usize = 512;
 
+/// How a request generates: token limit, stop strings, sampling and cancellation. The
+/// default is greedy, up to the end of the window, with no stop string.
 #[derive(Debug, Clone, Default)]
 pub struct GenerateOptions {
     /// At most this many new tokens; `None` allows up to the end of the model's window.
     pub max_tokens: Option<usize>,
     /// Generation ends before the first occurrence of any of these strings.
     pub stop: Vec<String>,
+    /// How each new token is picked from the logits.
     pub sampling: SamplingParams,
     /// Lets another thread stop the request; checked between prompt chunks and tokens.
     pub cancel: Cancel,
 }
 
+/// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// The model produced an end-of-generation token.
@@ -35,11 +39,18 @@ pub enum FinishReason {
     Length,
 }
 
+/// A finished request's answer, with its token counts and timings.
 #[derive(Debug, Clone)]
 pub struct Generation {
+    /// The generated text, without the prompt and cut before any stop string.
     pub text: String,
+    /// The generated token ids: without the end-of-generation token, but with the token
+    /// that completed a stop string (so they may spell more than `text`).
     pub tokens: Vec<u32>,
+    /// End-of-generation token, stop string or token limit.
     pub finish_reason: FinishReason,
+    /// The prompt's length in tokens as sequential reading counts it, reused tokens
+    /// included.
     pub prompt_tokens: usize,
     /// Prompt tokens whose keys and values were reused from an earlier request rather
     /// than computed (stored contexts count here even where some of their tokens were then

@@ -149,8 +149,13 @@ pub trait ContextStore: Send + Sync {
     fn put(&self, prefix: &[u32], context: &[u32], kv: Arc<KvCache>);
 }
 
+/// A loaded model with its tokenizer and chat template, and what it keeps between
+/// requests (the KV budget, recent prompts' caches, a context store if given): every
+/// request goes through it. Built by [`Engine::load`], then set up with the `with_*` methods.
 pub struct Engine {
+    /// The weights and their forward pass; shared with the batcher's thread.
     pub model: Arc<Model>,
+    /// The model's own tokenizer, read from the same file.
     pub tokenizer: Tokenizer,
     /// The model's chat template; `None` for a base model, which reads plain text only.
     pub template: Option<ChatTemplate>,
@@ -172,6 +177,11 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Read the model, tokenizer and chat template from the GGUF file at `path`. Until the
+    /// `with_*` methods say otherwise: keys and values charged to half the memory
+    /// available, documents cut at [`DEFAULT_CHUNK_TOKENS`], many-shot contexts grouped by
+    /// [`DEFAULT_GROUP_TOKENS`], the paper's APE settings, no store, no batching and no
+    /// prompt reuse.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let gguf = Gguf::open(path)?;
         let budget = KvBudget::for_machine();
@@ -467,7 +477,7 @@ impl Engine {
     /// chunk size (see [`Engine::with_chunk_tokens`]) when longer, each cut after a line
     /// break where one falls in the last quarter of the piece. Joined in order, the pieces
     /// are the whole document's tokens. A long text is tokenized in pieces of about
-    /// [`TOKENIZED_PIECE_BYTES`], checking `cancel` before each.
+    /// `TOKENIZED_PIECE_BYTES`, checking `cancel` before each.
     pub fn document_contexts(&self, document: &str, cancel: &Cancel) -> Result<Vec<Vec<u32>>> {
         let text = format!("{}{DOCUMENT_SEPARATOR}", document.trim_end());
         let mut tokens = Vec::new();

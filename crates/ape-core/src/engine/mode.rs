@@ -23,7 +23,9 @@ pub enum Mode {
     /// Contexts encoded independently, APE attention with the given factors, after a
     /// share of the context tokens is recomputed (see [`Recompute`]).
     Ape {
+        /// Temperature and scale of the query's attention over the contexts.
         factors: ApeFactors,
+        /// Which context tokens are recomputed before the query reads them.
         recompute: Recompute,
     },
 }
@@ -73,6 +75,7 @@ impl Mode {
         }
     }
 
+    /// The name [`Mode::from_name`] reads back; it leaves out the factors.
     pub fn name(&self) -> &'static str {
         match self {
             Mode::Sequential => "sequential",
@@ -123,6 +126,7 @@ impl Mode {
 pub struct Recompute {
     /// Share of the context tokens recomputed, from 0 to 1.
     pub share: f32,
+    /// How those tokens are chosen; nothing to choose at share 0.
     pub selection: Selection,
 }
 
@@ -210,6 +214,8 @@ impl Shape {
 /// chose for them).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ApeDefaults {
+    /// The settings for [`Shape::Documents`] requests, and for many-shot ones when
+    /// calibration chose none apart.
     pub documents: ShapeDefaults,
     /// The settings for [`Shape::ManyShot`] requests, where calibration chose them apart.
     pub many_shot: Option<ShapeDefaults>,

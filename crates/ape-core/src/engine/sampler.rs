@@ -7,6 +7,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
 
+/// How the next token is picked. The filters see the probabilities at temperature 1;
+/// the temperature then reshapes those they keep. The default is greedy, with llama.cpp's
+/// filter settings for when a temperature is given.
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
     /// 0 picks the most likely token (greedy).
@@ -21,6 +24,8 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// How many of the last tokens the repetition penalty looks at.
     pub repeat_last_n: usize,
+    /// Seeds the random generator: the same seed, settings and logits give the same
+    /// tokens. Unused when greedy.
     pub seed: u64,
 }
 
@@ -39,6 +44,7 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Check that each setting is in its range; the error names the first that is not.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Sampling(msg));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
@@ -63,20 +69,23 @@ impl SamplingParams {
     }
 }
 
-pub struct Sampler {
+/// Picks one request's tokens: its settings and its random generator, seeded once, whose
+/// state carries on from token to token.
+pub(crate) struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
 }
 
 impl Sampler {
-    pub fn new(params: SamplingParams) -> Result<Self> {
+    /// A sampler seeded with `params.seed`; fails if `params` do not validate.
+    pub(crate) fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
         Ok(Sampler { params, rng })
     }
 
     /// Choose the next token. `history` is every token so far (prompt and generated).
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    pub(crate) fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
@@ -140,6 +149,8 @@ impl Sampler {
     }
 }
 
+/// The id of the largest logit (greedy decoding); the lowest id among equals, 0 for no
+/// logits.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {

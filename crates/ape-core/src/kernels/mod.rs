@@ -29,12 +29,14 @@ use quant::{dequantize, GgmlType};
 /// A weight matrix of `rows x cols`, one row per output feature, held as the GGUF file
 /// stores it and read from the mapped file in place (the weights take no memory beyond
 /// the file's pages), or, for Q5_0, Q8_0, Q4_K and Q6_K on CPUs with AVX-512 VNNI, repacked
-/// sixteen rows at a time, the file's pages handed back ([`qdot::sixteen`]). Every product
+/// sixteen rows at a time, the file's pages handed back (`qdot::sixteen`). Every product
 /// reads the quantized rows directly, whatever the number of tokens: one arithmetic for
 /// every token.
 pub struct Matrix {
-    pub rows: usize,
-    pub cols: usize,
+    /// Output features: the values a product gives per token.
+    pub(crate) rows: usize,
+    /// Input features: the values of each token's activations it is multiplied with.
+    pub(crate) cols: usize,
     ty: GgmlType,
     quantized: WeightBytes,
     in_sixteens: bool,
@@ -131,7 +133,8 @@ impl Matrix {
         }
     }
 
-    pub fn bytes(&self) -> usize {
+    /// Bytes the weights take as held: the mapped tensor, or the packed copy.
+    pub(crate) fn bytes(&self) -> usize {
         self.quantized.len()
     }
 }

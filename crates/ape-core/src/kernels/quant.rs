@@ -9,22 +9,38 @@ use half::{bf16, f16};
 /// The tensor element types ape can load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgmlType {
+    /// 32-bit floats, unquantized.
     F32,
+    /// IEEE half-precision floats.
     F16,
+    /// bfloat16: f32's exponent with 7 bits of mantissa.
     Bf16,
+    /// Blocks of 32 4-bit values, offset by 8, with one f16 scale (18 bytes).
     Q4_0,
+    /// Blocks of 32 4-bit values with an f16 scale and an f16 minimum (20 bytes).
     Q4_1,
+    /// Blocks of 32 5-bit values, offset by 16, with one f16 scale; the fifth bits are
+    /// packed apart (22 bytes).
     Q5_0,
+    /// Blocks of 32 5-bit values with an f16 scale and an f16 minimum (24 bytes).
     Q5_1,
+    /// Blocks of 32 signed 8-bit values with one f16 scale (34 bytes).
     Q8_0,
+    /// Super-blocks of 256: eight groups of 32 4-bit values, each group with a 6-bit
+    /// scale and minimum under the block's f16 scales (144 bytes).
     Q4K,
+    /// [`GgmlType::Q4K`]'s layout with 5-bit values (176 bytes).
     Q5K,
+    /// Super-blocks of 256: sixteen groups of 16 6-bit values, offset by 32, each group
+    /// with a signed 8-bit scale under one f16 scale (210 bytes).
     Q6K,
 }
 
 const QK_K: usize = 256;
 
 impl GgmlType {
+    /// The type of GGML type id `id`, as a GGUF tensor table stores it; `None` for the
+    /// types ape cannot load ([`GgmlType::name_of_id`] names them).
     pub fn from_id(id: u32) -> Option<Self> {
         Some(match id {
             0 => GgmlType::F32,

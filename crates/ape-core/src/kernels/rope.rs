@@ -5,13 +5,16 @@
 /// `i + d/2` (the "NeoX" layout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
+    /// Dimension `2i` turns with `2i + 1` (`llama`).
     Adjacent,
+    /// Dimension `i` turns with `i + head_dim / 2` (`qwen2`, `gemma3`).
     Halves,
 }
 
 /// Rotary position embeddings with the model's base frequency.
 pub struct Rope {
-    pub style: RopeStyle,
+    /// Which dimensions of a head are rotated together.
+    pub(crate) style: RopeStyle,
     head_dim: usize,
     inv_freq: Vec<f32>,
 }
@@ -24,7 +27,9 @@ pub struct RopeAngles {
 }
 
 impl Rope {
-    pub fn new(style: RopeStyle, head_dim: usize, base: f32) -> Self {
+    /// Rotations of heads of `head_dim` values, pair `i` turning at frequency
+    /// `base^(-2i / head_dim)` per position.
+    pub(crate) fn new(style: RopeStyle, head_dim: usize, base: f32) -> Self {
         let inv_freq = (0..head_dim / 2)
             .map(|i| 1.0 / base.powf(2.0 * i as f32 / head_dim as f32))
             .collect();
@@ -35,7 +40,9 @@ impl Rope {
         }
     }
 
-    pub fn angles(&self, positions: impl Iterator<Item = usize>) -> RopeAngles {
+    /// The angles of `positions`, in order: the `t`-th is what [`Rope::apply`] takes as
+    /// `t`.
+    pub(crate) fn angles(&self, positions: impl Iterator<Item = usize>) -> RopeAngles {
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for p in positions {
             for &freq in &self.inv_freq {

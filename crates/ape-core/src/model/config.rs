@@ -4,10 +4,14 @@ use super::gguf::{Gguf, Value};
 use crate::error::{Error, Result};
 use crate::kernels::RopeStyle;
 
+/// The network families ape runs, as GGUF's `general.architecture` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
+pub(crate) enum Architecture {
+    /// `llama`: Llama and the models built like it (SmolLM2, for one).
     Llama,
+    /// `qwen2`: Llama's network with biases on the Q, K and V projections.
     Qwen2,
+    /// `gemma3`: Gemma 3, with local (sliding-window) layers and extra norms.
     Gemma3,
 }
 
@@ -21,7 +25,8 @@ impl Architecture {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    /// The name GGUF files give the architecture, which also prefixes its metadata keys.
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
@@ -39,11 +44,13 @@ pub struct SlidingWindow {
     /// Every `pattern`-th layer (the last of each run of `pattern`) sees every position;
     /// the others are local.
     pub pattern: usize,
-    pub rope_base: f32,
+    /// The RoPE base of the local layers.
+    pub(crate) rope_base: f32,
 }
 
 impl SlidingWindow {
-    pub fn is_local(&self, layer: usize) -> bool {
+    /// Whether `layer` (counted from 0) is one of the local layers.
+    pub(crate) fn is_local(&self, layer: usize) -> bool {
         layer % self.pattern < self.pattern - 1
     }
 }
@@ -51,16 +58,27 @@ impl SlidingWindow {
 /// Hyper-parameters, read once from the GGUF metadata.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub architecture: Architecture,
+    /// The network family, which picks the forward pass.
+    pub(crate) architecture: Architecture,
+    /// Tokens in the vocabulary: the length of a logits row.
     pub vocab_size: usize,
-    pub hidden: usize,
-    pub ffn_hidden: usize,
+    /// Width of the hidden state (the embedding length).
+    pub(crate) hidden: usize,
+    /// Width of the feed-forward block's inner layer.
+    pub(crate) ffn_hidden: usize,
+    /// Transformer blocks.
     pub layers: usize,
+    /// Query heads per layer.
     pub heads: usize,
+    /// Key/value heads per layer: `heads` divided by a whole number (grouped-query
+    /// attention when fewer).
     pub kv_heads: usize,
+    /// Values per head, in queries, keys and values alike.
     pub head_dim: usize,
-    pub rope_base: f32,
-    pub rms_eps: f32,
+    /// The RoPE base frequency (of the global layers, where there are local ones).
+    pub(crate) rope_base: f32,
+    /// The epsilon added to the mean square in every RMS norm.
+    pub(crate) rms_eps: f32,
     /// The window the model was trained for (`<arch>.context_length`).
     pub context_length: usize,
     /// Local layers, where the model has them (`gemma3`).
@@ -75,7 +93,9 @@ const GEMMA3_WINDOW_PATTERN: usize = 6;
 const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 
 impl Config {
-    pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
+    /// The hyper-parameters `gguf`'s metadata gives; fails on a missing key, an unknown
+    /// architecture or an attention shape that does not add up.
+    pub(crate) fn from_gguf(gguf: &Gguf) -> Result<Self> {
         let arch_name = gguf.require("general.architecture", "string", Value::as_str)?;
         let architecture = Architecture::from_name(arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");

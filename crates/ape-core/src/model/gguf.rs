@@ -22,17 +22,29 @@ const HEADER_PAGE: usize = 4096;
 /// thing held here, so arrays of strings and of numbers are held packed.
 #[derive(Debug, Clone)]
 pub enum Value {
+    /// GGUF value type 0.
     U8(u8),
+    /// GGUF value type 1.
     I8(i8),
+    /// GGUF value type 2.
     U16(u16),
+    /// GGUF value type 3.
     I16(i16),
+    /// GGUF value type 4.
     U32(u32),
+    /// GGUF value type 5.
     I32(i32),
+    /// GGUF value type 10.
     U64(u64),
+    /// GGUF value type 11.
     I64(i64),
+    /// GGUF value type 6.
     F32(f32),
+    /// GGUF value type 12.
     F64(f64),
+    /// GGUF value type 7 (any non-zero byte is true).
     Bool(bool),
+    /// GGUF value type 8, decoded as UTF-8 (invalid bytes replaced).
     String(String),
     /// An array of strings.
     Strings(Strings),
@@ -52,21 +64,25 @@ pub struct Strings {
 }
 
 impl Strings {
-    pub fn len(&self) -> usize {
+    /// How many strings are held.
+    pub(crate) fn len(&self) -> usize {
         self.ends.len()
     }
 
+    /// Whether no string is held.
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
     }
 
-    pub fn get(&self, i: usize) -> Option<&str> {
+    /// String `i`, or `None` past the end.
+    pub(crate) fn get(&self, i: usize) -> Option<&str> {
         let end = *self.ends.get(i)?;
         let start = i.checked_sub(1).map_or(0, |j| self.ends[j]);
         Some(&self.text[start..end])
     }
 
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+    /// Every string, in order.
+    pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
         (0..self.len()).map(|i| self.get(i).expect("in range"))
     }
 
@@ -87,7 +103,8 @@ impl<'a> FromIterator<&'a str> for Strings {
 }
 
 impl Value {
-    pub fn as_u64(&self) -> Option<u64> {
+    /// Any integer that is not negative, widened; `None` for the rest.
+    pub(crate) fn as_u64(&self) -> Option<u64> {
         match *self {
             Value::U8(v) => Some(v as u64),
             Value::U16(v) => Some(v as u64),
@@ -101,7 +118,9 @@ impl Value {
         }
     }
 
-    pub fn as_i64(&self) -> Option<i64> {
+    /// Any integer that fits an i64 (u64 values above `i64::MAX` wrap); `None` for the
+    /// rest.
+    pub(crate) fn as_i64(&self) -> Option<i64> {
         match *self {
             Value::I8(v) => Some(v as i64),
             Value::I16(v) => Some(v as i64),
@@ -111,7 +130,8 @@ impl Value {
         }
     }
 
-    pub fn as_f64(&self) -> Option<f64> {
+    /// Any float or integer, as f64; `None` for the rest.
+    pub(crate) fn as_f64(&self) -> Option<f64> {
         match *self {
             Value::F32(v) => Some(v as f64),
             Value::F64(v) => Some(v),
@@ -119,28 +139,32 @@ impl Value {
         }
     }
 
-    pub fn as_str(&self) -> Option<&str> {
+    /// The text of a [`Value::String`].
+    pub(crate) fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
             _ => None,
         }
     }
 
-    pub fn as_bool(&self) -> Option<bool> {
+    /// The flag of a [`Value::Bool`].
+    pub(crate) fn as_bool(&self) -> Option<bool> {
         match *self {
             Value::Bool(b) => Some(b),
             _ => None,
         }
     }
 
-    pub fn as_strings(&self) -> Option<&Strings> {
+    /// The strings of a [`Value::Strings`] array.
+    pub(crate) fn as_strings(&self) -> Option<&Strings> {
         match self {
             Value::Strings(s) => Some(s),
             _ => None,
         }
     }
 
-    pub fn as_numbers(&self) -> Option<&[f64]> {
+    /// The numbers of a [`Value::Numbers`] array.
+    pub(crate) fn as_numbers(&self) -> Option<&[f64]> {
         match self {
             Value::Numbers(n) => Some(n),
             _ => None,
@@ -151,21 +175,25 @@ impl Value {
 /// Where one tensor lives in the file and what it holds.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
-    pub name: String,
+    /// The tensor's GGUF name, e.g. `blk.0.attn_q.weight`.
+    pub(crate) name: String,
     /// Dimensions in GGUF order: `dims[0]` is the innermost (contiguous) one, so a
     /// weight matrix of `rows x cols` is stored as `[cols, rows]`.
     pub dims: Vec<usize>,
-    pub ggml_type: GgmlType,
+    /// How the elements are stored.
+    pub(crate) ggml_type: GgmlType,
     /// Offset from the start of the tensor data section.
     pub offset: usize,
 }
 
 impl TensorInfo {
-    pub fn element_count(&self) -> usize {
+    /// Elements in all: the product of the dimensions.
+    pub(crate) fn element_count(&self) -> usize {
         self.dims.iter().product()
     }
 
-    pub fn byte_len(&self) -> usize {
+    /// Bytes the tensor takes in the file, in its type.
+    pub(crate) fn byte_len(&self) -> usize {
         self.ggml_type.row_bytes(self.element_count())
     }
 }
@@ -204,16 +232,24 @@ impl std::ops::Deref for TensorData {
 
 /// An open GGUF file.
 pub struct Gguf {
-    pub path: PathBuf,
+    /// The file as it was opened, for error messages.
+    pub(crate) path: PathBuf,
+    /// The GGUF format version of the file: 2 or 3.
     pub version: u32,
-    pub metadata: HashMap<String, Value>,
-    pub tensors: Vec<TensorInfo>,
+    /// Every metadata key and its value.
+    pub(crate) metadata: HashMap<String, Value>,
+    /// The tensor table, in file order.
+    pub(crate) tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
     data_start: usize,
     mmap: Arc<Mmap>,
 }
 
 impl Gguf {
+    /// Open and map the file at `path` and read its header: metadata and tensor table,
+    /// each tensor checked to lie inside the file. Fails with [`Error::Open`] when the
+    /// file cannot be read, [`Error::BadGguf`] when it is not a GGUF file ape reads, and
+    /// [`Error::UnsupportedTensorType`] for a tensor type ape has no kernel for.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|source| Error::Open {
@@ -327,11 +363,13 @@ impl Gguf {
         })
     }
 
-    pub fn get(&self, key: &str) -> Option<&Value> {
+    /// The metadata value under `key`, if the file has one.
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }
 
-    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+    /// The tensor called `name`, if the file has one.
+    pub(crate) fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
 

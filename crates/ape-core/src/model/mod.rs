@@ -11,8 +11,9 @@ mod llama;
 mod passes;
 mod weights;
 
-pub use config::{Architecture, Config, SlidingWindow};
-pub use passes::{Model, Reads, Step};
+pub use config::{Config, SlidingWindow};
+pub use passes::Model;
+pub(crate) use passes::{Reads, Step};
 
 use crate::cancel::Cancel;
 use crate::error::Result;

@@ -18,38 +18,54 @@ use crate::cancel::Cancel;
 use crate::error::Result;
 use crate::kernels::{dot_f16, matmul, rms_norm};
 
+/// A loaded model: its hyper-parameters and its network's weights (mapped from the
+/// file, or packed for this CPU), ready to run any of the passes.
 pub struct Model {
+    /// The hyper-parameters read from the file's metadata.
     pub config: Config,
     network: Box<dyn Network>,
 }
 
 /// One sequence's part of a [`Model::forward_batch`]: its new tokens, the cache they
 /// are appended to, and what they read.
-pub struct Step<'a> {
-    pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
-    pub reads: Reads<'a>,
+pub(crate) struct Step<'a> {
+    /// The new tokens, in order.
+    pub(crate) tokens: &'a [u32],
+    /// The cache their keys and values are appended to (overwritten in place for
+    /// [`Reads::Recompute`], left as it was for [`Reads::Attended`]).
+    pub(crate) cache: &'a mut KvCache,
+    /// What the tokens attend to besides themselves.
+    pub(crate) reads: Reads<'a>,
 }
 
 /// What a step's tokens attend to besides themselves.
-pub enum Reads<'a> {
+pub(crate) enum Reads<'a> {
     /// The cache before them, causally ([`Model::forward`]).
     Causal,
     /// The cache (the shared prefix, its first `prefix_len` positions, then the query
     /// side so far) and every context with APE's factors ([`Model::forward_ape`]).
     Ape {
+        /// Positions of the cache that hold the shared prefix.
         prefix_len: usize,
+        /// Every context, each encoded after the prefix.
         contexts: &'a [&'a KvCache],
+        /// APE's temperature and scale.
         factors: ApeFactors,
     },
     /// The cache holds a context encoded after `prefix` (so far): the tokens go on it,
     /// attending to the prefix and to the context up to themselves
     /// ([`Model::extend_context`]).
-    Context { prefix: &'a KvCache },
+    Context {
+        /// The shared prefix the context was encoded after.
+        prefix: &'a KvCache,
+    },
     /// The tokens sit at `positions` (increasing, all filled) of the cache and are
     /// recomputed there, each attending causally to every position up to its own
     /// ([`Model::recompute`]); the cache does not grow.
-    Recompute { positions: &'a [usize] },
+    Recompute {
+        /// The cache positions recomputed, one per token.
+        positions: &'a [usize],
+    },
     /// The tokens (a query) read the cache causally after everything it holds, which it
     /// keeps as it was: what the step gives back is not logits but how much attention
     /// the tokens gave each held position ([`Model::attention_received`]).
@@ -70,6 +86,9 @@ impl Reads<'_> {
 }
 
 impl Model {
+    /// The model `gguf` holds, its weights read in place from the mapped file or packed
+    /// for this CPU; fails on an unsupported architecture, missing or misshapen tensors
+    /// or bad metadata.
     pub fn load(gguf: &Gguf) -> Result<Self> {
         let config = Config::from_gguf(gguf)?;
         let network: Box<dyn Network> = match config.architecture {
@@ -129,7 +148,7 @@ impl Model {
     /// keys, values and logits are those [`Model::forward`] or [`Model::forward_ape`] give
     /// it alone: no token's products depend on the tokens beside it, and each sequence's
     /// attention is computed on its own.
-    pub fn forward_batch(&self, steps: &mut [Step<'_>]) -> Vec<Vec<f32>> {
+    pub(crate) fn forward_batch(&self, steps: &mut [Step<'_>]) -> Vec<Vec<f32>> {
         let (x, mut received) = self.run_steps(steps);
         let hidden = self.config.hidden;
         let mut end = 0;
@@ -501,7 +520,8 @@ impl Model {
     }
 
     /// [`Model::run_layers`], checking `cancel` before each layer: a cancelled pass stops
-    /// there with [`Error::Cancelled`], the caches `attend` writes filled part way.
+    /// there with [`Error::Cancelled`](crate::Error::Cancelled), the caches `attend`
+    /// writes filled part way.
     pub fn run_layers_until(
         &self,
         tokens: &[u32],

@@ -97,6 +97,9 @@ enum Encoder {
 }
 
 impl Tokenizer {
+    /// The tokenizer the file's `tokenizer.ggml.*` metadata describes; fails on missing or
+    /// malformed metadata, a vocabulary other than `gpt2` and `llama`, or a file that wants
+    /// BOS but names none.
     pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
         let model = gguf.require("tokenizer.ggml.model", "string", Value::as_str)?;
         let tokens = Arc::new(string_array(gguf, "tokenizer.ggml.tokens")?.clone());
@@ -186,10 +189,13 @@ impl Tokenizer {
         }
     }
 
+    /// The beginning-of-sequence token the file names, if any.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
     }
 
+    /// The one end-of-sequence token the file names, if any; generation also ends on the
+    /// others in [`Tokenizer::eog_ids`].
     pub fn eos_id(&self) -> Option<u32> {
         self.eos
     }
@@ -199,6 +205,7 @@ impl Tokenizer {
         self.add_bos
     }
 
+    /// Tokens in the file's vocabulary: every valid id is below it.
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
     }
@@ -214,6 +221,7 @@ impl Tokenizer {
         &self.eog
     }
 
+    /// Whether `id` ends generation (is one of [`Tokenizer::eog_ids`]).
     pub fn is_eog(&self, id: u32) -> bool {
         self.eog.binary_search(&id).is_ok()
     }
