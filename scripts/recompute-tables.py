@@ -6,7 +6,7 @@ python3 scripts/recompute-tables.py [RESULTS_DIR [MORE_DIR ...]]  (writes
 RESULTS_DIR/recompute.svg). Reports in MORE_DIRs (other settings of the same test
 questions, read by other runs) are joined onto RESULTS_DIR's, question by question; the
 first directory that read a setting gives its outcomes, and the first that holds a
-model's `ape bench ttft` table gives its times."""
+model's `ape bench ttft` table or an in-context-learning report gives it."""
 import glob, json, math, os, re, sys
 
 DIRS = sys.argv[1:] or ['eval-results/recompute']
@@ -24,12 +24,16 @@ def share(setting):
     return float(found.group(1)) if found else 0.0
 
 
+def first_in_dirs(name):
+    """The path of `name` in the first of the directories that holds it, or None."""
+    return next((f'{d}/{name}' for d in DIRS if os.path.exists(f'{d}/{name}')), None)
+
+
 def ttft_by_share(model):
     """Sequential's time and APE's at each share, from `ape bench ttft`'s table."""
-    paths = [f'{d}/ttft-{model}.md' for d in DIRS if os.path.exists(f'{d}/ttft-{model}.md')]
-    if not paths:
+    path = first_in_dirs(f'ttft-{model}.md')
+    if path is None:
         return None, {}
-    path = paths[0]
     with open(path) as f:
         lines = [l for l in f if l.startswith('|')]
     head = [c.strip() for c in lines[0].strip('|\n').split('|')]
@@ -184,8 +188,8 @@ for model, name in MODELS.items():
 # to sequential's over the same questions and the paired difference's standard error.
 for model, name in MODELS.items():
     for task in ['intent', 'sentiment']:
-        path = f'{D}/{task}-{model}-test.json'
-        if not os.path.exists(path):
+        path = first_in_dirs(f'{task}-{model}-test.json')
+        if path is None:
             continue
         with open(path) as f:
             report = json.load(f)

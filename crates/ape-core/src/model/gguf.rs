@@ -69,11 +69,6 @@ impl Strings {
         self.ends.len()
     }
 
-    /// Whether no string is held.
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
     /// String `i`, or `None` past the end.
     pub(crate) fn get(&self, i: usize) -> Option<&str> {
         let end = *self.ends.get(i)?;
