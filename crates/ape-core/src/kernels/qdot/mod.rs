@@ -168,6 +168,62 @@ impl Kernels {
 /// all of them.
 const TILE: usize = 8;
 
+/// Products over one tile of `N` quantized vectors (`N` up to [`TILE`]), which share the
+/// unpacking of the weights.
+#[cfg(target_arch = "x86_64")]
+trait TileProducts {
+    /// The products of `vs`, vectors `at..at + N` of the batch.
+    fn tile<const N: usize>(&mut self, at: usize, vs: [&QuantizedVector; N]);
+}
+
+/// Hands `vs` to `products` in tiles of [`TILE`], the last one as many as are left: the
+/// vectors of a tile of any size share the unpacking of the weights, so those left over
+/// do too, where one at a time each would unpack every weight again.
+#[cfg(target_arch = "x86_64")]
+fn in_tiles(vs: &[&QuantizedVector], products: &mut impl TileProducts) {
+    fn array<'a, const N: usize>(tile: &[&'a QuantizedVector]) -> [&'a QuantizedVector; N] {
+        tile.try_into().expect("a tile of the length matched")
+    }
+    for (tile, at) in vs.chunks(TILE).zip((0..).step_by(TILE)) {
+        match tile.len() {
+            1 => products.tile::<1>(at, array(tile)),
+            2 => products.tile::<2>(at, array(tile)),
+            3 => products.tile::<3>(at, array(tile)),
+            4 => products.tile::<4>(at, array(tile)),
+            5 => products.tile::<5>(at, array(tile)),
+            6 => products.tile::<6>(at, array(tile)),
+            7 => products.tile::<7>(at, array(tile)),
+            TILE => products.tile::<TILE>(at, array(tile)),
+            _ => unreachable!("chunks of at most TILE"),
+        }
+    }
+}
+
+/// [`dot_rows_tokens`]' products over one tile, on the one-row kernels.
+#[cfg(target_arch = "x86_64")]
+struct RowProducts<'a> {
+    kernels: Kernels,
+    ty: GgmlType,
+    rows: &'a [u8],
+    row_bytes: usize,
+    count: usize,
+    out: &'a mut [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TileProducts for RowProducts<'_> {
+    fn tile<const N: usize>(&mut self, at: usize, vs: [&QuantizedVector; N]) {
+        for (r, row) in self.rows.chunks_exact(self.row_bytes).enumerate() {
+            // SAFETY: `dot_rows_with` runs these kernels only where `best` (or a test)
+            // found the CPU's features, and checked the lengths.
+            let products = unsafe { dot_quantized(self.kernels, self.ty, row, vs) };
+            for (i, p) in products.into_iter().enumerate() {
+                self.out[(at + i) * self.count + r] = p;
+            }
+        }
+    }
+}
+
 /// `out[t * count + r]` is the dot product of row `r` of `rows` with `xs[t]`, where
 /// `count = out.len() / xs.len()` rows of `ty` fill `rows`. Every product is computed by
 /// the same sequence of operations as with that vector alone: a tile of
@@ -221,27 +277,39 @@ pub fn dot_groups_tokens(ty: GgmlType, groups: &[u8], xs: &[Prepared], out: &mut
         vs.iter().all(|v| v.len() == first.len()),
         "vectors of different lengths"
     );
-    let mut put = |t: usize, g: usize, rows: [f32; GROUP_ROWS]| {
-        out[t * count + g * GROUP_ROWS..][..GROUP_ROWS].copy_from_slice(&rows);
-    };
-    let mut tiles = vs.chunks_exact(TILE);
-    for (tile, at) in tiles.by_ref().zip((0..).step_by(TILE)) {
-        let tile: &[&QuantizedVector; TILE] = tile.try_into().expect("a whole tile");
-        for (g, group) in groups.chunks_exact(group_bytes).enumerate() {
-            // SAFETY: the CPU has AVX-512 with VNNI (asserted above), and the lengths
-            // were checked.
-            let products = unsafe { sixteen::avx512::dot_group(ty, group, *tile) };
+    in_tiles(
+        &vs,
+        &mut GroupProducts {
+            ty,
+            groups,
+            group_bytes,
+            count,
+            out,
+        },
+    );
+}
+
+/// [`dot_groups_tokens`] over one tile.
+#[cfg(target_arch = "x86_64")]
+struct GroupProducts<'a> {
+    ty: GgmlType,
+    groups: &'a [u8],
+    group_bytes: usize,
+    count: usize,
+    out: &'a mut [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TileProducts for GroupProducts<'_> {
+    fn tile<const N: usize>(&mut self, at: usize, vs: [&QuantizedVector; N]) {
+        for (g, group) in self.groups.chunks_exact(self.group_bytes).enumerate() {
+            // SAFETY: `dot_groups_tokens` asserted that the CPU has AVX-512 with VNNI and
+            // checked the lengths.
+            let products = unsafe { sixteen::avx512::dot_group(self.ty, group, vs) };
             for (i, rows) in products.into_iter().enumerate() {
-                put(at + i, g, rows);
+                let start = (at + i) * self.count + g * GROUP_ROWS;
+                self.out[start..start + GROUP_ROWS].copy_from_slice(&rows);
             }
-        }
-    }
-    let done = vs.len() - tiles.remainder().len();
-    for (t, v) in (done..).zip(tiles.remainder()) {
-        for (g, group) in groups.chunks_exact(group_bytes).enumerate() {
-            // SAFETY: as above.
-            let [rows] = unsafe { sixteen::avx512::dot_group(ty, group, [*v]) };
-            put(t, g, rows);
         }
     }
 }
@@ -281,7 +349,7 @@ fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], xs: &[&Prepared], 
         out.fill(0.0);
         return;
     }
-    let rows = || rows.chunks_exact(row_bytes).enumerate();
+    let each_row = || rows.chunks_exact(row_bytes).enumerate();
     #[cfg(target_arch = "x86_64")]
     if kernels != Kernels::Portable {
         if all_dense {
@@ -289,7 +357,7 @@ fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], xs: &[&Prepared], 
                 let Prepared::Dense(x) = x else {
                     unreachable!("checked above")
                 };
-                for (r, row) in rows() {
+                for (r, row) in each_row() {
                     // SAFETY: `best` (or a test) checked that the CPU has the features the
                     // kernels are compiled for, and the asserts above the lengths.
                     out[t * count + r] = unsafe { avx2::dot_dense(ty, row, x) };
@@ -297,28 +365,21 @@ fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], xs: &[&Prepared], 
             }
             return;
         }
-        let mut tiles = quantized.chunks_exact(TILE);
-        for (tile, at) in tiles.by_ref().zip((0..).step_by(TILE)) {
-            let tile: &[&QuantizedVector; TILE] = tile.try_into().expect("a whole tile");
-            for (r, row) in rows() {
-                // SAFETY: as above.
-                let products = unsafe { dot_quantized(kernels, ty, row, *tile) };
-                for (i, p) in products.into_iter().enumerate() {
-                    out[(at + i) * count + r] = p;
-                }
-            }
-        }
-        let done = xs.len() - tiles.remainder().len();
-        for (t, v) in (done..).zip(tiles.remainder()) {
-            for (r, row) in rows() {
-                // SAFETY: as above.
-                out[t * count + r] = unsafe { dot_quantized(kernels, ty, row, [*v])[0] };
-            }
-        }
+        in_tiles(
+            &quantized,
+            &mut RowProducts {
+                kernels,
+                ty,
+                rows,
+                row_bytes,
+                count,
+                out,
+            },
+        );
         return;
     }
     for (t, x) in xs.iter().enumerate() {
-        for (r, row) in rows() {
+        for (r, row) in each_row() {
             out[t * count + r] = dot_row_scalar(ty, row, x);
         }
     }
@@ -483,13 +544,16 @@ mod tests {
     }
 
     /// A vector in a tile of several is multiplied exactly as alone: the same bits, on
-    /// every kernel set, for whole tiles and the tokens left over.
+    /// every kernel set, for whole tiles and a last tile of every size.
     #[test]
     fn a_vector_in_a_tile_gets_what_it_gets_alone() {
         let mut rng = ChaCha8Rng::seed_from_u64(14);
         for kernels in all_kernels() {
-            for ty in ALL_TYPES {
-                let (n, rows, tokens) = (512, 3, TILE + 3);
+            for (ty, tokens) in ALL_TYPES
+                .into_iter()
+                .flat_map(|ty| (1..=2 * TILE).map(move |t| (ty, t)))
+            {
+                let (n, rows) = (512, 3);
                 let matrix: Vec<u8> = (0..rows)
                     .flat_map(|_| random_row(ty, n, &mut rng))
                     .collect();
@@ -547,8 +611,11 @@ mod tests {
             if !packs_in_sixteens(ty, GROUP_ROWS) {
                 continue;
             }
-            for &n in lengths(ty) {
-                let (rows, tokens) = (3 * GROUP_ROWS, TILE + 3);
+            for (&n, tokens) in lengths(ty)
+                .iter()
+                .flat_map(|n| (1..=2 * TILE).map(move |t| (n, t)))
+            {
+                let rows = 3 * GROUP_ROWS;
                 let matrix: Vec<u8> = (0..rows)
                     .flat_map(|_| random_row(ty, n, &mut rng))
                     .collect();
