@@ -59,8 +59,8 @@ pub enum StoreError {
     /// failed connection the tier fails at once for a second before it tries again.
     #[error("Redis at {url}: {source}. Check that the server is running and the URL (redis://host:port/db) is right")]
     Redis {
-        /// The URL the tier was given, as given (it may hold a password: clients get
-        /// [`StoreError::for_clients`] instead).
+        /// The URL the tier was given, any password in it replaced by `***` (clients get
+        /// [`StoreError::for_clients`], which leaves out the address too).
         url: String,
         /// The Redis client's error.
         source: redis::RedisError,

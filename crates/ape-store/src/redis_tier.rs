@@ -25,6 +25,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// is unreachable its operations fail at once and the other tiers carry on.
 pub struct RedisTier {
     codec: Codec,
+    /// The URL as given, any password in it replaced, for messages and logs.
     url: String,
     client: redis::Client,
     link: Mutex<Link>,
@@ -40,13 +41,14 @@ impl RedisTier {
     /// The Redis at `url` (`redis://host:port/db`). A URL that cannot be one is an error;
     /// a Redis that does not answer yet is logged, and tried again when the tier is used.
     pub fn connect(url: &str, codec: Codec) -> Result<Self> {
+        let shown = without_password(url);
         let client = redis::Client::open(url).map_err(|source| StoreError::Redis {
-            url: url.to_string(),
+            url: shown.clone(),
             source,
         })?;
         let tier = RedisTier {
             codec,
-            url: url.to_string(),
+            url: shown,
             client,
             link: Mutex::new(Link::Down(None)),
         };
@@ -116,6 +118,37 @@ impl RedisTier {
     }
 }
 
+/// `url` with the password it may carry (`redis://user:password@host/`, or a `pass` or
+/// `password` parameter of a `redis+unix://` URL) replaced by `***`: errors naming the
+/// URL are logged, and a log is no place for a password.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name @ ("pass" | "password"), _)) => format!("{name}=***"),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", pairs.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
 impl Tier for RedisTier {
     fn name(&self) -> &'static str {
         "redis"
@@ -171,5 +204,48 @@ impl Tier for RedisTier {
             self.remove(key)?;
         }
         Ok(keys.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_left_out_of_the_url_shown() {
+        let cases = [
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            ("redis://:hunter2@host:6379/1", "redis://:***@host:6379/1"),
+            ("rediss://ape:hunter2@host/", "rediss://ape:***@host/"),
+            ("redis://ape@host", "redis://ape@host"),
+            ("redis://:p@ss:w@rd@host?db=2", "redis://:***@host?db=2"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=hunter2",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+            ("not a url", "not a url"),
+        ];
+        for (given, shown) in cases {
+            assert_eq!(without_password(given), shown, "{given}");
+        }
+    }
+
+    /// An unreachable Redis is an error that names where it was, not its password.
+    #[test]
+    fn an_unreachable_redis_is_named_without_its_password() {
+        let codec = Codec {
+            model: crate::Fingerprint([0; 32]),
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 8,
+            dtype: crate::KvDtype::F16,
+        };
+        let tier = RedisTier::connect("redis://:hunter2@127.0.0.1:1/", codec).unwrap();
+        let error = tier
+            .holds(&Key::from_hex(&"0".repeat(64)).unwrap())
+            .unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("redis://:***@127.0.0.1:1/"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
     }
 }
