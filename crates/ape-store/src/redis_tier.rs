@@ -120,33 +120,32 @@ impl RedisTier {
 
 /// `url` with the password it may carry (`redis://user:password@host/`, or a `pass` or
 /// `password` parameter of a `redis+unix://` URL) replaced by `***`: errors naming the
-/// URL are logged, and a log is no place for a password.
+/// URL are logged, and a log is no place for a password. Parsed as the Redis client
+/// parses it; what it cannot parse is shown as given (it holds no URL's password).
 fn without_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let Some(mut parsed) = redis::parse_redis_url(url) else {
         return url.to_string();
     };
-    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => authority.to_string(),
-        },
-        None => authority.to_string(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let pairs: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((name @ ("pass" | "password"), _)) => format!("{name}=***"),
-                    _ => pair.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", pairs.join("&"))
-        }
-        None => tail.to_string(),
-    };
-    format!("{scheme}://{authority}{tail}")
+    if parsed.password().is_some() {
+        // Only a URL without a host refuses a password, and one with a password has one.
+        let _ = parsed.set_password(Some("***"));
+    }
+    let secret = |name: &str| matches!(name, "pass" | "password");
+    if parsed.query_pairs().any(|(name, _)| secret(&name)) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if secret(&name) {
+                    "***".into()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 impl Tier for RedisTier {
