@@ -31,6 +31,8 @@ fn long_prompt(engine: &Engine) -> Vec<u32> {
     tokens[..520].to_vec()
 }
 
+/// Chunks of one token read every token's last hidden state; a chunk of several reads
+/// only its last token's, the others stopping after the last layer's keys and values.
 fn prompt_in_chunks(engine: &Engine, model_file: &str) {
     let prompt = long_prompt(engine);
     let model = &engine.model;

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::config::Config;
 use super::gguf::Gguf;
-use super::weights::{add_in_place, Ends, Loader};
+use super::weights::{add_in_place, keep_rows, Ends, Loader};
 use super::{Attend, Network};
 use crate::cancel::Cancel;
 use crate::error::Result;
@@ -87,6 +87,7 @@ impl Network for Gemma3 {
         &self,
         tokens: &[u32],
         positions: &[usize],
+        read: &[usize],
         cancel: &Cancel,
         attend: &mut Attend<'_>,
     ) -> Result<Vec<f32>> {
@@ -130,6 +131,13 @@ impl Network for Gemma3 {
                 rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], angles, t);
             }
             attend(li, &q, &k, &v, &mut attn);
+            if li + 1 == self.layers.len() && read.len() < n {
+                // Past the last layer's keys and values, only the rows read matter.
+                keep_rows(read, n, [&mut x, &mut attn, &mut h, &mut gate, &mut up]);
+                if read.is_empty() {
+                    break;
+                }
+            }
             matmul(&attn, &layer.wo, &mut h);
             rms_norm(&mut h, &layer.post_attn_norm, c.rms_eps);
             add_in_place(&mut x, &h);

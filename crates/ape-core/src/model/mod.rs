@@ -27,11 +27,14 @@ type Attend<'a> = dyn FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send + 
 /// last hidden state. The passes over a model are written once, over this.
 trait Network: Send + Sync {
     /// The layers over `tokens` at `positions`, attention supplied by `attend`; returns
-    /// every token's hidden state after the last layer. Checks `cancel` before each layer.
+    /// the hidden states after the last layer of the tokens `read` (increasing indices into
+    /// `tokens`), in order. The other tokens stop after the last layer's attention: their
+    /// keys and values are all a caller keeps of them. Checks `cancel` before each layer.
     fn run_layers(
         &self,
         tokens: &[u32],
         positions: &[usize],
+        read: &[usize],
         cancel: &Cancel,
         attend: &mut Attend<'_>,
     ) -> Result<Vec<f32>>;

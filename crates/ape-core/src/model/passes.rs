@@ -73,6 +73,12 @@ pub(crate) enum Reads<'a> {
 }
 
 impl Reads<'_> {
+    /// Whether the step's last tokens are read for logits: not when it only keeps keys
+    /// and values (a context, recomputed tokens) or gives back attention.
+    fn gives_logits(&self) -> bool {
+        matches!(self, Reads::Causal | Reads::Ape { .. })
+    }
+
     /// Positions the step's tokens start after, beyond its cache: the longest context's
     /// for APE, the prefix's for a context.
     fn positions_before(&self) -> usize {
@@ -123,62 +129,57 @@ impl Model {
     /// Run `tokens` through the model at the positions after what `cache` holds, append
     /// their keys and values to it, and return the logits of the last token.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
-        self.logits(&self.forward_hidden(tokens, cache))
+        let mut rows = self.forward_rows(tokens, cache, 1);
+        rows.pop().expect("one row of logits")
     }
 
     /// [`Model::forward`], returning the logits of each of the last `rows` tokens (in
     /// order) instead of the last one only; with `rows` 0 no logits are computed.
     pub fn forward_rows(&self, tokens: &[u32], cache: &mut KvCache, rows: usize) -> Vec<Vec<f32>> {
-        self.last_rows_logits(&self.forward_hidden(tokens, cache), rows)
-    }
-
-    fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
-        self.run_steps(&mut [Step {
+        let step = Step {
             tokens,
             cache,
             reads: Reads::Causal,
-        }])
-        .0
+        };
+        self.rows_logits(&self.run_steps(&mut [step], rows).0)
     }
 
     /// Run several sequences' new tokens through the model in one pass, every weight
     /// matrix read once for all of them, each sequence attending over its own cache as
     /// `reads` says; returns the logits of each sequence's last token (for
-    /// [`Reads::Attended`], the attention its cache's positions received). A sequence's
+    /// [`Reads::Attended`], the attention its cache's positions received; nothing for
+    /// [`Reads::Context`] and [`Reads::Recompute`], which only keep keys and values). A sequence's
     /// keys, values and logits are those [`Model::forward`] or [`Model::forward_ape`] give
     /// it alone: no token's products depend on the tokens beside it, and each sequence's
     /// attention is computed on its own.
     pub(crate) fn forward_batch(&self, steps: &mut [Step<'_>]) -> Vec<Vec<f32>> {
-        let (x, mut received) = self.run_steps(steps);
-        let hidden = self.config.hidden;
-        let mut end = 0;
-        let mut last_rows = Vec::with_capacity(steps.len() * hidden);
-        for step in steps.iter() {
-            end += step.tokens.len();
-            if !matches!(step.reads, Reads::Attended) {
-                last_rows.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
-            }
-        }
+        let (last_rows, mut received) = self.run_steps(steps, 1);
         let mut logits = self.rows_logits(&last_rows).into_iter();
-        received
-            .iter_mut()
-            .map(|r| match r.take() {
+        steps
+            .iter()
+            .zip(received.iter_mut())
+            .map(|(step, r)| match r.take() {
                 Some(received) => received,
-                None => logits.next().expect("a row of logits per step"),
+                None if step.reads.gives_logits() => {
+                    logits.next().expect("a row of logits per step")
+                }
+                None => Vec::new(),
             })
             .collect()
     }
 
     /// The layers over every step's tokens, each at the positions after its cache (and,
     /// for APE, after the longest context); appends each step's keys and values to its
-    /// cache. Returns the hidden states of every token, steps in order, and for each
-    /// [`Reads::Attended`] step the attention its cache's positions received.
-    fn run_steps(&self, steps: &mut [Step<'_>]) -> (Vec<f32>, Vec<Option<Vec<f32>>>) {
+    /// cache. Returns the hidden states of the last `rows` tokens of each step that gives
+    /// logits, steps in order, and for each [`Reads::Attended`] step the attention its
+    /// cache's positions received.
+    fn run_steps(&self, steps: &mut [Step<'_>], rows: usize) -> (Vec<f32>, Vec<Option<Vec<f32>>>) {
         let tokens: Vec<u32> = steps
             .iter()
             .flat_map(|s| s.tokens.iter().copied())
             .collect();
-        let mut rows = Vec::with_capacity(steps.len());
+        let mut spans = Vec::with_capacity(steps.len());
+        let mut read = Vec::with_capacity(steps.len() * rows);
         let mut positions = Vec::with_capacity(tokens.len());
         for step in steps.iter() {
             if let Reads::Recompute { positions: at } = step.reads {
@@ -196,8 +197,12 @@ impl Model {
                 let first = step.cache.len() + step.reads.positions_before();
                 positions.extend(first..first + step.tokens.len());
             }
-            let start = rows.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
-            rows.push(start..start + step.tokens.len());
+            let start = spans.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
+            let span = start..start + step.tokens.len();
+            if step.reads.gives_logits() {
+                read.extend(span.end - rows.min(span.len())..span.end);
+            }
+            spans.push(span);
         }
         let (heads, d) = (self.config.heads, self.config.head_dim);
         let (q_row, kv_row) = (heads * d, self.config.kv_heads * d);
@@ -206,9 +211,9 @@ impl Model {
             .map(|s| matches!(s.reads, Reads::Attended).then(|| vec![0f32; s.cache.len()]))
             .collect();
         let config = &self.config;
-        let x = self.run_layers(&tokens, positions, |layer, q, k, v, out| {
+        let x = self.run_layers_reading(&tokens, positions, &read, |layer, q, k, v, out| {
             let window = config.window(layer);
-            for ((step, r), received) in steps.iter_mut().zip(&rows).zip(&mut received) {
+            for ((step, r), received) in steps.iter_mut().zip(&spans).zip(&mut received) {
                 let (q, out) = (
                     &q[r.start * q_row..r.end * q_row],
                     &mut out[r.start * q_row..r.end * q_row],
@@ -355,7 +360,8 @@ impl Model {
         contexts: &[&KvCache],
         factors: ApeFactors,
     ) -> Vec<f32> {
-        self.logits(&self.forward_ape_hidden(tokens, cache, prefix_len, contexts, factors))
+        let mut rows = self.forward_ape_rows(tokens, cache, prefix_len, contexts, factors, 1);
+        rows.pop().expect("one row of logits")
     }
 
     /// [`Model::forward_ape`], returning the logits of each of the last `rows` tokens (in
@@ -369,21 +375,7 @@ impl Model {
         factors: ApeFactors,
         rows: usize,
     ) -> Vec<Vec<f32>> {
-        self.last_rows_logits(
-            &self.forward_ape_hidden(tokens, cache, prefix_len, contexts, factors),
-            rows,
-        )
-    }
-
-    fn forward_ape_hidden(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        prefix_len: usize,
-        contexts: &[&KvCache],
-        factors: ApeFactors,
-    ) -> Vec<f32> {
-        self.run_steps(&mut [Step {
+        let step = Step {
             tokens,
             cache,
             reads: Reads::Ape {
@@ -391,8 +383,8 @@ impl Model {
                 contexts,
                 factors,
             },
-        }])
-        .0
+        };
+        self.rows_logits(&self.run_steps(&mut [step], rows).0)
     }
 
     /// The prefix followed by the contexts one after another, as sequential reading lays
@@ -437,8 +429,7 @@ impl Model {
         self.run_layers_until(tokens, positions_iter, cancel, |layer, q, k, v, out| {
             cache.overwrite(layer, positions, k, v);
             in_place_attention(q, c.heads, cache, positions, layer, c.window(layer), out);
-        })?;
-        Ok(())
+        })
     }
 
     /// How much attention `query`, read causally after everything `cache` holds, gives each
@@ -515,17 +506,45 @@ impl Model {
         positions: impl IntoIterator<Item = usize>,
         attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
     ) -> Vec<f32> {
-        self.run_layers_until(tokens, positions, &Cancel::default(), attend)
+        let every: Vec<usize> = (0..tokens.len()).collect();
+        self.run_layers_reading(tokens, positions, &every, attend)
+    }
+
+    /// [`Model::run_layers`] for the hidden states of tokens `read` only (increasing
+    /// indices), in order: the other tokens stop after the last layer's attention, having
+    /// given `attend` their keys and values.
+    fn run_layers_reading(
+        &self,
+        tokens: &[u32],
+        positions: impl IntoIterator<Item = usize>,
+        read: &[usize],
+        attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
+    ) -> Vec<f32> {
+        self.layers(tokens, positions, read, &Cancel::default(), attend)
             .expect("a pass nobody can cancel runs to the end")
     }
 
-    /// [`Model::run_layers`], checking `cancel` before each layer: a cancelled pass stops
-    /// there with [`Error::Cancelled`](crate::Error::Cancelled), the caches `attend`
-    /// writes filled part way.
+    /// The transformer layers over `tokens` at `positions` for their keys and values
+    /// alone, which `attend` keeps (no hidden state is read after the last layer),
+    /// checking `cancel` before each layer: a cancelled pass stops there with
+    /// [`Error::Cancelled`](crate::Error::Cancelled), the caches `attend` writes filled
+    /// part way.
     pub fn run_layers_until(
         &self,
         tokens: &[u32],
         positions: impl IntoIterator<Item = usize>,
+        cancel: &Cancel,
+        attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
+    ) -> Result<()> {
+        self.layers(tokens, positions, &[], cancel, attend)
+            .map(drop)
+    }
+
+    fn layers(
+        &self,
+        tokens: &[u32],
+        positions: impl IntoIterator<Item = usize>,
+        read: &[usize],
         cancel: &Cancel,
         attend: impl FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) + Send,
     ) -> Result<Vec<f32>> {
@@ -537,20 +556,13 @@ impl Model {
         // queued and this thread put to sleep until it is done.
         rayon::scope(|_| {
             self.network
-                .run_layers(tokens, &positions, cancel, &mut attend)
+                .run_layers(tokens, &positions, read, cancel, &mut attend)
         })
     }
 
     /// Logits of the last token of hidden states `x`.
     pub fn logits(&self, x: &[f32]) -> Vec<f32> {
         self.row_logits(&x[x.len() - self.config.hidden..])
-    }
-
-    /// Logits of each of the last `rows` tokens of hidden states `x`, in order.
-    fn last_rows_logits(&self, x: &[f32], rows: usize) -> Vec<Vec<f32>> {
-        let hidden = self.config.hidden;
-        let first = (x.len() / hidden).saturating_sub(rows);
-        self.rows_logits(&x[first * hidden..])
     }
 
     /// Logits of one token's final hidden state.
