@@ -213,7 +213,12 @@ impl Model {
         let config = &self.config;
         let x = self.run_layers_reading(&tokens, positions, &read, |layer, q, k, v, out| {
             let window = config.window(layer);
+            let last_layer = !self.attention_read_after(layer);
             for ((step, r), received) in steps.iter_mut().zip(&spans).zip(&mut received) {
+                let rows_read = match step.reads.gives_logits() {
+                    true => rows.min(r.len()),
+                    false => 0,
+                };
                 let (q, out) = (
                     &q[r.start * q_row..r.end * q_row],
                     &mut out[r.start * q_row..r.end * q_row],
@@ -228,7 +233,20 @@ impl Model {
                     }
                     _ => step.cache.write(layer, k, v),
                 }
+                // In the last layer, attention is computed only for the rows read after it
+                // (and the query's last token's weights where they are the result).
                 match &step.reads {
+                    Reads::Causal
+                    | Reads::Ape { .. }
+                    | Reads::Context { .. }
+                    | Reads::Recompute { .. }
+                        if last_layer && rows_read == 0 => {}
+                    Reads::Causal if last_layer && rows_read == 1 && r.len() > 1 => {
+                        let at = r.len() - 1;
+                        let (q, out) = (&q[at * q_row..], &mut out[at * q_row..]);
+                        let position = [step.cache.len() + at];
+                        in_place_attention(q, heads, step.cache, &position, layer, window, out);
+                    }
                     Reads::Causal => causal_attention(q, heads, step.cache, layer, window, out),
                     Reads::Ape {
                         prefix_len,
@@ -253,7 +271,9 @@ impl Model {
                         in_place_attention(q, heads, step.cache, positions, layer, window, out);
                     }
                     Reads::Attended => {
-                        causal_attention(q, heads, step.cache, layer, window, out);
+                        if !last_layer {
+                            causal_attention(q, heads, step.cache, layer, window, out);
+                        }
                         let received = received.as_mut().expect("kept for Attended");
                         if layer >= self.config.layers / 2 {
                             self.add_attention_received(q, step.cache, layer, window, received);
@@ -310,8 +330,10 @@ impl Model {
                     &v[r.start * row..r.end * row],
                 );
             }
-            let batch: Vec<_> = rows.iter().cloned().zip(encoded.iter()).collect();
-            context_attention(q, c.heads, prefix, &batch, layer, c.window(layer), out);
+            if self.attention_read_after(layer) {
+                let batch: Vec<_> = rows.iter().cloned().zip(encoded.iter()).collect();
+                context_attention(q, c.heads, prefix, &batch, layer, c.window(layer), out);
+            }
         })?;
         for (own, t) in encoded.iter_mut().zip(contexts) {
             own.advance(t.len());
@@ -340,8 +362,10 @@ impl Model {
         let positions = prefix.len() + own.len()..;
         self.run_layers_until(tokens, positions, cancel, |layer, q, k, v, out| {
             own.write(layer, k, v);
-            let contexts = [(rows.clone(), &*own)];
-            context_attention(q, c.heads, prefix, &contexts, layer, c.window(layer), out);
+            if self.attention_read_after(layer) {
+                let contexts = [(rows.clone(), &*own)];
+                context_attention(q, c.heads, prefix, &contexts, layer, c.window(layer), out);
+            }
         })?;
         own.advance(tokens.len());
         Ok(())
@@ -428,7 +452,9 @@ impl Model {
         let positions_iter = positions.iter().copied();
         self.run_layers_until(tokens, positions_iter, cancel, |layer, q, k, v, out| {
             cache.overwrite(layer, positions, k, v);
-            in_place_attention(q, c.heads, cache, positions, layer, c.window(layer), out);
+            if self.attention_read_after(layer) {
+                in_place_attention(q, c.heads, cache, positions, layer, c.window(layer), out);
+            }
         })
     }
 
@@ -495,6 +521,12 @@ impl Model {
                 *r += w;
             }
         }
+    }
+
+    /// Whether a pass that reads no hidden state after the last layer reads `layer`'s
+    /// attention: every layer's but the last, whose keys and values are all it keeps.
+    fn attention_read_after(&self, layer: usize) -> bool {
+        layer + 1 < self.config.layers
     }
 
     /// The transformer layers over `tokens` at `positions`, with `attend(layer, q, k, v,
