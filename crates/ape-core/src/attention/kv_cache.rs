@@ -212,6 +212,14 @@ impl KvCache {
         self.head_upto(layer, g, self.len)
     }
 
+    /// [`KvCache::head`], to change in place.
+    pub(crate) fn head_mut(&mut self, layer: usize, g: usize) -> (&mut [f16], &mut [f16]) {
+        let l = &mut self.layers[layer];
+        let at = g * self.capacity * self.head_dim;
+        let end = at + self.len * self.head_dim;
+        (&mut l.k[at..end], &mut l.v[at..end])
+    }
+
     pub(crate) fn head_upto(&self, layer: usize, g: usize, upto: usize) -> (&[f16], &[f16]) {
         let l = &self.layers[layer];
         let at = g * self.capacity * self.head_dim;

@@ -57,6 +57,15 @@ impl Rope {
     /// Rotate every head in `x` (a row of `heads * head_dim` values) by the angles of the
     /// `t`-th position in `angles`.
     pub fn apply(&self, x: &mut [f32], angles: &RopeAngles, t: usize) {
+        self.rotate(x, angles, t, 1.0);
+    }
+
+    /// Undo [`Rope::apply`]: turn each head of `x` back by the angles of entry `t`.
+    pub fn unapply(&self, x: &mut [f32], angles: &RopeAngles, t: usize) {
+        self.rotate(x, angles, t, -1.0);
+    }
+
+    fn rotate(&self, x: &mut [f32], angles: &RopeAngles, t: usize, direction: f32) {
         let half = self.head_dim / 2;
         let cos = &angles.cos[t * half..(t + 1) * half];
         let sin = &angles.sin[t * half..(t + 1) * half];
@@ -66,9 +75,9 @@ impl Rope {
                     RopeStyle::Adjacent => (2 * i, 2 * i + 1),
                     RopeStyle::Halves => (i, i + half),
                 };
-                let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * cos[i] - x1 * sin[i];
-                head[b] = x0 * sin[i] + x1 * cos[i];
+                let (x0, x1, sin) = (head[a], head[b], direction * sin[i]);
+                head[a] = x0 * cos[i] - x1 * sin;
+                head[b] = x0 * sin + x1 * cos[i];
             }
         }
     }

@@ -458,6 +458,73 @@ impl Model {
         })
     }
 
+    /// Carry a repair over to the tokens it left out: each of `contexts` (position ranges
+    /// of `cache`) moves the keys and values of its tokens not among `chosen` (increasing
+    /// positions, just recomputed) by `weight` times the mean change its chosen tokens'
+    /// took, layer by layer and KV head by KV head; a context none of whose tokens were
+    /// chosen stays as it is. `before` holds the chosen positions' keys and values as they
+    /// were before, in order. A key's change is compared and carried unrotated, then
+    /// turned to the position it is added at. The means are summed in position order, so
+    /// the result is the same on every run.
+    pub(crate) fn carry_repair(
+        &self,
+        cache: &mut KvCache,
+        before: &KvCache,
+        chosen: &[usize],
+        contexts: &[std::ops::Range<usize>],
+        weight: f32,
+    ) {
+        let d = cache.head_dim;
+        let mut angles: Option<(&crate::kernels::Rope, crate::kernels::RopeAngles)> = None;
+        for layer in 0..self.config.layers {
+            let rope = self.network.rope(layer);
+            if !angles.as_ref().is_some_and(|(r, _)| std::ptr::eq(*r, rope)) {
+                angles = Some((rope, rope.angles(0..cache.len())));
+            }
+            let (_, angles) = angles.as_ref().expect("set above");
+            for g in 0..cache.kv_heads {
+                let (old_k, old_v) = before.head(layer, g);
+                let (k, v) = cache.head_mut(layer, g);
+                for range in contexts {
+                    let from = chosen.partition_point(|&p| p < range.start);
+                    let to = chosen.partition_point(|&p| p < range.end);
+                    if from == to {
+                        continue;
+                    }
+                    let (mut shift_k, mut shift_v) = (vec![0f32; d], vec![0f32; d]);
+                    let mut change = vec![0f32; d];
+                    for (i, &p) in chosen.iter().enumerate().take(to).skip(from) {
+                        let (new, old) = (&k[p * d..(p + 1) * d], &old_k[i * d..(i + 1) * d]);
+                        for ((c, n), o) in change.iter_mut().zip(new).zip(old) {
+                            *c = n.to_f32() - o.to_f32();
+                        }
+                        rope.unapply(&mut change, angles, p);
+                        shift_k.iter_mut().zip(&change).for_each(|(s, c)| *s += c);
+                        let (new, old) = (&v[p * d..(p + 1) * d], &old_v[i * d..(i + 1) * d]);
+                        for ((s, n), o) in shift_v.iter_mut().zip(new).zip(old) {
+                            *s += n.to_f32() - o.to_f32();
+                        }
+                    }
+                    let scale = weight / (to - from) as f32;
+                    shift_k
+                        .iter_mut()
+                        .chain(&mut shift_v)
+                        .for_each(|s| *s *= scale);
+                    let mut turned = vec![0f32; d];
+                    for p in range.clone() {
+                        if chosen[from..to].binary_search(&p).is_ok() {
+                            continue;
+                        }
+                        turned.copy_from_slice(&shift_k);
+                        rope.apply(&mut turned, angles, p);
+                        add_f16(&mut k[p * d..(p + 1) * d], &turned);
+                        add_f16(&mut v[p * d..(p + 1) * d], &shift_v);
+                    }
+                }
+            }
+        }
+    }
+
     /// How much attention `query`, read causally after everything `cache` holds, gives each
     /// of its positions: the softmax weights of the query's last token (the one whose next
     /// token is the answer's first), summed over every head and the later half of the
@@ -626,5 +693,102 @@ impl Model {
             .chunks_exact(c.vocab_size)
             .map(<[f32]>::to_vec)
             .collect()
+    }
+}
+
+/// `x += shift`, each sum rounded back to f16.
+fn add_f16(x: &mut [half::f16], shift: &[f32]) {
+    for (x, s) in x.iter_mut().zip(shift) {
+        *x = half::f16::from_f32(x.to_f32() + s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SmolLM2, the smallest test model: only its shape and rotations are used here.
+    fn smollm2() -> Model {
+        let dir = std::env::var_os("APE_MODELS_DIR").map_or_else(
+            || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"),
+            std::path::PathBuf::from,
+        );
+        let path = dir.join("smollm2-135m-instruct-q4_1.gguf");
+        let gguf = Gguf::open(&path).expect("the test model is installed (`ape model pull`)");
+        Model::load(&gguf).unwrap()
+    }
+
+    #[test]
+    fn a_repair_is_carried_to_the_other_tokens_of_each_context_it_touched() {
+        let model = smollm2();
+        let c = &model.config;
+        let (d, row) = (c.head_dim, c.kv_heads * c.head_dim);
+        // The prefix at 0..4, the first context at 4..10, later contexts at 10..20 and
+        // 20..30, a third at 30..36 with nothing recomputed.
+        let len = 36;
+        let contexts = [10..20, 20..30, 30..36];
+        let chosen = [12, 15, 16, 25];
+        let mut cache = model.new_cache(len);
+        let angles = model.network.rope(0).angles(0..len);
+        let raw = |p: usize, i: usize| ((p * 31 + i * 7) % 23) as f32 / 23.0 - 0.5;
+        for layer in 0..c.layers {
+            let mut k: Vec<f32> = (0..len * row).map(|i| raw(i / row, i % row)).collect();
+            for (p, key) in k.chunks_exact_mut(row).enumerate() {
+                model.network.rope(layer).apply(key, &angles, p);
+            }
+            let v: Vec<f32> = (0..len * row).map(|i| raw(i / row, i % row + 1)).collect();
+            cache.write(layer, &k, &v);
+        }
+        cache.advance(len);
+        let before = cache.gather(&chosen, chosen.len());
+        // The chosen tokens of each later context change by one unrotated key change and
+        // one value change per context (and head element), as if recomputed.
+        let key_change = |p: usize, i: usize| if p < 20 { 0.25 + i as f32 / 64.0 } else { -0.5 };
+        let value_change = |p: usize, i: usize| if p < 20 { 0.125 * (i % 3) as f32 } else { 1.0 };
+        for layer in 0..c.layers {
+            for g in 0..c.kv_heads {
+                let (k, v) = cache.head_mut(layer, g);
+                for &p in &chosen {
+                    let mut change: Vec<f32> = (0..d).map(|i| key_change(p, i)).collect();
+                    model.network.rope(layer).apply(&mut change, &angles, p);
+                    add_f16(&mut k[p * d..(p + 1) * d], &change);
+                    let change: Vec<f32> = (0..d).map(|i| value_change(p, i)).collect();
+                    add_f16(&mut v[p * d..(p + 1) * d], &change);
+                }
+            }
+        }
+        let repaired = cache.clone();
+        model.carry_repair(&mut cache, &before, &chosen, &contexts, 0.5);
+
+        for layer in 0..c.layers {
+            for g in 0..c.kv_heads {
+                let (k, v) = cache.head(layer, g);
+                let (k0, v0) = repaired.head(layer, g);
+                for p in 0..len {
+                    let (at, carried) = (p * d..(p + 1) * d, (10..30).contains(&p));
+                    if !carried || chosen.contains(&p) {
+                        assert_eq!(k[at.clone()], k0[at.clone()], "key {p} moved");
+                        assert_eq!(v[at.clone()], v0[at], "value {p} moved");
+                        continue;
+                    }
+                    let mut want: Vec<f32> = (0..d).map(|i| 0.5 * key_change(p, i)).collect();
+                    model.network.rope(layer).apply(&mut want, &angles, p);
+                    for i in 0..d {
+                        let moved = k[p * d + i].to_f32() - k0[p * d + i].to_f32();
+                        assert!(
+                            (moved - want[i]).abs() < 2e-3,
+                            "key {p}[{i}]: {moved} {}",
+                            want[i]
+                        );
+                        let moved = v[p * d + i].to_f32() - v0[p * d + i].to_f32();
+                        let want = 0.5 * value_change(p, i);
+                        assert!(
+                            (moved - want).abs() < 2e-3,
+                            "value {p}[{i}]: {moved} {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
