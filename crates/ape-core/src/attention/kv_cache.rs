@@ -3,6 +3,7 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 use super::attend::Span;
 use crate::kernels::dense::widen;
@@ -212,12 +213,21 @@ impl KvCache {
         self.head_upto(layer, g, self.len)
     }
 
-    /// [`KvCache::head`], to change in place.
-    pub(crate) fn head_mut(&mut self, layer: usize, g: usize) -> (&mut [f16], &mut [f16]) {
-        let l = &mut self.layers[layer];
-        let at = g * self.capacity * self.head_dim;
-        let end = at + self.len * self.head_dim;
-        (&mut l.k[at..end], &mut l.v[at..end])
+    /// Every (layer, KV head)'s keys and values for the filled positions, as
+    /// [`KvCache::head`] gives them, to change in place, in parallel.
+    pub(crate) fn heads_mut(
+        &mut self,
+    ) -> impl ParallelIterator<Item = (usize, usize, &mut [f16], &mut [f16])> {
+        let (span, filled) = (self.capacity * self.head_dim, self.len * self.head_dim);
+        self.layers
+            .par_iter_mut()
+            .enumerate()
+            .flat_map_iter(move |(layer, l)| {
+                let heads = l.k.chunks_mut(span).zip(l.v.chunks_mut(span));
+                heads
+                    .enumerate()
+                    .map(move |(g, (k, v))| (layer, g, &mut k[..filled], &mut v[..filled]))
+            })
     }
 
     pub(crate) fn head_upto(&self, layer: usize, g: usize, upto: usize) -> (&[f16], &[f16]) {

@@ -16,7 +16,8 @@ use crate::attention::{
 };
 use crate::cancel::Cancel;
 use crate::error::Result;
-use crate::kernels::{dot_f16, matmul, rms_norm};
+use crate::kernels::{dot_f16, matmul, rms_norm, Rope, RopeAngles};
+use half::slice::HalfFloatSliceExt;
 
 /// A loaded model: its hyper-parameters and its network's weights (mapped from the
 /// file, or packed for this CPU), ready to run any of the passes.
@@ -475,54 +476,62 @@ impl Model {
         weight: f32,
     ) {
         let d = cache.head_dim;
-        let mut angles: Option<(&crate::kernels::Rope, crate::kernels::RopeAngles)> = None;
-        for layer in 0..self.config.layers {
-            let rope = self.network.rope(layer);
-            if !angles.as_ref().is_some_and(|(r, _)| std::ptr::eq(*r, rope)) {
-                angles = Some((rope, rope.angles(0..cache.len())));
-            }
-            let (_, angles) = angles.as_ref().expect("set above");
-            for g in 0..cache.kv_heads {
-                let (old_k, old_v) = before.head(layer, g);
-                let (k, v) = cache.head_mut(layer, g);
-                for range in contexts {
-                    let from = chosen.partition_point(|&p| p < range.start);
-                    let to = chosen.partition_point(|&p| p < range.end);
-                    if from == to {
-                        continue;
-                    }
-                    let (mut shift_k, mut shift_v) = (vec![0f32; d], vec![0f32; d]);
-                    let mut change = vec![0f32; d];
-                    for (i, &p) in chosen.iter().enumerate().take(to).skip(from) {
-                        let (new, old) = (&k[p * d..(p + 1) * d], &old_k[i * d..(i + 1) * d]);
-                        for ((c, n), o) in change.iter_mut().zip(new).zip(old) {
-                            *c = n.to_f32() - o.to_f32();
-                        }
-                        rope.unapply(&mut change, angles, p);
-                        shift_k.iter_mut().zip(&change).for_each(|(s, c)| *s += c);
-                        let (new, old) = (&v[p * d..(p + 1) * d], &old_v[i * d..(i + 1) * d]);
-                        for ((s, n), o) in shift_v.iter_mut().zip(new).zip(old) {
-                            *s += n.to_f32() - o.to_f32();
-                        }
-                    }
-                    let scale = weight / (to - from) as f32;
-                    shift_k
-                        .iter_mut()
-                        .chain(&mut shift_v)
-                        .for_each(|s| *s *= scale);
-                    let mut turned = vec![0f32; d];
-                    for p in range.clone() {
-                        if chosen[from..to].binary_search(&p).is_ok() {
-                            continue;
-                        }
-                        turned.copy_from_slice(&shift_k);
-                        rope.apply(&mut turned, angles, p);
-                        add_f16(&mut k[p * d..(p + 1) * d], &turned);
-                        add_f16(&mut v[p * d..(p + 1) * d], &shift_v);
-                    }
-                }
+        // The layers' rotations, and each distinct one's angles at every position, once.
+        let ropes: Vec<&Rope> = (0..self.config.layers)
+            .map(|layer| self.network.rope(layer))
+            .collect();
+        let mut angles: Vec<(&Rope, RopeAngles)> = Vec::new();
+        for &rope in &ropes {
+            if !angles.iter().any(|(r, _)| std::ptr::eq(*r, rope)) {
+                angles.push((rope, rope.angles(0..cache.len())));
             }
         }
+        cache.heads_mut().for_each(|(layer, g, k, v)| {
+            let rope = ropes[layer];
+            let (_, angles) = angles
+                .iter()
+                .find(|(r, _)| std::ptr::eq(*r, rope))
+                .expect("every layer's rotation has its angles");
+            let (old_k, old_v) = before.head(layer, g);
+            let (mut new, mut old) = (vec![0f32; d], vec![0f32; d]);
+            for range in contexts {
+                let from = chosen.partition_point(|&p| p < range.start);
+                let to = chosen.partition_point(|&p| p < range.end);
+                if from == to {
+                    continue;
+                }
+                let (mut shift_k, mut shift_v) = (vec![0f32; d], vec![0f32; d]);
+                for (i, &p) in chosen.iter().enumerate().take(to).skip(from) {
+                    let pairs = [
+                        (true, &*k, old_k, &mut shift_k),
+                        (false, &*v, old_v, &mut shift_v),
+                    ];
+                    for (keys, x, old_x, shift) in pairs {
+                        x[p * d..(p + 1) * d].convert_to_f32_slice(&mut new);
+                        old_x[i * d..(i + 1) * d].convert_to_f32_slice(&mut old);
+                        new.iter_mut().zip(&old).for_each(|(n, o)| *n -= o);
+                        if keys {
+                            rope.unapply(&mut new, angles, p);
+                        }
+                        shift.iter_mut().zip(&new).for_each(|(s, c)| *s += c);
+                    }
+                }
+                let scale = weight / (to - from) as f32;
+                shift_k
+                    .iter_mut()
+                    .chain(&mut shift_v)
+                    .for_each(|s| *s *= scale);
+                for p in range.clone() {
+                    if chosen[from..to].binary_search(&p).is_ok() {
+                        continue;
+                    }
+                    old.copy_from_slice(&shift_k);
+                    rope.apply(&mut old, angles, p);
+                    add_f16(&mut k[p * d..(p + 1) * d], &old, &mut new);
+                    add_f16(&mut v[p * d..(p + 1) * d], &shift_v, &mut new);
+                }
+            }
+        });
     }
 
     /// How much attention `query`, read causally after everything `cache` holds, gives each
@@ -696,11 +705,11 @@ impl Model {
     }
 }
 
-/// `x += shift`, each sum rounded back to f16.
-fn add_f16(x: &mut [half::f16], shift: &[f32]) {
-    for (x, s) in x.iter_mut().zip(shift) {
-        *x = half::f16::from_f32(x.to_f32() + s);
-    }
+/// `x += shift`, each sum rounded back to f16 (`scratch`: room for `x` widened).
+fn add_f16(x: &mut [half::f16], shift: &[f32], scratch: &mut [f32]) {
+    x.convert_to_f32_slice(scratch);
+    scratch.iter_mut().zip(shift).for_each(|(a, s)| *a += s);
+    x.convert_from_f32_slice(scratch);
 }
 
 #[cfg(test)]
@@ -745,18 +754,16 @@ mod tests {
         // one value change per context (and head element), as if recomputed.
         let key_change = |p: usize, i: usize| if p < 20 { 0.25 + i as f32 / 64.0 } else { -0.5 };
         let value_change = |p: usize, i: usize| if p < 20 { 0.125 * (i % 3) as f32 } else { 1.0 };
-        for layer in 0..c.layers {
-            for g in 0..c.kv_heads {
-                let (k, v) = cache.head_mut(layer, g);
-                for &p in &chosen {
-                    let mut change: Vec<f32> = (0..d).map(|i| key_change(p, i)).collect();
-                    model.network.rope(layer).apply(&mut change, &angles, p);
-                    add_f16(&mut k[p * d..(p + 1) * d], &change);
-                    let change: Vec<f32> = (0..d).map(|i| value_change(p, i)).collect();
-                    add_f16(&mut v[p * d..(p + 1) * d], &change);
-                }
+        cache.heads_mut().for_each(|(layer, _, k, v)| {
+            let mut scratch = vec![0f32; d];
+            for &p in &chosen {
+                let mut change: Vec<f32> = (0..d).map(|i| key_change(p, i)).collect();
+                model.network.rope(layer).apply(&mut change, &angles, p);
+                add_f16(&mut k[p * d..(p + 1) * d], &change, &mut scratch);
+                let change: Vec<f32> = (0..d).map(|i| value_change(p, i)).collect();
+                add_f16(&mut v[p * d..(p + 1) * d], &change, &mut scratch);
             }
-        }
+        });
         let repaired = cache.clone();
         model.carry_repair(&mut cache, &before, &chosen, &contexts, 0.5);
 
