@@ -138,15 +138,19 @@ impl Engine {
         let first = p + first_context.len();
         let later = total - first_context.len();
         let budget = asked.min(later);
+        let mut later_contexts = Vec::with_capacity(after_first.len());
+        let mut start = first;
+        for context in after_first {
+            later_contexts.push(start..start + context.len());
+            start += context.len();
+        }
         let chosen: Vec<usize> = match recompute.selection {
             Selection::First => {
                 let share = budget as f32 / later.max(1) as f32;
                 let mut chosen = Vec::new();
-                let mut start = first;
-                for context in after_first {
+                for context in &later_contexts {
                     let n = ((share * context.len() as f32).ceil() as usize).min(context.len());
-                    chosen.extend(start..start + n);
-                    start += context.len();
+                    chosen.extend(context.start..context.start + n);
                 }
                 chosen.truncate(budget);
                 chosen
@@ -169,12 +173,6 @@ impl Engine {
         for positions in chosen.chunks(chunk) {
             let chunk: Vec<u32> = positions.iter().map(|&at| tokens[at]).collect();
             self.recompute_in_place(&chunk, positions, &mut cache, cancel)?;
-        }
-        let mut later_contexts = Vec::with_capacity(after_first.len());
-        let mut start = first;
-        for context in after_first {
-            later_contexts.push(start..start + context.len());
-            start += context.len();
         }
         self.model
             .carry_repair(&mut cache, &before, &chosen, &later_contexts, CARRIED);
