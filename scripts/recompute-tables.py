@@ -6,10 +6,13 @@ python3 scripts/recompute-tables.py [RESULTS_DIR [MORE_DIR ...]]  (writes
 RESULTS_DIR/recompute.svg). Reports in MORE_DIRs (other settings of the same test
 questions, read by other runs) are joined onto RESULTS_DIR's, question by question; the
 first directory that read a setting gives its outcomes, and the first that holds a
-model's `ape bench ttft` table or an in-context-learning report gives it."""
+model's `ape bench ttft` table or an in-context-learning report gives it. `DIR@SETTING`
+takes that one setting of DIR's reports and nothing else (`@sequential`: another build's
+sequential answers to questions the runs before read only in other settings)."""
 import glob, json, math, os, re, sys
 
-DIRS = sys.argv[1:] or ['eval-results/recompute']
+ONLY = dict(arg.partition('@')[::2] for arg in sys.argv[1:] or ['eval-results/recompute'])
+DIRS = list(ONLY)
 D = DIRS[0]
 MODELS = {
     'smollm2-135m-instruct-q4_1': 'SmolLM2-135M',
@@ -26,7 +29,8 @@ def share(setting):
 
 def first_in_dirs(name):
     """The path of `name` in the first of the directories that holds it, or None."""
-    return next((f'{d}/{name}' for d in DIRS if os.path.exists(f'{d}/{name}')), None)
+    return next((f'{d}/{name}' for d in DIRS if not ONLY[d] and os.path.exists(f'{d}/{name}')),
+                None)
 
 
 def ttft_by_share(model):
@@ -82,15 +86,21 @@ def merged_run(model, task):
     for d in DIRS:
         first = f'{d}/{task}-{model}-test.json'
         if os.path.exists(first):
-            paths.append(first)
-            paths += sorted(glob.glob(f'{d}/{task}-{model}-test-from*.json'),
-                            key=lambda p: int(re.search(r'-from([0-9]+)\.json$', p).group(1)))
+            paths.append((d, first))
+            paths += [(d, p) for p in sorted(
+                glob.glob(f'{d}/{task}-{model}-test-from*.json'),
+                key=lambda p: int(re.search(r'-from([0-9]+)\.json$', p).group(1)))]
     if not paths:
         return None, None
     reports = []
-    for path in paths:
+    for d, path in paths:
         with open(path) as f:
-            reports.append(json.load(f))
+            report = json.load(f)
+        if ONLY[d]:
+            report['settings'] = [s for s in report['settings'] if s == ONLY[d]]
+            for e in report['runs'][0]['examples']:
+                e['outcomes'] = [o for o in e['outcomes'] if o['setting'] == ONLY[d]]
+        reports.append(report)
     settings = []
     for report in reports:
         settings += [s for s in report['settings'] if s not in settings]
