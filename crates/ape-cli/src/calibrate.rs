@@ -92,8 +92,8 @@ pub struct CalibrateArgs {
     many_shot_scales: Vec<f32>,
     /// Many-shot recompute shares tried. Only 0 unless asked: on Qwen2.5-Coder-0.5B's
     /// intent test cells, recomputing at the many-shot factors read no better on average
-    /// than not recomputing at any share up to 0.3, and worse at 0.05 (README, "Accuracy
-    /// at each share").
+    /// than not recomputing at any share up to 0.3, and worse at 0.05 (`docs/fidelity.md`,
+    /// "Accuracy at each share").
     #[arg(long, value_delimiter = ',', default_value = "0")]
     many_shot_recompute: Vec<f32>,
 }

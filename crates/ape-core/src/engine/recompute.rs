@@ -27,8 +27,8 @@ pub(super) struct Repaired {
 
 /// How much of the mean change its recomputed tokens took a later context's other tokens
 /// are moved by ([`Model::carry_repair`](crate::model::Model)): half, chosen on SQuAD's dev
-/// split, where it read closer to sequential than none, a quarter or all of it (see the
-/// README's recompute section).
+/// split, where it read closer to sequential than none, a quarter or all of it (see
+/// `docs/fidelity.md`, Carrying the repair over).
 const CARRIED: f32 = 0.5;
 
 impl Repaired {
@@ -38,7 +38,7 @@ impl Repaired {
     /// softmax over the prefix, the contexts in order and the query side, which is
     /// sequential reading. (Reading the repaired tokens plainly and the rest with the
     /// factors gave the query a split no reading gives: on many-shot requests at T 0.3 it
-    /// moved answers away from sequential's; see the README's recompute section.)
+    /// moved answers away from sequential's; see `docs/fidelity.md`.)
     pub(super) fn factors(&self, factors: ApeFactors) -> ApeFactors {
         let kept = 1.0 - self.repaired.sqrt();
         let toward_one = |x: f32| 1.0 - (1.0 - x) * kept;

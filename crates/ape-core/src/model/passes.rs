@@ -538,8 +538,8 @@ impl Model {
     /// of its positions: the softmax weights of the query's last token (the one whose next
     /// token is the answer's first), summed over every head and the later half of the
     /// layers, where a token's weight says what the answer reads rather than where a layer
-    /// parks attention it does not need (chosen on SQuAD's dev split: see the README's
-    /// recompute section). `cache` keeps what it held; it needs room for the query.
+    /// parks attention it does not need (chosen on SQuAD's dev split: see
+    /// `docs/fidelity.md`). `cache` keeps what it held; it needs room for the query.
     pub(crate) fn attention_received(&self, query: &[u32], cache: &mut KvCache) -> Vec<f32> {
         let step = Step {
             tokens: query,
