@@ -144,8 +144,9 @@ impl Matrix {
 const ROWS_PER_TASK: usize = 32;
 
 /// Tokens that meet a task's rows together: their quantized activations stay in the
-/// core's first-level cache while the rows are read.
-const TOKENS_PER_PASS: usize = 8;
+/// core's first-level cache while the rows are read. As many as the widest tile a kernel
+/// takes.
+const TOKENS_PER_PASS: usize = qdot::WIDE_TILE;
 
 /// `out[n][r] = sum_k x[n][k] * w[r][k]` for `n` tokens: `x` is `n x w.cols`, `out` is
 /// `n x w.rows`, both row-major. Each token's row is quantized on its own and each output
@@ -163,29 +164,52 @@ pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
         return;
     }
     let tokens: Vec<Prepared> = x.par_chunks(w.cols).map(|x| prepare(w.ty, x)).collect();
-    let task_bytes = w.task_bytes();
-    let blocks: Vec<Vec<f32>> = w
-        .quantized
-        .par_chunks(task_bytes)
+    let columns = Columns {
+        out: out.as_mut_ptr(),
+        width: w.rows,
+    };
+    w.quantized
+        .par_chunks(w.task_bytes())
         .enumerate()
-        .map(|(task, rows)| {
-            let count = ROWS_PER_TASK.min(w.rows - task * ROWS_PER_TASK);
-            let mut block = vec![0f32; n * count];
-            for (xs, out) in tokens
-                .chunks(TOKENS_PER_PASS)
-                .zip(block.chunks_mut(TOKENS_PER_PASS * count))
-            {
-                w.products(rows, xs, out);
+        .for_each(|(task, rows)| {
+            let first = task * ROWS_PER_TASK;
+            let count = ROWS_PER_TASK.min(w.rows - first);
+            let mut tile = [0f32; TOKENS_PER_PASS * ROWS_PER_TASK];
+            for (pass, xs) in tokens.chunks(TOKENS_PER_PASS).enumerate() {
+                let tile = &mut tile[..xs.len() * count];
+                w.products(rows, xs, tile);
+                for (i, values) in tile.chunks_exact(count).enumerate() {
+                    // SAFETY: the token is one of the `n` rows of `out`, which is
+                    // `n x w.rows` (asserted above), and columns `first..first + count`
+                    // are this task's alone: no other task writes them.
+                    unsafe { columns.put(pass * TOKENS_PER_PASS + i, first, values) };
+                }
             }
-            block
-        })
-        .collect();
-    for (b, block) in blocks.iter().enumerate() {
-        let count = block.len() / n;
-        for (t, values) in block.chunks_exact(count).enumerate() {
-            let at = t * w.rows + b * ROWS_PER_TASK;
-            out[at..at + count].copy_from_slice(values);
-        }
+        });
+}
+
+/// The output of one product, shared by its tasks: each writes only the columns of the
+/// weight rows it multiplies, straight from its tile, so no task's results are gathered
+/// and copied again afterwards.
+struct Columns {
+    out: *mut f32,
+    /// Values per token: the matrix's rows.
+    width: usize,
+}
+
+// SAFETY: tasks write disjoint columns of the buffer (see `Columns::put`), which outlives
+// them: `matmul` returns only after every task has finished.
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// Write `values` to token `token`'s row of the output, from column `first` on.
+    ///
+    /// # Safety
+    /// `token` and `first + values.len()` lie within the output, and no other thread
+    /// writes those columns meanwhile.
+    unsafe fn put(&self, token: usize, first: usize, values: &[f32]) {
+        let at = self.out.add(token * self.width + first);
+        std::ptr::copy_nonoverlapping(values.as_ptr(), at, values.len());
     }
 }
 

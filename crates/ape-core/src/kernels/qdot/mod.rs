@@ -168,23 +168,30 @@ impl Kernels {
 /// all of them.
 const TILE: usize = 8;
 
-/// Products over one tile of `N` quantized vectors (`N` up to [`TILE`]), which share the
-/// unpacking of the weights.
+/// Tokens the kernel of rows packed in sixteens takes at once where there are that many:
+/// its sixteen accumulators and the eight registers of a run of weights still fit the 32
+/// vector registers, and each run is unpacked for twice as many tokens. (The one-row
+/// kernels spill at sixteen and stay at [`TILE`].)
+pub(crate) const WIDE_TILE: usize = 16;
+
+/// Products over one tile of `N` quantized vectors (`N` up to [`TILE`], or
+/// [`WIDE_TILE`]), which share the unpacking of the weights.
 #[cfg(target_arch = "x86_64")]
 trait TileProducts {
     /// The products of `vs`, vectors `at..at + N` of the batch.
     fn tile<const N: usize>(&mut self, at: usize, vs: [&QuantizedVector; N]);
 }
 
-/// Hands `vs` to `products` in tiles of [`TILE`], the last one as many as are left: the
-/// vectors of a tile of any size share the unpacking of the weights, so those left over
-/// do too, where one at a time each would unpack every weight again.
+/// Hands `vs`, vectors `start..` of the batch, to `products` in tiles of [`TILE`], the
+/// last one as many as are left: the vectors of a tile of any size share the unpacking
+/// of the weights, so those left over do too, where one at a time each would unpack every
+/// weight again.
 #[cfg(target_arch = "x86_64")]
-fn in_tiles(vs: &[&QuantizedVector], products: &mut impl TileProducts) {
+fn in_tiles(vs: &[&QuantizedVector], start: usize, products: &mut impl TileProducts) {
     fn array<'a, const N: usize>(tile: &[&'a QuantizedVector]) -> [&'a QuantizedVector; N] {
         tile.try_into().expect("a tile of the length matched")
     }
-    for (tile, at) in vs.chunks(TILE).zip((0..).step_by(TILE)) {
+    for (tile, at) in vs.chunks(TILE).zip((start..).step_by(TILE)) {
         match tile.len() {
             1 => products.tile::<1>(at, array(tile)),
             2 => products.tile::<2>(at, array(tile)),
@@ -195,6 +202,17 @@ fn in_tiles(vs: &[&QuantizedVector], products: &mut impl TileProducts) {
             7 => products.tile::<7>(at, array(tile)),
             TILE => products.tile::<TILE>(at, array(tile)),
             _ => unreachable!("chunks of at most TILE"),
+        }
+    }
+}
+
+/// [`in_tiles`] in tiles of [`WIDE_TILE`] while there are that many vectors left.
+#[cfg(target_arch = "x86_64")]
+fn in_wide_tiles(vs: &[&QuantizedVector], products: &mut impl TileProducts) {
+    for (tile, at) in vs.chunks(WIDE_TILE).zip((0..).step_by(WIDE_TILE)) {
+        match tile.try_into() {
+            Ok(wide) => products.tile::<WIDE_TILE>(at, wide),
+            Err(_) => in_tiles(tile, at, products),
         }
     }
 }
@@ -277,7 +295,7 @@ pub fn dot_groups_tokens(ty: GgmlType, groups: &[u8], xs: &[Prepared], out: &mut
         vs.iter().all(|v| v.len() == first.len()),
         "vectors of different lengths"
     );
-    in_tiles(
+    in_wide_tiles(
         &vs,
         &mut GroupProducts {
             ty,
@@ -367,6 +385,7 @@ fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], xs: &[&Prepared], 
         }
         in_tiles(
             &quantized,
+            0,
             &mut RowProducts {
                 kernels,
                 ty,
@@ -613,7 +632,7 @@ mod tests {
             }
             for (&n, tokens) in lengths(ty)
                 .iter()
-                .flat_map(|n| (1..=2 * TILE).map(move |t| (n, t)))
+                .flat_map(|n| (1..=2 * WIDE_TILE + 1).map(move |t| (n, t)))
             {
                 let rows = 3 * GROUP_ROWS;
                 let matrix: Vec<u8> = (0..rows)
