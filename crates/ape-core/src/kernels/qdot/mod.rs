@@ -52,11 +52,6 @@ impl QuantizedVector {
         self.qs.len()
     }
 
-    /// The sum of block `b`'s quants.
-    fn sum(&self, b: usize) -> i32 {
-        self.halves[2 * b] + self.halves[2 * b + 1]
-    }
-
     /// Elements `start..start + out.len()` dequantized.
     fn dequantize_range(&self, start: usize, out: &mut [f32]) {
         for (i, o) in (start..).zip(out) {

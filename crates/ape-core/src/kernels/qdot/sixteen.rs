@@ -235,23 +235,24 @@ pub(super) mod avx512 {
         w
     }
 
-    /// `sum` over registers `js` of `w` with the vector's matching four quants of block
-    /// `b`, starting from `start` in every lane.
+    /// `sum` over registers `js` of `w` with the matching four quants of the vector block
+    /// whose quants start at `x`, starting from `start` in every lane. Two chains of
+    /// `dpbusd` (even and odd registers) run side by side and are added at the end: integer
+    /// sums, so the order does not change a bit.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn sum(
         w: &[__m512i; 8],
         js: std::ops::Range<usize>,
-        v: &QuantizedVector,
-        b: usize,
+        x: *const i32,
         start: i32,
     ) -> __m512 {
-        let x = v.qs.as_ptr().add(QBLOCK * b).cast::<i32>();
-        let mut p = _mm512_set1_epi32(start);
+        let mut p = [_mm512_set1_epi32(start), _mm512_setzero_si512()];
         for j in js {
-            p = _mm512_dpbusd_epi32(p, w[j], _mm512_set1_epi32(x.add(j).read_unaligned()));
+            let quads = _mm512_set1_epi32(x.add(j).read_unaligned());
+            p[j % 2] = _mm512_dpbusd_epi32(p[j % 2], w[j], quads);
         }
-        _mm512_cvtepi32_ps(p)
+        _mm512_cvtepi32_ps(_mm512_add_epi32(p[0], p[1]))
     }
 
     /// Sixteen bytes at `p`, one per row, as f32 (`signed`: as i8).
@@ -277,6 +278,16 @@ pub(super) mod avx512 {
         let layout = Layout::of(ty).expect("a format packed in sixteens");
         let blocks = vs[0].d.len() * QBLOCK / layout.block_len;
         assert_eq!(group.len(), blocks * layout.block_bytes());
+        assert!(vs.iter().all(|v| v.d.len() == vs[0].d.len()));
+        // Each vector's fields as pointers, read once here rather than through the
+        // vector in every block: all are as long as the first's (asserted), which holds
+        // `blocks` blocks of the format.
+        let qs = vs.map(|v| v.qs.as_ptr().cast::<i32>());
+        let ds = vs.map(|v| v.d.as_ptr());
+        let sums = vs.map(|v| v.s.as_ptr());
+        let halves = vs.map(|v| v.halves.as_ptr());
+        // Four quants per i32: a 32-element vector block is eight of them.
+        let quads = |i: usize, vb: usize| qs[i].add(QBLOCK / 4 * vb);
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..blocks {
             let g = group.as_ptr().add(b * layout.block_bytes());
@@ -286,11 +297,13 @@ pub(super) mod avx512 {
                 GgmlType::Q5_0 | GgmlType::Q8_0 => {
                     let w = run(runs, layout);
                     let bias = if layout.whole_bytes { 128 } else { 16 };
-                    for (acc, v) in acc.iter_mut().zip(vs) {
+                    for (i, acc) in acc.iter_mut().enumerate() {
                         // Unsigned quants: the bias comes off through the block's sum of
                         // vector quants.
-                        let p = sum(&w, 0..8, v, b, -bias * v.sum(b));
-                        *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(v.d[b])), *acc);
+                        let block_sum = *halves[i].add(2 * b) + *halves[i].add(2 * b + 1);
+                        let p = sum(&w, 0..8, quads(i, b), -bias * block_sum);
+                        let x_scale = _mm512_mul_ps(d, _mm512_set1_ps(*ds[i].add(b)));
+                        *acc = _mm512_fmadd_ps(p, x_scale, *acc);
                     }
                 }
                 GgmlType::Q4K => {
@@ -299,12 +312,12 @@ pub(super) mod avx512 {
                         let scale = _mm512_mul_ps(d, bytes(g.add(64 + 16 * s), false));
                         let min = _mm512_mul_ps(dmin, bytes(g.add(192 + 16 * s), false));
                         let w = run(runs.add(s * NIBBLE_BYTES), layout);
-                        for (acc, v) in acc.iter_mut().zip(vs) {
-                            let vb = 8 * b + s;
-                            let p = sum(&w, 0..8, v, vb, 0);
-                            let x_scale = _mm512_mul_ps(scale, _mm512_set1_ps(v.d[vb]));
+                        let vb = 8 * b + s;
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let p = sum(&w, 0..8, quads(i, vb), 0);
+                            let x_scale = _mm512_mul_ps(scale, _mm512_set1_ps(*ds[i].add(vb)));
                             *acc = _mm512_fmadd_ps(p, x_scale, *acc);
-                            *acc = _mm512_fnmadd_ps(min, _mm512_set1_ps(v.s[vb]), *acc);
+                            *acc = _mm512_fnmadd_ps(min, _mm512_set1_ps(*sums[i].add(vb)), *acc);
                         }
                     }
                 }
@@ -313,14 +326,15 @@ pub(super) mod avx512 {
                         let scales = [2 * s, 2 * s + 1]
                             .map(|h| _mm512_mul_ps(d, bytes(g.add(32 + 16 * h), true)));
                         let w = run(runs.add(s * layout.run_bytes()), layout);
-                        for (acc, v) in acc.iter_mut().zip(vs) {
-                            let vb = 8 * b + s;
+                        let vb = 8 * b + s;
+                        for (i, acc) in acc.iter_mut().enumerate() {
                             // Each 16 quants have their own scale; their bias of 32 comes
                             // off through the sums of each half of the vector block.
                             for (half, scale) in scales.iter().enumerate() {
                                 let js = 4 * half..4 * half + 4;
-                                let p = sum(&w, js, v, vb, -32 * v.halves[2 * vb + half]);
-                                let x_scale = _mm512_mul_ps(*scale, _mm512_set1_ps(v.d[vb]));
+                                let bias = -32 * *halves[i].add(2 * vb + half);
+                                let p = sum(&w, js, quads(i, vb), bias);
+                                let x_scale = _mm512_mul_ps(*scale, _mm512_set1_ps(*ds[i].add(vb)));
                                 *acc = _mm512_fmadd_ps(p, x_scale, *acc);
                             }
                         }
