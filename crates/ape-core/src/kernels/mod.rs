@@ -23,7 +23,10 @@ pub use rope::{Rope, RopeAngles, RopeStyle};
 use rayon::prelude::*;
 
 use crate::model::gguf::TensorData;
-use qdot::{dot_groups_tokens, dot_rows_tokens, packs_in_sixteens, prepare, sixteen, Prepared};
+use qdot::{
+    dot_groups_tokens, dot_rows_tokens, packs_in_sixteens, prepare, same_preparation, sixteen,
+    Prepared,
+};
 use quant::{dequantize, GgmlType};
 
 /// A weight matrix of `rows x cols`, one row per output feature, held as the GGUF file
@@ -153,39 +156,92 @@ const TOKENS_PER_PASS: usize = qdot::WIDE_TILE;
 /// is one call of the same dot-product kernel, so a token's result does not depend on the
 /// tokens computed with it.
 pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
-    let n = x.len() / w.cols;
-    assert_eq!(x.len(), n * w.cols);
-    assert_eq!(out.len(), n * w.rows);
-    if n == 1 {
-        return matvec(x, w, out);
-    }
-    if w.cols == 0 {
-        out.fill(0.0);
+    matmul_each(x, [w], [out]);
+}
+
+/// [`matmul`] of one input with each of several matrices as wide as it (a layer's query,
+/// key and value projections; its gate and up projections), `outs[i]` receiving the
+/// products with `ws[i]`, in one parallel pass over the rows of all of them: the threads
+/// meet once instead of once per matrix, and the input is quantized once where the
+/// matrices take the same preparation of it. Each product has the bits [`matmul`] gives.
+pub fn matmul_each<const M: usize>(x: &[f32], ws: [&Matrix; M], outs: [&mut [f32]; M]) {
+    let cols = ws[0].cols;
+    assert!(
+        ws.iter().all(|w| w.cols == cols),
+        "matrices of different widths"
+    );
+    if cols == 0 {
+        outs.into_iter().for_each(|out| out.fill(0.0));
         return;
     }
-    let tokens: Vec<Prepared> = x.par_chunks(w.cols).map(|x| prepare(w.ty, x)).collect();
-    let columns = Columns {
-        out: out.as_mut_ptr(),
-        width: w.rows,
-    };
-    w.quantized
-        .par_chunks(w.task_bytes())
+    let n = x.len() / cols;
+    assert_eq!(x.len(), n * cols);
+    for (w, out) in ws.iter().zip(&outs) {
+        assert_eq!(out.len(), n * w.rows);
+    }
+    let prepared = |ty| -> Vec<Prepared> { x.par_chunks(cols).map(|x| prepare(ty, x)).collect() };
+    let first = prepared(ws[0].ty);
+    let others: Vec<Option<Vec<Prepared>>> = ws
+        .iter()
+        .map(|w| (!same_preparation(ws[0].ty, w.ty)).then(|| prepared(w.ty)))
+        .collect();
+    let tokens: Vec<&[Prepared]> = others
+        .iter()
+        .map(|own| own.as_deref().unwrap_or(&first))
+        .collect();
+    let columns: Vec<Columns> = ws
+        .iter()
+        .zip(outs)
+        .map(|(w, out)| Columns {
+            out: out.as_mut_ptr(),
+            width: w.rows,
+        })
+        .collect();
+    // Every task of every matrix, in one parallel iteration.
+    let tasks: Vec<(usize, usize)> = ws
+        .iter()
         .enumerate()
-        .for_each(|(task, rows)| {
-            let first = task * ROWS_PER_TASK;
-            let count = ROWS_PER_TASK.min(w.rows - first);
-            let mut tile = [0f32; TOKENS_PER_PASS * ROWS_PER_TASK];
-            for (pass, xs) in tokens.chunks(TOKENS_PER_PASS).enumerate() {
-                let tile = &mut tile[..xs.len() * count];
-                w.products(rows, xs, tile);
-                for (i, values) in tile.chunks_exact(count).enumerate() {
-                    // SAFETY: the token is one of the `n` rows of `out`, which is
-                    // `n x w.rows` (asserted above), and columns `first..first + count`
-                    // are this task's alone: no other task writes them.
-                    unsafe { columns.put(pass * TOKENS_PER_PASS + i, first, values) };
-                }
-            }
-        });
+        .flat_map(|(m, w)| (0..w.rows.div_ceil(ROWS_PER_TASK)).map(move |t| (m, t)))
+        .collect();
+    tasks.into_par_iter().for_each(|(m, task)| {
+        let w = ws[m];
+        let task_bytes = w.task_bytes();
+        let end = ((task + 1) * task_bytes).min(w.quantized.len());
+        let rows = &w.quantized[task * task_bytes..end];
+        // One token (decoding) gets a tile of its own size: zeroing a tile of
+        // `TOKENS_PER_PASS` for each of a decoding step's thousands of tasks cost more
+        // than the rest of the step's work outside the kernel.
+        if n == 1 {
+            task_products::<1>(w, rows, task, tokens[m], &columns[m]);
+        } else {
+            task_products::<TOKENS_PER_PASS>(w, rows, task, tokens[m], &columns[m]);
+        }
+    });
+}
+
+/// The products of task `task`'s `rows` of `w` with `tokens`, `PASS` tokens at a time,
+/// written to their columns of the output.
+fn task_products<const PASS: usize>(
+    w: &Matrix,
+    rows: &[u8],
+    task: usize,
+    tokens: &[Prepared],
+    columns: &Columns,
+) {
+    let first = task * ROWS_PER_TASK;
+    let count = ROWS_PER_TASK.min(w.rows - first);
+    let mut tile = [[0f32; ROWS_PER_TASK]; PASS];
+    let tile = tile.as_flattened_mut();
+    for (pass, xs) in tokens.chunks(PASS).enumerate() {
+        let tile = &mut tile[..xs.len() * count];
+        w.products(rows, xs, tile);
+        for (i, values) in tile.chunks_exact(count).enumerate() {
+            // SAFETY: the token is one of the rows of the output, which is
+            // `tokens.len() x w.rows` (asserted by `matmul_each`), and columns
+            // `first..first + count` are this task's alone: no other task writes them.
+            unsafe { columns.put(pass * PASS + i, first, values) };
+        }
+    }
 }
 
 /// The output of one product, shared by its tasks: each writes only the columns of the
@@ -198,7 +254,7 @@ struct Columns {
 }
 
 // SAFETY: tasks write disjoint columns of the buffer (see `Columns::put`), which outlives
-// them: `matmul` returns only after every task has finished.
+// them: `matmul_each` returns only after every task has finished.
 unsafe impl Sync for Columns {}
 
 impl Columns {
@@ -211,20 +267,6 @@ impl Columns {
         let at = self.out.add(token * self.width + first);
         std::ptr::copy_nonoverlapping(values.as_ptr(), at, values.len());
     }
-}
-
-/// `out[r] = w[r] . x` for every row, read from the quantized rows, threads splitting them.
-pub fn matvec(x: &[f32], w: &Matrix, out: &mut [f32]) {
-    assert_eq!(x.len(), w.cols);
-    assert_eq!(out.len(), w.rows);
-    if w.cols == 0 {
-        out.fill(0.0);
-        return;
-    }
-    let x = prepare(w.ty, x);
-    out.par_chunks_mut(ROWS_PER_TASK)
-        .zip(w.quantized.par_chunks(w.task_bytes()))
-        .for_each(|(out, rows)| w.products(rows, std::slice::from_ref(&x), out));
 }
 
 #[cfg(test)]
@@ -242,6 +284,32 @@ pub(crate) mod tests {
                 (s as f32 / u32::MAX as f32) - 0.5
             })
             .collect()
+    }
+
+    /// Several matrices in one pass give each the bits of its own product, whatever their
+    /// heights (none a whole number of tasks) and the number of tokens.
+    #[test]
+    fn matrices_multiplied_together_get_what_each_gets_alone() {
+        let cols = 64;
+        let heights = [70, 5, 33];
+        let ws: Vec<Matrix> = heights
+            .iter()
+            .zip(1..)
+            .map(|(&rows, seed)| Matrix::from_f32(rows, cols, &pseudo_random(rows * cols, seed)))
+            .collect();
+        for n in [1, 2, 17, 40] {
+            let x = pseudo_random(n * cols, 9);
+            let mut together: Vec<Vec<f32>> = heights.iter().map(|&r| vec![0.0; n * r]).collect();
+            let [a, b, c] = &mut together[..] else {
+                unreachable!("three outputs")
+            };
+            matmul_each(&x, [&ws[0], &ws[1], &ws[2]], [a, b, c]);
+            for (w, got) in ws.iter().zip(&together) {
+                let mut alone = vec![0.0; n * w.rows];
+                matmul(&x, w, &mut alone);
+                assert_eq!(&alone, got, "{n} tokens, {} rows", w.rows);
+            }
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use super::weights::{add_in_place, keep_rows, Ends, Loader};
 use super::{Attend, Network};
 use crate::cancel::Cancel;
 use crate::error::Result;
-use crate::kernels::{gelu_mul, matmul, rms_norm, Matrix, Rope};
+use crate::kernels::{gelu_mul, matmul, matmul_each, rms_norm, Matrix, Rope};
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -116,9 +116,11 @@ impl Network for Gemma3 {
             cancel.check()?;
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.attn_norm, c.rms_eps);
-            matmul(&h, &layer.wq, &mut q);
-            matmul(&h, &layer.wk, &mut k);
-            matmul(&h, &layer.wv, &mut v);
+            matmul_each(
+                &h,
+                [&layer.wq, &layer.wk, &layer.wv],
+                [&mut q, &mut k, &mut v],
+            );
             rms_norm(&mut q, &layer.q_norm, c.rms_eps);
             rms_norm(&mut k, &layer.k_norm, c.rms_eps);
             let (rope, angles) = if c.window(li).is_some() {
@@ -144,8 +146,7 @@ impl Network for Gemma3 {
 
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.ffn_norm, c.rms_eps);
-            matmul(&h, &layer.w_gate, &mut gate);
-            matmul(&h, &layer.w_up, &mut up);
+            matmul_each(&h, [&layer.w_gate, &layer.w_up], [&mut gate, &mut up]);
             gelu_mul(&mut gate, &up);
             matmul(&gate, &layer.w_down, &mut h);
             rms_norm(&mut h, &layer.post_ffn_norm, c.rms_eps);

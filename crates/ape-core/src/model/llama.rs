@@ -14,7 +14,7 @@ use super::weights::{add_in_place, keep_rows, Ends, Loader};
 use super::{Attend, Network};
 use crate::cancel::Cancel;
 use crate::error::Result;
-use crate::kernels::{matmul, rms_norm, silu_mul, Matrix, Rope};
+use crate::kernels::{matmul, matmul_each, rms_norm, silu_mul, Matrix, Rope};
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -111,9 +111,11 @@ impl Network for Llama {
             cancel.check()?;
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.attn_norm, c.rms_eps);
-            matmul(&h, &layer.wq, &mut q);
-            matmul(&h, &layer.wk, &mut k);
-            matmul(&h, &layer.wv, &mut v);
+            matmul_each(
+                &h,
+                [&layer.wq, &layer.wk, &layer.wv],
+                [&mut q, &mut k, &mut v],
+            );
             if let Some([bq, bk, bv]) = &layer.qkv_bias {
                 add_bias(&mut q, bq);
                 add_bias(&mut k, bk);
@@ -138,8 +140,7 @@ impl Network for Llama {
 
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.ffn_norm, c.rms_eps);
-            matmul(&h, &layer.w_gate, &mut gate);
-            matmul(&h, &layer.w_up, &mut up);
+            matmul_each(&h, [&layer.w_gate, &layer.w_up], [&mut gate, &mut up]);
             silu_mul(&mut gate, &up);
             matmul(&gate, &layer.w_down, &mut h);
             add_in_place(&mut x, &h);

@@ -120,6 +120,12 @@ impl Prepared<'_> {
     }
 }
 
+/// Whether rows of `a` and of `b` multiply the same preparation of a vector: every
+/// quantized type takes the same 8-bit blocks, every dense type the vector itself.
+pub fn same_preparation(a: GgmlType, b: GgmlType) -> bool {
+    is_dense(a) == is_dense(b)
+}
+
 fn is_dense(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16)
 }
