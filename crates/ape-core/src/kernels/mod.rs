@@ -82,9 +82,21 @@ impl Matrix {
         if !packs_in_sixteens(ty, rows) {
             return Matrix::mapped(rows, cols, ty, data);
         }
-        assert_eq!(data.len(), rows * ty.row_bytes(cols));
-        let packed = sixteen::pack(ty, &data, rows, cols);
-        data.release();
+        let row_bytes = ty.row_bytes(cols);
+        assert_eq!(data.len(), rows * row_bytes);
+        let group_bytes = sixteen::group_bytes(ty, cols);
+        let mut packed = vec![0u8; rows / sixteen::GROUP_ROWS * group_bytes];
+        // A slab at a time, its file pages handed back as soon as it is packed: a large
+        // matrix (Qwen 0.5B's 145 MB output projection) would otherwise hold its file
+        // pages and its packed copy at once, over the file's size in all.
+        for first in (0..rows).step_by(PACK_ROWS) {
+            let slab = PACK_ROWS.min(rows - first);
+            let bytes = first * row_bytes..(first + slab) * row_bytes;
+            let out = first / sixteen::GROUP_ROWS * group_bytes;
+            let out = &mut packed[out..out + slab / sixteen::GROUP_ROWS * group_bytes];
+            sixteen::pack_into(ty, &data[bytes.clone()], slab, cols, out);
+            data.release(bytes);
+        }
         Matrix {
             rows,
             cols,
@@ -141,6 +153,10 @@ impl Matrix {
         self.quantized.len()
     }
 }
+
+/// Rows packed in sixteens at a time at load, before their file pages are handed back: a
+/// whole number of groups.
+const PACK_ROWS: usize = 4096;
 
 /// Rows handed to one thread in a product: their bytes stay in the core's cache while
 /// every token of the batch meets them.

@@ -201,10 +201,12 @@ pub struct TensorData {
 }
 
 impl TensorData {
-    /// Hands the pages under this tensor back to the kernel, for a tensor whose bytes were
-    /// copied elsewhere: they stop counting as resident until read again.
-    pub fn release(self) {
-        release(&self.map, self.range);
+    /// Hands the pages under bytes `part` of this tensor back to the kernel, for bytes
+    /// that were copied elsewhere: they stop counting as resident until read again.
+    pub fn release(&self, part: std::ops::Range<usize>) {
+        assert!(part.end <= self.range.len(), "past the tensor's end");
+        let start = self.range.start + part.start;
+        release(&self.map, start..start + part.len());
     }
 }
 

@@ -264,7 +264,7 @@ pub fn packs_in_sixteens(ty: GgmlType, rows: usize) -> bool {
 }
 
 /// `out[t * count + r]` is the product of row `r` of the rows of `ty` that
-/// [`sixteen::pack`] packed into `groups` with `xs[t]` (prepared for `ty`), where `count =
+/// [`sixteen::pack_into`] packed into `groups` with `xs[t]` (prepared for `ty`), where `count =
 /// out.len() / xs.len()`. As in [`dot_rows_tokens`], a token's products never depend on
 /// the others. Only where [`packs_in_sixteens`] is true (never off x86-64).
 #[cfg(target_arch = "x86_64")]

@@ -175,13 +175,24 @@ fn put_run(area: &mut [u8], r: usize, q: &[u8], layout: Layout) {
 
 /// Rows of `ty` as the file stores them (`rows`, a multiple of 16, of `cols` elements),
 /// repacked in groups of sixteen.
+#[cfg(test)]
 pub fn pack(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    let mut packed = vec![0u8; rows / GROUP_ROWS * group_bytes(ty, cols)];
+    pack_into(ty, bytes, rows, cols, &mut packed);
+    packed
+}
+
+/// [`pack`] into `packed`, which is zeroed and as long as the groups take.
+pub fn pack_into(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize, packed: &mut [u8]) {
     let layout = Layout::of(ty).expect("a format packed in sixteens");
     let blocks = cols / layout.block_len;
     let row_bytes = ty.row_bytes(cols);
     assert_eq!(rows % GROUP_ROWS, 0, "rows do not fill whole groups");
     assert_eq!(bytes.len(), rows * row_bytes, "byte length mismatch");
-    let mut packed = vec![0u8; rows / GROUP_ROWS * blocks * layout.block_bytes()];
+    assert_eq!(
+        packed.len(),
+        rows / GROUP_ROWS * blocks * layout.block_bytes()
+    );
     packed
         .par_chunks_exact_mut(blocks * layout.block_bytes())
         .enumerate()
@@ -201,7 +212,6 @@ pub fn pack(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
                 }
             }
         });
-    packed
 }
 
 #[cfg(target_arch = "x86_64")]
