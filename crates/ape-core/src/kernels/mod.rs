@@ -195,15 +195,22 @@ pub fn matmul_each<const M: usize>(x: &[f32], ws: [&Matrix; M], outs: [&mut [f32
     for (w, out) in ws.iter().zip(&outs) {
         assert_eq!(out.len(), n * w.rows);
     }
-    let prepared = |ty| -> Vec<Prepared> { x.par_chunks(cols).map(|x| prepare(ty, x)).collect() };
-    let first = prepared(ws[0].ty);
-    let separate: Vec<Option<Vec<Prepared>>> = ws
+    // Each preparation the matrices take, made once (for the first matrix taking it).
+    let mut made: Vec<(GgmlType, Vec<Prepared>)> = Vec::new();
+    for w in ws {
+        if !made.iter().any(|(ty, _)| same_preparation(*ty, w.ty)) {
+            made.push((w.ty, x.par_chunks(cols).map(|x| prepare(w.ty, x)).collect()));
+        }
+    }
+    let tokens: Vec<&[Prepared]> = ws
         .iter()
-        .map(|w| (!same_preparation(ws[0].ty, w.ty)).then(|| prepared(w.ty)))
-        .collect();
-    let tokens: Vec<&[Prepared]> = separate
-        .iter()
-        .map(|own| own.as_deref().unwrap_or(&first))
+        .map(|w| {
+            let (_, tokens) = made
+                .iter()
+                .find(|(ty, _)| same_preparation(*ty, w.ty))
+                .expect("made above");
+            tokens.as_slice()
+        })
         .collect();
     let columns: Vec<Columns> = ws
         .iter()

@@ -189,10 +189,7 @@ pub fn pack_into(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize, packed: &
     let row_bytes = ty.row_bytes(cols);
     assert_eq!(rows % GROUP_ROWS, 0, "rows do not fill whole groups");
     assert_eq!(bytes.len(), rows * row_bytes, "byte length mismatch");
-    assert_eq!(
-        packed.len(),
-        rows / GROUP_ROWS * blocks * layout.block_bytes()
-    );
+    assert_eq!(packed.len(), rows / GROUP_ROWS * group_bytes(ty, cols));
     packed
         .par_chunks_exact_mut(blocks * layout.block_bytes())
         .enumerate()
