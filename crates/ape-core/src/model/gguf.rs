@@ -59,8 +59,9 @@ pub enum Value {
 #[derive(Debug, Clone, Default)]
 pub struct Strings {
     text: String,
-    /// `ends[i]` is where string `i` ends in `text`.
-    ends: Vec<usize>,
+    /// `ends[i]` is where string `i` ends in `text`; 32 bits, as a vocabulary's texts take
+    /// a few megabytes.
+    ends: Vec<u32>,
 }
 
 impl Strings {
@@ -71,8 +72,8 @@ impl Strings {
 
     /// String `i`, or `None` past the end.
     pub(crate) fn get(&self, i: usize) -> Option<&str> {
-        let end = *self.ends.get(i)?;
-        let start = i.checked_sub(1).map_or(0, |j| self.ends[j]);
+        let end = *self.ends.get(i)? as usize;
+        let start = i.checked_sub(1).map_or(0, |j| self.ends[j] as usize);
         Some(&self.text[start..end])
     }
 
@@ -81,17 +82,21 @@ impl Strings {
         (0..self.len()).map(|i| self.get(i).expect("in range"))
     }
 
-    fn push(&mut self, s: &str) {
+    fn push(&mut self, s: &str) -> std::result::Result<(), String> {
         self.text.push_str(s);
-        self.ends.push(self.text.len());
+        let end = u32::try_from(self.text.len())
+            .map_err(|_| "an array of strings holds more than 4 GiB of text".to_string())?;
+        self.ends.push(end);
+        Ok(())
     }
 }
 
+#[cfg(test)]
 impl<'a> FromIterator<&'a str> for Strings {
     fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
         let mut strings = Strings::default();
         for s in iter {
-            strings.push(s);
+            strings.push(s).expect("under 4 GiB of text");
         }
         strings
     }
@@ -465,7 +470,7 @@ impl<'a> Cursor<'a> {
                     8 => {
                         let mut strings = Strings::default();
                         for _ in 0..count {
-                            strings.push(&self.str()?);
+                            strings.push(&self.str()?)?;
                         }
                         Value::Strings(strings)
                     }

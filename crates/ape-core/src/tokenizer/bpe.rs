@@ -4,7 +4,6 @@
 //! each word's bytes written in GPT-2's byte alphabet and merged pair by pair, the
 //! earliest of `tokenizer.ggml.merges` first.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -105,8 +104,9 @@ impl PreTokenizer {
 
 pub(super) struct Bpe {
     vocabulary: Vocabulary,
-    /// The rank of every merge (its place in the list), by the ids of its two sides.
-    ranks: HashMap<(u32, u32), u32>,
+    /// Every merge as (left id, right id, rank: its place in the list), sorted by its
+    /// sides: a third smaller than a hash map of them, and found by binary search.
+    ranks: Vec<(u32, u32, u32)>,
     words: Sequence,
     ignore_merges: bool,
     add_bos: bool,
@@ -125,7 +125,7 @@ impl Bpe {
                 "the vocabulary lists `{text}` twice (ids {first} and {second})"
             )));
         }
-        let mut ranks = HashMap::with_capacity(merges.len());
+        let mut ranks = Vec::with_capacity(merges.len());
         for (rank, merge) in merges.iter().enumerate() {
             let id = |text: &str| {
                 vocabulary.id(text).ok_or_else(|| {
@@ -140,9 +140,12 @@ impl Bpe {
                 )));
             };
             id(&[left, right].concat())?;
-            // The first of two equal merges counts, as in llama.cpp.
-            ranks.entry((id(left)?, id(right)?)).or_insert(rank as u32);
+            ranks.push((id(left)?, id(right)?, rank as u32));
         }
+        // The first of two equal merges counts, as in llama.cpp: the sort is stable and
+        // keeps them in rank order, and `dedup_by_key` keeps the first.
+        ranks.sort_by_key(|&(left, right, _)| (left, right));
+        ranks.dedup_by_key(|&mut (left, right, _)| (left, right));
         Ok(Bpe {
             vocabulary,
             ranks,
@@ -167,7 +170,11 @@ impl Bpe {
         // Earlier merges first: the rank, negated, is the priority.
         let rank = |joined: &str, left_len: usize| {
             let sides = (id(&joined[..left_len])?, id(&joined[left_len..])?);
-            self.ranks.get(&sides).map(|&rank| -(rank as f32))
+            let at = self
+                .ranks
+                .binary_search_by_key(&sides, |&(left, right, _)| (left, right))
+                .ok()?;
+            Some(-(self.ranks[at].2 as f32))
         };
         for (word, _, _) in words.get_splits(OffsetReferential::Original, OffsetType::Byte) {
             if let Some(whole) = id(word).filter(|_| self.ignore_merges) {

@@ -9,8 +9,8 @@
 //! Special tokens are matched first and the merge loop is shared (`merge.rs`); the
 //! vocabulary is looked up in the file's own token list, so a process holds no second
 //! copy of it. Either way prompts get exactly the ids llama.cpp gives them. Decoding is
-//! done here, from a per-token byte table, because streamed generation needs the raw
-//! bytes of every token.
+//! done here, each token's bytes worked out from its text as it is decoded, because
+//! streamed generation needs the raw bytes of every token.
 
 mod bpe;
 mod merge;
@@ -80,7 +80,10 @@ pub struct Tokenizer {
     specials: merge::Specials,
     encoder: Encoder,
     tokens: Arc<Strings>,
-    pieces: Pieces,
+    /// How the file classifies each token, which says how its text becomes bytes.
+    kinds: Vec<TokenKind>,
+    /// Whether texts are in GPT-2's byte alphabet (else SentencePiece's `▁` for a space).
+    byte_level: bool,
     bos: Option<u32>,
     eos: Option<u32>,
     add_bos: bool,
@@ -140,12 +143,25 @@ impl Tokenizer {
                     .into(),
             ));
         }
-        let pieces = Pieces::new(&tokens, &kinds, matches!(encoder, Encoder::Bpe(_)));
+        let byte_level = matches!(encoder, Encoder::Bpe(_));
+        let mut piece = Vec::new();
+        let longest_token_bytes = tokens
+            .iter()
+            .zip(&kinds)
+            .map(|(text, &kind)| {
+                piece.clear();
+                append_piece(text, kind, byte_level, &mut piece);
+                piece.len()
+            })
+            .max()
+            .unwrap_or(0)
+            .max(1);
         Ok(Tokenizer {
             specials: merge::Specials::new(&tokens, &kinds)?,
             encoder,
-            longest_token_bytes: pieces.longest().max(1),
-            pieces,
+            longest_token_bytes,
+            kinds,
+            byte_level,
             bos,
             eos: special_id(gguf, "tokenizer.ggml.eos_token_id", tokens.len())?,
             add_bos,
@@ -176,7 +192,7 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let mut bytes = Vec::new();
         for &id in ids {
-            bytes.extend_from_slice(self.piece(id)?);
+            self.append_piece(id, &mut bytes)?;
         }
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
@@ -226,13 +242,17 @@ impl Tokenizer {
         self.eog.binary_search(&id).is_ok()
     }
 
-    fn piece(&self, id: u32) -> Result<&[u8]> {
-        self.pieces.get(id).ok_or_else(|| {
-            Error::Tokenizer(format!(
+    /// Appends the bytes token `id` stands for to `out`.
+    fn append_piece(&self, id: u32, out: &mut Vec<u8>) -> Result<()> {
+        let (Some(text), Some(&kind)) = (self.tokens.get(id as usize), self.kinds.get(id as usize))
+        else {
+            return Err(Error::Tokenizer(format!(
                 "token id {id} is outside the vocabulary of {} tokens",
                 self.tokens.len()
-            ))
-        })
+            )));
+        };
+        append_piece(text, kind, self.byte_level, out);
+        Ok(())
     }
 }
 
@@ -247,7 +267,7 @@ impl StreamDecoder<'_> {
     /// Adds one token and returns the text that became complete with it, which may be
     /// empty. Bytes that can never be valid UTF-8 come out as U+FFFD.
     pub fn push(&mut self, id: u32) -> Result<String> {
-        self.pending.extend_from_slice(self.tokenizer.piece(id)?);
+        self.tokenizer.append_piece(id, &mut self.pending)?;
         let mut text = String::new();
         let mut done = 0;
         loop {
@@ -285,58 +305,32 @@ impl StreamDecoder<'_> {
     }
 }
 
-/// The bytes every token stands for, laid end to end.
-struct Pieces {
-    bytes: Vec<u8>,
-    /// `starts[id]..starts[id + 1]` is token `id`; one entry more than there are tokens.
-    starts: Vec<usize>,
-}
-
-impl Pieces {
-    /// The bytes of every token, from its text: in GPT-2's byte alphabet when
-    /// `byte_level`, else SentencePiece's (`▁` for a space).
-    fn new(tokens: &Strings, kinds: &[TokenKind], byte_level: bool) -> Self {
-        let mut bytes = Vec::new();
-        let mut starts = Vec::with_capacity(tokens.len() + 1);
-        starts.push(0);
-        for (text, &kind) in tokens.iter().zip(kinds) {
-            match kind {
-                TokenKind::Normal | TokenKind::UserDefined if !byte_level => {
-                    bytes.extend_from_slice(text.replace('\u{2581}', " ").as_bytes())
+/// Appends the bytes a token of `kind` spelled `text` stands for to `out`. Computed on
+/// each use rather than held in a table: a table of every token's bytes would double what
+/// the vocabulary takes in memory.
+fn append_piece(text: &str, kind: TokenKind, byte_level: bool, out: &mut Vec<u8>) {
+    match kind {
+        TokenKind::Normal | TokenKind::UserDefined if !byte_level => {
+            for c in text.chars() {
+                match c {
+                    '\u{2581}' => out.push(b' '),
+                    c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
                 }
-                TokenKind::Normal => {
-                    for c in text.chars() {
-                        match byte_of_char(c) {
-                            Some(b) => bytes.push(b),
-                            // Not in the byte alphabet, so the vocabulary means the
-                            // character itself.
-                            None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
-                        }
-                    }
-                }
-                TokenKind::Control | TokenKind::UserDefined => {
-                    bytes.extend_from_slice(text.as_bytes())
-                }
-                TokenKind::Byte => bytes.extend(parse_byte_token(text)),
-                TokenKind::Unused => {}
             }
-            starts.push(bytes.len());
         }
-        Pieces { bytes, starts }
-    }
-
-    fn longest(&self) -> usize {
-        self.starts
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or(0)
-    }
-
-    fn get(&self, id: u32) -> Option<&[u8]> {
-        let id = id as usize;
-        let end = *self.starts.get(id + 1)?;
-        Some(&self.bytes[self.starts[id]..end])
+        TokenKind::Normal => {
+            for c in text.chars() {
+                match byte_of_char(c) {
+                    Some(b) => out.push(b),
+                    // Not in the byte alphabet, so the vocabulary means the character
+                    // itself.
+                    None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                }
+            }
+        }
+        TokenKind::Control | TokenKind::UserDefined => out.extend_from_slice(text.as_bytes()),
+        TokenKind::Byte => out.extend(parse_byte_token(text)),
+        TokenKind::Unused => {}
     }
 }
 
