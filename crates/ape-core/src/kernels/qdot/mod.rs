@@ -209,12 +209,33 @@ fn in_tiles(vs: &[&QuantizedVector], start: usize, products: &mut impl TileProdu
 
 /// [`in_tiles`] in tiles of [`WIDE_TILE`] while there are that many vectors left.
 #[cfg(target_arch = "x86_64")]
-fn in_wide_tiles(vs: &[&QuantizedVector], products: &mut impl TileProducts) {
-    for (tile, at) in vs.chunks(WIDE_TILE).zip((0..).step_by(WIDE_TILE)) {
+fn in_wide_tiles(vs: &[&QuantizedVector], start: usize, products: &mut impl TileProducts) {
+    for (tile, at) in vs.chunks(WIDE_TILE).zip((start..).step_by(WIDE_TILE)) {
         match tile.try_into() {
             Ok(wide) => products.tile::<WIDE_TILE>(at, wide),
             Err(_) => in_tiles(tile, at, products),
         }
+    }
+}
+
+/// Calls `f(start, vs)` with the quantized vectors of `xs`, [`WIDE_TILE`] at a time,
+/// `start` the place of the first in `xs`. They are gathered on the stack: a product's
+/// tasks run some thousands of times for each decoded token, too often to gather them in a
+/// heap block each time.
+#[cfg(target_arch = "x86_64")]
+fn quantized_chunks(xs: &[Prepared], mut f: impl FnMut(usize, &[&QuantizedVector])) {
+    fn quantized<'v>(x: &'v Prepared) -> &'v QuantizedVector {
+        match x {
+            Prepared::Quantized(v) => v,
+            Prepared::Dense(_) => panic!("vector prepared for another type"),
+        }
+    }
+    for (chunk, start) in xs.chunks(WIDE_TILE).zip((0..).step_by(WIDE_TILE)) {
+        let mut vs = [quantized(&chunk[0]); WIDE_TILE];
+        for (v, x) in vs.iter_mut().zip(chunk) {
+            *v = quantized(x);
+        }
+        f(start, &vs[..chunk.len()]);
     }
 }
 
@@ -248,8 +269,7 @@ impl TileProducts for RowProducts<'_> {
 /// the same sequence of operations as with that vector alone: a tile of
 /// tokens shares the unpacking of the weights, never an accumulator.
 pub fn dot_rows_tokens(ty: GgmlType, rows: &[u8], xs: &[Prepared], out: &mut [f32]) {
-    let xs: Vec<&Prepared> = xs.iter().collect();
-    dot_rows_with(Kernels::best(), ty, rows, &xs, out);
+    dot_rows_with(Kernels::best(), ty, rows, xs, out);
 }
 
 /// Whether a `rows`-row matrix of `ty` is repacked sixteen rows at a time on this CPU
@@ -274,38 +294,29 @@ pub fn dot_groups_tokens(ty: GgmlType, groups: &[u8], xs: &[Prepared], out: &mut
         Kernels::Avx512,
         "no AVX-512 VNNI for packed rows"
     );
-    let vs: Vec<&QuantizedVector> = xs
-        .iter()
-        .map(|x| match x {
-            Prepared::Quantized(v) => v,
-            Prepared::Dense(_) => panic!("vector prepared for another type"),
-        })
-        .collect();
-    let Some(first) = vs.first() else {
+    let Some(first) = xs.first() else {
         return;
     };
     let group_bytes = sixteen::group_bytes(ty, first.len());
-    let count = out.len() / vs.len();
-    assert_eq!(out.len(), count * vs.len());
+    let count = out.len() / xs.len();
+    assert_eq!(out.len(), count * xs.len());
     assert_eq!(
         groups.len() * GROUP_ROWS,
         count * group_bytes,
         "byte length mismatch"
     );
     assert!(
-        vs.iter().all(|v| v.len() == first.len()),
+        xs.iter().all(|x| x.len() == first.len()),
         "vectors of different lengths"
     );
-    in_wide_tiles(
-        &vs,
-        &mut GroupProducts {
-            ty,
-            groups,
-            group_bytes,
-            count,
-            out,
-        },
-    );
+    let mut products = GroupProducts {
+        ty,
+        groups,
+        group_bytes,
+        count,
+        out,
+    };
+    quantized_chunks(xs, |start, vs| in_wide_tiles(vs, start, &mut products));
 }
 
 /// [`dot_groups_tokens`] over one tile.
@@ -338,7 +349,7 @@ pub fn dot_groups_tokens(_: GgmlType, _: &[u8], _: &[Prepared], _: &mut [f32]) {
     unreachable!("rows are packed in sixteens only on x86-64")
 }
 
-fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], xs: &[&Prepared], out: &mut [f32]) {
+fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], xs: &[Prepared], out: &mut [f32]) {
     let Some(first) = xs.first() else {
         return;
     };
@@ -348,20 +359,14 @@ fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], xs: &[&Prepared], 
     let count = out.len() / xs.len();
     assert_eq!(out.len(), count * xs.len());
     assert_eq!(rows.len(), count * row_bytes, "byte length mismatch");
-    let quantized: Vec<&QuantizedVector> = xs
-        .iter()
-        .filter_map(|x| match x {
-            Prepared::Quantized(v) => Some(v),
-            Prepared::Dense(_) => None,
-        })
-        .collect();
-    let all_dense = quantized.is_empty();
+    let dense = |x: &Prepared| matches!(x, Prepared::Dense(_));
+    let all_dense = xs.iter().all(dense);
     assert!(
         xs.iter().all(|x| x.len() == len),
         "vectors of different lengths"
     );
     assert!(
-        (all_dense && is_dense(ty)) || (quantized.len() == xs.len() && !is_dense(ty)),
+        (all_dense && is_dense(ty)) || (!xs.iter().any(dense) && !is_dense(ty)),
         "vector prepared for another type"
     );
     if row_bytes == 0 {
@@ -384,18 +389,15 @@ fn dot_rows_with(kernels: Kernels, ty: GgmlType, rows: &[u8], xs: &[&Prepared], 
             }
             return;
         }
-        in_tiles(
-            &quantized,
-            0,
-            &mut RowProducts {
-                kernels,
-                ty,
-                rows,
-                row_bytes,
-                count,
-                out,
-            },
-        );
+        let mut products = RowProducts {
+            kernels,
+            ty,
+            rows,
+            row_bytes,
+            count,
+            out,
+        };
+        quantized_chunks(xs, |start, vs| in_tiles(vs, start, &mut products));
         return;
     }
     for (t, x) in xs.iter().enumerate() {
@@ -559,7 +561,7 @@ mod tests {
 
     fn dot_row(kernels: Kernels, ty: GgmlType, row: &[u8], x: &Prepared) -> f32 {
         let mut out = [0.0];
-        dot_rows_with(kernels, ty, row, &[x], &mut out);
+        dot_rows_with(kernels, ty, row, std::slice::from_ref(x), &mut out);
         out[0]
     }
 
@@ -571,7 +573,7 @@ mod tests {
         for kernels in all_kernels() {
             for (ty, tokens) in ALL_TYPES
                 .into_iter()
-                .flat_map(|ty| (1..=2 * TILE).map(move |t| (ty, t)))
+                .flat_map(|ty| (1..=2 * WIDE_TILE + 1).map(move |t| (ty, t)))
             {
                 let (n, rows) = (512, 3);
                 let matrix: Vec<u8> = (0..rows)
@@ -579,12 +581,11 @@ mod tests {
                     .collect();
                 let xs: Vec<Vec<f32>> = (0..tokens).map(|_| random_vector(n, &mut rng)).collect();
                 let prepared: Vec<Prepared> = xs.iter().map(|x| prepare(ty, x)).collect();
-                let all: Vec<&Prepared> = prepared.iter().collect();
                 let mut together = vec![0.0; tokens * rows];
-                dot_rows_with(kernels, ty, &matrix, &all, &mut together);
+                dot_rows_with(kernels, ty, &matrix, &prepared, &mut together);
                 for (t, x) in prepared.iter().enumerate() {
                     let mut alone = vec![0.0; rows];
-                    dot_rows_with(kernels, ty, &matrix, &[x], &mut alone);
+                    dot_rows_with(kernels, ty, &matrix, std::slice::from_ref(x), &mut alone);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&together[t * rows..(t + 1) * rows]),
