@@ -21,12 +21,13 @@
 //! Register `j` (quants `4j..4j + 4` of every row) is thus run `j % 4`'s low or high
 //! nibbles plus the high bits its masks set. Q8_0's quants are whole bytes, so its run is
 //! the eight registers themselves: byte `4r + i` of register `j` is quant `4j + i` of row
-//! `r`, plus 128. The scales: Q5_0 and Q8_0 their f16 `d`; Q4_K `d` and `dmin`, then its
-//! eight 6-bit scales and eight mins unpacked to a byte each (2.8% more bytes than the
-//! file); Q6_K `d`, then its sixteen signed scales.
+//! `r`, plus 128. The scales: Q5_0 and Q8_0 their f16 `d`; Q4_K `d` and `dmin`, then the
+//! twelve bytes its eight 6-bit scales and eight mins are packed in, as the file packs
+//! them (unpacked in the kernel, so the group holds as many bytes as the file); Q6_K `d`,
+//! then its sixteen signed scales.
 
 use super::QBLOCK;
-use crate::kernels::quant::{k_scale_min, GgmlType};
+use crate::kernels::quant::GgmlType;
 use rayon::prelude::*;
 
 /// Rows per group.
@@ -51,7 +52,7 @@ impl Layout {
         let (block_len, scale_bytes, high_bits, whole_bytes) = match ty {
             GgmlType::Q5_0 => (QBLOCK, 2 * GROUP_ROWS, 1, false),
             GgmlType::Q8_0 => (QBLOCK, 2 * GROUP_ROWS, 0, true),
-            GgmlType::Q4K => (256, 4 * GROUP_ROWS + 16 * GROUP_ROWS, 0, false),
+            GgmlType::Q4K => (256, 4 * GROUP_ROWS + 12 * GROUP_ROWS, 0, false),
             GgmlType::Q6K => (256, 2 * GROUP_ROWS + 16 * GROUP_ROWS, 2, false),
             _ => return None,
         };
@@ -93,10 +94,8 @@ fn put_scales(ty: GgmlType, b: &[u8], r: usize, out: &mut [u8]) {
     match ty {
         GgmlType::Q4K => {
             out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&b[2..4]);
-            for s in 0..8 {
-                let (scale, min) = k_scale_min(s, &b[4..16]);
-                out[64 + 16 * s + r] = scale;
-                out[192 + 16 * s + r] = min;
+            for k in 0..12 {
+                out[64 + 16 * k + r] = b[4 + k];
             }
         }
         GgmlType::Q6K => {
@@ -262,16 +261,48 @@ pub(super) mod avx512 {
         _mm512_cvtepi32_ps(_mm512_add_epi32(p[0], p[1]))
     }
 
-    /// Sixteen bytes at `p`, one per row, as f32 (`signed`: as i8).
+    /// The 6-bit scale and min of sub-block `s` of sixteen Q4_K rows, one byte per row,
+    /// from the twelve planes at `planes` (plane `k`: byte `k` of each row's packed
+    /// scales). The first four scales and mins are the low six bits of bytes 0-3 and 4-7;
+    /// the last four take their low four bits from a nibble of bytes 8-11 and their top
+    /// two from the top two bits of bytes 0-3 (scales) and 4-7 (mins).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn bytes(p: *const u8, signed: bool) -> __m512 {
-        let b = _mm_loadu_si128(p.cast());
-        _mm512_cvtepi32_ps(if signed {
-            _mm512_cvtepi8_epi32(b)
-        } else {
-            _mm512_cvtepu8_epi32(b)
-        })
+    unsafe fn k_scale_min(planes: *const u8, s: usize) -> (__m128i, __m128i) {
+        let plane = |k: usize| _mm_loadu_si128(planes.add(16 * k).cast());
+        let low4 = _mm_set1_epi8(0x0f);
+        if s < 4 {
+            let low6 = _mm_set1_epi8(0x3f);
+            return (
+                _mm_and_si128(plane(s), low6),
+                _mm_and_si128(plane(s + 4), low6),
+            );
+        }
+        // Bits 6 and 7 of each byte to bits 4 and 5 (what a 16-bit shift brings in from
+        // the neighbouring byte is masked off).
+        let top2 = |v: __m128i| _mm_and_si128(_mm_srli_epi16(v, 2), _mm_set1_epi8(0x30));
+        let nibbles = plane(s + 4);
+        (
+            _mm_or_si128(_mm_and_si128(nibbles, low4), top2(plane(s - 4))),
+            _mm_or_si128(
+                _mm_and_si128(_mm_srli_epi16(nibbles, 4), low4),
+                top2(plane(s)),
+            ),
+        )
+    }
+
+    /// Sixteen unsigned bytes, one per row, as f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn widen(b: __m128i) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b))
+    }
+
+    /// Sixteen signed bytes at `p`, one per row, as f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn signed_bytes(p: *const u8) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())))
     }
 
     /// The sixteen products of a group's rows of `ty` (`group`: its packed blocks) with
@@ -316,8 +347,9 @@ pub(super) mod avx512 {
                 GgmlType::Q4K => {
                     let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(g.add(32).cast()));
                     for s in 0..8 {
-                        let scale = _mm512_mul_ps(d, bytes(g.add(64 + 16 * s), false));
-                        let min = _mm512_mul_ps(dmin, bytes(g.add(192 + 16 * s), false));
+                        let (scale, min) = k_scale_min(g.add(64), s);
+                        let scale = _mm512_mul_ps(d, widen(scale));
+                        let min = _mm512_mul_ps(dmin, widen(min));
                         let w = run(runs.add(s * NIBBLE_BYTES), layout);
                         let vb = 8 * b + s;
                         for (i, acc) in acc.iter_mut().enumerate() {
@@ -331,7 +363,7 @@ pub(super) mod avx512 {
                 GgmlType::Q6K => {
                     for s in 0..8 {
                         let scales = [2 * s, 2 * s + 1]
-                            .map(|h| _mm512_mul_ps(d, bytes(g.add(32 + 16 * h), true)));
+                            .map(|h| _mm512_mul_ps(d, signed_bytes(g.add(32 + 16 * h))));
                         let w = run(runs.add(s * layout.run_bytes()), layout);
                         let vb = 8 * b + s;
                         for (i, acc) in acc.iter_mut().enumerate() {
