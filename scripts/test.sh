@@ -31,7 +31,7 @@ cargo clippy --release --workspace --all-targets --locked -- -D warnings
 cargo build --release --workspace --locked
 ./target/release/ape model pull smollm2-135m
 ./target/release/ape model pull qwen2.5-coder-0.5b
-# Its tokenizer is tested; the gemma3 architecture does not run yet.
+# Gemma 3: its tokenizer, its forward pass and APE over its sliding windows are tested.
 ./target/release/ape model pull gemma3-270m
 # Every test binary runs even when one fails, so that all failures are reported; the
 # exit status is still non-zero on any failure.
