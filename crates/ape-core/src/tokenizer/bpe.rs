@@ -104,9 +104,7 @@ impl PreTokenizer {
 
 pub(super) struct Bpe {
     vocabulary: Vocabulary,
-    /// Every merge as (left id, right id, rank: its place in the list), sorted by its
-    /// sides: a third smaller than a hash map of them, and found by binary search.
-    ranks: Vec<(u32, u32, u32)>,
+    ranks: Ranks,
     words: Sequence,
     ignore_merges: bool,
     add_bos: bool,
@@ -125,7 +123,7 @@ impl Bpe {
                 "the vocabulary lists `{text}` twice (ids {first} and {second})"
             )));
         }
-        let mut ranks = Vec::with_capacity(merges.len());
+        let mut ranks = Ranks::new(vocabulary.len());
         for (rank, merge) in merges.iter().enumerate() {
             let id = |text: &str| {
                 vocabulary.id(text).ok_or_else(|| {
@@ -139,13 +137,13 @@ impl Bpe {
                     "BPE merge `{merge}` is not two tokens separated by a space"
                 )));
             };
-            id(&[left, right].concat())?;
-            ranks.push((id(left)?, id(right)?, rank as u32));
+            let made = id(&[left, right].concat())?;
+            ranks.add(made, left.len(), (id(left)?, id(right)?), rank as u32);
         }
+        ranks.others.sort_by_key(|&(sides, _)| sides);
         // The first of two equal merges counts, as in llama.cpp: the sort is stable and
         // keeps them in rank order, and `dedup_by_key` keeps the first.
-        ranks.sort_by_key(|&(left, right, _)| (left, right));
-        ranks.dedup_by_key(|&mut (left, right, _)| (left, right));
+        ranks.others.dedup_by_key(|&mut (sides, _)| sides);
         Ok(Bpe {
             vocabulary,
             ranks,
@@ -169,12 +167,8 @@ impl Bpe {
         let id = |text: &str| self.vocabulary.id(text);
         // Earlier merges first: the rank, negated, is the priority.
         let rank = |joined: &str, left_len: usize| {
-            let sides = (id(&joined[..left_len])?, id(&joined[left_len..])?);
-            let at = self
-                .ranks
-                .binary_search_by_key(&sides, |&(left, right, _)| (left, right))
-                .ok()?;
-            Some(-(self.ranks[at].2 as f32))
+            let rank = self.ranks.of(&self.vocabulary, joined, left_len)?;
+            Some(-(rank as f32))
         };
         for (word, _, _) in words.get_splits(OffsetReferential::Original, OffsetType::Byte) {
             if let Some(whole) = id(word).filter(|_| self.ignore_merges) {
@@ -190,6 +184,68 @@ impl Bpe {
             }
         }
         Ok(())
+    }
+}
+
+/// The rank of every merge (its place in the list), found from the token it makes: a
+/// pair of symbols can only join as a merge if their text together is a token. Held per
+/// token, as the rank of the first merge making it and where that merge splits its text
+/// (six bytes a token, half a sorted list of the merges by their sides); the few merges
+/// making a token that an earlier merge makes split elsewhere are kept by their sides.
+struct Ranks {
+    /// Per token, the rank of the first merge making it; `NONE` where no merge does.
+    first: Vec<u32>,
+    /// Per token, the length of that merge's left side in bytes.
+    split: Vec<u16>,
+    /// ((left id, right id), rank) of the other merges, sorted by their sides.
+    others: Vec<((u32, u32), u32)>,
+}
+
+impl Ranks {
+    const NONE: u32 = u32::MAX;
+
+    fn new(tokens: usize) -> Ranks {
+        Ranks {
+            first: vec![Ranks::NONE; tokens],
+            split: vec![0; tokens],
+            others: Vec::new(),
+        }
+    }
+
+    /// Adds merge number `rank`, of the tokens `sides`, making token `made` with a left
+    /// side of `left_len` bytes.
+    fn add(&mut self, made: u32, left_len: usize, sides: (u32, u32), rank: u32) {
+        let made = made as usize;
+        match u16::try_from(left_len) {
+            Ok(split) if self.first[made] == Ranks::NONE => {
+                self.first[made] = rank;
+                self.split[made] = split;
+            }
+            Ok(split) if self.split[made] == split => {}
+            _ => self.others.push((sides, rank)),
+        }
+    }
+
+    /// The rank of the merge joining `joined[..left_len]` and `joined[left_len..]`, if
+    /// there is one.
+    fn of(&self, vocabulary: &Vocabulary, joined: &str, left_len: usize) -> Option<u32> {
+        let made = vocabulary.id(joined)? as usize;
+        let first = self.first[made];
+        if first != Ranks::NONE && usize::from(self.split[made]) == left_len {
+            return Some(first);
+        }
+        if self.others.is_empty() {
+            return None;
+        }
+        let sides = (
+            vocabulary.id(&joined[..left_len])?,
+            vocabulary.id(&joined[left_len..])?,
+        );
+        let at = self
+            .others
+            .binary_search_by_key(&sides, |&(sides, _)| sides)
+            .ok()?;
+        Some(self.others[at].1)
     }
 }
 
@@ -257,6 +313,25 @@ mod tests {
         ids.clear();
         bpe.encode_text("abc", &mut ids).unwrap();
         assert_eq!(ids, [0, 5]);
+    }
+
+    #[test]
+    fn a_token_two_merges_make_joins_by_either() {
+        // `abc` is made by `a bc` (rank 2) and by `ab c` (rank 3). In "abc", `a b` joins
+        // first, so only the later merge can finish the word; in "xbc" nothing but the
+        // earlier one applies. The repeated `a b` (rank 4) changes nothing.
+        let tokens = ["a", "b", "c", "x", "ab", "bc", "abc", "xbc"];
+        let merges = ["a b", "b c", "a bc", "ab c", "a b", "x bc"];
+        let bpe = tiny(&tokens, &merges).unwrap();
+        let mut ids = Vec::new();
+        bpe.encode_text("abc", &mut ids).unwrap();
+        assert_eq!(ids, [6]);
+        ids.clear();
+        bpe.encode_text("xbc", &mut ids).unwrap();
+        assert_eq!(ids, [7]);
+        ids.clear();
+        bpe.encode_text("ab", &mut ids).unwrap();
+        assert_eq!(ids, [4]);
     }
 
     #[test]

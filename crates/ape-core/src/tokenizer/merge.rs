@@ -33,6 +33,11 @@ impl Vocabulary {
         Vocabulary { tokens, by_text }
     }
 
+    /// Tokens in the vocabulary.
+    pub(super) fn len(&self) -> usize {
+        self.by_text.len()
+    }
+
     /// The id of the token spelled `text`: the last where two share one text (as
     /// llama.cpp maps them).
     pub(super) fn id(&self, text: &str) -> Option<u32> {
