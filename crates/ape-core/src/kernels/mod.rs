@@ -129,12 +129,13 @@ impl Matrix {
         dequantize(self.ty, &self.quantized[r * len..(r + 1) * len], out);
     }
 
-    /// Bytes holding `ROWS_PER_TASK` rows (a whole number of groups when packed).
-    fn task_bytes(&self) -> usize {
+    /// Bytes holding `rows` rows (a multiple of 16: a whole number of groups when
+    /// packed).
+    fn bytes_of_rows(&self, rows: usize) -> usize {
         if self.in_sixteens {
-            ROWS_PER_TASK / sixteen::GROUP_ROWS * sixteen::group_bytes(self.ty, self.cols)
+            rows / sixteen::GROUP_ROWS * sixteen::group_bytes(self.ty, self.cols)
         } else {
-            ROWS_PER_TASK * self.ty.row_bytes(self.cols)
+            rows * self.ty.row_bytes(self.cols)
         }
     }
 
@@ -158,9 +159,18 @@ impl Matrix {
 /// whole number of groups.
 const PACK_ROWS: usize = 4096;
 
-/// Rows handed to one thread in a product: their bytes stay in the core's cache while
-/// every token of the batch meets them.
+/// Rows handed to one thread in a product of several tokens: their bytes stay in the
+/// core's cache while every token of the batch meets them.
 const ROWS_PER_TASK: usize = 32;
+
+/// The most rows handed to one thread in a product of one token (decoding), where no row
+/// is read twice: tasks of 32 rows, some 25,000 for each token of Qwen 1.5B, spent as long
+/// starting as a thread takes to stream a sixth of their bytes.
+const MAX_ROWS_PER_DECODE_TASK: usize = 256;
+
+/// Tasks each thread gets of a decoding product at least, where the rows allow: enough
+/// that a thread finishing early finds more.
+const DECODE_TASKS_PER_THREAD: usize = 4;
 
 /// Tokens that meet a task's rows together: their quantized activations stay in the
 /// core's first-level cache while the rows are read. As many as the widest tile a kernel
@@ -220,40 +230,61 @@ pub fn matmul_each<const M: usize>(x: &[f32], ws: [&Matrix; M], outs: [&mut [f32
             width: w.rows,
         })
         .collect();
-    // Every task of every matrix, in one parallel iteration.
+    // One token (decoding) gets a tile of its own size and long tasks; several, tiles of
+    // `TOKENS_PER_PASS` tokens meeting short runs of rows.
+    if n == 1 {
+        let rows = decode_task_rows(ws.iter().map(|w| w.rows).sum());
+        products_in_tasks::<1, MAX_ROWS_PER_DECODE_TASK>(&ws, &tokens, &columns, rows);
+    } else {
+        products_in_tasks::<TOKENS_PER_PASS, ROWS_PER_TASK>(&ws, &tokens, &columns, ROWS_PER_TASK);
+    }
+}
+
+/// Rows per task of a decoding product over `rows` rows in all: as many as leave each
+/// thread [`DECODE_TASKS_PER_THREAD`] tasks, a multiple of [`ROWS_PER_TASK`] (so of the
+/// sixteen rows of a packed group) from it up to [`MAX_ROWS_PER_DECODE_TASK`].
+fn decode_task_rows(rows: usize) -> usize {
+    let per_task = rows / (DECODE_TASKS_PER_THREAD * rayon::current_num_threads());
+    (per_task / ROWS_PER_TASK * ROWS_PER_TASK).clamp(ROWS_PER_TASK, MAX_ROWS_PER_DECODE_TASK)
+}
+
+/// Every product of `ws` with its prepared `tokens`, written to `columns`, in one
+/// parallel iteration over tasks of `task_rows` rows (at most `MAX_ROWS`) of every matrix.
+fn products_in_tasks<const PASS: usize, const MAX_ROWS: usize>(
+    ws: &[&Matrix],
+    tokens: &[&[Prepared]],
+    columns: &[Columns],
+    task_rows: usize,
+) {
+    assert!(task_rows <= MAX_ROWS && task_rows.is_multiple_of(sixteen::GROUP_ROWS));
     let tasks: Vec<(usize, usize)> = ws
         .iter()
         .enumerate()
-        .flat_map(|(m, w)| (0..w.rows.div_ceil(ROWS_PER_TASK)).map(move |t| (m, t)))
+        .flat_map(|(m, w)| (0..w.rows.div_ceil(task_rows)).map(move |t| (m, t)))
         .collect();
     tasks.into_par_iter().for_each(|(m, task)| {
         let w = ws[m];
-        let task_bytes = w.task_bytes();
+        let task_bytes = w.bytes_of_rows(task_rows);
         let end = ((task + 1) * task_bytes).min(w.quantized.len());
         let rows = &w.quantized[task * task_bytes..end];
-        // One token (decoding) gets a tile of its own size: a tile of `TOKENS_PER_PASS`
-        // tokens, zeroed for each of the 25,000 tasks of one of Qwen 1.5B's decoding
-        // steps, would write 50 MB per token.
-        if n == 1 {
-            task_products::<1>(w, rows, task, tokens[m], &columns[m]);
-        } else {
-            task_products::<TOKENS_PER_PASS>(w, rows, task, tokens[m], &columns[m]);
-        }
+        let first = task * task_rows;
+        let count = task_rows.min(w.rows - first);
+        task_products::<PASS, MAX_ROWS>(w, rows, first, count, tokens[m], &columns[m]);
     });
 }
 
-/// The products of task `task`'s `rows` of `w` with `tokens`, `PASS` tokens at a time,
-/// written to their columns of the output.
-fn task_products<const PASS: usize>(
+/// The products of the `count` rows of `w` from row `first` on (`rows`, at most
+/// `MAX_ROWS` of them) with `tokens`, `PASS` tokens at a time, written to their columns of
+/// the output.
+fn task_products<const PASS: usize, const MAX_ROWS: usize>(
     w: &Matrix,
     rows: &[u8],
-    task: usize,
+    first: usize,
+    count: usize,
     tokens: &[Prepared],
     columns: &Columns,
 ) {
-    let first = task * ROWS_PER_TASK;
-    let count = ROWS_PER_TASK.min(w.rows - first);
-    let mut tile = [[0f32; ROWS_PER_TASK]; PASS];
+    let mut tile = [[0f32; MAX_ROWS]; PASS];
     let tile = tile.as_flattened_mut();
     for (pass, xs) in tokens.chunks(PASS).enumerate() {
         let tile = &mut tile[..xs.len() * count];
@@ -337,15 +368,24 @@ pub(crate) mod tests {
 
     #[test]
     fn a_token_in_a_batch_gets_what_it_gets_alone() {
-        let (rows, cols, n) = (70, 96, 19);
-        let w = Matrix::from_f32(rows, cols, &pseudo_random(rows * cols, 1));
-        let x = pseudo_random(n * cols, 2);
-        let mut batched = vec![0.0; n * rows];
-        matmul(&x, &w, &mut batched);
-        for t in 0..n {
-            let mut single = vec![0.0; rows];
-            matmul(&x[t * cols..(t + 1) * cols], &w, &mut single);
-            assert_eq!(single, batched[t * rows..(t + 1) * rows], "token {t}");
-        }
+        // Tall enough that, on two threads, a token alone is cut into longer tasks than
+        // a batch is, the last one shorter than the rest.
+        let (rows, cols, n) = (700, 96, 19);
+        let two_threads = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        two_threads.install(|| {
+            assert!(decode_task_rows(rows) > ROWS_PER_TASK);
+            let w = Matrix::from_f32(rows, cols, &pseudo_random(rows * cols, 1));
+            let x = pseudo_random(n * cols, 2);
+            let mut batched = vec![0.0; n * rows];
+            matmul(&x, &w, &mut batched);
+            for t in 0..n {
+                let mut single = vec![0.0; rows];
+                matmul(&x[t * cols..(t + 1) * cols], &w, &mut single);
+                assert_eq!(single, batched[t * rows..(t + 1) * rows], "token {t}");
+            }
+        });
     }
 }
