@@ -163,14 +163,15 @@ const PACK_ROWS: usize = 4096;
 /// core's cache while every token of the batch meets them.
 const ROWS_PER_TASK: usize = 32;
 
-/// The most rows handed to one thread in a product of one token (decoding), where no row
-/// is read twice: starting each of the 25,000 tasks of 32 rows that a token of Qwen 1.5B
+/// The most rows handed to one thread in a product of at most [`TOKENS_PER_PASS`] tokens
+/// (decoding, a small batch), where each row meets every token in one pass and is not read
+/// again: starting each of the 25,000 tasks of 32 rows that a decoded token of Qwen 1.5B
 /// made took about a tenth of its decoding time.
-const MAX_ROWS_PER_DECODE_TASK: usize = 256;
+const MAX_ROWS_PER_LONG_TASK: usize = 256;
 
-/// Tasks each thread gets of a decoding product at least, where the rows allow: enough
-/// that a thread finishing early finds more.
-const DECODE_TASKS_PER_THREAD: usize = 4;
+/// Tasks each thread gets of such a product at least, where the rows allow: enough that
+/// a thread finishing early finds more.
+const LONG_TASKS_PER_THREAD: usize = 4;
 
 /// Tokens that meet a task's rows together: their quantized activations stay in the
 /// core's first-level cache while the rows are read. As many as the widest tile a kernel
@@ -230,22 +231,29 @@ pub fn matmul_each<const M: usize>(x: &[f32], ws: [&Matrix; M], outs: [&mut [f32
             width: w.rows,
         })
         .collect();
-    // One token (decoding) gets a tile of its own size and long tasks; several, tiles of
-    // `TOKENS_PER_PASS` tokens meeting short runs of rows.
-    if n == 1 {
-        let rows = decode_task_rows(ws.iter().map(|w| w.rows).sum());
-        products_in_tasks::<1, MAX_ROWS_PER_DECODE_TASK>(&ws, &tokens, &columns, rows);
-    } else {
-        products_in_tasks::<TOKENS_PER_PASS, ROWS_PER_TASK>(&ws, &tokens, &columns, ROWS_PER_TASK);
+    // Up to `TOKENS_PER_PASS` tokens meet each row once, so tasks can be long; more meet
+    // a task's rows in several passes, which short runs of rows keep in cache.
+    let long_tasks = long_task_rows(ws.iter().map(|w| w.rows).sum());
+    match n {
+        1 => products_in_tasks::<1, MAX_ROWS_PER_LONG_TASK>(&ws, &tokens, &columns, long_tasks),
+        2..=TOKENS_PER_PASS => products_in_tasks::<TOKENS_PER_PASS, MAX_ROWS_PER_LONG_TASK>(
+            &ws, &tokens, &columns, long_tasks,
+        ),
+        _ => products_in_tasks::<TOKENS_PER_PASS, ROWS_PER_TASK>(
+            &ws,
+            &tokens,
+            &columns,
+            ROWS_PER_TASK,
+        ),
     }
 }
 
-/// Rows per task of a decoding product over `rows` rows in all: as many as leave each
-/// thread [`DECODE_TASKS_PER_THREAD`] tasks, a multiple of [`ROWS_PER_TASK`] (so of the
-/// sixteen rows of a packed group) from it up to [`MAX_ROWS_PER_DECODE_TASK`].
-fn decode_task_rows(rows: usize) -> usize {
-    let per_task = rows / (DECODE_TASKS_PER_THREAD * rayon::current_num_threads());
-    (per_task / ROWS_PER_TASK * ROWS_PER_TASK).clamp(ROWS_PER_TASK, MAX_ROWS_PER_DECODE_TASK)
+/// Rows per task of a product of few tokens over `rows` rows in all: as many as leave
+/// each thread [`LONG_TASKS_PER_THREAD`] tasks, a multiple of [`ROWS_PER_TASK`] (so of the
+/// sixteen rows of a packed group) from it up to [`MAX_ROWS_PER_LONG_TASK`].
+fn long_task_rows(rows: usize) -> usize {
+    let per_task = rows / (LONG_TASKS_PER_THREAD * rayon::current_num_threads());
+    (per_task / ROWS_PER_TASK * ROWS_PER_TASK).clamp(ROWS_PER_TASK, MAX_ROWS_PER_LONG_TASK)
 }
 
 /// Every product of `ws` with its prepared `tokens`, written to `columns`, in one
@@ -368,15 +376,15 @@ pub(crate) mod tests {
 
     #[test]
     fn a_token_in_a_batch_gets_what_it_gets_alone() {
-        // Tall enough that, on two threads, a token alone is cut into longer tasks than
-        // a batch is, the last one shorter than the rest.
+        // Tall enough that, on two threads, a token alone or a few are cut into longer
+        // tasks than a batch is, the last one shorter than the rest.
         let (rows, cols, n) = (700, 96, 19);
         let two_threads = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
             .build()
             .unwrap();
         two_threads.install(|| {
-            assert!(decode_task_rows(rows) > ROWS_PER_TASK);
+            assert!(long_task_rows(rows) > ROWS_PER_TASK);
             let w = Matrix::from_f32(rows, cols, &pseudo_random(rows * cols, 1));
             let x = pseudo_random(n * cols, 2);
             let mut batched = vec![0.0; n * rows];
@@ -386,6 +394,11 @@ pub(crate) mod tests {
                 matmul(&x[t * cols..(t + 1) * cols], &w, &mut single);
                 assert_eq!(single, batched[t * rows..(t + 1) * rows], "token {t}");
             }
+            // A few tokens, fewer than a pass takes, go in long tasks too.
+            let few = 5;
+            let mut small = vec![0.0; few * rows];
+            matmul(&x[..few * cols], &w, &mut small);
+            assert_eq!(small, batched[..few * rows], "{few} tokens");
         });
     }
 }
