@@ -232,7 +232,9 @@ pub fn matmul_each<const M: usize>(x: &[f32], ws: [&Matrix; M], outs: [&mut [f32
         })
         .collect();
     // Up to `TOKENS_PER_PASS` tokens meet each row once, so tasks can be long; more meet
-    // a task's rows in several passes, which short runs of rows keep in cache.
+    // a task's rows in several passes, which short runs of rows keep in cache. A lone
+    // token (decoding) gets a tile of its own size: one of `TOKENS_PER_PASS` tokens would
+    // zero sixteen times the bytes in every task.
     let long_tasks = long_task_rows(ws.iter().map(|w| w.rows).sum());
     match n {
         1 => products_in_tasks::<1, MAX_ROWS_PER_LONG_TASK>(&ws, &tokens, &columns, long_tasks),

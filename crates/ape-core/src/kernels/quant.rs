@@ -246,7 +246,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
 }
 
 /// The 6-bit scale and min of sub-block `j` in the packed 12-byte table of Q4_K / Q5_K.
-pub(crate) fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
