@@ -1,41 +1,22 @@
 //! GPT-2 style byte-level BPE (`tokenizer.ggml.model = "gpt2"`: Llama 3, Qwen 2, SmolLM),
-//! encoded as llama.cpp encodes it: the text cut into words by the regexes of the
-//! pre-tokenizer `tokenizer.ggml.pre` names (run by the Hugging Face `tokenizers` crate),
-//! each word's bytes written in GPT-2's byte alphabet and merged pair by pair, the
-//! earliest of `tokenizer.ggml.merges` first.
+//! encoded as llama.cpp encodes it: the text cut into words by the patterns of the
+//! pre-tokenizer `tokenizer.ggml.pre` names (`words.rs`), each word's bytes written in
+//! GPT-2's byte alphabet and merged pair by pair, the earliest of `tokenizer.ggml.merges`
+//! first.
 
 use std::sync::Arc;
 
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{
-    OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _, PreTokenizerWrapper,
-    SplitDelimiterBehavior,
-};
-
+use super::char_of_byte;
 use super::merge::{merge, Vocabulary};
+use super::words::{words, Pattern};
 use crate::error::{Error, Result};
 use crate::model::gguf::Strings;
 
-/// The GPT-2 pre-tokenizer regex, as llama.cpp writes it. The usual trailing `|\s+` is
-/// left out because a whitespace run it would match ends up as its own piece anyway:
-/// the splits keep unmatched text as separate pieces.
-const GPT2_PATTERN: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-
-/// Llama 3's pattern with the case-insensitive contractions spelled out, as llama.cpp
-/// does, so that only ASCII letters case-fold.
-const LLAMA3_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// Qwen 2: the Llama 3 pattern, but every digit is a piece of its own.
-const QWEN2_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
 /// How llama.cpp pre-tokenizes for one `tokenizer.ggml.pre` value.
 struct PreTokenizer {
-    /// Applied one after the other, each splitting the pieces left by the previous one.
-    patterns: &'static [&'static str],
-    /// Whole pieces that are in the vocabulary skip the merges (Llama 3 does this).
+    /// Applied one after the other, each splitting the words left by the previous one.
+    patterns: &'static [Pattern],
+    /// Whole words that are in the vocabulary skip the merges (Llama 3 does this).
     ignore_merges: bool,
     /// Whether a BOS token is prepended when the file does not say.
     add_bos: bool,
@@ -44,27 +25,28 @@ struct PreTokenizer {
 impl PreTokenizer {
     const DEFAULT: PreTokenizer = PreTokenizer {
         patterns: &[
-            r"[\p{P}\$\+<=>\^~\|]+",
-            GPT2_PATTERN,
-            r"\p{N}+",
-            "[0-9][0-9][0-9]",
+            Pattern::Punctuation,
+            Pattern::Gpt2,
+            Pattern::Numerals,
+            Pattern::DigitTriples,
         ],
         ignore_merges: false,
         add_bos: false,
     };
 
     fn named(name: &str) -> Result<Self> {
-        let (patterns, ignore_merges, add_bos): (&'static [&'static str], _, _) = match name {
+        const LLAMA3: &[Pattern] = &[Pattern::Llama3 { digits: 3 }];
+        let (patterns, ignore_merges, add_bos): (&'static [Pattern], _, _) = match name {
             "default" => return Ok(Self::DEFAULT),
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => (&[LLAMA3_PATTERN], true, true),
-            "dbrx" | "smaug-bpe" => (&[LLAMA3_PATTERN], false, false),
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => (LLAMA3, true, true),
+            "dbrx" | "smaug-bpe" => (LLAMA3, false, false),
             "qwen2" | "stablelm2" | "deepseek-r1-qwen" | "megrez" => {
-                (&[QWEN2_PATTERN], false, false)
+                (&[Pattern::Llama3 { digits: 1 }], false, false)
             }
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-            | "minerva-7b" => (&[r"\p{N}", GPT2_PATTERN], false, false),
+            | "minerva-7b" => (&[Pattern::EachNumeral, Pattern::Gpt2], false, false),
             "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "roberta-bpe" => {
-                (&[GPT2_PATTERN], false, false)
+                (&[Pattern::Gpt2], false, false)
             }
             other => {
                 return Err(Error::Tokenizer(format!(
@@ -78,34 +60,12 @@ impl PreTokenizer {
             add_bos,
         })
     }
-
-    fn build(&self) -> Result<Sequence> {
-        let mut steps = self
-            .patterns
-            .iter()
-            .map(|&pattern| {
-                Split::new(
-                    SplitPattern::Regex(pattern.to_string()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map(PreTokenizerWrapper::from)
-                .map_err(|e| {
-                    Error::Tokenizer(format!("pre-tokenizer regex `{pattern}` is invalid: {e}"))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // The regexes already split the text; this step only maps bytes to the
-        // printable alphabet the vocabulary is written in.
-        steps.push(ByteLevel::new(false, false, false).into());
-        Ok(Sequence::new(steps))
-    }
 }
 
 pub(super) struct Bpe {
     vocabulary: Vocabulary,
     ranks: Ranks,
-    words: Sequence,
+    patterns: &'static [Pattern],
     ignore_merges: bool,
     add_bos: bool,
 }
@@ -147,7 +107,7 @@ impl Bpe {
         Ok(Bpe {
             vocabulary,
             ranks,
-            words: pre.build()?,
+            patterns: pre.patterns,
             ignore_merges: pre.ignore_merges,
             add_bos: pre.add_bos,
         })
@@ -160,22 +120,21 @@ impl Bpe {
 
     /// `text`, which holds no special tokens, appended to `out`.
     pub(super) fn encode_text(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
-        let mut words = PreTokenizedString::from(text);
-        self.words
-            .pre_tokenize(&mut words)
-            .map_err(|e| Error::Tokenizer(format!("cannot split the text into words: {e}")))?;
         let id = |text: &str| self.vocabulary.id(text);
         // Earlier merges first: the rank, negated, is the priority.
         let rank = |joined: &str, left_len: usize| {
             let rank = self.ranks.of(&self.vocabulary, joined, left_len)?;
             Some(-(rank as f32))
         };
-        for (word, _, _) in words.get_splits(OffsetReferential::Original, OffsetType::Byte) {
-            if let Some(whole) = id(word).filter(|_| self.ignore_merges) {
+        let mut spelled = String::new();
+        for word in words(self.patterns, text) {
+            spelled.clear();
+            spelled.extend(word.bytes().map(char_of_byte));
+            if let Some(whole) = id(&spelled).filter(|_| self.ignore_merges) {
                 out.push(whole);
                 continue;
             }
-            for piece in merge(word, rank) {
+            for piece in merge(&spelled, rank) {
                 out.push(id(piece).ok_or_else(|| {
                     Error::Tokenizer(format!(
                         "the byte-level vocabulary has no token for `{piece}`; the model file's vocabulary is incomplete"
@@ -253,19 +212,16 @@ impl Ranks {
 mod tests {
     use super::*;
 
-    /// The pieces `pre` cuts `text` into, in the byte-level alphabet (`Ġ` is a space).
+    /// The words `pre` cuts `text` into, in the byte-level alphabet (`Ġ` is a space).
     fn split(pre: &PreTokenizer, text: &str) -> Vec<String> {
-        let mut pieces = PreTokenizedString::from(text);
-        pre.build().unwrap().pre_tokenize(&mut pieces).unwrap();
-        pieces
-            .get_splits(OffsetReferential::Original, OffsetType::Byte)
+        words(pre.patterns, text)
             .into_iter()
-            .map(|(piece, _, _)| piece.to_string())
+            .map(|word| word.bytes().map(char_of_byte).collect())
             .collect()
     }
 
     #[test]
-    fn every_named_pre_tokenizer_compiles() {
+    fn pre_tokenizers_are_known_by_their_names() {
         for name in [
             "default",
             "llama3",
@@ -278,7 +234,7 @@ mod tests {
             "gpt2",
             "gpt-2",
         ] {
-            PreTokenizer::named(name).unwrap().build().unwrap();
+            assert!(PreTokenizer::named(name).is_ok(), "{name}");
         }
         let err = PreTokenizer::named("nonesuch").err().unwrap().to_string();
         assert!(err.contains("unknown pre-tokenizer `nonesuch`"), "{err}");

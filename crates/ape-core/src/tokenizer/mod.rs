@@ -15,6 +15,7 @@
 mod bpe;
 mod merge;
 mod spm;
+mod words;
 
 use std::sync::Arc;
 
@@ -350,6 +351,31 @@ fn byte_of_char(c: char) -> Option<u8> {
     Some(byte as u8)
 }
 
+/// The character of GPT-2's byte-level alphabet that stands for `byte`: the inverse of
+/// [`byte_of_char`].
+fn char_of_byte(byte: u8) -> char {
+    BYTE_CHARS[usize::from(byte)]
+}
+
+const BYTE_CHARS: [char; 256] = {
+    let mut chars = ['\0'; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let code = match byte as u8 {
+            0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF => byte,
+            0x00..=0x20 => 0x100 + byte,
+            0x7F..=0xA0 => 0x121 + byte - 0x7F,
+            0xAD => 0x143,
+        };
+        chars[byte as usize] = match char::from_u32(code) {
+            Some(c) => c,
+            None => panic!("the byte alphabet lies below U+0144"),
+        };
+        byte += 1;
+    }
+    chars
+};
+
 /// The byte of a `<0xNN>` token.
 fn parse_byte_token(text: &str) -> Option<u8> {
     let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
@@ -456,6 +482,9 @@ mod tests {
         assert_eq!(byte_of_char('Ġ'), Some(b' '));
         assert_eq!(byte_of_char('Ċ'), Some(b'\n'));
         assert_eq!(byte_of_char('a'), Some(b'a'));
+        for b in 0..=u8::MAX {
+            assert_eq!(byte_of_char(char_of_byte(b)), Some(b));
+        }
     }
 
     #[test]
