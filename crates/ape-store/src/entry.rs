@@ -22,6 +22,7 @@
 //! bit-flipped entry is an error, never a wrong cache.
 
 use std::fmt;
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -119,17 +120,33 @@ impl KvDtype {
     }
 }
 
+/// How much of a model file is read and hashed at a time: enough for the threads to share.
+const HASHED_PIECE_BYTES: usize = 1 << 20;
+
 /// A digest of a model file: two files share it only if their bytes are the same.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; 32]);
 
 impl Fingerprint {
-    /// BLAKE3 of the whole file, read through a memory map by all threads.
+    /// BLAKE3 of the whole file, read a piece at a time, each piece hashed by all
+    /// threads. Not through a memory map: the pages of a mapped file count as the
+    /// process's own while mapped, so hashing a model that way held a second copy of its
+    /// packed weights' size in resident memory.
     pub fn of_file(path: &Path) -> Result<Fingerprint> {
+        let io = |source| StoreError::io(path, source);
+        let mut file = std::fs::File::open(path).map_err(io)?;
         let mut hasher = blake3::Hasher::new();
-        hasher
-            .update_mmap_rayon(path)
-            .map_err(|source| StoreError::io(path, source))?;
+        let mut piece = vec![0; HASHED_PIECE_BYTES];
+        loop {
+            match file.read(&mut piece) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update_rayon(&piece[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
         Ok(Fingerprint(*hasher.finalize().as_bytes()))
     }
 }

@@ -84,6 +84,24 @@ fn round_trip(tier: &dyn Tier, codec: &Codec) {
 }
 
 #[test]
+fn a_model_fingerprint_is_the_blake3_of_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    // Two and a half pieces of hashing and a few bytes, so that every piece boundary and
+    // a short last piece are crossed.
+    let bytes: Vec<u8> = (0..(5 << 19) + 7u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let fingerprint = Fingerprint::of_file(&path).unwrap();
+    assert_eq!(fingerprint.0, *blake3::hash(&bytes).as_bytes());
+    let missing = Fingerprint::of_file(&dir.path().join("absent.gguf"))
+        .err()
+        .unwrap();
+    assert!(missing.to_string().contains("absent.gguf"), "{missing}");
+}
+
+#[test]
 fn keys_are_stable_and_change_with_every_input() {
     let c = codec(1);
     let base = Key::new(&c.model, &[1, 2], &[3, 4], KvDtype::F16);
