@@ -121,7 +121,7 @@ impl KvDtype {
 }
 
 /// How much of a model file is read and hashed at a time: enough for the threads to share.
-const HASHED_PIECE_BYTES: usize = 1 << 20;
+const HASHED_PIECE_BYTES: usize = 4 << 20;
 
 /// A digest of a model file: two files share it only if their bytes are the same.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

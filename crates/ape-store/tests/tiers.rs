@@ -87,9 +87,9 @@ fn round_trip(tier: &dyn Tier, codec: &Codec) {
 fn a_model_fingerprint_is_the_blake3_of_its_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.gguf");
-    // Two and a half pieces of hashing and a few bytes, so that every piece boundary and
-    // a short last piece are crossed.
-    let bytes: Vec<u8> = (0..(5 << 19) + 7u32)
+    // Two and a half of the 4 MiB pieces it is read in and a few bytes, so that piece
+    // boundaries and a short last piece are crossed.
+    let bytes: Vec<u8> = (0..(10 << 20) + 7u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     std::fs::write(&path, &bytes).unwrap();
