@@ -56,7 +56,7 @@ fn prefill_in_chunks_matches_one_forward() {
     let e = engine();
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(80);
     let prompt = e.encode_prompt(&text).unwrap();
-    assert!(prompt.len() > ape_core::engine::generate::PREFILL_CHUNK);
+    assert!(prompt.len() > e.model.tokens_per_pass());
     let mut whole_cache = e.model.new_cache(prompt.len());
     let whole = e.model.forward(&prompt, &mut whole_cache);
     let mut chunked_cache = e.model.new_cache(prompt.len());

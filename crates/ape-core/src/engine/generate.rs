@@ -11,9 +11,6 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
-/// Prompt tokens run through the model in one forward call; bounds activation memory.
-pub const PREFILL_CHUNK: usize = 512;
-
 /// How a request generates: token limit, stop strings, sampling and cancellation. The
 /// default is greedy, up to the end of the window, with no stop string.
 #[derive(Debug, Clone, Default)]
@@ -65,8 +62,9 @@ pub struct Generation {
     pub decode_time: Duration,
 }
 
-/// Run `prompt` through `model` in chunks of [`PREFILL_CHUNK`] tokens, appending to `cache`;
-/// returns the logits after the last prompt token. `cancel` is checked before each chunk.
+/// Run `prompt` through `model` in passes of [`Model::tokens_per_pass`] tokens, appending
+/// to `cache`; returns the logits after the last prompt token. `cancel` is checked before
+/// each pass.
 pub fn prefill(
     model: &Model,
     prompt: &[u32],
@@ -77,7 +75,7 @@ pub fn prefill(
         return Err(Error::EmptyPrompt);
     }
     let mut logits = Vec::new();
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
+    for chunk in prompt.chunks(model.tokens_per_pass()) {
         cancel.check()?;
         logits = model.forward(chunk, cache);
     }

@@ -39,18 +39,13 @@ use crate::attention::{ApeFactors, Charge, KvBudget, KvCache};
 pub use crate::engine::batch::DecodeSteps;
 use crate::engine::batch::{Batcher, Reading};
 use crate::engine::chat::{ChatTemplate, Message};
-use crate::engine::generate::{Cancel, Decoding, GenerateOptions, Generation, PREFILL_CHUNK};
+use crate::engine::generate::{Cancel, Decoding, GenerateOptions, Generation};
 use crate::engine::kept::KeptPrompts;
 use crate::engine::sampler::Sampler;
 use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
-
-/// Context tokens encoded in one batch: enough tokens to share each read of the weights,
-/// few enough to bound the activations held at once and the work between two checks for
-/// cancellation. A longer context is encoded alone, in pieces of this size.
-const CONTEXT_BATCH_TOKENS: usize = 512;
 
 /// Bytes of a document tokenized between two checks for cancellation (about a tenth of
 /// a second of tokenizing).
@@ -585,7 +580,7 @@ impl Engine {
         let limit = self
             .batcher
             .as_ref()
-            .map_or(CONTEXT_BATCH_TOKENS, |b| b.chunk_tokens);
+            .map_or_else(|| self.model.tokens_per_pass(), |b| b.chunk_tokens);
         let mut batch: Vec<usize> = Vec::new();
         let mut batch_tokens = 0;
         let run_batch = |batch: &mut Vec<usize>, done: &mut dyn FnMut(usize, KvCache)| {
@@ -855,7 +850,7 @@ impl Engine {
         let chunk = self
             .batcher
             .as_ref()
-            .map_or(PREFILL_CHUNK, |b| b.chunk_tokens);
+            .map_or_else(|| self.model.tokens_per_pass(), |b| b.chunk_tokens);
         let mut logits = Vec::new();
         for piece in tokens.chunks(chunk) {
             cancel.check()?;

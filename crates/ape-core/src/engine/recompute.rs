@@ -168,7 +168,7 @@ impl Engine {
         let chunk = self
             .batcher
             .as_ref()
-            .map_or(crate::engine::generate::PREFILL_CHUNK, |b| b.chunk_tokens);
+            .map_or_else(|| self.model.tokens_per_pass(), |b| b.chunk_tokens);
         let before = cache.gather(&chosen, chosen.len());
         for positions in chosen.chunks(chunk) {
             let chunk: Vec<u32> = positions.iter().map(|&at| tokens[at]).collect();

@@ -102,6 +102,7 @@ impl Engine {
             &prompt.query,
             continuations,
             &mut cache,
+            self.model.tokens_per_pass(),
             |tokens, cache, rows| self.model.forward_rows(tokens, cache, rows),
         ))
     }
@@ -134,6 +135,7 @@ impl Engine {
             query,
             continuations,
             &mut cache,
+            self.model.tokens_per_pass(),
             |tokens, cache, rows| {
                 self.model
                     .forward_ape_rows(tokens, cache, prefix.len(), contexts, factors, rows)
@@ -143,16 +145,18 @@ impl Engine {
 }
 
 /// Run `query` into `cache`, then each continuation after it (rolled back after each),
-/// with `forward(tokens, cache, rows)` returning the logits of the last `rows` tokens it
-/// runs. Every continuation's first row is the distribution after the query.
+/// `tokens_per_pass` at a time, with `forward(tokens, cache, rows)` returning the logits
+/// of the last `rows` tokens it runs. Every continuation's first row is the distribution
+/// after the query.
 fn score_continuations(
     query: &[u32],
     continuations: &[&[u32]],
     cache: &mut KvCache,
+    tokens_per_pass: usize,
     mut forward: impl FnMut(&[u32], &mut KvCache, usize) -> Vec<Vec<f32>>,
 ) -> Vec<Vec<Vec<f32>>> {
     let mut after_query = Vec::new();
-    let chunks = query.chunks(crate::engine::generate::PREFILL_CHUNK);
+    let chunks = query.chunks(tokens_per_pass);
     let last_chunk = chunks.len() - 1;
     for (i, chunk) in chunks.enumerate() {
         after_query = forward(chunk, cache, usize::from(i == last_chunk));
@@ -165,7 +169,7 @@ fn score_continuations(
             let mut rows = Vec::with_capacity(continuation.len());
             if let Some((_, fed)) = continuation.split_last() {
                 rows.push(after_query.clone());
-                for chunk in fed.chunks(crate::engine::generate::PREFILL_CHUNK) {
+                for chunk in fed.chunks(tokens_per_pass) {
                     rows.extend(forward(chunk, cache, chunk.len()));
                 }
                 cache.truncate(read);
