@@ -141,7 +141,20 @@ fn is_other(class: Class) -> bool {
     matches!(class, Class::Other { .. })
 }
 
-const CONTRACTIONS: [&str; 7] = ["s", "t", "re", "ve", "m", "ll", "d"];
+/// Where the contraction (`'s`, `'t`, `'re`, `'ve`, `'m`, `'ll` or `'d`) at `i` ends, if
+/// one is there; `fold` lets its ASCII letters be of either case.
+fn contraction(text: &str, i: usize, fold: bool) -> Option<usize> {
+    let rest = text[i..].strip_prefix('\'')?.as_bytes();
+    ["s", "t", "re", "ve", "m", "ll", "d"]
+        .into_iter()
+        .find(|c| {
+            rest.get(..c.len()).is_some_and(|start| match fold {
+                true => start.eq_ignore_ascii_case(c.as_bytes()),
+                false => start == c.as_bytes(),
+            })
+        })
+        .map(|c| i + 1 + c.len())
+}
 
 impl Pattern {
     /// Adds the words `text` splits into to `words`.
@@ -173,10 +186,8 @@ impl Pattern {
         let nonempty = |end: usize, start: usize| (end > start).then_some(end);
         match self {
             Pattern::Gpt2 => {
-                if let Some(rest) = text[i..].strip_prefix('\'') {
-                    if let Some(c) = CONTRACTIONS.iter().find(|c| rest.starts_with(**c)) {
-                        return Some(i + 1 + c.len());
-                    }
+                if let Some(end) = contraction(text, i, false) {
+                    return Some(end);
                 }
                 let word = chars.after_space(i);
                 [is_letter, is_numeral, is_other]
@@ -186,32 +197,29 @@ impl Pattern {
                     .or_else(|| nonempty(chars.run_of(i, is_space), i))
             }
             Pattern::Llama3 { digits } => {
-                if let Some(rest) = text[i..].strip_prefix('\'') {
-                    let folded = |c: &&&str| {
-                        rest.len() >= c.len()
-                            && rest.as_bytes()[..c.len()].eq_ignore_ascii_case(c.as_bytes())
-                    };
-                    if let Some(c) = CONTRACTIONS.iter().find(folded) {
-                        return Some(i + 1 + c.len());
-                    }
+                if let Some(end) = contraction(text, i, true) {
+                    return Some(end);
                 }
                 let first = chars.at(i)?;
-                let letters = match class(first) {
-                    Class::Letter => i,
+                match class(first) {
+                    Class::Letter => return Some(chars.run_of(i, is_letter)),
                     Class::Numeral => {
-                        let end = text[i..]
+                        return text[i..]
                             .char_indices()
                             .take_while(|&(_, c)| class(c) == Class::Numeral)
                             .take(digits)
                             .last()
                             .map(|(n, c)| i + n + c.len_utf8());
-                        return end;
                     }
-                    _ if first == '\r' || first == '\n' => text.len(),
-                    _ => i + first.len_utf8(),
-                };
-                if letters < text.len() && chars.class_at(letters) == Some(Class::Letter) {
-                    return Some(chars.run_of(letters, is_letter));
+                    // `[^\r\n\p{L}\p{N}]?\p{L}+`: one character of any other kind may
+                    // lead the letters.
+                    _ if first != '\r' && first != '\n' => {
+                        let next = i + first.len_utf8();
+                        if chars.class_at(next) == Some(Class::Letter) {
+                            return Some(chars.run_of(next, is_letter));
+                        }
+                    }
+                    _ => {}
                 }
                 let word = chars.after_space(i);
                 let others = chars.run_of(word, is_other);
