@@ -53,16 +53,31 @@ impl Reading {
     /// `tokens` run through `model` alone, as this reading says: the logits after the
     /// last, their keys and values appended to `cache`.
     pub(crate) fn forward(&self, model: &Model, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        self.alone(tokens, cache, |step| model.forward_batch(step))
+            .pop()
+            .expect("one step, one row of logits")
+    }
+
+    /// [`Reading::forward`] without the logits: for the pieces of a prompt before its
+    /// last, whose logits nobody reads (a row of them reads the whole output matrix).
+    pub(crate) fn extend(&self, model: &Model, tokens: &[u32], cache: &mut KvCache) {
+        self.alone(tokens, cache, |step| model.extend_batch(step));
+    }
+
+    /// `pass` run on `tokens` as the one step of a batch, read as this reading says.
+    fn alone<R>(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        pass: impl FnOnce(&mut [Step<'_>]) -> R,
+    ) -> R {
         let contexts = self.contexts();
         let step = Step {
             tokens,
             cache,
             reads: self.reads(&contexts),
         };
-        model
-            .forward_batch(&mut [step])
-            .pop()
-            .expect("one step, one row of logits")
+        pass(&mut [step])
     }
 
     fn contexts(&self) -> Vec<&KvCache> {

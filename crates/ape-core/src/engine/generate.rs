@@ -63,8 +63,8 @@ pub struct Generation {
 }
 
 /// Run `prompt` through `model` in passes of [`Model::tokens_per_pass`] tokens, appending
-/// to `cache`; returns the logits after the last prompt token. `cancel` is checked before
-/// each pass.
+/// to `cache`; returns the logits after the last prompt token, the only ones computed.
+/// `cancel` is checked before each pass.
 pub fn prefill(
     model: &Model,
     prompt: &[u32],
@@ -74,12 +74,14 @@ pub fn prefill(
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
-    let mut logits = Vec::new();
-    for chunk in prompt.chunks(model.tokens_per_pass()) {
+    let per_pass = model.tokens_per_pass();
+    let last = (prompt.len() - 1) / per_pass * per_pass;
+    for piece in prompt[..last].chunks(per_pass) {
         cancel.check()?;
-        logits = model.forward(chunk, cache);
+        model.forward_rows(piece, cache, 0);
     }
-    Ok(logits)
+    cancel.check()?;
+    Ok(model.forward(&prompt[last..], cache))
 }
 
 /// Everything the token-by-token loop needs once the prompt has been read.

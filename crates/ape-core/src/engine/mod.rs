@@ -839,7 +839,8 @@ impl Engine {
 
     /// Read `tokens` into `cache` after what it holds, as `reading` says, in chunks
     /// (checking `cancel` before each), beside the decoding requests' tokens when
-    /// batching; the logits after the last token.
+    /// batching; the logits after the last token, which alone are computed when not
+    /// batching.
     fn read_chunks(
         &self,
         tokens: &[u32],
@@ -852,12 +853,14 @@ impl Engine {
             .as_ref()
             .map_or_else(|| self.model.tokens_per_pass(), |b| b.chunk_tokens);
         let mut logits = Vec::new();
-        for piece in tokens.chunks(chunk) {
+        let last = tokens.len().saturating_sub(1) / chunk * chunk;
+        for (start, piece) in (0..).step_by(chunk).zip(tokens.chunks(chunk)) {
             cancel.check()?;
-            logits = match &self.batcher {
-                Some(batcher) => batcher.read(piece, cache, reading)?,
-                None => reading.forward(&self.model, piece, cache),
-            };
+            match &self.batcher {
+                Some(batcher) => logits = batcher.read(piece, cache, reading)?,
+                None if start == last => logits = reading.forward(&self.model, piece, cache),
+                None => reading.extend(&self.model, piece, cache),
+            }
         }
         Ok(logits)
     }

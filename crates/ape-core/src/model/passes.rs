@@ -195,6 +195,12 @@ impl Model {
             .collect()
     }
 
+    /// [`Model::forward_batch`] for steps whose logits nobody reads: only their keys and
+    /// values are kept, and the output matrix is not read.
+    pub(crate) fn extend_batch(&self, steps: &mut [Step<'_>]) {
+        self.run_steps(steps, 0);
+    }
+
     /// The layers over every step's tokens, each at the positions after its cache (and,
     /// for APE, after the longest context); appends each step's keys and values to its
     /// cache. Returns the hidden states of the last `rows` tokens of each step that gives
