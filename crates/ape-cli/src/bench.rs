@@ -139,11 +139,13 @@ fn run_runtime(args: RuntimeArgs) -> Result<()> {
     let peak = peak_resident_bytes();
     println!(
         "\npeak resident memory {:.0} MiB: the file is {:.0} MiB and the largest KV cache \
-         ({longest} positions) {:.0} MiB, so {:+.1}% over their sum",
+         ({longest} positions) {:.0} MiB, so {:+.1}% over their sum; prompts are read \
+         {} tokens a pass",
         mib(peak),
         mib(file),
         mib(kv),
-        100.0 * (peak as f64 / (file + kv) as f64 - 1.0)
+        100.0 * (peak as f64 / (file + kv) as f64 - 1.0),
+        model.tokens_per_pass(),
     );
     Ok(())
 }
