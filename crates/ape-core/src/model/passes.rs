@@ -142,7 +142,7 @@ impl Model {
     /// pass's activations take at most 1/64 of the weights' bytes. At 512 tokens they took
     /// 12% of SmolLM2's 94 MiB of weights, which put a long prompt's peak that far over
     /// the file and its keys and values; a few dozen tokens per pass already share the
-    /// weights well (SmolLM2 reads prompts in passes of 64, Qwen 1.5B of 160).
+    /// weights well (SmolLM2 reads prompts in passes of 64, Qwen 1.5B of 176).
     pub fn tokens_per_pass(&self) -> usize {
         let c = &self.config;
         let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
