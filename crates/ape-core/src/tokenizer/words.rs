@@ -49,8 +49,7 @@ fn class(c: char) -> Class {
             'a'..='z' | 'A'..='Z' => Class::Letter,
             '0'..='9' => Class::Numeral,
             // Unicode's `White_Space` within ASCII: tab to carriage return, and space
-            // (not the separators 0x1C-0x1F, which `char::is_ascii_whitespace` also
-            // leaves out, but which lacks the vertical tab).
+            // (`char::is_ascii_whitespace` leaves out the vertical tab).
             '\t' | '\n' | '\u{0B}' | '\u{0C}' | '\r' | ' ' => Class::Space,
             c => Class::Other {
                 punctuation: c.is_ascii_punctuation() && !"$+<=>^`|~".contains(c),
