@@ -53,31 +53,33 @@ impl Reading {
     /// `tokens` run through `model` alone, as this reading says: the logits after the
     /// last, their keys and values appended to `cache`.
     pub(crate) fn forward(&self, model: &Model, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
-        self.alone(tokens, cache, |step| model.forward_batch(step))
+        self.alone(model, tokens, cache, true)
             .pop()
             .expect("one step, one row of logits")
     }
 
     /// [`Reading::forward`] without the logits: for the pieces of a prompt before its
-    /// last, whose logits nobody reads (a row of them reads the whole output matrix).
+    /// last, whose logits nobody reads.
     pub(crate) fn extend(&self, model: &Model, tokens: &[u32], cache: &mut KvCache) {
-        self.alone(tokens, cache, |step| model.extend_batch(step));
+        self.alone(model, tokens, cache, false);
     }
 
-    /// `pass` run on `tokens` as the one step of a batch, read as this reading says.
-    fn alone<R>(
+    /// `tokens` run as the one step of a batch, read as this reading says.
+    fn alone(
         &self,
+        model: &Model,
         tokens: &[u32],
         cache: &mut KvCache,
-        pass: impl FnOnce(&mut [Step<'_>]) -> R,
-    ) -> R {
+        logits: bool,
+    ) -> Vec<Vec<f32>> {
         let contexts = self.contexts();
         let step = Step {
             tokens,
             cache,
             reads: self.reads(&contexts),
+            logits,
         };
-        pass(&mut [step])
+        model.forward_batch(&mut [step])
     }
 
     fn contexts(&self) -> Vec<&KvCache> {
@@ -114,6 +116,8 @@ struct Part {
     tokens: Vec<u32>,
     cache: KvCache,
     reading: Reading,
+    /// Whether its logits are wanted (see [`Step::logits`]).
+    logits: bool,
 }
 
 /// One request's work for a step: its next token, or prompt work (several sequences when
@@ -197,7 +201,7 @@ impl Batcher {
         cache: &mut KvCache,
         reading: &Reading,
     ) -> Result<Vec<f32>> {
-        self.submit(&mut [(&[token], cache)], true, reading)
+        self.submit(&mut [(&[token], cache)], true, true, reading)
             .map(|mut logits| logits.remove(0))
     }
 
@@ -209,8 +213,19 @@ impl Batcher {
         cache: &mut KvCache,
         reading: &Reading,
     ) -> Result<Vec<f32>> {
-        self.submit(&mut [(chunk, cache)], false, reading)
+        self.submit(&mut [(chunk, cache)], false, true, reading)
             .map(|mut logits| logits.remove(0))
+    }
+
+    /// [`Batcher::read`] for a piece of a prompt before its last: no logits.
+    pub(crate) fn extend(
+        &self,
+        chunk: &[u32],
+        cache: &mut KvCache,
+        reading: &Reading,
+    ) -> Result<()> {
+        self.submit(&mut [(chunk, cache)], false, false, reading)
+            .map(drop)
     }
 
     /// Each piece's tokens appended to its cache as `reading` says, all in one step
@@ -220,13 +235,14 @@ impl Batcher {
         pieces: &mut [(&[u32], &mut KvCache)],
         reading: &Reading,
     ) -> Result<()> {
-        self.submit(pieces, false, reading).map(drop)
+        self.submit(pieces, false, false, reading).map(drop)
     }
 
     fn submit(
         &self,
         pieces: &mut [(&[u32], &mut KvCache)],
         decode: bool,
+        logits: bool,
         reading: &Reading,
     ) -> Result<Vec<Vec<f32>>> {
         let (reply, answer) = mpsc::channel();
@@ -236,6 +252,7 @@ impl Batcher {
                 tokens: tokens.to_vec(),
                 cache: std::mem::replace(*cache, KvCache::new(0, 0, 0, 0)),
                 reading: reading.clone(),
+                logits,
             })
             .collect();
         let job = Job {
@@ -307,6 +324,7 @@ fn serve(
 fn run(model: &Model, batch: Vec<Job>) {
     let mut caches: Vec<KvCache> = Vec::new();
     let mut readings = Vec::new();
+    let mut wanted = Vec::new();
     let mut tokens = Vec::new();
     let mut replies = Vec::with_capacity(batch.len());
     for job in batch {
@@ -314,6 +332,7 @@ fn run(model: &Model, batch: Vec<Job>) {
         for part in job.parts {
             caches.push(part.cache);
             readings.push(part.reading);
+            wanted.push(part.logits);
             tokens.push(part.tokens);
         }
     }
@@ -321,11 +340,12 @@ fn run(model: &Model, batch: Vec<Job>) {
     let mut steps: Vec<Step<'_>> = caches
         .iter_mut()
         .zip(&tokens)
-        .zip(readings.iter().zip(&contexts))
-        .map(|((cache, tokens), (reading, contexts))| Step {
+        .zip(readings.iter().zip(&contexts).zip(wanted))
+        .map(|((cache, tokens), ((reading, contexts), logits))| Step {
             tokens,
             cache,
             reads: reading.reads(contexts),
+            logits,
         })
         .collect();
     let logits = model.forward_batch(&mut steps);

@@ -839,8 +839,7 @@ impl Engine {
 
     /// Read `tokens` into `cache` after what it holds, as `reading` says, in chunks
     /// (checking `cancel` before each), beside the decoding requests' tokens when
-    /// batching; the logits after the last token, which alone are computed when not
-    /// batching.
+    /// batching; the logits after the last token, the only ones computed.
     fn read_chunks(
         &self,
         tokens: &[u32],
@@ -856,10 +855,11 @@ impl Engine {
         let last = tokens.len().saturating_sub(1) / chunk * chunk;
         for (start, piece) in (0..).step_by(chunk).zip(tokens.chunks(chunk)) {
             cancel.check()?;
-            match &self.batcher {
-                Some(batcher) => logits = batcher.read(piece, cache, reading)?,
-                None if start == last => logits = reading.forward(&self.model, piece, cache),
-                None => reading.extend(&self.model, piece, cache),
+            match (&self.batcher, start == last) {
+                (Some(batcher), true) => logits = batcher.read(piece, cache, reading)?,
+                (Some(batcher), false) => batcher.extend(piece, cache, reading)?,
+                (None, true) => logits = reading.forward(&self.model, piece, cache),
+                (None, false) => reading.extend(&self.model, piece, cache),
             }
         }
         Ok(logits)

@@ -47,6 +47,16 @@ pub(crate) struct Step<'a> {
     pub(crate) cache: &'a mut KvCache,
     /// What the tokens attend to besides themselves.
     pub(crate) reads: Reads<'a>,
+    /// Whether the step's logits are wanted, where its reading gives any: not for the
+    /// pieces of a prompt before its last, since a row of logits reads the whole output
+    /// matrix.
+    pub(crate) logits: bool,
+}
+
+impl Step<'_> {
+    fn gives_logits(&self) -> bool {
+        self.logits && self.reads.gives_logits()
+    }
 }
 
 /// What a step's tokens attend to besides themselves.
@@ -167,6 +177,7 @@ impl Model {
             tokens,
             cache,
             reads: Reads::Causal,
+            logits: true,
         };
         self.rows_logits(&self.run_steps(&mut [step], rows).0)
     }
@@ -175,7 +186,8 @@ impl Model {
     /// matrix read once for all of them, each sequence attending over its own cache as
     /// `reads` says; returns the logits of each sequence's last token (for
     /// [`Reads::Attended`], the attention its cache's positions received; nothing for
-    /// [`Reads::Context`] and [`Reads::Recompute`], which only keep keys and values). A sequence's
+    /// [`Reads::Context`] and [`Reads::Recompute`], which only keep keys and values, nor
+    /// for a step that wants no logits). A sequence's
     /// keys, values and logits are those [`Model::forward`] or [`Model::forward_ape`] give
     /// it alone: no token's products depend on the tokens beside it, and each sequence's
     /// attention is computed on its own.
@@ -187,18 +199,10 @@ impl Model {
             .zip(received.iter_mut())
             .map(|(step, r)| match r.take() {
                 Some(received) => received,
-                None if step.reads.gives_logits() => {
-                    logits.next().expect("a row of logits per step")
-                }
+                None if step.gives_logits() => logits.next().expect("a row of logits per step"),
                 None => Vec::new(),
             })
             .collect()
-    }
-
-    /// [`Model::forward_batch`] for steps whose logits nobody reads: only their keys and
-    /// values are kept, and the output matrix is not read.
-    pub(crate) fn extend_batch(&self, steps: &mut [Step<'_>]) {
-        self.run_steps(steps, 0);
     }
 
     /// The layers over every step's tokens, each at the positions after its cache (and,
@@ -232,7 +236,7 @@ impl Model {
             }
             let start = spans.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
             let span = start..start + step.tokens.len();
-            if step.reads.gives_logits() {
+            if step.gives_logits() {
                 read.extend(span.end - rows.min(span.len())..span.end);
             }
             spans.push(span);
@@ -248,7 +252,7 @@ impl Model {
             let window = config.window(layer);
             let last_layer = !self.attention_read_after(layer);
             for ((step, r), received) in steps.iter_mut().zip(&spans).zip(&mut received) {
-                let rows_read = match step.reads.gives_logits() {
+                let rows_read = match step.gives_logits() {
                     true => rows.min(r.len()),
                     false => 0,
                 };
@@ -440,6 +444,7 @@ impl Model {
                 contexts,
                 factors,
             },
+            logits: true,
         };
         self.rows_logits(&self.run_steps(&mut [step], rows).0)
     }
@@ -577,6 +582,7 @@ impl Model {
             tokens: query,
             cache,
             reads: Reads::Attended,
+            logits: false,
         };
         self.forward_batch(&mut [step])
             .pop()
