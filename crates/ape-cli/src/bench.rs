@@ -24,7 +24,7 @@ use ape_store::{Codec, DiskTier, Entry, KvDtype, RedisTier, Store, Tier};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     #[command(subcommand)]
     ttft: Option<TtftCommand>,
     #[command(flatten)]
@@ -47,7 +47,7 @@ enum TtftCommand {
     Turns(TurnsArgs),
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub(crate) fn run(args: BenchArgs) -> Result<()> {
     match args.ttft {
         Some(TtftCommand::Ttft(ttft)) => run_ttft(ttft),
         Some(TtftCommand::Store(store)) => run_store(store),

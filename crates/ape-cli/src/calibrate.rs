@@ -37,7 +37,7 @@ use ape_eval::{Draw, Evaluator, Split, Task};
 const FINGERPRINT_BYTES: u64 = 16 << 20;
 
 #[derive(Args)]
-pub struct CalibrateArgs {
+pub(crate) struct CalibrateArgs {
     #[command(flatten)]
     model: crate::ModelArg,
     /// A folder of documents (one per file) to ask about. Without it the sample is SQuAD's
@@ -158,14 +158,14 @@ struct Point {
 }
 
 /// Where the calibration of `model` is kept: `x.gguf` has `x.ape.json`.
-pub fn calibration_path(model: &Path) -> PathBuf {
+pub(crate) fn calibration_path(model: &Path) -> PathBuf {
     model.with_extension("ape.json")
 }
 
 /// Write `text`, a calibration made for the file at `model`, beside it, unless a
 /// calibration is there already: its path when written. `text` is checked to be a sound
 /// calibration of that very file first, and appears whole or not at all.
-pub fn install(model: &Path, text: &str) -> Result<Option<PathBuf>> {
+pub(crate) fn install(model: &Path, text: &str) -> Result<Option<PathBuf>> {
     let path = calibration_path(model);
     if path.exists() {
         return Ok(None);
@@ -201,7 +201,7 @@ fn fingerprint(model: &Path) -> Result<(u64, String)> {
 
 /// The APE defaults for `model`: its calibration where there is a sound one beside it,
 /// else the paper's. A damaged or stale file is reported on stderr and left alone.
-pub fn defaults_for(model: &Path) -> ApeDefaults {
+pub(crate) fn defaults_for(model: &Path) -> ApeDefaults {
     let path = calibration_path(model);
     if !path.exists() {
         return ApeDefaults::default();
@@ -250,7 +250,7 @@ fn parse_for(model: &Path, text: &str) -> Result<Calibration> {
     Ok(calibration)
 }
 
-pub fn run(args: CalibrateArgs) -> Result<()> {
+pub(crate) fn run(args: CalibrateArgs) -> Result<()> {
     anyhow::ensure!(args.n > 0, "--n must be at least 1");
     anyhow::ensure!(args.contexts > 0, "--contexts must be at least 1");
     anyhow::ensure!(

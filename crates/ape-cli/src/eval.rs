@@ -12,7 +12,7 @@ use ape_core::engine::{Mode, Recompute, Selection, Shape};
 use ape_eval::{Draw, Evaluator, Report, Setting, Split, Task};
 
 #[derive(Args)]
-pub struct EvalArgs {
+pub(crate) struct EvalArgs {
     #[command(flatten)]
     model: crate::ModelArg,
     /// squad, needle (RAG), sentiment, intent (ICL), or file:PATH for a task written in JSON.
@@ -82,7 +82,7 @@ pub struct EvalArgs {
     max_answer_tokens: usize,
 }
 
-pub fn run(args: EvalArgs) -> Result<()> {
+pub(crate) fn run(args: EvalArgs) -> Result<()> {
     let task = Task::from_name(&args.task)?;
     let split = Split::from_name(&args.split)?;
     anyhow::ensure!(args.n > 0, "--n must be at least 1");

@@ -38,7 +38,7 @@ const CHATS: &[&str] = &[
 ];
 
 #[derive(Args)]
-pub struct LoadArgs {
+pub(crate) struct LoadArgs {
     /// The server's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
@@ -78,7 +78,7 @@ enum Outcome {
     Failed(String),
 }
 
-pub fn run(args: LoadArgs) -> Result<()> {
+pub(crate) fn run(args: LoadArgs) -> Result<()> {
     anyhow::ensure!(
         args.clients > 0 && args.requests > 0,
         "--clients and --requests must be at least 1"

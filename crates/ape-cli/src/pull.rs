@@ -196,7 +196,7 @@ const MODELS: &[KnownModel] = &[
 ];
 
 #[derive(Args)]
-pub struct PullArgs {
+pub(crate) struct PullArgs {
     /// Which model (see `ape model list`).
     #[arg(default_value = "qwen2.5-coder-0.5b")]
     name: String,
@@ -206,21 +206,21 @@ pub struct PullArgs {
 }
 
 /// `$APE_MODELS_DIR`, or `models` in the current directory.
-pub fn models_dir() -> PathBuf {
+pub(crate) fn models_dir() -> PathBuf {
     std::env::var_os("APE_MODELS_DIR").map_or_else(|| PathBuf::from("models"), PathBuf::from)
 }
 
-pub fn default_model_path() -> PathBuf {
+pub(crate) fn default_model_path() -> PathBuf {
     models_dir().join(MODELS[0].file)
 }
 
-pub fn list() {
+pub(crate) fn list() {
     for m in MODELS {
         println!("{:<20} {} ({} MB)", m.name, m.file, m.bytes / 1_000_000);
     }
 }
 
-pub fn run(args: PullArgs) -> Result<()> {
+pub(crate) fn run(args: PullArgs) -> Result<()> {
     let Some(model) = MODELS.iter().find(|m| m.name == args.name) else {
         let names: Vec<_> = MODELS.iter().map(|m| m.name).collect();
         bail!(

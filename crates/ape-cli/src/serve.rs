@@ -10,7 +10,7 @@ use clap::Args;
 use ape_server::ServerConfig;
 
 #[derive(Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     #[command(flatten)]
     model: crate::ModelArg,
     /// Address to listen on; 0.0.0.0 to accept other machines.
@@ -60,7 +60,7 @@ pub struct ServeArgs {
     store: crate::store::StoreArgs,
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub(crate) fn run(args: ServeArgs) -> Result<()> {
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     anyhow::ensure!(
         args.max_body > 0,

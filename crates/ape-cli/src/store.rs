@@ -16,7 +16,7 @@ use ape_store::{
 };
 
 #[derive(Args, Clone)]
-pub struct StoreArgs {
+pub(crate) struct StoreArgs {
     /// Folder of the on-disk context store [default: $APE_CACHE_DIR, else ~/.cache/ape].
     #[arg(long, value_name = "DIR", global = true)]
     cache_dir: Option<PathBuf>,
@@ -64,7 +64,7 @@ impl StoreArgs {
 
     /// The store for `engine`'s model (file `model_path`): memory, then disk, then Redis;
     /// `None` with `--no-cache`.
-    pub fn open(&self, engine: &Engine, model_path: &Path) -> Result<Option<Arc<Store>>> {
+    pub(crate) fn open(&self, engine: &Engine, model_path: &Path) -> Result<Option<Arc<Store>>> {
         if self.no_cache {
             return Ok(None);
         }
@@ -73,7 +73,11 @@ impl StoreArgs {
 
     /// [`StoreArgs::open`], but with `--no-cache` a store in memory only, for a server
     /// whose registered contexts must live somewhere.
-    pub fn open_with_memory(&self, engine: &Engine, model_path: &Path) -> Result<Arc<Store>> {
+    pub(crate) fn open_with_memory(
+        &self,
+        engine: &Engine,
+        model_path: &Path,
+    ) -> Result<Arc<Store>> {
         let codec = Codec::for_model(model_path, &engine.model.config, self.kv_dtype)?;
         let mut tiers: Vec<Box<dyn Tier>> =
             vec![Box::new(MemoryTier::new(engine.kv_budget().clone()))];
@@ -89,7 +93,7 @@ fn parse_dtype(name: &str) -> Result<KvDtype, String> {
 }
 
 /// `500`, `64K`, `500M`, `20G`: bytes, with binary multiples.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let (digits, shift) = match text.char_indices().last() {
         Some((at, 'K' | 'k')) => (&text[..at], 10),
@@ -105,7 +109,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 #[derive(Args)]
-pub struct EncodeArgs {
+pub(crate) struct EncodeArgs {
     #[command(flatten)]
     model: crate::ModelArg,
     /// Documents: text files, or folders whose files are each one document.
@@ -119,7 +123,7 @@ pub struct EncodeArgs {
 }
 
 /// `ape encode`: encode documents after the chat prefix and keep them in the store.
-pub fn encode(args: EncodeArgs) -> Result<()> {
+pub(crate) fn encode(args: EncodeArgs) -> Result<()> {
     anyhow::ensure!(
         !args.store.no_cache,
         "`ape encode` fills the store; --no-cache leaves nothing to do"
@@ -185,7 +189,7 @@ pub fn encode(args: EncodeArgs) -> Result<()> {
 }
 
 #[derive(Subcommand)]
-pub enum CacheCommand {
+pub(crate) enum CacheCommand {
     /// Entries and bytes per tier.
     Stats,
     /// Every entry: tier, key, size (listed, not read: `verify` checks them).
@@ -209,7 +213,7 @@ pub enum CacheCommand {
 }
 
 #[derive(Args)]
-pub struct CacheArgs {
+pub(crate) struct CacheArgs {
     #[command(subcommand)]
     command: CacheCommand,
     #[command(flatten)]
@@ -218,7 +222,7 @@ pub struct CacheArgs {
 
 /// `ape cache`: look after the persistent tiers. Nothing here decodes an entry, so it
 /// needs no model.
-pub fn cache(args: CacheArgs) -> Result<()> {
+pub(crate) fn cache(args: CacheArgs) -> Result<()> {
     let codec = Codec {
         model: Fingerprint([0; 32]),
         layers: 0,

@@ -7,38 +7,38 @@ use serde::Deserialize;
 
 use crate::error::{EvalError, Result};
 
-pub const SQUAD_FILE: &str = "squad-dev-v1.1-sample.json";
-pub const INTENT_FILE: &str = "intent-recognition.json";
-pub const POLARITY_FILE: &str = "polarity-pang-lee.csv";
-pub const ESSAYS_DIR: &str = "paul-graham";
+pub(crate) const SQUAD_FILE: &str = "squad-dev-v1.1-sample.json";
+pub(crate) const INTENT_FILE: &str = "intent-recognition.json";
+pub(crate) const POLARITY_FILE: &str = "polarity-pang-lee.csv";
+pub(crate) const ESSAYS_DIR: &str = "paul-graham";
 
 /// One SQuAD article: its paragraphs and their questions.
 #[derive(Debug, Deserialize)]
-pub struct Article {
+pub(crate) struct Article {
     pub paragraphs: Vec<Paragraph>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct Paragraph {
+pub(crate) struct Paragraph {
     pub context: String,
     pub qas: Vec<Question>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct Question {
+pub(crate) struct Question {
     pub id: String,
     pub question: String,
     pub answers: Vec<Answer>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct Answer {
+pub(crate) struct Answer {
     pub text: String,
 }
 
 /// A text with its class label.
 #[derive(Debug, Clone)]
-pub struct Labelled {
+pub(crate) struct Labelled {
     pub text: String,
     pub label: String,
 }
@@ -67,7 +67,7 @@ fn bad(path: &Path, reason: impl ToString) -> EvalError {
 }
 
 /// The articles of the SQuAD v1.1 dev set.
-pub fn squad(dir: &Path) -> Result<Vec<Article>> {
+pub(crate) fn squad(dir: &Path) -> Result<Vec<Article>> {
     #[derive(Deserialize)]
     struct File {
         data: Vec<Article>,
@@ -78,7 +78,7 @@ pub fn squad(dir: &Path) -> Result<Vec<Article>> {
 }
 
 /// BIG-bench intent recognition: utterances and their intent.
-pub fn intents(dir: &Path) -> Result<Vec<Labelled>> {
+pub(crate) fn intents(dir: &Path) -> Result<Vec<Labelled>> {
     #[derive(Deserialize)]
     struct File {
         examples: Vec<Example>,
@@ -106,7 +106,7 @@ pub fn intents(dir: &Path) -> Result<Vec<Labelled>> {
 }
 
 /// Pang & Lee sentence polarity: `"1"` or `"-1"`, then the sentence, as quoted CSV.
-pub fn polarity(dir: &Path) -> Result<Vec<Labelled>> {
+pub(crate) fn polarity(dir: &Path) -> Result<Vec<Labelled>> {
     let path = existing(dir, POLARITY_FILE)?;
     let text = read(&path)?;
     let rows = parse_csv(text.trim_start_matches('\u{feff}')).map_err(|e| bad(&path, e))?;
@@ -168,7 +168,7 @@ fn parse_csv(text: &str) -> std::result::Result<Vec<Vec<String>>, String> {
 }
 
 /// The Paul Graham essays, by file name, their whitespace collapsed to single spaces.
-pub fn essays(dir: &Path) -> Result<Vec<(String, String)>> {
+pub(crate) fn essays(dir: &Path) -> Result<Vec<(String, String)>> {
     let folder = existing(dir, ESSAYS_DIR)?;
     let mut names: Vec<PathBuf> = std::fs::read_dir(&folder)
         .map_err(|e| bad(&folder, e))?

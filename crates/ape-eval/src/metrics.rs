@@ -3,7 +3,7 @@
 //! stay informative when a small model gets few answers right.
 
 /// SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces.
-pub fn normalize_answer(text: &str) -> String {
+pub(crate) fn normalize_answer(text: &str) -> String {
     let lowered: String = text
         .to_lowercase()
         .chars()
@@ -29,7 +29,7 @@ pub fn exact_match(prediction: &str, golds: &[String]) -> f64 {
 }
 
 /// The best token-overlap F1 of the prediction against any gold answer.
-pub fn f1(prediction: &str, golds: &[String]) -> f64 {
+pub(crate) fn f1(prediction: &str, golds: &[String]) -> f64 {
     let p = normalize_answer(prediction);
     let p: Vec<&str> = p.split_whitespace().collect();
     golds
@@ -57,7 +57,7 @@ pub fn f1(prediction: &str, golds: &[String]) -> f64 {
 
 /// 1 when the normalised prediction contains any non-empty normalised gold answer as
 /// whole words (generous to models that answer in a sentence).
-pub fn contains_answer(prediction: &str, golds: &[String]) -> f64 {
+pub(crate) fn contains_answer(prediction: &str, golds: &[String]) -> f64 {
     let p = format!(" {} ", normalize_answer(prediction));
     f64::from(u8::from(golds.iter().any(|g| {
         let g = normalize_answer(g);
@@ -86,7 +86,7 @@ pub fn kl_divergence(reference: &[f32], other: &[f32]) -> f64 {
 
 /// The log-probability of `tokens` given the logits of each of their rows (row `i` is
 /// the distribution `tokens[i]` was drawn from).
-pub fn log_likelihood(rows: &[Vec<f32>], tokens: &[u32]) -> f64 {
+pub(crate) fn log_likelihood(rows: &[Vec<f32>], tokens: &[u32]) -> f64 {
     rows.iter()
         .zip(tokens)
         .map(|(row, &t)| log_softmax(row)[t as usize])

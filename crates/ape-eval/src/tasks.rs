@@ -158,7 +158,7 @@ pub enum Target {
 
 impl Target {
     /// The text whose log-likelihood and next-token distributions are measured.
-    pub fn gold_text(&self) -> &str {
+    pub(crate) fn gold_text(&self) -> &str {
         match self {
             Target::Answer(answers) => answers.first().map_or("", String::as_str),
             Target::Choice { labels, gold } => &labels[*gold],

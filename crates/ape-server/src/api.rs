@@ -27,7 +27,7 @@ use crate::error::ApiError;
 
 /// Read one view of a request body: the fields one of the structs here knows, the others
 /// left to the other view. A field of the wrong type is a 400 that names it.
-pub fn parse<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
     if !body.is_object() {
         return Err(ApiError::bad_request(
             "the request body must be a JSON object of the request's fields",
@@ -43,7 +43,7 @@ pub fn parse<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
 /// The sampling and streaming fields chat and text completions share, read from the same
 /// body as the fields particular to each.
 #[derive(Debug, Deserialize)]
-pub struct CommonFields {
+pub(crate) struct CommonFields {
     pub model: Option<String>,
     pub max_tokens: Option<u64>,
     pub max_completion_tokens: Option<u64>,
@@ -62,19 +62,19 @@ pub struct CommonFields {
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged, expecting = "a string or a list of strings")]
-pub enum Stop {
+pub(crate) enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
-pub struct StreamOptions {
+pub(crate) struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct ChatRequest {
+pub(crate) struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     #[serde(default)]
     pub documents: Vec<DocumentRef>,
@@ -82,7 +82,7 @@ pub struct ChatRequest {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct ChatMessage {
+pub(crate) struct ChatMessage {
     pub role: String,
     pub content: Content,
 }
@@ -90,13 +90,13 @@ pub struct ChatMessage {
 /// A message's content: a string, or a list of parts of which ape reads the text ones.
 #[derive(Debug, Deserialize)]
 #[serde(untagged, expecting = "a string or a list of content parts")]
-pub enum Content {
+pub(crate) enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
 #[derive(Debug, Deserialize)]
-pub struct ContentPart {
+pub(crate) struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
@@ -108,14 +108,14 @@ pub struct ContentPart {
     untagged,
     expecting = "a document: a string, {\"id\": ID} or {\"text\": TEXT}"
 )]
-pub enum DocumentRef {
+pub(crate) enum DocumentRef {
     Text(String),
     Stored { id: String },
     Inline { text: String },
 }
 
 #[derive(Debug, Deserialize)]
-pub struct ApeOptions {
+pub(crate) struct ApeOptions {
     pub mode: Option<String>,
     pub temperature: Option<f32>,
     pub scale: Option<f32>,
@@ -124,7 +124,7 @@ pub struct ApeOptions {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct CompletionRequest {
+pub(crate) struct CompletionRequest {
     pub prompt: PromptText,
     #[serde(default)]
     pub documents: Vec<DocumentRef>,
@@ -134,13 +134,13 @@ pub struct CompletionRequest {
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged, expecting = "a string or a list of one string")]
-pub enum PromptText {
+pub(crate) enum PromptText {
     One(String),
     Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
-pub struct RegisterContexts {
+pub(crate) struct RegisterContexts {
     pub documents: Vec<String>,
     /// The system message the documents will be asked about under; contexts are encoded
     /// after the prefix it makes, and a chat with another system message encodes them again.
@@ -148,7 +148,7 @@ pub struct RegisterContexts {
 }
 
 /// What the model is asked to do for one request.
-pub enum Work {
+pub(crate) enum Work {
     /// Continue these tokens.
     Plain(Vec<u32>),
     /// Answer over contexts.
@@ -156,7 +156,7 @@ pub enum Work {
 }
 
 /// A request checked and turned into tokens, ready to be scheduled.
-pub struct Prepared {
+pub(crate) struct Prepared {
     pub work: Work,
     pub options: GenerateOptions,
     pub stream: bool,
@@ -185,7 +185,7 @@ impl Content {
 impl CommonFields {
     /// Check the fields against what ape supports and the served model; the options they
     /// ask for.
-    pub fn options(&self, served_model: &str) -> Result<GenerateOptions, ApiError> {
+    pub(crate) fn options(&self, served_model: &str) -> Result<GenerateOptions, ApiError> {
         if let Some(model) = &self.model {
             if model != served_model {
                 return Err(ApiError::not_found(format!(
@@ -257,7 +257,7 @@ fn unsupported(param: &'static str, what: &str) -> ApiError {
 
 /// A completion request's own fields, which become model work once tokenized (stored
 /// documents read from `store`) and checked against the model's window.
-pub trait Completion: DeserializeOwned + Send + 'static {
+pub(crate) trait Completion: DeserializeOwned + Send + 'static {
     fn prepare(
         &self,
         common: &CommonFields,
@@ -390,7 +390,7 @@ fn document_contexts(
 }
 
 /// The store key a context id spells, or 400.
-pub fn context_key(id: &str) -> Result<Key, ApiError> {
+pub(crate) fn context_key(id: &str) -> Result<Key, ApiError> {
     Key::from_hex(id).ok_or_else(|| {
         ApiError::bad_request(format!(
             "`{id}` is not a context id; ids are the 64 hexadecimal digits POST /v1/contexts returns"
@@ -401,7 +401,7 @@ pub fn context_key(id: &str) -> Result<Key, ApiError> {
 }
 
 /// The stored context `id`, or 404.
-pub fn stored_context(store: &Store, id: &str) -> Result<ape_store::Entry, ApiError> {
+pub(crate) fn stored_context(store: &Store, id: &str) -> Result<ape_store::Entry, ApiError> {
     let key = context_key(id)?;
     store.lookup(&key).ok_or_else(|| {
         ApiError::not_found(format!(

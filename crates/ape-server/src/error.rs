@@ -9,7 +9,7 @@ use serde_json::json;
 
 /// The status nginx made common for a request whose client went away first; nobody
 /// receives it, but it tells the metrics apart.
-pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+pub(crate) const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
     Ok(status) => status,
     Err(_) => StatusCode::BAD_REQUEST,
 };
@@ -31,7 +31,7 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     /// An error with `status` and `message`, no `param`, `code` or `Retry-After`.
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -42,29 +42,29 @@ impl ApiError {
     }
 
     /// 400: the request is malformed or asks for what cannot be done.
-    pub fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 
     /// 404: no such route, model or stored context.
-    pub fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::NOT_FOUND, message)
     }
 
     /// Names the request field at fault.
-    pub fn param(mut self, param: &'static str) -> Self {
+    pub(crate) fn param(mut self, param: &'static str) -> Self {
         self.param = Some(param);
         self
     }
 
     /// Adds a machine-readable reason.
-    pub fn code(mut self, code: &'static str) -> Self {
+    pub(crate) fn code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self
     }
 
     /// No API key, or not the server's.
-    pub fn unauthorized() -> Self {
+    pub(crate) fn unauthorized() -> Self {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "this server needs an API key: send the one it was started with (--api-key) \
@@ -74,7 +74,7 @@ impl ApiError {
     }
 
     /// The queue is full: come back in `seconds`.
-    pub fn busy(seconds: u64) -> Self {
+    pub(crate) fn busy(seconds: u64) -> Self {
         let mut error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
@@ -100,7 +100,7 @@ impl ApiError {
     }
 
     /// The error as the JSON object OpenAI clients expect.
-    pub fn body(&self) -> serde_json::Value {
+    pub(crate) fn body(&self) -> serde_json::Value {
         json!({
             "error": {
                 "message": self.message,

@@ -21,7 +21,7 @@ const TOKEN_SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2
 /// Decode speed buckets, tokens per second.
 const TOKENS_PER_SECOND: &[f64] = &[1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 400.0, 800.0];
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub request_seconds: HistogramVec,
@@ -58,7 +58,7 @@ fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let metrics = Metrics {
             registry: Registry::new(),
             requests: counter_vec(
@@ -207,7 +207,7 @@ impl Metrics {
     }
 
     /// Record a finished generation.
-    pub fn generated(&self, generation: &Generation) {
+    pub(crate) fn generated(&self, generation: &Generation) {
         self.prompt_tokens.inc_by(generation.prompt_tokens as u64);
         self.cached_prompt_tokens
             .inc_by(generation.cached_tokens as u64);
@@ -228,7 +228,7 @@ impl Metrics {
         }
     }
 
-    pub fn finished(&self, route: &str, status: u16, elapsed: Duration) {
+    pub(crate) fn finished(&self, route: &str, status: u16, elapsed: Duration) {
         self.requests
             .with_label_values(&[route, &status.to_string()])
             .inc();
@@ -238,13 +238,13 @@ impl Metrics {
     }
 
     /// Mean model time of the requests answered so far, for `Retry-After`.
-    pub fn mean_generation_seconds(&self) -> Option<f64> {
+    pub(crate) fn mean_generation_seconds(&self) -> Option<f64> {
         let count = self.generation_seconds.get_sample_count();
         (count > 0).then(|| self.generation_seconds.get_sample_sum() / count as f64)
     }
 
     /// The text `GET /metrics` returns, with the gauges and the store's counts read now.
-    pub fn render(
+    pub(crate) fn render(
         &self,
         waiting: usize,
         running: usize,

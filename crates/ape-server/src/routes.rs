@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::scheduler::{CancelOnDrop, Scheduler, Slot};
 
 /// What every handler shares: the model, loaded once, and the server's machinery.
-pub struct AppState {
+pub(crate) struct AppState {
     pub engine: Arc<Engine>,
     pub store: Arc<Store>,
     pub scheduler: Scheduler,
@@ -45,7 +45,7 @@ pub struct AppState {
 
 type Shared = Arc<AppState>;
 
-pub fn router(state: Shared, max_body_bytes: usize, body_time: Duration) -> Router {
+pub(crate) fn router(state: Shared, max_body_bytes: usize, body_time: Duration) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))

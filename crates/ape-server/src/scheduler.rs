@@ -19,7 +19,7 @@ use tokio::task::AbortHandle;
 use crate::error::{ApiError, CLIENT_CLOSED_REQUEST};
 use crate::metrics::Metrics;
 
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     slots: Arc<Semaphore>,
     concurrency: usize,
     waiting: AtomicUsize,
@@ -31,7 +31,7 @@ pub struct Scheduler {
 /// A request's right to run the model, and its time limit, which starts when the slot
 /// is granted and covers every step run in it (tokenizing included). The slot frees, and
 /// the timer stops, when it is dropped: after the last step's work has ended.
-pub struct Slot {
+pub(crate) struct Slot {
     _permit: OwnedSemaphorePermit,
     timer: AbortHandle,
     timed_out: Arc<AtomicBool>,
@@ -48,7 +48,7 @@ impl Drop for Slot {
 
 /// Stops a request's model work when dropped before the work ends: the handler future or
 /// response stream that owns it is dropped when the client disconnects.
-pub struct CancelOnDrop(pub Cancel);
+pub(crate) struct CancelOnDrop(pub Cancel);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
@@ -66,7 +66,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl Scheduler {
-    pub fn new(
+    pub(crate) fn new(
         concurrency: usize,
         max_waiting: usize,
         timeout: Duration,
@@ -82,17 +82,17 @@ impl Scheduler {
         }
     }
 
-    pub fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
 
-    pub fn running(&self) -> usize {
+    pub(crate) fn running(&self) -> usize {
         self.concurrency - self.slots.available_permits()
     }
 
     /// A slot now, or after the requests ahead in the queue; 429 when the queue is full.
     /// From then on, `cancel` is raised when the request's time is up.
-    pub async fn admit(&self, cancel: &Cancel) -> Result<Slot, ApiError> {
+    pub(crate) async fn admit(&self, cancel: &Cancel) -> Result<Slot, ApiError> {
         let permit =
             match self.slots.clone().try_acquire_owned() {
                 Ok(permit) => permit,
@@ -138,7 +138,7 @@ impl Scheduler {
     /// hand the slot back for the next step. The work is expected to check the request's
     /// cancellation and stop with a 499 error; when it stopped because the time limit
     /// passed, the answer is 504.
-    pub async fn run<T: Send + 'static>(
+    pub(crate) async fn run<T: Send + 'static>(
         &self,
         slot: Slot,
         work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -184,7 +184,7 @@ impl Scheduler {
         }
     }
 
-    pub fn timeout_error(&self) -> ApiError {
+    pub(crate) fn timeout_error(&self) -> ApiError {
         ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             format!(

@@ -34,7 +34,7 @@ use crate::error::{Corrupt, Result, StoreError};
 const MAGIC: &[u8; 8] = b"APE-KV\r\n";
 
 /// Bumped whenever the entry layout or the meaning of a key changes.
-pub const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 1;
 
 const HEADER_BYTES: usize = 8 + 4 + 4 + 32 + 32 + 5 * 4;
 const CHECKSUM_BYTES: usize = 32;
@@ -163,7 +163,7 @@ pub struct Key(pub [u8; 32]);
 
 impl Key {
     /// The key of `context` encoded after `prefix` by the model `model` and stored as
-    /// `dtype`; it also commits to [`FORMAT_VERSION`].
+    /// `dtype`; it also commits to the entries' format version.
     pub fn new(model: &Fingerprint, prefix: &[u32], context: &[u32], dtype: KvDtype) -> Key {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"ape context kv");
@@ -393,7 +393,7 @@ struct Header {
 /// Whether `bytes` are a whole, sound entry stored under `key`, whatever model wrote it:
 /// the format, the key, the length the header implies and the checksum. Needs no model,
 /// so that `ape cache verify` can check every entry of a shared store.
-pub fn verify_entry(key: &Key, bytes: &[u8]) -> std::result::Result<(), Corrupt> {
+pub(crate) fn verify_entry(key: &Key, bytes: &[u8]) -> std::result::Result<(), Corrupt> {
     check(key, bytes).map(|_| ())
 }
 

@@ -11,8 +11,7 @@ pub enum Corrupt {
     /// under the entry's name.
     #[error("not an ape KV entry (bad magic bytes)")]
     NotAnEntry,
-    /// Written by a build with another [`FORMAT_VERSION`](crate::FORMAT_VERSION), the one
-    /// held here.
+    /// Written by a build with another format version of entries, the one held here.
     #[error("written in format version {0}, this build reads version {FORMAT_VERSION}", FORMAT_VERSION = crate::entry::FORMAT_VERSION)]
     Version(u32),
     /// The header's KV data type is unknown, or not the one the reader stores.

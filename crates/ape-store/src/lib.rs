@@ -27,7 +27,7 @@ mod store;
 mod verify;
 
 pub use disk::DiskTier;
-pub use entry::{Codec, Entry, Fingerprint, Key, KvDtype, FORMAT_VERSION};
+pub use entry::{Codec, Entry, Fingerprint, Key, KvDtype};
 pub use error::{Corrupt, Result, StoreError};
 pub use memory::MemoryTier;
 pub use redis_tier::RedisTier;

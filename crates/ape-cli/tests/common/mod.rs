@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub fn model() -> PathBuf {
+pub(crate) fn model() -> PathBuf {
     model_file("smollm2-135m-instruct-q4_1.gguf")
 }
 
 /// A test model by its file name in `models/`.
-pub fn model_file(name: &str) -> PathBuf {
+pub(crate) fn model_file(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../models")
         .join(name);
@@ -26,7 +26,7 @@ pub fn model_file(name: &str) -> PathBuf {
 }
 
 /// The `ape` binary on two threads, ignoring the user's store folder.
-pub fn ape(args: &[&str]) -> Command {
+pub(crate) fn ape(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ape"));
     command
         .args(["--threads", "2"])
@@ -35,7 +35,7 @@ pub fn ape(args: &[&str]) -> Command {
     command
 }
 
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -44,18 +44,18 @@ pub fn free_port() -> u16 {
 }
 
 /// A `redis-server` on a free loopback port for the length of a test.
-pub struct RedisServer {
+pub(crate) struct RedisServer {
     child: Child,
     pub url: String,
 }
 
 impl RedisServer {
-    pub fn start() -> RedisServer {
+    pub(crate) fn start() -> RedisServer {
         RedisServer::start_on(free_port())
     }
 
     /// A fresh, empty `redis-server` on `port`.
-    pub fn start_on(port: u16) -> RedisServer {
+    pub(crate) fn start_on(port: u16) -> RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -81,7 +81,7 @@ impl Drop for RedisServer {
 }
 
 /// `ape serve` on the test model and a free port, until dropped.
-pub struct Server {
+pub(crate) struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`
     pub url: String,
@@ -89,12 +89,12 @@ pub struct Server {
 
 impl Server {
     /// Start the server with `extra` arguments and wait until it listens.
-    pub fn start(extra: &[&str]) -> Server {
+    pub(crate) fn start(extra: &[&str]) -> Server {
         Server::start_model(&model(), extra)
     }
 
     /// [`Server::start`] on another model file.
-    pub fn start_model(model: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start_model(model: &Path, extra: &[&str]) -> Server {
         let mut args = vec!["serve", "--model", model.to_str().unwrap(), "--port", "0"];
         args.extend_from_slice(extra);
         let mut child = ape(&args)
@@ -116,11 +116,11 @@ impl Server {
         Server { child, url }
     }
 
-    pub fn get(&self, path: &str) -> reqwest::blocking::Response {
+    pub(crate) fn get(&self, path: &str) -> reqwest::blocking::Response {
         reqwest::blocking::get(format!("{}{path}", self.url)).expect("the server answers")
     }
 
-    pub fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::blocking::Response {
+    pub(crate) fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::blocking::Response {
         reqwest::blocking::Client::new()
             .post(format!("{}{path}", self.url))
             .json(body)
@@ -129,7 +129,7 @@ impl Server {
     }
 
     /// The value of one sample line of `/metrics`, e.g. `ape_requests_refused_total`.
-    pub fn metric(&self, sample: &str) -> f64 {
+    pub(crate) fn metric(&self, sample: &str) -> f64 {
         let text = self.get("/metrics").text().unwrap();
         text.lines()
             .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))

@@ -75,7 +75,7 @@ impl KvBudget {
 
     /// Half of the memory the machine has available now (`MemAvailable`), or 2 GiB
     /// where that cannot be read.
-    pub fn for_machine() -> Arc<KvBudget> {
+    pub(crate) fn for_machine() -> Arc<KvBudget> {
         let available = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|text| {

@@ -81,7 +81,7 @@ impl KvCache {
     }
 
     /// A copy of the first `len` filled positions with room for `capacity` in all.
-    pub fn copy_prefix(&self, len: usize, capacity: usize) -> KvCache {
+    pub(crate) fn copy_prefix(&self, len: usize, capacity: usize) -> KvCache {
         assert!(len <= self.len && capacity >= len);
         let mut copy = KvCache::new(self.layers.len(), self.kv_heads, self.head_dim, capacity);
         copy.len = len;

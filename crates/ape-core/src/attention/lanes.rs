@@ -9,7 +9,13 @@ const KEY_TILE: usize = 8;
 
 /// `out[j][l]`: the score of key `j` (rows of `d` in `keys`, key `first + j` of the
 /// job) for row `l` of `q`, `-inf` where the row does not see it.
-pub fn score(q: &[Lanes], keys: &[f32], first: usize, seen: &[usize; LANES], out: &mut [Lanes]) {
+pub(super) fn score(
+    q: &[Lanes],
+    keys: &[f32],
+    first: usize,
+    seen: &[usize; LANES],
+    out: &mut [Lanes],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::kernels::dense::simd::avx512_available() {
@@ -28,7 +34,7 @@ pub fn score(q: &[Lanes], keys: &[f32], first: usize, seen: &[usize; LANES], out
 /// weights to `sum` and the weighted `values` (rows of `d`) to `acc`, key by key. Only the
 /// first `rows` lanes hold rows; the others may be left as they are.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-pub fn weigh(
+pub(super) fn weigh(
     scores: &mut [Lanes],
     max: &Lanes,
     values: &[f32],
@@ -82,7 +88,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    pub unsafe fn score(
+    pub(super) unsafe fn score(
         q: &[Lanes],
         keys: &[f32],
         first: usize,
@@ -126,7 +132,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    pub unsafe fn weigh(
+    pub(super) unsafe fn weigh(
         scores: &mut [Lanes],
         max: &Lanes,
         values: &[f32],

@@ -30,7 +30,7 @@ use attend::{attend, Job, Span, Visible, Window};
 /// whose own keys and values are already in `cache` at positions `cache.len()..+n`.
 /// Query `i` sees positions `0..=cache.len() + i`, the last `window` of them where the
 /// layer has a sliding window. Writes `out`, shaped like `q`.
-pub fn causal_attention(
+pub(crate) fn causal_attention(
     q: &[f32],
     heads: usize,
     cache: &KvCache,
@@ -73,7 +73,7 @@ fn sliding(
 /// own context up to itself, never another context (within `window` positions, where the
 /// layer has one: a context sits at the positions after the prefix). Writes `out`, shaped
 /// like `q`.
-pub fn context_attention(
+pub(crate) fn context_attention(
     q: &[f32],
     heads: usize,
     prefix: &KvCache,
@@ -176,7 +176,7 @@ impl ApeFactors {
 /// context's from `prefix_len`, the query side's after the longest context. Writes `out`,
 /// shaped like `q`.
 #[allow(clippy::too_many_arguments)]
-pub fn ape_attention(
+pub(crate) fn ape_attention(
     q: &[f32],
     heads: usize,
     cache: &KvCache,

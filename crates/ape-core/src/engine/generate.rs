@@ -99,7 +99,7 @@ pub(crate) struct Decoding<'a> {
 impl Decoding<'_> {
     /// Sample from `logits`, feed the token to `step` for the next logits, and so on until
     /// an end-of-generation token, a stop string or the token limit.
-    pub fn run(
+    pub(crate) fn run(
         mut self,
         mut logits: Vec<f32>,
         mut step: impl FnMut(u32) -> Result<Vec<f32>>,

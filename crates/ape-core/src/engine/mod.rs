@@ -501,7 +501,7 @@ impl Engine {
     }
 
     /// The model's chat template, or [`Error::NoChatTemplate`] for a base model.
-    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+    pub(crate) fn chat_template(&self) -> Result<&ChatTemplate> {
         self.template.as_ref().ok_or(Error::NoChatTemplate)
     }
 

@@ -11,7 +11,7 @@ pub const DEFAULT_APE_SCALE: f32 = 0.9;
 
 /// The values APE's temperature and scale may take: beyond them attention over the
 /// contexts is all but uniform or all but one token, and answers are noise.
-pub const APE_FACTOR_RANGE: std::ops::RangeInclusive<f32> = 0.05..=4.0;
+pub(super) const APE_FACTOR_RANGE: std::ops::RangeInclusive<f32> = 0.05..=4.0;
 
 /// How the contexts of a request are read.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -165,7 +165,7 @@ impl Selection {
 
 impl Recompute {
     /// Nothing recomputed: APE as the paper defines it.
-    pub const NONE: Recompute = Recompute {
+    pub(crate) const NONE: Recompute = Recompute {
         share: 0.0,
         selection: Selection::Attended,
     };
@@ -193,9 +193,9 @@ pub enum Shape {
 }
 
 /// A request is many-shot from this many contexts on...
-pub const MANY_SHOT_CONTEXTS: usize = 8;
+pub(super) const MANY_SHOT_CONTEXTS: usize = 8;
 /// ...averaging at most this many tokens.
-pub const MANY_SHOT_TOKENS: usize = 64;
+pub(super) const MANY_SHOT_TOKENS: usize = 64;
 
 impl Shape {
     /// The shape of a request with these contexts.

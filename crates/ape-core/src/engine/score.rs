@@ -109,7 +109,7 @@ impl Engine {
 
     /// [`Engine::score`] over contexts already encoded after `prefix`, read with APE
     /// attention and `factors`: no context is read again.
-    pub fn score_encoded(
+    pub(crate) fn score_encoded(
         &self,
         prefix: &KvCache,
         contexts: &[&KvCache],

@@ -1,7 +1,7 @@
 //! Activation functions.
 
 /// `gate = silu(gate) * up`, elementwise.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
@@ -10,7 +10,7 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// `gate = gelu(gate) * up`, elementwise, with GELU's tanh approximation (as Gemma and
 /// llama.cpp compute it), written as `x * sigmoid(2z)`, which is `x * (1 + tanh(z)) / 2`
 /// at the cost of one `exp`, as SiLU's.
-pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+pub(crate) fn gelu_mul(gate: &mut [f32], up: &[f32]) {
     const TWO_SQRT_2_OVER_PI: f32 = 1.595_769;
     for (g, u) in gate.iter_mut().zip(up) {
         let x = *g;

@@ -4,7 +4,7 @@
 use half::f16;
 
 /// Dot product of f16 values with f32 values, accumulated in f32.
-pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+pub(crate) fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
@@ -16,7 +16,7 @@ pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
 
 /// `out[i] = src[i]` widened to f32 (exact). Attention widens every stored key and value
 /// it reads, so this runs 16 at a time where the CPU can.
-pub fn widen(src: &[f16], out: &mut [f32]) {
+pub(crate) fn widen(src: &[f16], out: &mut [f32]) {
     assert_eq!(src.len(), out.len());
     #[cfg(target_arch = "x86_64")]
     if simd::avx512_available() {
@@ -28,7 +28,7 @@ pub fn widen(src: &[f16], out: &mut [f32]) {
     }
 }
 
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
@@ -44,19 +44,19 @@ pub(crate) mod simd {
     use std::arch::x86_64::*;
 
     /// Whether this CPU runs the AVX2 kernels here and in `qdot`.
-    pub fn available() -> bool {
+    pub(crate) fn available() -> bool {
         is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
     }
 
     /// Whether it also has the 512-bit vectors of AVX-512F and VL.
-    pub fn avx512_available() -> bool {
+    pub(crate) fn avx512_available() -> bool {
         available() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
         let s = _mm_add_ps(lo, hi);
@@ -71,7 +71,7 @@ pub(crate) mod simd {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+    pub(crate) unsafe fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
         let n = a.len();
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -97,7 +97,7 @@ pub(crate) mod simd {
 
     /// [`super::widen`] on AVX-512: `src` and `out` of one length.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn widen_avx512(src: &[f16], out: &mut [f32]) {
+    pub(crate) unsafe fn widen_avx512(src: &[f16], out: &mut [f32]) {
         let n = src.len();
         let (s, o) = (src.as_ptr(), out.as_mut_ptr());
         let mut i = 0;
@@ -112,7 +112,7 @@ pub(crate) mod simd {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    pub(crate) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let mut acc = [_mm256_setzero_ps(); 4];

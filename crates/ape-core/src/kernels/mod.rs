@@ -15,10 +15,10 @@ pub(crate) mod qdot;
 pub mod quant;
 mod rope;
 
-pub use activation::{gelu_mul, silu_mul};
+pub(crate) use activation::{gelu_mul, silu_mul};
 pub(crate) use dense::dot_f16;
-pub use norm::rms_norm;
-pub use rope::{Rope, RopeAngles, RopeStyle};
+pub(crate) use norm::rms_norm;
+pub(crate) use rope::{Rope, RopeAngles, RopeStyle};
 
 use rayon::prelude::*;
 
@@ -35,7 +35,7 @@ use quant::{dequantize, GgmlType};
 /// sixteen rows at a time, the file's pages handed back (`qdot::sixteen`). Every product
 /// reads the quantized rows directly, whatever the number of tokens: one arithmetic for
 /// every token.
-pub struct Matrix {
+pub(crate) struct Matrix {
     /// Output features: the values a product gives per token.
     pub(crate) rows: usize,
     /// Input features: the values of each token's activations it is multiplied with.
@@ -65,7 +65,7 @@ impl std::ops::Deref for WeightBytes {
 impl Matrix {
     /// A matrix over a tensor of the mapped file (`rows` rows of `cols` elements of `ty`),
     /// read in place.
-    pub fn mapped(rows: usize, cols: usize, ty: GgmlType, data: TensorData) -> Self {
+    pub(crate) fn mapped(rows: usize, cols: usize, ty: GgmlType, data: TensorData) -> Self {
         assert_eq!(data.len(), rows * ty.row_bytes(cols));
         Matrix {
             rows,
@@ -78,7 +78,7 @@ impl Matrix {
 
     /// [`Matrix::mapped`] for a matrix only multiplied with, never looked up by row: packed
     /// in sixteens where this CPU has the kernel for it, the file's pages handed back.
-    pub fn for_products(rows: usize, cols: usize, ty: GgmlType, data: TensorData) -> Self {
+    pub(crate) fn for_products(rows: usize, cols: usize, ty: GgmlType, data: TensorData) -> Self {
         if !packs_in_sixteens(ty, rows) {
             return Matrix::mapped(rows, cols, ty, data);
         }
@@ -106,21 +106,9 @@ impl Matrix {
         }
     }
 
-    /// A matrix of f32 values held in memory.
-    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
-        assert_eq!(values.len(), rows * cols);
-        Matrix {
-            rows,
-            cols,
-            ty: GgmlType::F32,
-            quantized: WeightBytes::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            in_sixteens: false,
-        }
-    }
-
     /// Row `r` exactly as stored, widened to f32 (an embedding lookup); not on a matrix
     /// made [`Matrix::for_products`].
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+    pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         assert!(
             !self.in_sixteens,
             "rows packed for products are not looked up"
@@ -182,7 +170,7 @@ const TOKENS_PER_PASS: usize = qdot::WIDE_TILE;
 /// `n x w.rows`, both row-major. Each token's row is quantized on its own and each output
 /// is one call of the same dot-product kernel, so a token's result does not depend on the
 /// tokens computed with it.
-pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
+pub(crate) fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
     matmul_each(x, [w], [out]);
 }
 
@@ -191,7 +179,7 @@ pub fn matmul(x: &[f32], w: &Matrix, out: &mut [f32]) {
 /// products with `ws[i]`, in one parallel pass over the rows of all of them: the threads
 /// meet once instead of once per matrix, and the input is quantized once where the
 /// matrices take the same preparation of it. Each product has the bits [`matmul`] gives.
-pub fn matmul_each<const M: usize>(x: &[f32], ws: [&Matrix; M], outs: [&mut [f32]; M]) {
+pub(crate) fn matmul_each<const M: usize>(x: &[f32], ws: [&Matrix; M], outs: [&mut [f32]; M]) {
     let cols = ws[0].cols;
     assert!(
         ws.iter().all(|w| w.cols == cols),
@@ -350,6 +338,18 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// A matrix of f32 values held in memory.
+    fn f32_matrix(rows: usize, cols: usize, values: &[f32]) -> Matrix {
+        assert_eq!(values.len(), rows * cols);
+        Matrix {
+            rows,
+            cols,
+            ty: GgmlType::F32,
+            quantized: WeightBytes::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            in_sixteens: false,
+        }
+    }
+
     /// Several matrices in one pass give each the bits of its own product, whatever their
     /// heights (none a whole number of tasks) and the number of tokens.
     #[test]
@@ -359,7 +359,7 @@ pub(crate) mod tests {
         let ws: Vec<Matrix> = heights
             .iter()
             .zip(1..)
-            .map(|(&rows, seed)| Matrix::from_f32(rows, cols, &pseudo_random(rows * cols, seed)))
+            .map(|(&rows, seed)| f32_matrix(rows, cols, &pseudo_random(rows * cols, seed)))
             .collect();
         for n in [1, 2, 17, 40] {
             let x = pseudo_random(n * cols, 9);
@@ -387,7 +387,7 @@ pub(crate) mod tests {
             .unwrap();
         two_threads.install(|| {
             assert!(long_task_rows(rows) > ROWS_PER_TASK);
-            let w = Matrix::from_f32(rows, cols, &pseudo_random(rows * cols, 1));
+            let w = f32_matrix(rows, cols, &pseudo_random(rows * cols, 1));
             let x = pseudo_random(n * cols, 2);
             let mut batched = vec![0.0; n * rows];
             matmul(&x, &w, &mut batched);

@@ -3,7 +3,7 @@
 use super::dense::dot;
 
 /// RMS normalisation of each `weight.len()`-wide row of `x`, in place.
-pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+pub(crate) fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     for row in x.chunks_exact_mut(weight.len()) {
         let mean_square = dot(row, row) / row.len() as f32;
         let scale = 1.0 / (mean_square + eps).sqrt();

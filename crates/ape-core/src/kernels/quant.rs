@@ -40,7 +40,7 @@ const QK_K: usize = 256;
 
 impl GgmlType {
     /// The type of GGML type id `id`, as a GGUF tensor table stores it; `None` for the
-    /// types ape cannot load ([`GgmlType::name_of_id`] names them).
+    /// types ape cannot load.
     pub fn from_id(id: u32) -> Option<Self> {
         Some(match id {
             0 => GgmlType::F32,
@@ -59,7 +59,7 @@ impl GgmlType {
     }
 
     /// The GGML name of any type id, for error messages about types ape cannot load.
-    pub fn name_of_id(id: u32) -> &'static str {
+    pub(crate) fn name_of_id(id: u32) -> &'static str {
         const NAMES: [&str; 36] = [
             "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
             "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S",
@@ -70,7 +70,7 @@ impl GgmlType {
     }
 
     /// Elements per block.
-    pub fn block_len(self) -> usize {
+    pub(crate) fn block_len(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => 1,
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
@@ -81,7 +81,7 @@ impl GgmlType {
     }
 
     /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
+    pub(crate) fn block_bytes(self) -> usize {
         match self {
             GgmlType::F32 => 4,
             GgmlType::F16 | GgmlType::Bf16 => 2,

@@ -4,7 +4,7 @@
 /// (their converter permuted Q and K to make it so), `qwen2` rotates dimension `i` with
 /// `i + d/2` (the "NeoX" layout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeStyle {
+pub(crate) enum RopeStyle {
     /// Dimension `2i` turns with `2i + 1` (`llama`).
     Adjacent,
     /// Dimension `i` turns with `i + head_dim / 2` (`qwen2`, `gemma3`).
@@ -12,7 +12,7 @@ pub enum RopeStyle {
 }
 
 /// Rotary position embeddings with the model's base frequency.
-pub struct Rope {
+pub(crate) struct Rope {
     /// Which dimensions of a head are rotated together.
     pub(crate) style: RopeStyle,
     head_dim: usize,
@@ -21,7 +21,7 @@ pub struct Rope {
 
 /// cos and sin of `position * theta_i` for a run of positions, computed once per forward
 /// call and shared by every layer and head.
-pub struct RopeAngles {
+pub(crate) struct RopeAngles {
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
@@ -56,12 +56,12 @@ impl Rope {
 
     /// Rotate every head in `x` (a row of `heads * head_dim` values) by the angles of the
     /// `t`-th position in `angles`.
-    pub fn apply(&self, x: &mut [f32], angles: &RopeAngles, t: usize) {
+    pub(crate) fn apply(&self, x: &mut [f32], angles: &RopeAngles, t: usize) {
         self.rotate(x, angles, t, 1.0);
     }
 
     /// Undo [`Rope::apply`]: turn each head of `x` back by the angles of entry `t`.
-    pub fn unapply(&self, x: &mut [f32], angles: &RopeAngles, t: usize) {
+    pub(crate) fn unapply(&self, x: &mut [f32], angles: &RopeAngles, t: usize) {
         self.rotate(x, angles, t, -1.0);
     }
 

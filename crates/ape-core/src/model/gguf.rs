@@ -174,7 +174,7 @@ impl Value {
 
 /// Where one tensor lives in the file and what it holds.
 #[derive(Debug, Clone)]
-pub struct TensorInfo {
+pub(crate) struct TensorInfo {
     /// The tensor's GGUF name, e.g. `blk.0.attn_q.weight`.
     pub(crate) name: String,
     /// Dimensions in GGUF order: `dims[0]` is the innermost (contiguous) one, so a
@@ -200,7 +200,7 @@ impl TensorInfo {
 
 /// A tensor's bytes inside the mapped file.
 #[derive(Clone)]
-pub struct TensorData {
+pub(crate) struct TensorData {
     map: Arc<Mmap>,
     range: std::ops::Range<usize>,
 }
@@ -208,7 +208,7 @@ pub struct TensorData {
 impl TensorData {
     /// Hands the pages under bytes `part` of this tensor back to the kernel, for bytes
     /// that were copied elsewhere: they stop counting as resident until read again.
-    pub fn release(&self, part: std::ops::Range<usize>) {
+    pub(crate) fn release(&self, part: std::ops::Range<usize>) {
         assert!(part.end <= self.range.len(), "past the tensor's end");
         let start = self.range.start + part.start;
         release(&self.map, start..start + part.len());
@@ -376,7 +376,7 @@ impl Gguf {
     }
 
     /// The raw (possibly quantized) bytes of a tensor.
-    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
+    pub(crate) fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         let start = self.data_start + info.offset;
         &self.mmap[start..start + info.byte_len()]
     }
@@ -384,7 +384,7 @@ impl Gguf {
     /// A tensor's bytes, kept readable for as long as the returned value lives, without
     /// copying them: the file's pages are read in as they are used, and shared with every
     /// other process that maps the same file.
-    pub fn tensor_data(&self, info: &TensorInfo) -> TensorData {
+    pub(crate) fn tensor_data(&self, info: &TensorInfo) -> TensorData {
         let start = self.data_start + info.offset;
         TensorData {
             map: Arc::clone(&self.mmap),

@@ -143,7 +143,7 @@ impl Model {
     }
 
     /// Bytes held by the weights.
-    pub fn weight_bytes(&self) -> usize {
+    pub(crate) fn weight_bytes(&self) -> usize {
         self.network.weight_bytes()
     }
 
@@ -172,7 +172,12 @@ impl Model {
 
     /// [`Model::forward`], returning the logits of each of the last `rows` tokens (in
     /// order) instead of the last one only; with `rows` 0 no logits are computed.
-    pub fn forward_rows(&self, tokens: &[u32], cache: &mut KvCache, rows: usize) -> Vec<Vec<f32>> {
+    pub(crate) fn forward_rows(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        rows: usize,
+    ) -> Vec<Vec<f32>> {
         let step = Step {
             tokens,
             cache,
@@ -383,7 +388,7 @@ impl Model {
     /// them and attend to the prefix and to the context up to themselves. A context
     /// encoded in pieces this way gets the bits it gets in one piece. `cancel` is checked
     /// before each layer; a cancelled call leaves `own` unusable.
-    pub fn extend_context(
+    pub(crate) fn extend_context(
         &self,
         prefix: &KvCache,
         own: &mut KvCache,
@@ -427,7 +432,7 @@ impl Model {
 
     /// [`Model::forward_ape`], returning the logits of each of the last `rows` tokens (in
     /// order) instead of the last one only; with `rows` 0 no logits are computed.
-    pub fn forward_ape_rows(
+    pub(crate) fn forward_ape_rows(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,

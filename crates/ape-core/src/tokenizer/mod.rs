@@ -184,7 +184,7 @@ impl Tokenizer {
 
     /// The fewest tokens `text` can encode to, known without encoding it: no token
     /// stands for more bytes than the vocabulary's longest.
-    pub fn fewest_tokens(&self, text: &str) -> usize {
+    pub(crate) fn fewest_tokens(&self, text: &str) -> usize {
         text.len().div_ceil(self.longest_token_bytes)
     }
 

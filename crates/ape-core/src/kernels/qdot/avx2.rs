@@ -6,11 +6,11 @@
 use super::{GgmlType, QuantizedVector, QBLOCK};
 use std::arch::x86_64::*;
 
-pub use crate::kernels::dense::simd::available;
+pub(super) use crate::kernels::dense::simd::available;
 pub(super) use crate::kernels::dense::simd::hsum;
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn quantize(x: &[f32], v: &mut QuantizedVector) {
+pub(super) unsafe fn quantize(x: &[f32], v: &mut QuantizedVector) {
     let magnitude = _mm256_set1_ps(-0.0);
     // `packs` interleaves its inputs per 128-bit lane; this puts the 4-byte groups back
     // in element order.
@@ -43,7 +43,7 @@ pub unsafe fn quantize(x: &[f32], v: &mut QuantizedVector) {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_quantized<const N: usize>(
+pub(super) unsafe fn dot_quantized<const N: usize>(
     ty: GgmlType,
     row: &[u8],
     vs: [&QuantizedVector; N],
@@ -62,7 +62,7 @@ pub unsafe fn dot_quantized<const N: usize>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_dense(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+pub(super) unsafe fn dot_dense(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     match ty {
         GgmlType::F32 => dot_f32(row, x),
         GgmlType::F16 => dot_f16(row, x),

@@ -7,7 +7,7 @@ use super::avx2::{hsum, k_block_scales, k_vector_scales, nibbles, splat_f16};
 use super::{GgmlType, QuantizedVector, QBLOCK};
 use std::arch::x86_64::*;
 
-pub fn available() -> bool {
+pub(super) fn available() -> bool {
     super::avx2::available()
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
@@ -16,7 +16,7 @@ pub fn available() -> bool {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn dot_quantized<const N: usize>(
+pub(super) unsafe fn dot_quantized<const N: usize>(
     ty: GgmlType,
     row: &[u8],
     vs: [&QuantizedVector; N],

@@ -36,7 +36,7 @@ use sixteen::GROUP_ROWS;
 const QBLOCK: usize = 32;
 
 /// A vector quantized to 8 bits for products with quantized rows.
-pub struct QuantizedVector {
+pub(crate) struct QuantizedVector {
     /// One quant per element, in `-127..=127`.
     qs: Vec<i8>,
     /// Per 32-element block, its scale: element `i` is `qs[i] * d[i / 32]`.
@@ -61,7 +61,7 @@ impl QuantizedVector {
 }
 
 /// Quantizes `x` (a multiple of 32 elements long) to 8 bits per element, rounding to nearest.
-pub fn quantize(x: &[f32]) -> QuantizedVector {
+pub(crate) fn quantize(x: &[f32]) -> QuantizedVector {
     assert_eq!(x.len() % QBLOCK, 0, "length is not a multiple of 32");
     let blocks = x.len() / QBLOCK;
     let mut v = QuantizedVector {
@@ -104,7 +104,7 @@ fn quantize_scalar(x: &[f32], v: &mut QuantizedVector) {
 }
 
 /// An activation vector in the form `dot_row` multiplies with rows of one type.
-pub enum Prepared<'a> {
+pub(crate) enum Prepared<'a> {
     /// For F32, F16 and BF16 rows: the vector as it is.
     Dense(&'a [f32]),
     /// For every quantized type.
@@ -122,7 +122,7 @@ impl Prepared<'_> {
 
 /// Whether rows of `a` and of `b` multiply the same preparation of a vector: every
 /// quantized type takes the same 8-bit blocks, every dense type the vector itself.
-pub fn same_preparation(a: GgmlType, b: GgmlType) -> bool {
+pub(crate) fn same_preparation(a: GgmlType, b: GgmlType) -> bool {
     is_dense(a) == is_dense(b)
 }
 
@@ -131,7 +131,7 @@ fn is_dense(ty: GgmlType) -> bool {
 }
 
 /// `x` prepared once for any number of `dot_rows_tokens` calls with rows of type `ty`.
-pub fn prepare(ty: GgmlType, x: &[f32]) -> Prepared<'_> {
+pub(crate) fn prepare(ty: GgmlType, x: &[f32]) -> Prepared<'_> {
     if is_dense(ty) {
         Prepared::Dense(x)
     } else {
@@ -268,14 +268,14 @@ impl TileProducts for RowProducts<'_> {
 /// `count = out.len() / xs.len()` rows of `ty` fill `rows`. Every product is computed by
 /// the same sequence of operations as with that vector alone: a tile of
 /// tokens shares the unpacking of the weights, never an accumulator.
-pub fn dot_rows_tokens(ty: GgmlType, rows: &[u8], xs: &[Prepared], out: &mut [f32]) {
+pub(crate) fn dot_rows_tokens(ty: GgmlType, rows: &[u8], xs: &[Prepared], out: &mut [f32]) {
     dot_rows_with(Kernels::best(), ty, rows, xs, out);
 }
 
 /// Whether a `rows`-row matrix of `ty` is repacked sixteen rows at a time on this CPU
 /// ([`sixteen`]): Q5_0, Q8_0, Q4_K and Q6_K in whole groups, where AVX-512 with VNNI runs
 /// their kernel.
-pub fn packs_in_sixteens(ty: GgmlType, rows: usize) -> bool {
+pub(crate) fn packs_in_sixteens(ty: GgmlType, rows: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     if Kernels::best() == Kernels::Avx512 {
         return sixteen::packs(ty) && rows.is_multiple_of(GROUP_ROWS);
@@ -288,7 +288,7 @@ pub fn packs_in_sixteens(ty: GgmlType, rows: usize) -> bool {
 /// out.len() / xs.len()`. As in [`dot_rows_tokens`], a token's products never depend on
 /// the others. Only where [`packs_in_sixteens`] is true (never off x86-64).
 #[cfg(target_arch = "x86_64")]
-pub fn dot_groups_tokens(ty: GgmlType, groups: &[u8], xs: &[Prepared], out: &mut [f32]) {
+pub(crate) fn dot_groups_tokens(ty: GgmlType, groups: &[u8], xs: &[Prepared], out: &mut [f32]) {
     assert_eq!(
         Kernels::best(),
         Kernels::Avx512,
@@ -345,7 +345,7 @@ impl TileProducts for GroupProducts<'_> {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub fn dot_groups_tokens(_: GgmlType, _: &[u8], _: &[Prepared], _: &mut [f32]) {
+pub(crate) fn dot_groups_tokens(_: GgmlType, _: &[u8], _: &[Prepared], _: &mut [f32]) {
     unreachable!("rows are packed in sixteens only on x86-64")
 }
 
@@ -455,7 +455,7 @@ fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &Prepared) -> f32 {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-pub mod sixteen;
+pub(crate) mod sixteen;
 
 #[cfg(test)]
 mod tests {

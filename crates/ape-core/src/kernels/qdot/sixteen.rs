@@ -31,7 +31,7 @@ use crate::kernels::quant::GgmlType;
 use rayon::prelude::*;
 
 /// Rows per group.
-pub const GROUP_ROWS: usize = 16;
+pub(crate) const GROUP_ROWS: usize = 16;
 const NIBBLE_BYTES: usize = 256;
 
 /// The layout of one format's group blocks.
@@ -77,12 +77,12 @@ impl Layout {
 }
 
 /// Whether rows of `ty` can be packed in sixteens.
-pub fn packs(ty: GgmlType) -> bool {
+pub(crate) fn packs(ty: GgmlType) -> bool {
     Layout::of(ty).is_some()
 }
 
 /// Bytes of one group of sixteen packed rows of `cols` elements of `ty`.
-pub fn group_bytes(ty: GgmlType, cols: usize) -> usize {
+pub(crate) fn group_bytes(ty: GgmlType, cols: usize) -> usize {
     let layout = Layout::of(ty).expect("a format packed in sixteens");
     cols / layout.block_len * layout.block_bytes()
 }
@@ -175,14 +175,14 @@ fn put_run(area: &mut [u8], r: usize, q: &[u8], layout: Layout) {
 /// Rows of `ty` as the file stores them (`rows`, a multiple of 16, of `cols` elements),
 /// repacked in groups of sixteen.
 #[cfg(test)]
-pub fn pack(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+pub(crate) fn pack(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
     let mut packed = vec![0u8; rows / GROUP_ROWS * group_bytes(ty, cols)];
     pack_into(ty, bytes, rows, cols, &mut packed);
     packed
 }
 
 /// [`pack`] into `packed`, which is zeroed and as long as the groups take.
-pub fn pack_into(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize, packed: &mut [u8]) {
+pub(crate) fn pack_into(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize, packed: &mut [u8]) {
     let layout = Layout::of(ty).expect("a format packed in sixteens");
     let blocks = cols / layout.block_len;
     let row_bytes = ty.row_bytes(cols);
@@ -308,7 +308,7 @@ pub(super) mod avx512 {
     /// The sixteen products of a group's rows of `ty` (`group`: its packed blocks) with
     /// each of `vs`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn dot_group<const N: usize>(
+    pub(crate) unsafe fn dot_group<const N: usize>(
         ty: GgmlType,
         group: &[u8],
         vs: [&QuantizedVector; N],
