@@ -3,6 +3,7 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 use rayon::prelude::*;
 
 use super::attend::Span;
@@ -30,10 +31,13 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache of `layers` layers with room for `capacity` positions, allocated
-    /// (zeroed) in full now.
+    /// An empty cache of `layers` layers with room for `capacity` positions, zeroed.
+    /// The zeros are asked of the allocator as such (zeroed integers), so the room no
+    /// position is written to is never touched and takes no memory: a request's cache has
+    /// room for its longest answer, which most answers stop short of.
     pub(crate) fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
         let size = kv_heads * capacity * head_dim;
+        let zeros = || -> Vec<f16> { vec![0u16; size].reinterpret_into() };
         KvCache {
             kv_heads,
             head_dim,
@@ -41,8 +45,8 @@ impl KvCache {
             len: 0,
             layers: (0..layers)
                 .map(|_| LayerKv {
-                    k: vec![f16::ZERO; size],
-                    v: vec![f16::ZERO; size],
+                    k: zeros(),
+                    v: zeros(),
                 })
                 .collect(),
         }

@@ -10,9 +10,10 @@
 
 use rayon::prelude::*;
 
+use super::activations::{keep_rows, Block};
 use super::config::Config;
 use super::gguf::Gguf;
-use super::weights::{add_in_place, keep_rows, Ends, Loader};
+use super::weights::{add_in_place, Ends, Loader};
 use super::{Attend, Network};
 use crate::cancel::Cancel;
 use crate::error::Result;
@@ -105,24 +106,22 @@ impl Network for Gemma3 {
         }
 
         let mut h = vec![0f32; n * c.hidden];
-        let mut q = vec![0f32; n * q_dim];
-        let mut k = vec![0f32; n * kv_dim];
-        let mut v = vec![0f32; n * kv_dim];
-        let mut attn = vec![0f32; n * q_dim];
-        let mut gate = vec![0f32; n * c.ffn_hidden];
-        let mut up = vec![0f32; n * c.ffn_hidden];
+        let mut block = Block::new(c, n);
+        // Tokens still going on: only those read are, past the last layer's attention.
+        let mut n = n;
 
         for (li, layer) in self.layers.iter().enumerate() {
             cancel.check()?;
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.attn_norm, c.rms_eps);
+            let [attn, q, k, v] = block.attention(n);
             matmul_each(
                 &h,
                 [&layer.wq, &layer.wk, &layer.wv],
-                [&mut q, &mut k, &mut v],
+                [&mut *q, &mut *k, &mut *v],
             );
-            rms_norm(&mut q, &layer.q_norm, c.rms_eps);
-            rms_norm(&mut k, &layer.k_norm, c.rms_eps);
+            rms_norm(q, &layer.q_norm, c.rms_eps);
+            rms_norm(k, &layer.k_norm, c.rms_eps);
             let (rope, angles) = if c.window(li).is_some() {
                 (&self.local_rope, &local_angles)
             } else {
@@ -132,23 +131,26 @@ impl Network for Gemma3 {
                 rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], angles, t);
                 rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], angles, t);
             }
-            attend(li, &q, &k, &v, &mut attn);
+            attend(li, q, k, v, attn);
             if li + 1 == self.layers.len() && read.len() < n {
-                // Past the last layer's keys and values, only the rows read matter.
-                keep_rows(read, n, [&mut x, &mut attn, &mut h, &mut gate, &mut up]);
-                if read.is_empty() {
+                keep_rows(read, n, [&mut x, &mut h, attn]);
+                n = read.len();
+                x.truncate(n * c.hidden);
+                h.truncate(n * c.hidden);
+                if n == 0 {
                     break;
                 }
             }
-            matmul(&attn, &layer.wo, &mut h);
+            matmul(&attn[..n * q_dim], &layer.wo, &mut h);
             rms_norm(&mut h, &layer.post_attn_norm, c.rms_eps);
             add_in_place(&mut x, &h);
 
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.ffn_norm, c.rms_eps);
-            matmul_each(&h, [&layer.w_gate, &layer.w_up], [&mut gate, &mut up]);
-            gelu_mul(&mut gate, &up);
-            matmul(&gate, &layer.w_down, &mut h);
+            let [gate, up] = block.mlp(n);
+            matmul_each(&h, [&layer.w_gate, &layer.w_up], [&mut *gate, &mut *up]);
+            gelu_mul(gate, up);
+            matmul(gate, &layer.w_down, &mut h);
             rms_norm(&mut h, &layer.post_ffn_norm, c.rms_eps);
             add_in_place(&mut x, &h);
         }

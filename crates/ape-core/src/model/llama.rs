@@ -8,9 +8,10 @@
 
 use rayon::prelude::*;
 
+use super::activations::{keep_rows, Block};
 use super::config::{Architecture, Config};
 use super::gguf::Gguf;
-use super::weights::{add_in_place, keep_rows, Ends, Loader};
+use super::weights::{add_in_place, Ends, Loader};
 use super::{Attend, Network};
 use crate::cancel::Cancel;
 use crate::error::Result;
@@ -100,26 +101,24 @@ impl Network for Llama {
         }
 
         let mut h = vec![0f32; n * c.hidden];
-        let mut q = vec![0f32; n * q_dim];
-        let mut k = vec![0f32; n * kv_dim];
-        let mut v = vec![0f32; n * kv_dim];
-        let mut attn = vec![0f32; n * q_dim];
-        let mut gate = vec![0f32; n * c.ffn_hidden];
-        let mut up = vec![0f32; n * c.ffn_hidden];
+        let mut block = Block::new(c, n);
+        // Tokens still going on: only those read are, past the last layer's attention.
+        let mut n = n;
 
         for (li, layer) in self.layers.iter().enumerate() {
             cancel.check()?;
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.attn_norm, c.rms_eps);
+            let [attn, q, k, v] = block.attention(n);
             matmul_each(
                 &h,
                 [&layer.wq, &layer.wk, &layer.wv],
-                [&mut q, &mut k, &mut v],
+                [&mut *q, &mut *k, &mut *v],
             );
             if let Some([bq, bk, bv]) = &layer.qkv_bias {
-                add_bias(&mut q, bq);
-                add_bias(&mut k, bk);
-                add_bias(&mut v, bv);
+                add_bias(q, bq);
+                add_bias(k, bk);
+                add_bias(v, bv);
             }
             for t in 0..n {
                 self.rope
@@ -127,22 +126,25 @@ impl Network for Llama {
                 self.rope
                     .apply(&mut k[t * kv_dim..(t + 1) * kv_dim], &angles, t);
             }
-            attend(li, &q, &k, &v, &mut attn);
+            attend(li, q, k, v, attn);
             if li + 1 == self.layers.len() && read.len() < n {
-                // Past the last layer's keys and values, only the rows read matter.
-                keep_rows(read, n, [&mut x, &mut attn, &mut h, &mut gate, &mut up]);
-                if read.is_empty() {
+                keep_rows(read, n, [&mut x, &mut h, attn]);
+                n = read.len();
+                x.truncate(n * c.hidden);
+                h.truncate(n * c.hidden);
+                if n == 0 {
                     break;
                 }
             }
-            matmul(&attn, &layer.wo, &mut h);
+            matmul(&attn[..n * q_dim], &layer.wo, &mut h);
             add_in_place(&mut x, &h);
 
             h.copy_from_slice(&x);
             rms_norm(&mut h, &layer.ffn_norm, c.rms_eps);
-            matmul_each(&h, [&layer.w_gate, &layer.w_up], [&mut gate, &mut up]);
-            silu_mul(&mut gate, &up);
-            matmul(&gate, &layer.w_down, &mut h);
+            let [gate, up] = block.mlp(n);
+            matmul_each(&h, [&layer.w_gate, &layer.w_up], [&mut *gate, &mut *up]);
+            silu_mul(gate, up);
+            matmul(gate, &layer.w_down, &mut h);
             add_in_place(&mut x, &h);
         }
         Ok(x)

@@ -4,6 +4,7 @@
 //! contexts encoded after a prefix, APE's query side, recomputing in place, batches of
 //! all of these).
 
+mod activations;
 mod config;
 mod gemma3;
 pub mod gguf;

@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use super::activations;
 use super::config::{Architecture, Config};
 use super::gemma3::Gemma3;
 use super::gguf::Gguf;
@@ -152,14 +153,11 @@ impl Model {
     /// pass's activations take at most 1/64 of the weights' bytes. At 512 tokens they took
     /// 12% of SmolLM2's 94 MiB of weights, which put a long prompt's peak that far over
     /// the file and its keys and values; a few dozen tokens per pass already share the
-    /// weights well (SmolLM2 reads prompts in passes of 64, Qwen 1.5B of 176).
+    /// weights well (SmolLM2 reads prompts in passes of 80, Gemma 3 270M of 176, Qwen 0.5B
+    /// of 160, Qwen 1.5B of 192).
     pub fn tokens_per_pass(&self) -> usize {
-        let c = &self.config;
-        let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        // The f32 buffers `run_layers` holds per token, in either family: the residual
-        // and a normed copy, queries, keys, values, the attention output, gate and up.
-        let activations = 4 * (2 * c.hidden + 2 * q_dim + 2 * kv_dim + 2 * c.ffn_hidden);
-        let fit = self.weight_bytes() / ACTIVATION_SHARE / activations;
+        let fit =
+            self.weight_bytes() / ACTIVATION_SHARE / activations::bytes_per_token(&self.config);
         (fit / PASS_GRAIN * PASS_GRAIN).clamp(MIN_TOKENS_PER_PASS, MAX_TOKENS_PER_PASS)
     }
 

@@ -109,15 +109,3 @@ pub(super) fn add_in_place(x: &mut [f32], y: &[f32]) {
         *a += b;
     }
 }
-
-/// Keep rows `read` (increasing indices among `n` rows) of each buffer, in order, dropping
-/// the rest.
-pub(super) fn keep_rows<const B: usize>(read: &[usize], n: usize, buffers: [&mut Vec<f32>; B]) {
-    for x in buffers {
-        let width = x.len() / n;
-        for (to, &from) in read.iter().enumerate() {
-            x.copy_within(from * width..(from + 1) * width, to * width);
-        }
-        x.truncate(read.len() * width);
-    }
-}
