@@ -4,8 +4,8 @@
 # tier's system calls) and, in a virtual environment, the
 # `openai` Python client the server's tests drive `ape serve` with; builds ape, installs
 # the three test models from their Python packages, checks formatting, lints and docs
-# (rustfmt, clippy and rustdoc with warnings as errors), then runs every test in release mode (the tests run the
-# real models, which would be far too slow unoptimised).
+# (rustfmt, clippy and rustdoc with warnings as errors), then runs every test in release
+# mode (the tests run the real models, which would be far too slow unoptimised).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
