@@ -60,15 +60,26 @@ fn split<const B: usize>(values: &mut [f32], lens: [usize; B]) -> [&mut [f32]; B
     })
 }
 
-/// Move rows `read` (increasing indices among `n` rows) of each buffer to its first rows,
-/// in order; what lies past them is left as it was.
-pub(super) fn keep_rows<const B: usize>(read: &[usize], n: usize, buffers: [&mut [f32]; B]) {
-    for x in buffers {
-        let width = x.len() / n;
+/// Keep only rows `read` (increasing indices among the `n` rows going on) of the residual
+/// stream `x`, its normed copy `h` and the attention's output `attn`: each moved to the
+/// first rows in order, `x` and `h` cut to them. Returns how many rows go on.
+pub(super) fn keep_rows(
+    read: &[usize],
+    n: usize,
+    x: &mut Vec<f32>,
+    h: &mut Vec<f32>,
+    attn: &mut [f32],
+) -> usize {
+    let hidden = x.len() / n;
+    for rows in [&mut x[..], &mut h[..], attn] {
+        let width = rows.len() / n;
         for (to, &from) in read.iter().enumerate() {
-            x.copy_within(from * width..(from + 1) * width, to * width);
+            rows.copy_within(from * width..(from + 1) * width, to * width);
         }
     }
+    x.truncate(read.len() * hidden);
+    h.truncate(read.len() * hidden);
+    read.len()
 }
 
 #[cfg(test)]
@@ -78,9 +89,14 @@ mod tests {
     #[test]
     fn kept_rows_move_to_the_front_in_order() {
         let mut wide: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let mut normed = wide.clone();
         let mut narrow: Vec<f32> = (0..8).map(|i| i as f32).collect();
-        keep_rows(&[1, 3], 4, [&mut wide, &mut narrow]);
-        assert_eq!(wide[..6], [3.0, 4.0, 5.0, 9.0, 10.0, 11.0]);
+        assert_eq!(
+            keep_rows(&[1, 3], 4, &mut wide, &mut normed, &mut narrow),
+            2
+        );
+        assert_eq!(wide, [3.0, 4.0, 5.0, 9.0, 10.0, 11.0]);
+        assert_eq!(normed, wide);
         assert_eq!(narrow[..4], [2.0, 3.0, 6.0, 7.0]);
     }
 

@@ -133,10 +133,7 @@ impl Network for Gemma3 {
             }
             attend(li, q, k, v, attn);
             if li + 1 == self.layers.len() && read.len() < n {
-                keep_rows(read, n, [&mut x, &mut h, attn]);
-                n = read.len();
-                x.truncate(n * c.hidden);
-                h.truncate(n * c.hidden);
+                n = keep_rows(read, n, &mut x, &mut h, attn);
                 if n == 0 {
                     break;
                 }
